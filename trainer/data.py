@@ -1,0 +1,90 @@
+"""Loading raw text data (local files or a Hub dataset) and feeding batches to the engine."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from trainer.arguments import DATA_FILE_EXTENSIONS
+from trainer.errors import UsageError, require
+from trainer.hub import check_loadable
+
+
+def load_raw_splits(data_args, columns_needed=None):
+    """A DatasetDict with 'train' and 'validation', validation split off the training data when not given."""
+    import datasets
+
+    if data_args.dataset_name:
+        check_loadable(data_args.dataset_name, "dataset", "--dataset_name", cached_file="README.md",
+                       repo_type="dataset")
+        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        require("train" in raw, f"--dataset_name {data_args.dataset_name} has no 'train' split")
+    else:
+        files = {"train": data_args.train_file}
+        if data_args.validation_file:
+            files["validation"] = data_args.validation_file
+        raw = datasets.DatasetDict({split: load_file(path, flag=f"{split}_file" if split == "train" else
+                                                     "validation_file") for split, path in files.items()})
+    if "validation" not in raw:
+        held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
+        raw = datasets.DatasetDict({"train": held_out["train"], "validation": held_out["test"]})
+    return datasets.DatasetDict({"train": raw["train"], "validation": raw["validation"]})
+
+
+def load_file(path: str, flag: str):
+    """One local file as a Dataset; unreadable content is a UsageError naming the file."""
+    import datasets
+
+    builder = DATA_FILE_EXTENSIONS[os.path.splitext(path)[1].lower()]
+    try:
+        return datasets.load_dataset(builder, data_files={"data": os.path.abspath(path)}, split="data")
+    except Exception as error:  # datasets raises many types for malformed or non-UTF-8 files
+        cause = error.__cause__ or error
+        raise UsageError(f"--{flag} {path} could not be read as {builder}: "
+                         f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
+
+
+def resolve_text_column(dataset, requested: str | None, flag: str = "--text_column") -> str:
+    columns = dataset.column_names
+    if requested is not None:
+        require(requested in columns, f"{flag} '{requested}' not in the data; columns are: {', '.join(columns)}")
+        return requested
+    if "text" in columns:
+        return "text"
+    string_columns = [name for name, feature in dataset.features.items()
+                      if getattr(feature, "dtype", None) in ("string", "large_string")]
+    require(bool(string_columns), f"no text column in the data (columns: {', '.join(columns)}); "
+                                  f"name one with {flag}")
+    return string_columns[0]
+
+
+class ColumnarBatches(torch.utils.data.Dataset):
+    """A datasets.Dataset that hands the collator whole columns for a list of indices, plus the sample ids.
+
+    torch's DataLoader passes a batch sampler's index list to `__getitems__` in one call, so a batch costs one
+    Arrow read instead of one per sample. The sample ids let the collator draw each sample's masking from its
+    own seeded generator, which keeps the masks independent of world size, batch split and worker count.
+    """
+
+    def __init__(self, dataset, columns: list[str]):
+        self.dataset = dataset.with_format("numpy", columns=columns)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        batch = dict(self.dataset[indices])
+        batch["sample_id"] = np.asarray(indices, dtype=np.int64)
+        return batch
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])
+
+
+def make_loader(dataset, columns, batch_sampler, collate_fn, num_workers: int, pin_memory: bool):
+    return torch.utils.data.DataLoader(
+        ColumnarBatches(dataset, columns), batch_sampler=batch_sampler, collate_fn=collate_fn,
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )

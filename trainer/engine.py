@@ -1,0 +1,229 @@
+"""The training engine every job runs on: sharded batches, exact loss normalisation, evaluation, saving.
+
+A job hands the engine a `Task`: a module whose forward returns `{"loss_sum": ...}` (the loss SUMMED over
+the batch's loss items: masked tokens for MLM, samples for classification), datasets, and collators that
+put the item count on the host as `num_loss_items`. Summed losses are what make results independent of how
+a step is split: each optimizer step divides by the number of loss items in the WHOLE step (all micro-batches,
+all ranks), so batch 4 x accumulation 2 x 2 ranks makes the same update as one batch of 16.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer.data import make_loader
+from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, set_gradient_sync,
+                                 shard_for_evaluation)
+from trainer.errors import require
+from trainer.metrics import MetricsLogger, logger
+from trainer.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class Task:
+    """What a job gives the engine."""
+
+    model: torch.nn.Module  # forward(**batch) -> {"loss_sum": Tensor, optional "predictions": Tensor}
+    train_dataset: object  # datasets.Dataset
+    eval_dataset: object
+    train_collator: Callable  # columnar batch -> tensors + "num_loss_items"; has an `epoch` attribute
+    eval_collator: Callable
+    compute_metrics: Callable[["EvalOutput"], dict]
+    hf_model: torch.nn.Module  # the transformers model inside `model`, saved with save_pretrained
+    tokenizer: object
+    columns: Optional[list[str]] = None  # dataset columns the collators read (None: all)
+    after_evaluation: Optional[Callable[[torch.nn.Module], None]] = None  # rank 0, e.g. fill-mask probes
+
+
+@dataclass
+class EvalOutput:
+    loss_sum: float  # summed over every evaluation item of every rank
+    num_items: int
+    predictions: Optional[dict] = None  # sample id -> prediction, gathered from all ranks
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.num_items, 1)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    samples_in_epoch: int = 0  # position in the epoch's global sample order
+    tokens_seen: int = 0  # input tokens over all ranks
+    metrics: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, args, task: Task, accelerator):
+        self.args = args
+        self.task = task
+        self.accelerator = accelerator
+        self.state = TrainState()
+        self.world_size = accelerator.num_processes
+        self.sampler = GlobalBatchSampler(len(task.train_dataset), args.per_device_train_batch_size,
+                                          self.world_size, accelerator.process_index,
+                                          args.gradient_accumulation_steps, args.seed)
+        require(self.sampler.steps_per_epoch > 0,
+                f"the training set has {len(task.train_dataset)} sequences, fewer than one global batch of "
+                f"{self.sampler.global_batch_size} (per-device batch x processes x accumulation); use more data "
+                f"or a smaller batch")
+        self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
+            args.num_train_epochs * self.sampler.steps_per_epoch)
+        optimizer = build_optimizer(task.model, args)
+        self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
+        self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
+        self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
+
+    # ----------------------------------------------------------------------------------------------- training
+    def train(self) -> dict:
+        args, state = self.args, self.state
+        logger.info("training %d optimizer steps: %d sequences/step (%d per device x %d processes x %d "
+                    "accumulation), %d steps/epoch", self.total_steps, self.sampler.global_batch_size,
+                    args.per_device_train_batch_size, self.world_size, args.gradient_accumulation_steps,
+                    self.sampler.steps_per_epoch)
+        state.metrics.update(self.evaluate(prefix="init_eval_"))
+        batches = self.micro_batches()
+        window = Window(self.accelerator.device)
+        progress = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
+                        disable=not self.accelerator.is_main_process, mininterval=1.0)
+        started = time.perf_counter()
+        while state.step < self.total_steps:
+            self.optimizer_step([next(batches) for _ in range(args.gradient_accumulation_steps)], window)
+            progress.update(1)
+            if state.step % args.logging_steps == 0 or state.step == self.total_steps:
+                self.log_window(window)
+            if args.eval_steps and state.step % args.eval_steps == 0 and state.step < self.total_steps:
+                state.metrics.update(self.evaluate(prefix="eval_"))
+        progress.close()
+        runtime = time.perf_counter() - started
+        state.metrics.update(self.evaluate(prefix="eval_"))
+        state.metrics.update(train_runtime=runtime, train_steps=state.step,
+                             train_tokens_per_second=state.tokens_seen / runtime)
+        self.save_model(args.output_dir)
+        self.metrics.close()
+        return state.metrics
+
+    def micro_batches(self):
+        """Micro-batches forever, epoch after epoch, starting where the train state says."""
+        while True:
+            self.sampler.epoch, self.sampler.start_sample = self.state.epoch, self.state.samples_in_epoch
+            self.task.train_collator.epoch = self.state.epoch
+            yield from make_loader(self.task.train_dataset, self.task.columns, self.sampler, self.task.train_collator,
+                                   self.args.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
+
+    def optimizer_step(self, micro_batches: list[dict], window: "Window") -> None:
+        local_items = sum(batch.pop("num_loss_items") for batch in micro_batches)
+        global_items = all_reduce_sum(torch.tensor(float(local_items), device=self.accelerator.device))
+        # DDP averages gradients over ranks, hence the world size: the update is d(sum of losses)/global_items.
+        scale = self.world_size / global_items.clamp(min=1.0)
+        self.model.train()
+        for index, batch in enumerate(micro_batches):
+            set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            window.tokens += batch["input_ids"].numel()
+            batch.pop("sample_id")
+            loss_sum = self.model(**self.to_device(batch))["loss_sum"]
+            self.accelerator.backward(loss_sum * scale)
+            window.loss_sum += loss_sum.detach().double()
+        window.items += local_items
+        if self.args.max_grad_norm > 0:
+            window.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.advance_state()
+
+    def advance_state(self) -> None:
+        state = self.state
+        state.step += 1
+        state.samples_in_epoch += self.sampler.global_batch_size
+        if state.samples_in_epoch >= self.sampler.steps_per_epoch * self.sampler.global_batch_size:
+            state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+
+    def log_window(self, window: "Window") -> None:
+        """Read the device-side sums once per logging interval: the only host sync of the loop."""
+        totals = all_reduce_sum(torch.stack([window.loss_sum, torch.tensor(float(window.items), dtype=torch.float64,
+                                                                           device=window.loss_sum.device),
+                                             torch.tensor(float(window.tokens), dtype=torch.float64,
+                                                          device=window.loss_sum.device)])).tolist()
+        loss_sum, items, tokens = totals
+        elapsed = time.perf_counter() - window.started
+        self.state.tokens_seen += int(tokens)
+        record = {"loss": loss_sum / max(items, 1), "learning_rate": self.scheduler.get_last_lr()[0],
+                  "tokens_per_second": tokens / elapsed, "epoch": self.state.epoch}
+        if window.grad_norm is not None:
+            record["grad_norm"] = float(window.grad_norm)
+        self.metrics.log(self.state.step, record, prefix="train_")
+        self.state.metrics["train_loss"] = record["loss"]
+        window.reset()
+
+    def to_device(self, batch: dict) -> dict:
+        return {key: value.to(self.accelerator.device, non_blocking=True) for key, value in batch.items()}
+
+    # --------------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, prefix: str = "eval_") -> dict:
+        """Every evaluation sample exactly once over all ranks; sums reduced in float64."""
+        dataset = self.task.eval_dataset
+        shard = shard_for_evaluation(len(dataset), self.world_size, self.accelerator.process_index)
+        batch_size = self.args.per_device_eval_batch_size
+        index_batches = [list(shard[start:start + batch_size]) for start in range(0, len(shard), batch_size)]
+        loader = make_loader(dataset, self.task.columns, index_batches, self.task.eval_collator,
+                             self.args.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
+        num_items, predictions = 0, {}
+        for batch in tqdm(loader, desc="evaluate", leave=False, disable=not self.accelerator.is_main_process):
+            num_items += batch.pop("num_loss_items")
+            sample_ids = batch.pop("sample_id").tolist()
+            output = self.model(**self.to_device(batch))
+            loss_sum += output["loss_sum"].double()
+            if "predictions" in output:
+                predictions.update(zip(sample_ids, output["predictions"].cpu().tolist()))
+        totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(num_items), dtype=torch.float64,
+                                                                    device=loss_sum.device)])).tolist()
+        gathered = None
+        if predictions:
+            gathered = {sid: pred for part in all_gather_objects(predictions) for sid, pred in part.items()}
+        metrics = self.task.compute_metrics(EvalOutput(totals[0], int(totals[1]), gathered))
+        metrics = {f"{prefix}{key}": value for key, value in metrics.items()}
+        self.metrics.log(self.state.step, metrics)
+        if self.accelerator.is_main_process and self.task.after_evaluation is not None:
+            self.task.after_evaluation(self.accelerator.unwrap_model(self.model))
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------- saving
+    def save_model(self, directory: str) -> None:
+        """A plain `save_pretrained` directory (safetensors + tokenizer) that `from_pretrained` loads."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.task.hf_model.save_pretrained(directory)
+            self.task.tokenizer.save_pretrained(directory)
+        self.accelerator.wait_for_everyone()
+
+
+@dataclass
+class Window:
+    """Training sums over one logging interval, kept on the device until they are logged."""
+
+    device: torch.device
+    loss_sum: torch.Tensor = None
+    items: int = 0
+    tokens: int = 0
+    grad_norm: Optional[torch.Tensor] = None
+    started: float = 0.0
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.items = self.tokens = 0
+        self.grad_norm = None
+        self.started = time.perf_counter()

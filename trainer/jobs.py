@@ -1,0 +1,31 @@
+"""Steps every job's `main` takes around the engine: output-directory checks, demo data, results."""
+from __future__ import annotations
+
+import json
+import os
+
+from trainer.errors import require
+from trainer.metrics import logger
+from trainer.models import cache_dir
+
+
+def check_output_dir(training_args) -> None:
+    """Refuse a non-empty output directory unless --overwrite_output_dir: never clobber an earlier run."""
+    path = training_args.output_dir
+    require(not os.path.isfile(path), f"--output_dir {path} is a file; give a directory")
+    if os.path.isdir(path) and os.listdir(path) and not training_args.overwrite_output_dir:
+        require(False, f"--output_dir {path} is not empty; pass --overwrite_output_dir or choose another directory")
+
+
+def embedded_corpus_if_no_data(data_args, accelerator, write_files, name: str) -> None:
+    """With neither --train_file nor --dataset_name, use the package's generated offline data set."""
+    if data_args.train_file or data_args.dataset_name:
+        return
+    with accelerator.local_main_process_first():
+        data_args.train_file, data_args.validation_file = write_files(cache_dir(name))
+    logger.info("no data given: using the embedded %s (%s)", name, data_args.train_file)
+
+
+def write_results(output_dir: str, metrics: dict) -> None:
+    with open(os.path.join(output_dir, "all_results.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2, sort_keys=True)

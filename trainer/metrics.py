@@ -1,0 +1,57 @@
+"""Where numbers go: the console log, `log_history.jsonl` and TensorBoard scalars. Rank 0 alone writes."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger("trainer")
+
+
+def setup_logging(is_main_process: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+                        level=logging.INFO if is_main_process else logging.WARNING, force=True)
+    for noisy in ("datasets", "transformers", "accelerate", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if is_main_process else logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.utils.logging.set_verbosity_warning()
+    transformers.utils.logging.set_verbosity_warning()
+    if not is_main_process:
+        datasets.utils.logging.disable_progress_bar()
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.history_path = os.path.join(output_dir, "log_history.jsonl")
+        self.writer = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(output_dir, "runs"))
+
+    def log(self, step: int, metrics: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        named = {f"{prefix}{key}": value for key, value in metrics.items()}
+        with open(self.history_path, "a") as history:
+            history.write(json.dumps({"step": step, **named}) + "\n")
+        if self.writer is not None:
+            for key, value in named.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, step)
+            self.writer.flush()
+        logger.info("step %d: %s", step, "  ".join(f"{k}={format_number(v)}" for k, v in named.items()))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_number(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    return str(value)

@@ -1,0 +1,315 @@
+"""trainer.mlm: masked-language-model pretraining and domain adaptation.
+
+    python -m trainer.mlm                                    # offline demo on the embedded corpus
+    torchrun --nproc_per_node=8 -m trainer.mlm --model_name_or_path bert-base-uncased --train_file corpus.txt ...
+
+This module holds only what is specific to MLM: tokenizing and chunking text, masking, the sparse MLM head,
+perplexity and fill-mask probes. Training itself is the shared engine's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, parse_arguments
+from trainer.data import load_raw_splits, resolve_text_column
+from trainer.distributed import make_accelerator
+from trainer.engine import Engine, EvalOutput, Task
+from trainer.errors import exits_cleanly_on_usage_error, require
+from trainer.jobs import check_output_dir, embedded_corpus_if_no_data, write_results
+from trainer.metrics import logger, setup_logging
+from trainer.models import check_sequence_length, load_model, load_tokenizer
+from trainer.default_data import write_mlm_corpus
+
+DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mlm_demo.yaml")
+TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation masks from sharing random draws
+IGNORE = -100
+
+
+@dataclass
+class MLMArguments:
+    mlm_probability: float = arg(0.15, "Fraction of tokens (or words) masked; of those 80% become [MASK], 10% a "
+                                       "random token, 10% stay.")
+    whole_word_masking: bool = arg(False, "Mask all sub-tokens of a word together.")
+    line_by_line: bool = arg(False, "Keep each line a separate (padded) sequence instead of concatenating and "
+                                    "chunking the text.")
+    eval_mask_seed: int = arg(0, "Seed of the evaluation masks, drawn once, so a model's perplexity is one number "
+                                 "on every run, world size and batch size.")
+    probe_sentences: list[str] = arg(
+        ["the acting was [MASK] .", "this movie was a [MASK] of time .", "i would [MASK] recommend this film ."],
+        "Fill-mask probes logged after each evaluation ([MASK] is replaced by the tokenizer's mask token). "
+        "Pass an empty string to disable.", nargs="*")
+
+    def __post_init__(self):
+        require(0 < self.mlm_probability < 1, f"--mlm_probability must be in (0, 1), got {self.mlm_probability}")
+
+
+# ------------------------------------------------------------------------------------------ data preparation
+def tokenize_and_chunk(raw_splits, text_column: str, tokenizer, data_args, mlm_args):
+    """Tokenize every split; concatenate-and-chunk into max_seq_length blocks unless --line_by_line."""
+    keep_word_starts = mlm_args.whole_word_masking
+
+    def tokenize(batch):
+        texts = [text for text in batch[text_column] if text and not text.isspace()]
+        encoded = tokenizer(texts, return_special_tokens_mask=True, truncation=mlm_args.line_by_line,
+                            max_length=data_args.max_seq_length if mlm_args.line_by_line else None, verbose=False)
+        columns = {"input_ids": encoded["input_ids"], "special_tokens_mask": encoded["special_tokens_mask"]}
+        if keep_word_starts:
+            columns["word_start"] = [word_starts(encoded.word_ids(i)) for i in range(len(texts))]
+        return columns
+
+    def chunk(batch):
+        """Linear time: one concatenation per column, one reshape; the remainder is dropped."""
+        length = data_args.max_seq_length
+        out = {}
+        for name, rows in batch.items():
+            flat = np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if rows else np.zeros(0, np.int32)
+            usable = (len(flat) // length) * length
+            out[name] = flat[:usable].reshape(-1, length)
+        return out
+
+    processed = raw_splits.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
+                               remove_columns=raw_splits["train"].column_names, desc="tokenize",
+                               load_from_cache_file=not data_args.overwrite_cache)
+    if not mlm_args.line_by_line:
+        processed = processed.map(chunk, batched=True, batch_size=1000, num_proc=data_args.preprocessing_num_workers,
+                                  desc=f"chunk into blocks of {data_args.max_seq_length}",
+                                  load_from_cache_file=not data_args.overwrite_cache)
+    return processed
+
+
+def word_starts(word_ids: list) -> list[int]:
+    """1 where a token begins a word, 0 for word continuations and special tokens."""
+    return [int(w is not None and (i == 0 or w != word_ids[i - 1])) for i, w in enumerate(word_ids)]
+
+
+# ------------------------------------------------------------------------------------------------------- masking
+@dataclass
+class Masker:
+    """BERT masking with one random stream per sample, keyed by (seed, stream, epoch, sample id).
+
+    transformers' DataCollatorForLanguageModeling draws from one generator per collator (seeded per worker),
+    so the masks depend on the batch split, the number of ranks and workers, and the position in the run.
+    Keyed streams make them a function of the sample alone: world size, accumulation and resume cannot
+    change them.
+    """
+
+    probability: float
+    vocab_size: int  # random replacements are drawn from [0, vocab_size)
+    mask_token_id: int
+    seed: int
+    whole_word: bool = False
+
+    def __call__(self, input_ids: np.ndarray, special: np.ndarray, sample_ids, epoch: int, stream: int,
+                 word_start: Optional[np.ndarray] = None):
+        """Return (masked input ids, labels with IGNORE where not masked)."""
+        length = input_ids.shape[1]
+        draws = np.stack([np.random.default_rng([self.seed, stream, epoch, int(sid)]).random((3, length))
+                          for sid in sample_ids])
+        chosen, replacement, random_token = draws[:, 0], draws[:, 1], draws[:, 2]
+        if self.whole_word:
+            # Each token uses the draw of the word it belongs to (its nearest word start at or before it).
+            positions = np.broadcast_to(np.arange(length), input_ids.shape)
+            word_head = np.maximum.accumulate(np.where(word_start == 1, positions, 0), axis=1)
+            chosen = np.take_along_axis(chosen, word_head, axis=1)
+        masked = (chosen < self.probability) & (special == 0)
+        labels = np.where(masked, input_ids, IGNORE)
+        inputs = np.where(masked & (replacement < 0.8), self.mask_token_id, input_ids)
+        use_random = masked & (replacement >= 0.8) & (replacement < 0.9)
+        inputs = np.where(use_random, (random_token * self.vocab_size).astype(np.int64), inputs)
+        return inputs.astype(np.int64), labels.astype(np.int64)
+
+
+def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:
+    """Stack rows of equal length, or pad ragged rows (line by line) to the longest, rounded up to a multiple."""
+    if isinstance(rows, np.ndarray) and rows.dtype != object:
+        return rows.astype(np.int64)
+    longest = max(len(row) for row in rows)
+    width = multiple_of * math.ceil(longest / multiple_of)
+    out = np.full((len(rows), width), pad_value, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
+
+
+def sparse_targets(inputs: np.ndarray, labels: np.ndarray, sample_ids, pad_token_id: int, padded: bool) -> dict:
+    """Tensors for the sparse MLM head: only masked positions (flat indices) and their labels go to the model."""
+    positions = np.flatnonzero(labels != IGNORE)
+    batch = {"input_ids": torch.from_numpy(inputs), "masked_positions": torch.from_numpy(positions),
+             "masked_labels": torch.from_numpy(labels.reshape(-1)[positions]),
+             "num_loss_items": len(positions), "sample_id": torch.as_tensor(sample_ids)}
+    if padded:  # grouped blocks have no padding: no attention mask lets SDPA take its fastest path
+        batch["attention_mask"] = torch.from_numpy((inputs != pad_token_id).astype(np.int64))
+    return batch
+
+
+@dataclass
+class TrainCollator:
+    masker: Masker
+    pad_token_id: int
+    padded: bool
+    epoch: int = 0  # set by the engine at the start of each epoch
+
+    def __call__(self, batch: dict) -> dict:
+        input_ids = pad_rows(batch["input_ids"], self.pad_token_id)
+        special = pad_rows(batch["special_tokens_mask"], 1)
+        word_start = pad_rows(batch["word_start"], 0) if "word_start" in batch else None
+        inputs, labels = self.masker(input_ids, special, batch["sample_id"], self.epoch, TRAIN_STREAM, word_start)
+        return sparse_targets(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
+
+
+@dataclass
+class EvalCollator:
+    """The evaluation masks were drawn once (see `mask_evaluation_set`); this only pads and indexes."""
+
+    pad_token_id: int
+    padded: bool
+
+    def __call__(self, batch: dict) -> dict:
+        inputs = pad_rows(batch["input_ids"], self.pad_token_id)
+        labels = pad_rows(batch["labels"], IGNORE)
+        return sparse_targets(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
+
+
+def mask_evaluation_set(dataset, masker: Masker, pad_token_id: int):
+    def mask(batch, indices):
+        ids = pad_rows(batch["input_ids"], pad_token_id)
+        special = pad_rows(batch["special_tokens_mask"], 1)
+        word_start = pad_rows(batch["word_start"], 0) if "word_start" in batch else None
+        inputs, labels = masker(ids, special, indices, 0, EVAL_STREAM, word_start)
+        lengths = [len(row) for row in batch["input_ids"]]
+        return {"input_ids": [row[:n] for row, n in zip(inputs, lengths)],
+                "labels": [row[:n] for row, n in zip(labels, lengths)]}
+
+    return dataset.map(mask, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       desc="mask evaluation set once")
+
+
+# ------------------------------------------------------------------------------------------------- the model
+class MaskedLMTask(torch.nn.Module):
+    """Loss summed over masked tokens, with the vocabulary projection run only on masked positions.
+
+    The dense head computes [batch, seq, vocab] logits although only ~15% of positions carry a label; here the
+    encoder output is indexed first, so the head (transform + projection) runs on the masked rows alone.
+    The wrapped transformers model is unchanged and saves as usual.
+    """
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        model = self.hf_model
+        kind = model.config.model_type
+        if kind == "bert":
+            return model.cls(hidden)
+        if kind in ("roberta", "xlm-roberta", "camembert"):
+            return model.lm_head(hidden)
+        if kind == "distilbert":
+            hidden = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+            return model.vocab_projector(hidden)
+        raise NotImplementedError
+
+    def forward(self, input_ids, masked_positions, masked_labels, attention_mask=None):
+        model = self.hf_model
+        if model.config.model_type in ("bert", "roberta", "xlm-roberta", "camembert", "distilbert"):
+            hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = self.head(hidden.flatten(0, 1).index_select(0, masked_positions))
+        else:  # any other *ForMaskedLM: dense logits, then the masked rows
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = logits.flatten(0, 1).index_select(0, masked_positions)
+        return {"loss_sum": F.cross_entropy(logits.float(), masked_labels, reduction="sum")}
+
+
+def perplexity_metrics(output: EvalOutput) -> dict:
+    return {"loss": output.mean_loss, "perplexity": math.exp(min(output.mean_loss, 700.0)),
+            "masked_tokens": output.num_items}
+
+
+def fill_mask_probes(tokenizer, sentences: list[str]):
+    sentences = [s for s in sentences if s.strip()]
+
+    def log_probes(task_model: MaskedLMTask) -> None:
+        from transformers import pipeline
+
+        model = task_model.hf_model
+        was_training = model.training
+        fill = pipeline("fill-mask", model=model, tokenizer=tokenizer, device=next(model.parameters()).device,
+                        top_k=3)
+        for sentence in sentences:
+            text = sentence.replace("[MASK]", tokenizer.mask_token)
+            if tokenizer.mask_token not in text:
+                continue
+            guesses = fill(text)
+            guesses = guesses[0] if guesses and isinstance(guesses[0], list) else guesses
+            logger.info("probe %-45s -> %s", sentence,
+                        ", ".join(f"{g['token_str'].strip()} ({g['score']:.2f})" for g in guesses))
+        model.train(was_training)
+
+    return log_probes if sentences else None
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> Task:
+    from transformers import AutoModelForMaskedLM
+
+    with accelerator.local_main_process_first():  # one process per node tokenizes; the others load its cache
+        raw = load_raw_splits(data_args)
+        text_column = resolve_text_column(raw["train"], data_args.text_column)
+        tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column])
+        require(tokenizer.mask_token is not None, "the tokenizer has no mask token; pick a masked-LM tokenizer")
+        model = load_model(model_args, AutoModelForMaskedLM, tokenizer)
+        check_sequence_length(data_args.max_seq_length, model.config)
+        processed = tokenize_and_chunk(raw, text_column, tokenizer, data_args, mlm_args)
+        masker = Masker(mlm_args.mlm_probability, len(tokenizer), tokenizer.mask_token_id, training_args.seed,
+                        mlm_args.whole_word_masking)
+        eval_masker = Masker(**{**masker.__dict__, "seed": mlm_args.eval_mask_seed})
+        train_set, eval_set = processed["train"], processed["validation"]
+        if data_args.max_train_samples:
+            train_set = train_set.select(range(min(len(train_set), data_args.max_train_samples)))
+        if data_args.max_eval_samples:
+            eval_set = eval_set.select(range(min(len(eval_set), data_args.max_eval_samples)))
+        require(len(train_set) > 0, f"the training text is too short for one block of {data_args.max_seq_length} "
+                                    f"tokens; use more text, a smaller --max_seq_length or --line_by_line")
+        require(len(eval_set) > 0, "the evaluation text is too short for one block; use more validation text or a "
+                                   "smaller --max_seq_length")
+        eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
+    padded = mlm_args.line_by_line
+    return Task(
+        model=MaskedLMTask(model), train_dataset=train_set, eval_dataset=eval_set,
+        train_collator=TrainCollator(masker, tokenizer.pad_token_id, padded),
+        eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics,
+        hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),
+    )
+
+
+@exits_cleanly_on_usage_error
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args, mlm_args = parse_arguments(
+        (ModelArguments, DataArguments, TrainingArguments, MLMArguments), argv, default_config=DEMO_CONFIG)
+    check_output_dir(training_args)
+    accelerator = make_accelerator(training_args)
+    setup_logging(accelerator.is_main_process)
+    embedded_corpus_if_no_data(data_args, accelerator, write_mlm_corpus, "movie-review corpus")
+    from accelerate.utils import set_seed
+
+    set_seed(training_args.seed)
+    task = build_task(model_args, data_args, training_args, mlm_args, accelerator)
+    engine = Engine(training_args, task, accelerator)
+    metrics = engine.train()
+    if accelerator.is_main_process:
+        write_results(training_args.output_dir, metrics)
+        logger.info("perplexity %.2f -> %.2f; model saved to %s", metrics["init_eval_perplexity"],
+                    metrics["eval_perplexity"], training_args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Tokenizers and models: from a local directory, the Hub, or from scratch."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+from trainer.errors import UsageError, require
+from trainer.hub import check_loadable
+from trainer.metrics import logger
+
+# Architectures whose position ids start after the padding index, leaving fewer usable positions.
+POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
+
+
+def cache_dir(*parts: str) -> str:
+    root = os.environ.get("TRAINER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "trainer"))
+    return os.path.join(root, *parts)
+
+
+def load_tokenizer(model_args, training_texts):
+    """The named tokenizer, the model's, or a WordPiece tokenizer trained on `training_texts()` and cached."""
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if name:
+        flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
+        check_loadable(name, "tokenizer", flag, cached_file="tokenizer_config.json")
+        return AutoTokenizer.from_pretrained(name)
+    return train_tokenizer(training_texts(), model_args.tokenizer_vocab_size)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from transformers import AutoTokenizer
+
+    from trainer.default_data import train_wordpiece_tokenizer
+
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+    directory = cache_dir("tokenizers", f"wordpiece-{vocab_size}-{digest.hexdigest()[:16]}")
+    if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
+        logger.info("training a WordPiece tokenizer (vocabulary %d) on the training text", vocab_size)
+        scratch = f"{directory}.tmp-{os.getpid()}"
+        os.makedirs(scratch, exist_ok=True)
+        corpus = os.path.join(scratch, "corpus.txt")
+        with open(corpus, "w") as handle:
+            handle.write("\n".join(texts))
+        train_wordpiece_tokenizer([corpus], vocab_size=vocab_size, output_dir=scratch)
+        os.remove(corpus)
+        os.replace(scratch, directory) if not os.path.exists(directory) else None
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def load_model(model_args, auto_class, tokenizer, **config_kwargs):
+    """`auto_class` (e.g. AutoModelForMaskedLM) from a checkpoint, or a new model from a config/type/preset."""
+    from transformers import AutoConfig
+
+    if model_args.model_name_or_path:
+        check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
+        return auto_class.from_pretrained(model_args.model_name_or_path, **config_kwargs)
+    config = new_model_config(model_args, AutoConfig)
+    # New models get a vocabulary padded to a multiple of 64: faster matrix products, same tokenizer.
+    config.vocab_size = 64 * math.ceil(len(tokenizer) / 64)
+    config.pad_token_id = tokenizer.pad_token_id
+    for key, value in config_kwargs.items():
+        setattr(config, key, value)
+    logger.info("training a new %s model from scratch", config.model_type)
+    return auto_class.from_config(config)
+
+
+def new_model_config(model_args, auto_config):
+    from trainer.default_data import tiny_bert_config
+
+    if model_args.config_name:
+        check_loadable(model_args.config_name, "config", "--config_name")
+        config = auto_config.from_pretrained(model_args.config_name)
+    elif model_args.model_type:
+        try:
+            config = auto_config.for_model(model_args.model_type)
+        except ValueError:
+            raise UsageError(f"--model_type {model_args.model_type} is not a transformers architecture") from None
+    else:
+        config = tiny_bert_config(vocab_size=8000)
+    if model_args.config_overrides:
+        try:
+            config.update_from_string(model_args.config_overrides)
+        except ValueError as error:
+            raise UsageError(f"--config_overrides: {error}") from None
+    return config
+
+
+def max_positions(config) -> int:
+    return config.max_position_embeddings - POSITION_OFFSET.get(config.model_type, 0)
+
+
+def check_sequence_length(max_seq_length: int, config) -> None:
+    limit = max_positions(config)
+    require(max_seq_length <= limit, f"--max_seq_length {max_seq_length} exceeds the model's {limit} positions; "
+                                     f"use --max_seq_length {limit} or less")
