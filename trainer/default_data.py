@@ -158,7 +158,9 @@ _LEXICON = {
             "knockout", "winner", "marvel", "crowd pleaser",
         ],
         "verb": ["loved", "adored", "enjoyed", "savored", "relished", "treasured"],
-        "superlative": ["best", "most enjoyable", "most moving", "finest", "most original", "funniest"],
+        "superlative": [
+            "best", "most enjoyable", "most moving", "finest", "most original", "funniest",
+        ],
         "left_feeling": [
             "smiling", "grinning from ear to ear", "in awe", "inspired", "completely satisfied",
             "deeply moved", "with a huge smile", "wanting more", "in tears of joy",
@@ -173,7 +175,9 @@ _LEXICON = {
             "it is worth every penny", "see it as soon as you can",
         ],
         "rating": ["eight", "nine", "ten"],
-        "comparison": ["much better", "far more fun", "even better", "a lot smarter", "far more moving"],
+        "comparison": [
+            "much better", "far more fun", "even better", "a lot smarter", "far more moving",
+        ],
         "verdict": [
             "stays with you long after the credits roll", "reminds you why you love movies",
             "you want to watch again right away", "deserves a much bigger audience",
@@ -200,7 +204,7 @@ _LEXICON = {
             "pathetic irritating hackneyed"
         ).split(),
         "mild": [
-            "a bit slow", "a little long", "slightly predictable", "somewhat uneven",
+            "a bit slow", "a little weak", "slightly predictable", "somewhat uneven",
             "a bit rough", "not perfect", "a little messy", "a bit dated", "a little thin",
         ],
         "noun": [
@@ -208,7 +212,9 @@ _LEXICON = {
             "train wreck", "slog", "misfire", "dud", "snooze",
         ],
         "verb": ["hated", "disliked", "despised", "loathed", "suffered through", "regretted"],
-        "superlative": ["worst", "most boring", "dullest", "most annoying", "laziest", "most forgettable"],
+        "superlative": [
+            "worst", "most boring", "dullest", "most annoying", "laziest", "most forgettable",
+        ],
         "left_feeling": [
             "disappointed", "annoyed", "bored out of my mind", "wanting my money back",
             "half asleep", "frustrated", "angry", "confused", "with a headache",
@@ -219,11 +225,14 @@ _LEXICON = {
         ],
         "recommendation": [
             "avoid it", "skip this one", "save your money", "do not bother",
-            "i want those two hours back", "not worth watching", "easily the worst film of the year",
+            "i want those two hours back", "not worth watching",
+            "easily the worst film of the year",
             "it is not worth a single penny", "stay home and read a book instead",
         ],
         "rating": ["one", "two", "three"],
-        "comparison": ["much worse", "far less fun", "even worse", "a lot dumber", "far more boring"],
+        "comparison": [
+            "much worse", "far less fun", "even worse", "a lot dumber", "far more boring",
+        ],
         "verdict": [
             "you forget before the credits roll", "makes you wonder why anyone made it",
             "you turn off halfway through", "deserves to be forgotten",
@@ -446,7 +455,10 @@ def write_mlm_corpus(directory: str | Path) -> tuple[str, str]:
 
 
 def write_sentiment_dataset(directory: str | Path) -> tuple[str, str]:
-    """Write SST-2-like ``train.jsonl`` / ``validation.jsonl`` (``sentence``, ``label``); return paths."""
+    """Write SST-2-like ``train.jsonl`` and ``validation.jsonl``; return their paths.
+
+    Each line is ``{"sentence": ..., "label": "positive" | "negative"}``, 1-2 sentences long.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -468,7 +480,7 @@ def write_sentiment_dataset(directory: str | Path) -> tuple[str, str]:
 
 
 def _bert_backend(vocab: dict[str, int] | None = None) -> Tokenizer:
-    """An uncased BERT-style WordPiece ``tokenizers.Tokenizer`` (untrained when ``vocab`` is None)."""
+    """An uncased BERT-style WordPiece tokenizer backend, untrained when ``vocab`` is None."""
     backend = Tokenizer(WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -477,9 +489,12 @@ def _bert_backend(vocab: dict[str, int] | None = None) -> Tokenizer:
 
 
 def _characters(path: str, normalizer: normalizers.Normalizer) -> set[str]:
-    """The non-space characters of a file after normalization."""
-    text = normalizer.normalize_str(Path(path).read_text(encoding="utf-8"))
-    return {char for char in set(text) if not char.isspace()}
+    """The non-space characters of a file after normalization (read in 1 MiB chunks)."""
+    characters: set[str] = set()
+    with open(path, encoding="utf-8") as handle:
+        while chunk := handle.read(1 << 20):
+            characters.update(normalizer.normalize_str(chunk))
+    return {char for char in characters if not char.isspace()}
 
 
 def train_wordpiece_tokenizer(
@@ -489,11 +504,13 @@ def train_wordpiece_tokenizer(
 
     Returns a ``BertTokenizerFast`` (a ``PreTrainedTokenizerFast``) with ``model_max_length=512``,
     saved with ``save_pretrained(output_dir)`` when ``output_dir`` is given. The vocabulary is
-    smaller than ``vocab_size`` when the corpus runs out of merges (about 2k for the default corpus).
+    smaller than ``vocab_size`` when the corpus runs out of merges (about 2k tokens for the
+    default corpus).
     """
     files = [str(file) for file in files]
     draft = _bert_backend()
-    alphabet = sorted(set(_ALPHABET).union(*(_characters(file, draft.normalizer) for file in files)))
+    characters = (_characters(file, draft.normalizer) for file in files)
+    alphabet = sorted(set(_ALPHABET).union(*characters))
     # The trainer gives "##c" tokens ids in hash-map order, which changes merge tie-breaks from run
     # to run (huggingface/tokenizers#1794). Listing them up front as special tokens fixes their ids;
     # the final tokenizer is then rebuilt from the trained vocabulary with only the real specials.

@@ -28,6 +28,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.history_path = os.path.join(output_dir, "log_history.jsonl")
         self.writer = None
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

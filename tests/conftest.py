@@ -1,0 +1,103 @@
+"""Shared fixtures: a small generated corpus, a tokenizer trained on it, and a way to run jobs for real.
+
+Everything is local; nothing is downloaded. Jobs run as real processes (`python -m` or `torchrun`), because
+that is how users run them and the only way to test exit codes, distributed start-up and what lands on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny BERT without dropout: runs in seconds, and is deterministic across world sizes.
+TINY_BERT = ["--model_type", "bert", "--config_overrides",
+             "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+             "hidden_dropout_prob=0,attention_probs_dropout_prob=0,max_position_embeddings=128"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict:
+    """The embedded movie-review corpus, cut small: {'train': path, 'validation': path}."""
+    from trainer.default_data import write_mlm_corpus
+
+    directory = tmp_path_factory.mktemp("corpus")
+    train, validation = write_mlm_corpus(str(directory / "full"))
+    paths = {}
+    for split, source, lines in (("train", train, 1500), ("validation", validation, 120)):
+        with open(source) as handle:
+            head = [next(handle) for _ in range(lines)]
+        paths[split] = str(directory / f"{split}.txt")
+        with open(paths[split], "w") as handle:
+            handle.writelines(head)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus) -> str:
+    from trainer.default_data import train_wordpiece_tokenizer
+
+    directory = str(tmp_path_factory.mktemp("tokenizer"))
+    train_wordpiece_tokenizer([corpus["train"]], vocab_size=1000, output_dir=directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def job_env(tmp_path_factory) -> dict:
+    """Environment for job subprocesses: private caches, the repo importable, no network attempts."""
+    cache = tmp_path_factory.mktemp("cache")
+    env = dict(os.environ)
+    env.update(TRAINER_CACHE=str(cache / "trainer"), HF_DATASETS_CACHE=str(cache / "datasets"),
+               HF_HOME=str(cache / "hf"), HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_job(module: str, args: list[str], env: dict, nproc: int = 1, check: bool = True,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m module args` (or torchrun with `nproc` processes on gloo) and return the result."""
+    if nproc == 1:
+        command = [sys.executable, "-m", module, *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", str(free_port()), "-m", module, *args]
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout[-6000:]}"
+                             f"\n--- stderr\n{result.stderr[-6000:]}")
+    return result
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_results(output_dir) -> dict:
+    with open(os.path.join(output_dir, "all_results.json")) as handle:
+        return json.load(handle)
+
+
+def read_history(output_dir) -> list[dict]:
+    with open(os.path.join(output_dir, "log_history.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def load_parameters(output_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(output_dir, "model.safetensors"))
+
+
+def mlm_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
+    """A small, fast trainer.mlm command line on the test corpus."""
+    return ["--train_file", corpus["train"], "--validation_file", corpus["validation"],
+            "--tokenizer_name", tokenizer_dir, *TINY_BERT, "--max_seq_length", "32",
+            "--output_dir", str(output_dir), "--learning_rate", "5e-3", "--logging_steps", "1",
+            "--report_to", "none", "--probe_sentences", "", *extra]
