@@ -19,3 +19,31 @@ def test_single_process_run_trains_saves_and_loads_with_pipeline(corpus, tokeniz
     fill = pipeline("fill-mask", model=str(out))
     assert len(fill("the acting was [MASK] .")) == 5
     assert set(load_parameters(out)) >= {"bert.embeddings.word_embeddings.weight"}
+
+
+def test_help_explains_every_run_mlm_flag(job_env):
+    result = run_job("trainer.mlm", ["--help"], job_env)
+    for flag in ("--model_name_or_path", "--config_overrides", "--train_file", "--line_by_line",
+                 "--whole_word_masking", "--mlm_probability", "--gradient_accumulation_steps", "--warmup_ratio",
+                 "--lr_scheduler_type", "--bf16", "--eval_steps", "--report_to", "--max_seq_length"):
+        assert flag in result.stdout
+    assert "Fraction of tokens (or words) masked" in result.stdout
+
+
+def test_yaml_config_as_only_argument_with_line_by_line_and_whole_word_masking(corpus, tokenizer_dir, job_env,
+                                                                               tmp_path):
+    import yaml
+
+    out = tmp_path / "from-yaml"
+    args = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "4", "--line_by_line", "--whole_word_masking")
+    config = {}
+    for index, token in enumerate(args):
+        if token.startswith("--"):
+            value = args[index + 1] if index + 1 < len(args) and not args[index + 1].startswith("--") else True
+            config[token[2:]] = yaml.safe_load(value) if isinstance(value, str) else value
+    config.pop("probe_sentences")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_job("trainer.mlm", [str(path)], job_env)
+    results = read_results(out)
+    assert results["train_steps"] == 4 and results["eval_perplexity"] > 0

@@ -150,18 +150,34 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None, default_conf
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(dataclass_types)
     if not argv and default_config:
         argv = [default_config]
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        argv = config_file_as_argv(argv[0])
+    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(argv)
+
+
+def config_file_as_argv(path: str) -> list[str]:
+    """A config file's keys as command-line flags, so argparse converts and checks them exactly as it does flags
+    (HfArgumentParser.parse_yaml_file would pass YAML strings such as '5e-5' through unconverted)."""
+    import json
+
+    import yaml
+
+    require(os.path.isfile(path), f"config file {path} not found")
     try:
-        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-            require(os.path.isfile(argv[0]), f"config file {argv[0]} not found")
-            if argv[0].endswith(".json"):
-                return parser.parse_json_file(argv[0])
-            return parser.parse_yaml_file(argv[0])
-        return parser.parse_args_into_dataclasses(argv)
-    except (ValueError, TypeError) as error:  # HfArgumentParser's complaint about a config file
-        raise UsageError(str(error).splitlines()[0]) from None
+        with open(path) as handle:
+            config = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
+    except (ValueError, yaml.YAMLError) as error:
+        raise UsageError(f"config file {path} is not valid: {str(error).splitlines()[0]}") from None
+    require(isinstance(config, dict), f"config file {path} must hold a mapping of argument names to values")
+    argv = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(str(v) for v in values)]
+    return argv
 
 
 def as_dict(*argument_objects) -> dict:

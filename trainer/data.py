@@ -37,12 +37,20 @@ def load_file(path: str, flag: str):
     import datasets
 
     builder = DATA_FILE_EXTENSIONS[os.path.splitext(path)[1].lower()]
+    # datasets logs its own error lines and a progress bar to stderr; our one-line error says it all.
+    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(builder, data_files={"data": os.path.abspath(path)}, split="data")
     except Exception as error:  # datasets raises many types for malformed or non-UTF-8 files
         cause = error.__cause__ or error
         raise UsageError(f"--{flag} {path} could not be read as {builder}: "
                          f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def resolve_text_column(dataset, requested: str | None, flag: str = "--text_column") -> str:

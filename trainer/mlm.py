@@ -35,8 +35,8 @@ IGNORE = -100
 
 @dataclass
 class MLMArguments:
-    mlm_probability: float = arg(0.15, "Fraction of tokens (or words) masked; of those 80% become [MASK], 10% a "
-                                       "random token, 10% stay.")
+    mlm_probability: float = arg(0.15, "Fraction of tokens (or words) masked; of those 80%% become [MASK], 10%% a "
+                                       "random token, 10%% stay.")
     whole_word_masking: bool = arg(False, "Mask all sub-tokens of a word together.")
     line_by_line: bool = arg(False, "Keep each line a separate (padded) sequence instead of concatenating and "
                                     "chunking the text.")
