@@ -1,0 +1,134 @@
+"""Benchmark: trainer.mlm against the transformers Trainer on the same MLM job.
+
+One fixture (a WordPiece tokenizer on the embedded corpus and a randomly initialised BERT saved locally) and the
+same tokenized blocks feed both: the transformers `Trainer` with `DataCollatorForLanguageModeling`, and this
+package's engine. Same model, batch, sequence length, steps, optimizer and precision. Each side runs in its own
+process; the script prints training tokens/s of both, the ratio, peak resident memory, and the final eval loss.
+
+    python bench/mlm_vs_trainer.py                    # fp32, 4-layer 256-wide BERT, batch 32 x 128
+    python bench/mlm_vs_trainer.py --bf16             # bf16 autocast on both sides
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def build_fixture(directory: str, layers: int, hidden: int) -> None:
+    from transformers import BertConfig, BertForMaskedLM
+
+    from trainer.default_data import train_wordpiece_tokenizer, write_mlm_corpus
+
+    train, validation = write_mlm_corpus(os.path.join(directory, "corpus"))
+    tokenizer = train_wordpiece_tokenizer([train], vocab_size=8000, output_dir=os.path.join(directory, "model"))
+    config = BertConfig(vocab_size=64 * -(-len(tokenizer) // 64), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=hidden // 64, intermediate_size=4 * hidden, max_position_embeddings=512)
+    import torch
+
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(os.path.join(directory, "model"))
+
+
+def blocks(directory: str, seq_len: int):
+    """The tokenized, chunked training blocks, prepared by trainer.mlm's own pipeline (shared by both sides)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from trainer.data import load_raw_splits
+    from trainer.mlm import MLMArguments, tokenize_and_chunk
+
+    corpus = os.path.join(directory, "corpus")
+    data_args = SimpleNamespace(dataset_name=None, train_file=os.path.join(corpus, "train.txt"),
+                                validation_file=os.path.join(corpus, "validation.txt"), max_seq_length=seq_len,
+                                preprocessing_num_workers=None, overwrite_cache=False, validation_split_percentage=5)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "model"))
+    return tokenizer, tokenize_and_chunk(load_raw_splits(data_args), "text", tokenizer, data_args, MLMArguments())
+
+
+def run_transformers_trainer(directory: str, opts) -> dict:
+    from transformers import (AutoModelForMaskedLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments)
+
+    tokenizer, data = blocks(directory, opts.seq_len)
+    model = AutoModelForMaskedLM.from_pretrained(os.path.join(directory, "model"))
+    args = TrainingArguments(
+        output_dir=os.path.join(directory, "hf-out"), per_device_train_batch_size=opts.batch_size,
+        max_steps=opts.steps, learning_rate=1e-4, warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.01,
+        bf16=opts.bf16, use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
+        logging_steps=opts.steps, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=0))
+    metrics = trainer.train().metrics
+    eval_loss = trainer.evaluate()["eval_loss"]
+    return {"tokens_per_second": metrics["train_samples_per_second"] * opts.seq_len, "eval_loss": eval_loss}
+
+
+def run_this_engine(directory: str, opts) -> dict:
+    from trainer.mlm import main
+
+    corpus = os.path.join(directory, "corpus")
+    argv = ["--model_name_or_path", os.path.join(directory, "model"), "--train_file",
+            os.path.join(corpus, "train.txt"), "--validation_file", os.path.join(corpus, "validation.txt"),
+            "--max_seq_length", str(opts.seq_len), "--per_device_train_batch_size", str(opts.batch_size),
+            "--max_steps", str(opts.steps), "--learning_rate", "1e-4", "--weight_decay", "0.01",
+            "--logging_steps", str(opts.steps), "--report_to", "none", "--probe_sentences", "",
+            "--output_dir", os.path.join(directory, "ours-out"), "--overwrite_output_dir", "--seed", "0"]
+    metrics = main(argv + (["--bf16"] if opts.bf16 else []))
+    return {"tokens_per_second": metrics["train_tokens_per_second"], "eval_loss": metrics["eval_loss"]}
+
+
+def child(side: str, directory: str, opts) -> None:
+    result = (run_this_engine if side == "ours" else run_transformers_trainer)(directory, opts)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(side: str, directory: str, argv: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": REPO, "TRAINER_CACHE": os.path.join(directory, "cache")}
+    out = subprocess.run([sys.executable, __file__, "--side", side, "--fixture", directory, *argv], env=env,
+                         capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"{side} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--fixture", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.side:
+        return child(opts.side, opts.fixture, opts)
+    passthrough = [a for a in sys.argv[1:]]
+    with tempfile.TemporaryDirectory() as directory:
+        build_fixture(directory, opts.layers, opts.hidden)
+        blocks(directory, opts.seq_len)  # tokenize once, outside both timings
+        results = {side: measure(side, directory, passthrough) for side in ("transformers", "ours")}
+    precision = "bf16" if opts.bf16 else "fp32"
+    print(f"\nMLM, BERT {opts.layers}x{opts.hidden}, batch {opts.batch_size} x {opts.seq_len}, {opts.steps} steps, "
+          f"{precision}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    print(f"{'':14}{'tokens/s':>12}{'peak RSS MiB':>14}{'eval loss':>11}")
+    for side, result in results.items():
+        print(f"{side:14}{result['tokens_per_second']:12.0f}{result['peak_rss_mib']:14.0f}{result['eval_loss']:11.3f}")
+    ratio = results["ours"]["tokens_per_second"] / results["transformers"]["tokens_per_second"]
+    print(f"ratio (ours / transformers Trainer): {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
