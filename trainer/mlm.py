@@ -65,24 +65,27 @@ def tokenize_and_chunk(raw_splits, text_column: str, tokenizer, data_args, mlm_a
             columns["word_start"] = [word_starts(encoded.word_ids(i)) for i in range(len(texts))]
         return columns
 
-    def chunk(batch):
-        """Linear time: one concatenation per column, one reshape; the remainder is dropped."""
-        length = data_args.max_seq_length
-        out = {}
-        for name, rows in batch.items():
-            flat = np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if rows else np.zeros(0, np.int32)
-            usable = (len(flat) // length) * length
-            out[name] = flat[:usable].reshape(-1, length)
-        return out
-
     processed = raw_splits.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
                                remove_columns=raw_splits["train"].column_names, desc="tokenize",
                                load_from_cache_file=not data_args.overwrite_cache)
     if not mlm_args.line_by_line:
-        processed = processed.map(chunk, batched=True, batch_size=1000, num_proc=data_args.preprocessing_num_workers,
+        processed = processed.map(chunk_into_blocks, batched=True, batch_size=1000,
+                                  fn_kwargs={"length": data_args.max_seq_length}, num_proc=data_args.preprocessing_num_workers,
                                   desc=f"chunk into blocks of {data_args.max_seq_length}",
                                   load_from_cache_file=not data_args.overwrite_cache)
     return processed
+
+
+def chunk_into_blocks(batch: dict, length: int) -> dict:
+    """Concatenate each column and cut it into blocks of `length`, dropping the remainder.
+
+    Linear time: one numpy concatenation and one reshape per column (never `sum(list_of_lists, [])`).
+    """
+    out = {}
+    for name, rows in batch.items():
+        flat = np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if rows else np.zeros(0, np.int32)
+        out[name] = flat[:(len(flat) // length) * length].reshape(-1, length)
+    return out
 
 
 def word_starts(word_ids: list) -> list[int]:
