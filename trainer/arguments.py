@@ -128,6 +128,13 @@ class TrainingArguments:
                                   "at the next optimizer step and exit with code 0.", nargs="*")
     report_to: str = arg("tensorboard", "Where metrics go besides the log: tensorboard or none.",
                          choices=["tensorboard", "none"])
+    push_to_hub: bool = arg(False, "Upload the model (and a model card) to the Hugging Face Hub; rank 0 only, in "
+                                   "the background.")
+    hub_model_id: Optional[str] = arg(None, "Hub repository (user/name). Unset: the --output_dir folder name.")
+    hub_token: Optional[str] = arg(None, "Hub token (default: the HF_TOKEN environment variable). Never logged.")
+    hub_private_repo: bool = arg(False, "Create the Hub repository as private.")
+    hub_strategy: str = arg("end", "When to push: end (the final model), or every_save (each checkpoint too).",
+                            choices=["end", "every_save"])
     dataloader_num_workers: int = arg(0, "Data loading worker processes per rank.")
     ddp_timeout: int = arg(10800, "Seconds a collective may wait, e.g. while rank 0 tokenizes a big corpus.")
     use_cpu: bool = arg(False, "Train on the CPU even if a GPU is present.")

@@ -156,6 +156,7 @@ class Checkpointer:
             fsync_directory(self.args.output_dir)
             logger.info("saved checkpoint %s", final)
             self.rotate()
+            self.engine.hub.push_checkpoint(final)
         accelerator.wait_for_everyone()
         self.last_saved_step = state.step
         return final

@@ -22,6 +22,7 @@ from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_red
                                  shard_for_evaluation)
 from trainer.errors import JobStopped, require
 from trainer.fault_injection import FaultInjection
+from trainer.hub_push import HubPusher
 from trainer.metrics import MetricsLogger, logger
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.signals import STOPPED_EXIT_CODE, StopSignals
@@ -86,6 +87,7 @@ class Engine:
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
         self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
         self.checkpointer = Checkpointer(self)
+        self.hub = HubPusher(args, accelerator.is_main_process)
         self.stop_signals = StopSignals(args.stop_signals)
         self.faults = FaultInjection(self)
 
