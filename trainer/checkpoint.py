@@ -257,7 +257,7 @@ class Checkpointer:
         from safetensors.torch import load_file
 
         model = self.engine.task.hf_model
-        weights = load_file(os.path.join(path, "model.safetensors"), device=str(self.accelerator.device))
+        weights = load_file(os.path.join(path, "model.safetensors"))  # load_state_dict copies to the device
         missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = set(model.get_expanded_tied_weights_keys())  # save_pretrained stores tied weights once
         require(not unexpected and set(missing) <= tied,
