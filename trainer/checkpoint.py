@@ -219,10 +219,10 @@ class Checkpointer:
         path = self.checkpoint_to_resume()
         if path is None:
             return False
-        engine, device = self.engine, self.accelerator.device
+        engine = self.engine
         saved = read_trainer_state(path)
         self.load_model_weights(path)
-        engine.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device))
+        engine.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
         engine.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
         if self.accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
             self.accelerator.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt")))
