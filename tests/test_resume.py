@@ -111,8 +111,6 @@ def test_two_process_resume_is_bit_exact_and_world_size_may_change(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(run=False, reason="open: after torchrun restarts the worker group, the new workers' gloo "
-                                    "init_process_group fails (connectFullMesh: connection refused); not yet diagnosed")
 def test_torchrun_restarts_killed_worker_and_resumes_to_the_same_parameters(
         two_process_baseline, corpus, tokenizer_dir, job_env, tmp_path):
     import psutil

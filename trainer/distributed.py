@@ -5,10 +5,15 @@ accelerate's Accelerator does device placement, DDP wrapping and autocast. Two t
   so N ranks would each train alone on the same data. We pass `cpu=True` whenever CUDA is absent.
 - The process-group timeout is raised (`--ddp_timeout`), because ranks wait in a barrier while the local
   main process tokenizes; on a big corpus that outlasts the default 30 minutes.
+- Under torchrun we create the process group ourselves on a store prefixed by the restart count. torchrun
+  (`--max-restarts`) reuses one store across restarts, and gloo's mesh set-up then reads the dead generation's
+  addresses and fails with "connectFullMesh ... Connection refused"; a fresh prefix per restart avoids that.
+  accelerate (and DeepSpeed) use a process group that already exists.
 """
 from __future__ import annotations
 
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -18,13 +23,28 @@ def make_accelerator(training_args, **plugins):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=training_args.ddp_timeout))
+    use_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    timeout = datetime.timedelta(seconds=training_args.ddp_timeout)
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_process_group_per_restart("gloo" if use_cpu else "nccl", timeout)
     return Accelerator(
-        cpu=training_args.use_cpu or not torch.cuda.is_available(),
+        cpu=use_cpu,
         mixed_precision=training_args.mixed_precision,
-        kwargs_handlers=[timeout],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
         **plugins,
     )
+
+
+def init_process_group_per_restart(backend: str, timeout: datetime.timedelta) -> None:
+    if dist.is_initialized():
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    prefixed = dist.PrefixStore(f"trainer/restart-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout)
 
 
 def is_distributed() -> bool:
