@@ -79,13 +79,18 @@ def wrap_with_adapters(model, args):
     import peft
 
     kind = args.finetune_strategy
+    # peft trains and saves the classifier ("classifier"/"score") next to the adapters. A BERT pooler is part of
+    # the head too, and new when starting from an MLM checkpoint: left frozen it would stay random and, not
+    # being saved, come back with different random values on reload. So it trains and saves with the head.
+    head = ["classifier", "score"] + (["pooler"] if getattr(model.base_model, "pooler", None) is not None else [])
+    common = dict(task_type=peft.TaskType.SEQ_CLS, modules_to_save=head)
     if kind == "lora":
-        config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=args.lora_alpha,
-                                 lora_dropout=args.lora_dropout, target_modules=args.lora_target_modules or None)
+        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules=args.lora_target_modules or None, **common)
     elif kind == "prefix":
-        config = peft.PrefixTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=args.num_virtual_tokens)
+        config = peft.PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, **common)
     else:
-        config = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_CLS, num_virtual_tokens=args.num_virtual_tokens)
+        config = peft.PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens, **common)
     try:
         return peft.get_peft_model(model, config)
     except (ValueError, TypeError, AttributeError, NotImplementedError) as error:
