@@ -1,6 +1,7 @@
 """Loading raw text data (local files or a Hub dataset) and feeding batches to the engine."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -65,6 +66,18 @@ def resolve_text_column(dataset, requested: str | None, flag: str = "--text_colu
     require(bool(string_columns), f"no text column in the data (columns: {', '.join(columns)}); "
                                   f"name one with {flag}")
     return string_columns[0]
+
+
+def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:
+    """Stack rows of equal length, or pad ragged rows (line by line) to the longest, rounded up to a multiple."""
+    if isinstance(rows, np.ndarray) and rows.dtype != object:
+        return rows.astype(np.int64)
+    longest = max(len(row) for row in rows)
+    width = multiple_of * math.ceil(longest / multiple_of)
+    out = np.full((len(rows), width), pad_value, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return out
 
 
 class ColumnarBatches(torch.utils.data.Dataset):

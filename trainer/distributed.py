@@ -86,10 +86,13 @@ class GlobalBatchSampler:
     an incomplete final global batch are dropped, so 1 process x batch 16 and 2 processes x batch 4 x
     accumulation 2 see exactly the same samples in every step. Positions are counted in samples, so a
     resumed run may change world size and still continue the same order.
+
+    With `lengths` (one per sample), batches are length-grouped: see `group_by_length`. The grouping works on
+    the global order alone, so it keeps every property above.
     """
 
     def __init__(self, dataset_size: int, per_device_batch_size: int, world_size: int, rank: int,
-                 accumulation_steps: int, seed: int, shuffle: bool = True):
+                 accumulation_steps: int, seed: int, shuffle: bool = True, lengths=None):
         self.dataset_size = dataset_size
         self.per_device_batch_size = per_device_batch_size
         self.world_size = world_size
@@ -97,6 +100,7 @@ class GlobalBatchSampler:
         self.accumulation_steps = accumulation_steps
         self.seed = seed
         self.shuffle = shuffle
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
         self.epoch = 0
         self.start_sample = 0  # position in the epoch's global order where iteration starts
 
@@ -111,7 +115,10 @@ class GlobalBatchSampler:
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.dataset_size)
-        return torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        if self.lengths is not None:
+            order = group_by_length(order, self.lengths, self.global_batch_size, seed=self.seed + epoch)
+        return order
 
     def __len__(self) -> int:
         """Micro-batches this rank yields in the current epoch."""
@@ -126,6 +133,29 @@ class GlobalBatchSampler:
             for micro_step in range(self.accumulation_steps):
                 start = step_start + (micro_step * self.world_size + self.rank) * micro
                 yield order[start:start + micro].tolist()
+
+
+def group_by_length(order: torch.Tensor, lengths: torch.Tensor, global_batch_size: int, seed: int,
+                    batches_per_group: int = 50) -> torch.Tensor:
+    """Reorder a shuffled epoch so that each batch holds samples of similar length (less padding).
+
+    The shuffled order is cut into mega-chunks of `batches_per_group` global batches; each chunk is sorted by
+    length (longest first, stable), then its global batches are shuffled among themselves so that steps do not
+    run long-to-short in a saw-tooth. Every micro-batch is a contiguous slice of a sorted global batch, so it is
+    length-homogeneous too. Only the global batch size enters (never the per-device batch or world size), so
+    step `s` gets the same samples on 1 or N processes; a fresh permutation per epoch keeps epochs different.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    chunk = global_batch_size * batches_per_group
+    grouped = []
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[torch.argsort(lengths[part], descending=True, stable=True)]
+        whole = (len(part) // global_batch_size) * global_batch_size  # the ragged tail stays last (dropped)
+        batches = part[:whole].view(-1, global_batch_size)
+        batches = batches[torch.randperm(len(batches), generator=generator)]
+        grouped.extend([batches.reshape(-1), part[whole:]])
+    return torch.cat(grouped)
 
 
 def shard_for_evaluation(dataset_size: int, world_size: int, rank: int) -> range:

@@ -44,6 +44,10 @@ class Task:
     tokenizer: object
     columns: Optional[list[str]] = None  # dataset columns the collators read (None: all)
     after_evaluation: Optional[Callable[[torch.nn.Module], None]] = None  # rank 0, e.g. fill-mask probes
+    train_lengths: Optional[list[int]] = None  # per training sample; given: length-grouped batches
+    # Called on every rank after the backward passes of a step, before clipping and the update (which skips
+    # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
+    before_optimizer_step: Optional[Callable[["TrainState"], None]] = None
 
 
 @dataclass
@@ -75,7 +79,7 @@ class Engine:
         self.world_size = accelerator.num_processes
         self.sampler = GlobalBatchSampler(len(task.train_dataset), args.per_device_train_batch_size,
                                           self.world_size, accelerator.process_index,
-                                          args.gradient_accumulation_steps, args.seed)
+                                          args.gradient_accumulation_steps, args.seed, lengths=task.train_lengths)
         require(self.sampler.steps_per_epoch > 0,
                 f"the training set has {len(task.train_dataset)} sequences, fewer than one global batch of "
                 f"{self.sampler.global_batch_size} (per-device batch x processes x accumulation); use more data "
@@ -147,6 +151,8 @@ class Engine:
             self.accelerator.backward(loss_sum * scale)
             window.loss_sum += loss_sum.detach().double()
         window.items += local_items
+        if self.task.before_optimizer_step is not None:
+            self.task.before_optimizer_step(self.state)
         if self.args.max_grad_norm > 0:
             window.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
         self.optimizer.step()

@@ -62,6 +62,8 @@ class MetricsLogger:
             for key, value in named.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key.replace("_", "/", 1), value, step)
+                else:  # e.g. a confusion matrix: shown in TensorBoard's text tab
+                    self.writer.add_text(key.replace("_", "/", 1), f"    {json.dumps(value)}", step)
             self.writer.flush()
         logger.info("step %d: %s", step, "  ".join(f"{k}={format_number(v)}" for k, v in named.items()))
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, parse_arguments
-from trainer.data import load_raw_splits, resolve_text_column
+from trainer.data import load_raw_splits, pad_rows, resolve_text_column
 from trainer.distributed import make_accelerator
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import exits_cleanly_on_usage_error, require
@@ -128,18 +128,6 @@ class Masker:
         use_random = masked & (replacement >= 0.8) & (replacement < 0.9)
         inputs = np.where(use_random, (random_token * self.vocab_size).astype(np.int64), inputs)
         return inputs.astype(np.int64), labels.astype(np.int64)
-
-
-def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:
-    """Stack rows of equal length, or pad ragged rows (line by line) to the longest, rounded up to a multiple."""
-    if isinstance(rows, np.ndarray) and rows.dtype != object:
-        return rows.astype(np.int64)
-    longest = max(len(row) for row in rows)
-    width = multiple_of * math.ceil(longest / multiple_of)
-    out = np.full((len(rows), width), pad_value, dtype=np.int64)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = row
-    return out
 
 
 def sparse_targets(inputs: np.ndarray, labels: np.ndarray, sample_ids, pad_token_id: int, padded: bool) -> dict:

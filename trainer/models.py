@@ -58,7 +58,10 @@ def load_model(model_args, auto_class, tokenizer, **config_kwargs):
 
     if model_args.model_name_or_path:
         check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
-        return auto_class.from_pretrained(model_args.model_name_or_path, **config_kwargs)
+        model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path, output_loading_info=True,
+                                                         **config_kwargs)
+        log_loading_report(loading_info)
+        return model
     config = new_model_config(model_args, AutoConfig)
     # New models get a vocabulary padded to a multiple of 64: faster matrix products, same tokenizer.
     config.vocab_size = 64 * math.ceil(len(tokenizer) / 64)
@@ -67,6 +70,19 @@ def load_model(model_args, auto_class, tokenizer, **config_kwargs):
         setattr(config, key, value)
     logger.info("training a new %s model from scratch", config.model_type)
     return auto_class.from_config(config)
+
+
+def log_loading_report(loading_info: dict) -> None:
+    """Say which weights are new (e.g. a classification head on an MLM checkpoint) and which were dropped.
+
+    transformers reports this at WARNING level through its own logger, which we silence; at INFO in our log it
+    is the expected outcome of switching heads rather than a problem.
+    """
+    for key, meaning in (("missing_keys", "newly initialised (not in the checkpoint)"),
+                         ("unexpected_keys", "in the checkpoint but unused by this model")):
+        names = sorted(loading_info.get(key) or [])
+        if names:
+            logger.info("weights %s: %s", meaning, ", ".join(names))
 
 
 def new_model_config(model_args, auto_config):

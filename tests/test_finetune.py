@@ -1,0 +1,172 @@
+"""Fine-tuning strategies: exactly the intended parameters change, everything else stays bit-identical.
+
+Runs are in-process (`trainer.classify.main`) to save the interpreter start-up per strategy; test_classify.py
+covers real subprocess and torchrun runs. Weight decay is on in every run: a frozen parameter that merely got a
+zero gradient would still decay, so these tests also catch "frozen" layers that are only zero-graded.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from classify_helpers import classify_args, mlm_checkpoint, read_predictions, sentiment  # noqa: F401 (fixtures)
+from trainer.classify import ClassificationTask, main
+from trainer.finetune import distillation_loss
+
+STEPS = ["--max_steps", "3", "--weight_decay", "0.1"]
+
+
+def run(sentiment, mlm_checkpoint, out, *extra):
+    main(classify_args(sentiment, out, "--model_name_or_path", mlm_checkpoint, *STEPS, *extra))
+    return out
+
+
+def changed_base_tensors(mlm_checkpoint, out) -> set[str]:
+    """Names of the starting checkpoint's encoder tensors that differ (bitwise) in the trained model."""
+    before = load_file(os.path.join(mlm_checkpoint, "model.safetensors"))
+    after = load_file(os.path.join(out, "model.safetensors"))
+    shared = [name for name in before if name.startswith("bert.")]
+    assert shared and all(name in after for name in shared)
+    return {name for name in shared if not torch.equal(before[name], after[name])}
+
+
+def base_names(mlm_checkpoint) -> set[str]:
+    return {name for name in load_file(os.path.join(mlm_checkpoint, "model.safetensors")) if name.startswith("bert.")}
+
+
+def test_full_changes_every_tensor_and_reloads_with_identical_predictions(sentiment, mlm_checkpoint, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = run(sentiment, mlm_checkpoint, tmp_path / "full", "--do_predict", "--test_file", sentiment["validation"])
+    assert changed_base_tensors(mlm_checkpoint, out) == base_names(mlm_checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert_reloaded_model_reproduces_predictions(model, out, sentiment)
+
+
+def assert_reloaded_model_reproduces_predictions(model, out, sentiment):
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    with open(sentiment["validation"]) as handle:
+        texts = [json.loads(line)["sentence"] for line in handle][:8]
+    with torch.no_grad():
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        probabilities = model.eval()(**encoded).logits.softmax(-1)
+    written = read_predictions(out)[:8]
+    expected = torch.tensor([[row["probabilities"]["negative"], row["probabilities"]["positive"]] for row in written])
+    torch.testing.assert_close(probabilities, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_freeze_keeps_embeddings_and_lowest_layers(sentiment, mlm_checkpoint, tmp_path):
+    out = run(sentiment, mlm_checkpoint, tmp_path / "freeze", "--finetune_strategy", "freeze", "--freeze_layers", "1")
+    names = base_names(mlm_checkpoint)
+    assert changed_base_tensors(mlm_checkpoint, out) == {n for n in names if n.startswith("bert.encoder.layer.1.")}
+
+
+def test_bitfit_changes_only_biases(sentiment, mlm_checkpoint, tmp_path):
+    out = run(sentiment, mlm_checkpoint, tmp_path / "bitfit", "--finetune_strategy", "bitfit")
+    assert changed_base_tensors(mlm_checkpoint, out) == {n for n in base_names(mlm_checkpoint) if n.endswith(".bias")}
+
+
+@pytest.mark.parametrize("every, opened", [(100, ("layer.1.",)), (2, ("layer.1.", "layer.0."))])
+def test_gradual_unfreeze_opens_layers_top_down(sentiment, mlm_checkpoint, tmp_path, every, opened):
+    # 3 updates: with every=2 the update at step 2 opens layer 0; the embeddings (next in line) never open.
+    out = run(sentiment, mlm_checkpoint, tmp_path / "gradual", "--finetune_strategy", "gradual_unfreeze",
+              "--unfreeze_every", str(every))
+    expected = {n for n in base_names(mlm_checkpoint) if any(n.startswith(f"bert.encoder.{p}") for p in opened)}
+    assert changed_base_tensors(mlm_checkpoint, out) == expected
+
+
+def test_lora_trains_adapters_only_reloads_and_merges(sentiment, mlm_checkpoint, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out = run(sentiment, mlm_checkpoint, tmp_path / "lora", "--finetune_strategy", "lora", "--merge_adapters",
+              "--do_predict", "--test_file", sentiment["validation"])
+    adapters = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert any("lora_B" in name for name in adapters)
+    assert all(torch.count_nonzero(t) > 0 for name, t in adapters.items() if "lora_B" in name)  # B starts at zero
+    base = AutoModelForSequenceClassification.from_pretrained(mlm_checkpoint, num_labels=2)
+    reloaded = PeftModel.from_pretrained(base, out)
+    assert_reloaded_model_reproduces_predictions(reloaded, out, sentiment)
+    merged = os.path.join(out, "merged")
+    adapted = {n for n in base_names(mlm_checkpoint)
+               if n.endswith(("attention.self.query.weight", "attention.self.value.weight"))}
+    assert changed_base_tensors(mlm_checkpoint, merged) == adapted
+    merged_model = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert merged_model.config.label2id == {"negative": 0, "positive": 1}
+    assert_reloaded_model_reproduces_predictions(merged_model, out, sentiment)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_prefix_and_prompt_tuning_train_virtual_tokens_and_reload(sentiment, mlm_checkpoint, tmp_path, kind):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out = run(sentiment, mlm_checkpoint, tmp_path / kind, "--finetune_strategy", kind, "--num_virtual_tokens", "4",
+              "--do_predict", "--test_file", sentiment["validation"])
+    # Only the virtual tokens and the classification head are saved: the encoder was never trainable.
+    adapters = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert any("prompt_embeddings" in name for name in adapters)
+    assert all(any(part in name for part in ("prompt_embeddings", "classifier.", "pooler.")) for name in adapters)
+    base = AutoModelForSequenceClassification.from_pretrained(mlm_checkpoint, num_labels=2)
+    reloaded = PeftModel.from_pretrained(base, out)
+    assert_reloaded_model_reproduces_predictions(reloaded, out, sentiment)
+
+
+def test_distillation_loss_matches_hand_computation():
+    student = np.array([[1.0, -0.5, 0.2], [0.3, 0.9, -1.2]])
+    teacher = np.array([[2.0, 0.1, -0.4], [-0.7, 1.5, 0.0]])
+    labels = np.array([0, 2])
+    temperature, alpha = 3.0, 0.7
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p_teacher, p_student = softmax(teacher / temperature), softmax(student / temperature)
+    kl = (p_teacher * (np.log(p_teacher) - np.log(p_student))).sum(-1)
+    ce = -np.log(softmax(student)[np.arange(2), labels])
+    expected = alpha * kl * temperature ** 2 + (1 - alpha) * ce
+    got = distillation_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), temperature, alpha)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+
+
+def test_distillation_task_sums_per_sample_losses_and_leaves_the_teacher_alone():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from classify_helpers import TINY
+
+    torch.manual_seed(0)
+    student, teacher = (BertForSequenceClassification(BertConfig(vocab_size=50, num_labels=2, **TINY))
+                        for _ in range(2))
+    task = ClassificationTask(student, teacher.eval().requires_grad_(False), temperature=2.0, alpha=0.25)
+    assert not any(p is q for p in task.parameters() for q in teacher.parameters())  # not a submodule: no DDP
+    batch = {"input_ids": torch.randint(5, 50, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long)}
+    labels = torch.tensor([0, 1, 1, 0])
+    output = task.train()(**batch, labels=labels)
+    output["loss_sum"].backward()
+    with torch.no_grad():
+        expected = distillation_loss(student(**batch).logits, teacher(**batch).logits, labels, 2.0, 0.25).sum()
+    torch.testing.assert_close(output["loss_sum"], expected)
+    assert all(p.grad is None for p in teacher.parameters())
+    eval_loss = task.eval()(**batch, labels=labels)["loss_sum"]  # evaluation: the plain hard-label loss
+    torch.testing.assert_close(eval_loss, torch.nn.functional.cross_entropy(student(**batch).logits, labels,
+                                                                            reduction="sum"))
+
+
+def test_distillation_run_leaves_the_student_trained_and_the_teacher_untouched(sentiment, mlm_checkpoint, tmp_path):
+    teacher = run(sentiment, mlm_checkpoint, tmp_path / "teacher")
+    teacher_weights = load_file(os.path.join(teacher, "model.safetensors"))
+    student = run(sentiment, mlm_checkpoint, tmp_path / "student", "--teacher_model_name_or_path", str(teacher),
+                  "--distill_alpha", "0.5", "--distill_temperature", "2")
+    assert changed_base_tensors(mlm_checkpoint, student) == base_names(mlm_checkpoint)
+    after = load_file(os.path.join(teacher, "model.safetensors"))
+    assert all(torch.equal(teacher_weights[n], after[n]) for n in teacher_weights)

@@ -1,0 +1,365 @@
+"""trainer.classify: sequence classification (single sentences or pairs) with a choice of fine-tuning strategies.
+
+    python -m trainer.classify                               # offline demo on the generated sentiment data
+    torchrun --nproc_per_node=8 -m trainer.classify --model_name_or_path output/mlm --train_file train.csv ...
+
+This module holds only what is specific to classification: label mapping, tokenization, dynamic padding, the
+per-sample loss, metrics and predictions. Training is the shared engine's; strategies live in trainer.finetune.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file, parse_arguments
+from trainer.data import load_file, load_raw_splits, make_loader, pad_rows, resolve_text_column
+from trainer.default_data import write_sentiment_dataset
+from trainer.distributed import all_gather_objects, make_accelerator, shard_for_evaluation
+from trainer.engine import Engine, EvalOutput, Task
+from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
+from trainer.finetune import PEFT_STRATEGIES, STRATEGIES, apply_strategy, distillation_loss, load_teacher
+from trainer.jobs import check_output_dir, embedded_corpus_if_no_data, write_results
+from trainer.metrics import logger, setup_logging
+from trainer.models import check_sequence_length, load_model, load_tokenizer
+
+DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
+LOCAL_METRICS = os.path.join(os.path.dirname(__file__), "metrics_modules")
+AVERAGED_METRICS = ("f1", "precision", "recall")  # computed with average="macro" (binary would ignore a class)
+
+
+@dataclass
+class ClassifyArguments:
+    text_pair_column: Optional[str] = arg(None, "Column with the second sentence of a pair (e.g. GLUE MRPC).")
+    label_column: str = arg("label", "Column with the labels: integers or strings.")
+    test_file: Optional[str] = arg(None, "Data to predict with --do_predict (labels optional).")
+    do_predict: bool = arg(False, "After training, write predictions for --test_file to output_dir/predictions.jsonl.")
+    metrics: list[str] = arg(["accuracy", "f1", "matthews_correlation"],
+                             "evaluate metrics: names of the package's offline modules (accuracy, f1, "
+                             "matthews_correlation), paths to metric scripts, or Hub metric names.", nargs="+")
+    group_by_length: bool = arg(False, "Length-grouped training batches (less padding), still shuffled per epoch.")
+    finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + ".",
+                                 choices=list(STRATEGIES))
+    freeze_layers: int = arg(0, "freeze: number of lowest encoder layers frozen (the embeddings always are).")
+    unfreeze_every: int = arg(1, "gradual_unfreeze: open one more layer every this many --unfreeze_unit.")
+    unfreeze_unit: str = arg("steps", "gradual_unfreeze: steps or epochs.", choices=["steps", "epochs"])
+    lora_r: int = arg(8, "lora: rank of the update matrices.")
+    lora_alpha: int = arg(16, "lora: scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = arg(0.0, "lora: dropout on the adapter input.")
+    lora_target_modules: list[str] = arg([], "lora: module names to adapt (default: peft's choice for the "
+                                             "architecture).", nargs="*")
+    num_virtual_tokens: int = arg(10, "prefix/prompt: number of virtual tokens learnt.")
+    merge_adapters: bool = arg(False, "lora: also export the adapters merged into the base model to output_dir/merged.")
+    teacher_model_name_or_path: Optional[str] = arg(
+        None, "Knowledge distillation from this classifier (same labels and tokenizer); works with every strategy.")
+    distill_temperature: float = arg(2.0, "Distillation temperature T (logits are divided by T).")
+    distill_alpha: float = arg(0.5, "Weight of the distillation term; 1 - alpha weighs the hard-label loss.")
+
+    def __post_init__(self):
+        require(not self.do_predict or self.test_file, "--do_predict needs --test_file")
+        if self.test_file:
+            check_data_file(self.test_file, "test_file")
+        require(self.freeze_layers >= 0, "--freeze_layers must be >= 0")
+        require(self.unfreeze_every > 0, "--unfreeze_every must be positive")
+        require(self.lora_r > 0 and self.num_virtual_tokens > 0, "--lora_r and --num_virtual_tokens must be positive")
+        require(not self.merge_adapters or self.finetune_strategy == "lora",
+                "--merge_adapters only applies to --finetune_strategy lora (prefix and prompt tokens cannot merge)")
+        require(self.distill_temperature > 0, "--distill_temperature must be positive")
+        require(0 <= self.distill_alpha <= 1, "--distill_alpha must be in [0, 1]")
+        require(bool(self.metrics), "--metrics needs at least one metric")
+
+
+# ------------------------------------------------------------------------------------------------------- labels
+@dataclass
+class LabelMapping:
+    values: list  # raw label values (ints or strings), index = class id
+
+    @classmethod
+    def from_training_data(cls, dataset, column: str) -> "LabelMapping":
+        values = sorted(set(raw_labels(dataset, column, "training")))
+        require(len(values) >= 2, f"the training data has a single class ({values[0]!r}) in --label_column "
+                                  f"{column}; classification needs at least two")
+        return cls(values)
+
+    @property
+    def id2label(self) -> dict:
+        return {i: str(value) for i, value in enumerate(self.values)}
+
+    @property
+    def label2id(self) -> dict:
+        return {str(value): i for i, value in enumerate(self.values)}
+
+    def ids(self, dataset, column: str, split: str) -> list[int]:
+        index = {value: i for i, value in enumerate(self.values)}
+        labels = raw_labels(dataset, column, split)
+        unseen = sorted({str(label) for label in labels if label not in index})
+        require(not unseen, f"the {split} data has labels never seen in training: {', '.join(unseen[:5])}")
+        return [index[label] for label in labels]
+
+
+def raw_labels(dataset, column: str, split: str) -> list:
+    """Labels as ints or strings (ClassLabel names for hub datasets); anything else is a usage error."""
+    import datasets
+
+    require(column in dataset.column_names, f"the {split} data has no label column '{column}' (columns: "
+                                            f"{', '.join(dataset.column_names)}); name it with --label_column")
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return [feature.int2str(i) for i in dataset[column]]
+    dtype = getattr(feature, "dtype", None)
+    require(dtype in ("string", "large_string") or (dtype or "").startswith(("int", "uint")),
+            f"the labels in column '{column}' of the {split} data are {dtype or type(feature).__name__}; "
+            f"labels must be integers or strings")
+    return dataset[column]
+
+
+# ------------------------------------------------------------------------------------------ data preparation
+def input_columns(dataset, data_args, cls_args, split: str) -> list[str]:
+    """The text column (and pair column) of a split, checked."""
+    candidates = dataset.remove_columns([c for c in (cls_args.label_column,) if c in dataset.column_names])
+    text = resolve_text_column(candidates, data_args.text_column)
+    require(text in dataset.column_names, f"the {split} data has no text column '{text}'")
+    if cls_args.text_pair_column is None:
+        return [text]
+    require(cls_args.text_pair_column in dataset.column_names,
+            f"the {split} data has no --text_pair_column '{cls_args.text_pair_column}' (columns: "
+            f"{', '.join(dataset.column_names)})")
+    return [text, cls_args.text_pair_column]
+
+
+def tokenize(dataset, columns: list[str], tokenizer, max_length: int, labels: Optional[list[int]], desc: str):
+    """input_ids (+ token_type_ids for pairs), length and labels; truncated, never padded."""
+    pairs = len(columns) == 2
+
+    def encode(batch):
+        encoded = tokenizer(*(batch[c] for c in columns), truncation=True, max_length=max_length, verbose=False)
+        out = {"input_ids": encoded["input_ids"], "length": [len(ids) for ids in encoded["input_ids"]]}
+        if pairs and "token_type_ids" in encoded:
+            out["token_type_ids"] = encoded["token_type_ids"]
+        return out
+
+    for column in columns:
+        require(all(isinstance(text, str) for text in dataset[column]),
+                f"the {desc} data has empty or non-text values in column '{column}'")
+    processed = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {desc}")
+    return processed.add_column("labels", labels) if labels is not None else processed
+
+
+@dataclass
+class PaddingCollator:
+    """Pads each batch to its own longest sequence (rounded up to a multiple of 8), never to the data set's."""
+
+    pad_token_id: int
+    epoch: int = 0  # set by the engine; classification has no per-epoch randomness
+
+    def __call__(self, batch: dict) -> dict:
+        input_ids = pad_rows(batch["input_ids"], self.pad_token_id)
+        lengths = np.asarray(batch["length"])
+        out = {"input_ids": torch.from_numpy(input_ids),
+               "attention_mask": torch.from_numpy((np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64)),
+               "sample_id": torch.as_tensor(batch["sample_id"]), "num_loss_items": len(lengths)}
+        if "token_type_ids" in batch:
+            out["token_type_ids"] = torch.from_numpy(pad_rows(batch["token_type_ids"], 0))
+        if "labels" in batch:
+            out["labels"] = torch.as_tensor(batch["labels"], dtype=torch.long)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- the model
+class ClassificationTask(torch.nn.Module):
+    """Per-sample losses summed (the engine divides by the samples of the whole step), argmax predictions.
+
+    The teacher, if any, is kept out of the module tree (not a registered submodule), so DDP neither wraps nor
+    syncs it and the optimizer never sees it; it only runs in training, in eval mode and without gradients.
+    """
+
+    def __init__(self, hf_model, teacher=None, temperature: float = 1.0, alpha: float = 0.0):
+        super().__init__()
+        self.hf_model = hf_model
+        self.__dict__["teacher"] = teacher
+        self.temperature, self.alpha = temperature, alpha
+
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        logits = self.hf_model(**inputs).logits.float()
+        if self.teacher is not None and self.training:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**inputs).logits.float()
+            losses = distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
+        else:
+            losses = F.cross_entropy(logits, labels, reduction="none")
+        return {"loss_sum": losses.sum(), "predictions": logits.argmax(-1)}
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+def load_metrics(names: list[str]) -> list:
+    """evaluate modules: the package's offline copies first, then a path, then the Hub (fails fast offline)."""
+    import evaluate
+
+    from trainer.hub import hub_is_reachable
+
+    modules = []
+    for name in names:
+        local = os.path.join(LOCAL_METRICS, f"{name}.py")
+        path = local if os.path.isfile(local) else name
+        if not os.path.exists(path):
+            require(hub_is_reachable(), f"--metrics {name}: not one of the offline metrics "
+                                        f"({', '.join(sorted(f[:-3] for f in os.listdir(LOCAL_METRICS)))}), not a "
+                                        f"file, and the Hub cannot be reached to download it")
+        try:  # in memory: ranks computing at once would otherwise contend for the same cache file lock
+            modules.append((name, evaluate.load(path, keep_in_memory=True)))
+        except Exception as error:  # evaluate raises many types for a bad script or name
+            raise UsageError(f"--metrics {name} could not be loaded: {str(error).splitlines()[0]}") from None
+    return modules
+
+
+def classification_metrics(metric_modules: list, references: np.ndarray, id2label: dict):
+    def compute(output: EvalOutput) -> dict:
+        sample_ids = sorted(output.predictions)  # gathered from every rank, each sample once
+        predictions = np.asarray([output.predictions[i] for i in sample_ids])
+        truth = references[sample_ids]
+        results = {"loss": output.mean_loss}
+        for name, module in metric_modules:
+            extra = {"average": "macro"} if name in AVERAGED_METRICS else {}
+            results.update(module.compute(predictions=predictions, references=truth, **extra))
+        matrix = confusion_matrix(truth, predictions, len(id2label))
+        log_confusion_matrix(matrix, id2label)
+        results["confusion_matrix"] = matrix.tolist()
+        return results
+
+    return compute
+
+
+def confusion_matrix(truth: np.ndarray, predictions: np.ndarray, num_labels: int) -> np.ndarray:
+    """Rows: true label, columns: predicted label."""
+    return np.bincount(truth * num_labels + predictions, minlength=num_labels ** 2).reshape(num_labels, num_labels)
+
+
+def log_confusion_matrix(matrix: np.ndarray, id2label: dict) -> None:
+    names = [id2label[i] for i in range(len(id2label))]
+    width = max(8, *(len(n) for n in names)) + 1
+    lines = ["confusion matrix (rows: true, columns: predicted)", " " * width + "".join(n.rjust(width) for n in names)]
+    lines += [name.rjust(width) + "".join(str(c).rjust(width) for c in row) for name, row in zip(names, matrix)]
+    logger.info("\n".join(lines))
+
+
+# -------------------------------------------------------------------------------------------------- predictions
+@torch.no_grad()
+def predict(engine: Engine, dataset) -> dict:
+    """Class probabilities for every sample of `dataset`, computed in shards on all ranks, gathered everywhere."""
+    accelerator = engine.accelerator
+    shard = shard_for_evaluation(len(dataset), accelerator.num_processes, accelerator.process_index)
+    size = engine.args.per_device_eval_batch_size
+    loader = make_loader(dataset, None, [list(shard[i:i + size]) for i in range(0, len(shard), size)],
+                         engine.task.eval_collator, 0, pin_memory=False)
+    model = accelerator.unwrap_model(engine.model).hf_model.eval()
+    probabilities = {}
+    for batch in loader:
+        sample_ids = batch.pop("sample_id").tolist()
+        inputs = {k: v.to(accelerator.device) for k, v in batch.items() if k not in ("num_loss_items", "labels")}
+        with accelerator.autocast():
+            logits = model(**inputs).logits.float()
+        probabilities.update(zip(sample_ids, F.softmax(logits, dim=-1).cpu().tolist()))
+    return {sid: p for part in all_gather_objects(probabilities) for sid, p in part.items()}
+
+
+def write_predictions(path: str, probabilities: dict, id2label: dict) -> None:
+    with open(path, "w") as handle:
+        for sample_id in sorted(probabilities):
+            row = probabilities[sample_id]
+            handle.write(json.dumps({"id": sample_id, "label": id2label[int(np.argmax(row))],
+                                     "probabilities": {id2label[i]: p for i, p in enumerate(row)}}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def build_task(model_args, data_args, training_args, cls_args, accelerator):
+    """(Task, tokenized test set or None, label mapping)."""
+    from transformers import AutoModelForSequenceClassification
+
+    require(cls_args.finetune_strategy not in PEFT_STRATEGIES or model_args.model_name_or_path,
+            f"--finetune_strategy {cls_args.finetune_strategy} trains adapters on a pretrained model; give "
+            f"--model_name_or_path (e.g. the output of trainer.mlm)")
+    with accelerator.local_main_process_first():  # one process per node tokenizes; the others load its cache
+        raw = load_raw_splits(data_args)
+        columns = input_columns(raw["train"], data_args, cls_args, "training")
+        input_columns(raw["validation"], data_args, cls_args, "validation")
+        labels = LabelMapping.from_training_data(raw["train"], cls_args.label_column)
+        train_labels = labels.ids(raw["train"], cls_args.label_column, "training")
+        eval_labels = labels.ids(raw["validation"], cls_args.label_column, "validation")
+        test_raw = load_file(cls_args.test_file, "test_file") if cls_args.do_predict else None
+        if test_raw is not None:
+            input_columns(test_raw, data_args, cls_args, "test")
+        teacher = (load_teacher(cls_args.teacher_model_name_or_path, labels.id2label, accelerator.device)
+                   if cls_args.teacher_model_name_or_path else None)
+        tokenizer = load_tokenizer(model_args, lambda: [t for c in columns for t in raw["train"][c]])
+        model = load_model(model_args, AutoModelForSequenceClassification, tokenizer, num_labels=len(labels.values),
+                           id2label=labels.id2label, label2id=labels.label2id)
+        check_sequence_length(data_args.max_seq_length, model.config)
+        length = data_args.max_seq_length
+        train_set = tokenize(raw["train"], columns, tokenizer, length, train_labels, "training")
+        eval_set = tokenize(raw["validation"], columns, tokenizer, length, eval_labels, "validation")
+        test_set = tokenize(test_raw, columns, tokenizer, length, None, "test") if test_raw is not None else None
+        if data_args.max_train_samples:
+            train_set = train_set.select(range(min(len(train_set), data_args.max_train_samples)))
+        if data_args.max_eval_samples:
+            eval_set = eval_set.select(range(min(len(eval_set), data_args.max_eval_samples)))
+        metric_modules = load_metrics(cls_args.metrics)
+    logger.info("%d classes: %s", len(labels.values), ", ".join(labels.id2label.values()))
+    trained_model, before_optimizer_step = apply_strategy(model, cls_args)
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    task = Task(
+        model=ClassificationTask(trained_model, teacher, cls_args.distill_temperature, cls_args.distill_alpha),
+        train_dataset=train_set, eval_dataset=eval_set, train_collator=collator, eval_collator=collator,
+        compute_metrics=classification_metrics(metric_modules, np.asarray(eval_set["labels"]), labels.id2label),
+        hf_model=trained_model, tokenizer=tokenizer,
+        train_lengths=list(train_set["length"]) if cls_args.group_by_length else None,
+        before_optimizer_step=before_optimizer_step,
+    )
+    return task, test_set, labels
+
+
+def export_merged(task: Task, directory: str) -> None:
+    """LoRA folded into the base weights: a plain classifier that loads without peft."""
+    merged = task.hf_model.merge_and_unload()
+    merged.save_pretrained(directory)
+    task.tokenizer.save_pretrained(directory)
+    logger.info("merged model saved to %s", directory)
+
+
+@exits_cleanly_on_usage_error
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args, cls_args = parse_arguments(
+        (ModelArguments, DataArguments, TrainingArguments, ClassifyArguments), argv, default_config=DEMO_CONFIG)
+    check_output_dir(training_args)
+    accelerator = make_accelerator(training_args)
+    setup_logging(accelerator.is_main_process)
+    embedded_corpus_if_no_data(data_args, accelerator, write_sentiment_dataset, "sentiment dataset")
+    from accelerate.utils import set_seed
+
+    set_seed(training_args.seed)
+    task, test_set, labels = build_task(model_args, data_args, training_args, cls_args, accelerator)
+    engine = Engine(training_args, task, accelerator)
+    metrics = engine.train()
+    if test_set is not None:
+        probabilities = predict(engine, test_set)
+        if accelerator.is_main_process:
+            write_predictions(os.path.join(training_args.output_dir, "predictions.jsonl"), probabilities,
+                              labels.id2label)
+    if accelerator.is_main_process:
+        if cls_args.merge_adapters:
+            export_merged(task, os.path.join(training_args.output_dir, "merged"))
+        write_results(training_args.output_dir, metrics)
+        logger.info("accuracy %.4f -> %.4f; model saved to %s", metrics.get("init_eval_accuracy", float("nan")),
+                    metrics.get("eval_accuracy", float("nan")), training_args.output_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Fine-tuning strategies: which parameters of a classifier train, plus knowledge distillation's loss.
+
+    full              everything trains
+    freeze            embeddings and the lowest --freeze_layers encoder layers are frozen
+    bitfit            only bias terms and the classification head train
+    lora|prefix|prompt  adapters from the `peft` library (the base model stays frozen)
+    gradual_unfreeze  head + top layer first, one more layer (embeddings last) every --unfreeze_every steps/epochs
+
+Frozen parameters normally get `requires_grad=False` before the engine builds the optimizer and DDP, so neither
+ever sees them. Gradual unfreezing cannot do that: DDP registers its gradient hooks and the optimizer its
+parameters once, at start-up, and a parameter switched on later would train on each rank's local gradient alone.
+So every parameter keeps `requires_grad=True`, and before each update the gradients of still-frozen layers are
+set to None. AdamW skips a parameter whose `.grad` is None entirely: no weight decay, no moment update, no Adam
+step count (zeroed gradients would be wrong: decay and the running moments would still move the weights).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainer.errors import UsageError, require
+from trainer.metrics import logger
+
+PEFT_STRATEGIES = ("lora", "prefix", "prompt")
+STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "gradual_unfreeze")
+
+
+def apply_strategy(model, args):
+    """Return (the model to train, an optional `before_optimizer_step` hook) for `args.finetune_strategy`."""
+    strategy = args.finetune_strategy
+    hook = None
+    if strategy == "freeze":
+        require(args.freeze_layers <= len(encoder_layers(model)),
+                f"--freeze_layers {args.freeze_layers} exceeds the model's {len(encoder_layers(model))} layers")
+        for module in [embeddings(model), *encoder_layers(model)[:args.freeze_layers]]:
+            module.requires_grad_(False)
+    elif strategy == "bitfit":
+        head = {id(p) for p in head_parameters(model)}
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.endswith("bias") or id(parameter) in head)
+    elif strategy in PEFT_STRATEGIES:
+        model = wrap_with_adapters(model, args)
+    elif strategy == "gradual_unfreeze":
+        hook = GradualUnfreezing(model, args.unfreeze_every, args.unfreeze_unit)
+    log_trainable_parameters(model, strategy)
+    return model, hook
+
+
+def encoder_layers(model) -> torch.nn.ModuleList:
+    """The stack of transformer blocks: the ModuleList in the base model with one entry per hidden layer."""
+    count = model.config.num_hidden_layers
+    for module in model.base_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise UsageError(f"cannot find the encoder layers of a {model.config.model_type} model; use "
+                     f"--finetune_strategy full, bitfit or lora")
+
+
+def embeddings(model) -> torch.nn.Module:
+    module = getattr(model.base_model, "embeddings", None)
+    return module if module is not None else model.get_input_embeddings()
+
+
+def head_parameters(model) -> list[torch.nn.Parameter]:
+    """Parameters outside the base model: the new classification head."""
+    base = {id(p) for p in model.base_model.parameters()}
+    return [p for p in model.parameters() if id(p) not in base]
+
+
+def log_trainable_parameters(model, label: str) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("fine-tuning strategy %s: %s of %s parameters trainable (%.2f%%)", label, f"{trainable:,}",
+                f"{total:,}", 100 * trainable / total)
+
+
+# ---------------------------------------------------------------------------------------------------------- peft
+def wrap_with_adapters(model, args):
+    import peft
+
+    kind = args.finetune_strategy
+    # peft trains and saves the classifier ("classifier"/"score") next to the adapters. A BERT pooler is part of
+    # the head too, and new when starting from an MLM checkpoint: left frozen it would stay random and, not
+    # being saved, come back with different random values on reload. So it trains and saves with the head.
+    head = ["classifier", "score"] + (["pooler"] if getattr(model.base_model, "pooler", None) is not None else [])
+    common = dict(task_type=peft.TaskType.SEQ_CLS, modules_to_save=head)
+    if kind == "lora":
+        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules=args.lora_target_modules or None, **common)
+    elif kind == "prefix":
+        config = peft.PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, **common)
+    else:
+        config = peft.PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens, **common)
+    try:
+        return peft.get_peft_model(model, config)
+    except (ValueError, TypeError, AttributeError, NotImplementedError) as error:
+        raise UsageError(f"--finetune_strategy {kind} is not possible on a {model.config.model_type} model: "
+                         f"{str(error).splitlines()[0]}" + (" (name the layers with --lora_target_modules)"
+                                                            if kind == "lora" else "")) from None
+
+
+# ------------------------------------------------------------------------------------------- gradual unfreezing
+class GradualUnfreezing:
+    """Masks the gradients of layers not yet unfrozen; see the module docstring for why not requires_grad."""
+
+    def __init__(self, model, every: int, unit: str):
+        layers = encoder_layers(model)
+        # Unfreezing order: top layer first, down to the embeddings; the head and everything else train always.
+        self.groups = [list(layer.parameters()) for layer in reversed(layers)] + [list(embeddings(model).parameters())]
+        self.every, self.unit = every, unit
+        self.model = model
+        self.unfrozen = 0
+
+    def groups_unfrozen_at(self, state) -> int:
+        elapsed = state.step if self.unit == "steps" else state.epoch
+        return min(1 + elapsed // self.every, len(self.groups))
+
+    def __call__(self, state) -> None:
+        unfrozen = self.groups_unfrozen_at(state)
+        if unfrozen != self.unfrozen:
+            self.unfrozen = unfrozen
+            frozen = sum(p.numel() for group in self.groups[unfrozen:] for p in group)
+            total = sum(p.numel() for p in self.model.parameters())
+            logger.info("gradual unfreezing at step %d: %d of %d layer groups open, %s of %s parameters trainable",
+                        state.step, unfrozen, len(self.groups), f"{total - frozen:,}", f"{total:,}")
+        for group in self.groups[unfrozen:]:
+            for parameter in group:
+                parameter.grad = None
+
+
+# ------------------------------------------------------------------------------------------------ distillation
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                      temperature: float, alpha: float) -> torch.Tensor:
+    """Per-sample loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy(student, labels).
+
+    T^2 keeps the soft term's gradient scale independent of the temperature (Hinton et al., 2015). Per sample,
+    not averaged, because the engine sums losses and divides by the number of samples in the whole step.
+    """
+    student = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    soft = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1) * temperature ** 2
+    hard = F.cross_entropy(student_logits, labels, reduction="none")
+    return alpha * soft + (1 - alpha) * hard
+
+
+def load_teacher(path: str, id2label: dict, device):
+    """The teacher, frozen in eval mode; its labels must be the student's, in the same order."""
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.hub import check_loadable
+
+    check_loadable(path, "model", "--teacher_model_name_or_path")
+    teacher = AutoModelForSequenceClassification.from_pretrained(path)
+    teacher_labels = {int(i): str(label) for i, label in teacher.config.id2label.items()}
+    require(teacher_labels == id2label,
+            f"--teacher_model_name_or_path {path} predicts labels {teacher_labels}, the training data has "
+            f"{id2label}; the teacher must have been trained on the same labels")
+    logger.info("distilling from teacher %s (%s parameters)", path, f"{sum(p.numel() for p in teacher.parameters()):,}")
+    return teacher.eval().requires_grad_(False).to(device)
