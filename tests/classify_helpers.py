@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_head
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0, max_position_embeddings=128)
@@ -22,14 +22,8 @@ def sentiment(tmp_path_factory) -> dict:
 
     directory = tmp_path_factory.mktemp("sentiment")
     train, validation = write_sentiment_dataset(str(directory / "full"))
-    paths = {}
-    for split, source, lines in (("train", train, 400), ("validation", validation, 100)):
-        with open(source) as handle:
-            head = [next(handle) for _ in range(lines)]
-        paths[split] = str(directory / f"{split}.jsonl")
-        with open(paths[split], "w") as handle:
-            handle.writelines(head)
-    return paths
+    return {"train": write_head(train, directory / "train.jsonl", 400),
+            "validation": write_head(validation, directory / "validation.jsonl", 100)}
 
 
 def save_tiny(directory, model_class, config_class, tokenizer_dir, **config):

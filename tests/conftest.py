@@ -26,14 +26,17 @@ def corpus(tmp_path_factory) -> dict:
 
     directory = tmp_path_factory.mktemp("corpus")
     train, validation = write_mlm_corpus(str(directory / "full"))
-    paths = {}
-    for split, source, lines in (("train", train, 1500), ("validation", validation, 120)):
-        with open(source) as handle:
-            head = [next(handle) for _ in range(lines)]
-        paths[split] = str(directory / f"{split}.txt")
-        with open(paths[split], "w") as handle:
-            handle.writelines(head)
-    return paths
+    return {"train": write_head(train, directory / "train.txt", 1500),
+            "validation": write_head(validation, directory / "validation.txt", 120)}
+
+
+def write_head(source: str, destination, lines: int) -> str:
+    """The first `lines` lines of `source`, written to `destination`."""
+    with open(source) as handle:
+        head = [next(handle) for _ in range(lines)]
+    with open(destination, "w") as handle:
+        handle.writelines(head)
+    return str(destination)
 
 
 @pytest.fixture(scope="session")

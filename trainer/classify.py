@@ -17,15 +17,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file, parse_arguments
+from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
 from trainer.data import load_file, load_raw_splits, make_loader, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import all_gather_objects, make_accelerator, shard_for_evaluation
+from trainer.distributed import all_gather_objects, shard_for_evaluation
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune import PEFT_STRATEGIES, STRATEGIES, apply_strategy, distillation_loss, load_teacher
-from trainer.jobs import check_output_dir, embedded_corpus_if_no_data, write_results
-from trainer.metrics import logger, setup_logging
+from trainer.jobs import finish_job, start_job
+from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
@@ -335,15 +335,9 @@ def export_merged(task: Task, directory: str) -> None:
 
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args, cls_args = parse_arguments(
-        (ModelArguments, DataArguments, TrainingArguments, ClassifyArguments), argv, default_config=DEMO_CONFIG)
-    check_output_dir(training_args)
-    accelerator = make_accelerator(training_args)
-    setup_logging(accelerator.is_main_process)
-    embedded_corpus_if_no_data(data_args, accelerator, write_sentiment_dataset, "sentiment dataset")
-    from accelerate.utils import set_seed
-
-    set_seed(training_args.seed)
+    (model_args, data_args, training_args, cls_args), accelerator = start_job(
+        (ModelArguments, DataArguments, TrainingArguments, ClassifyArguments), argv, DEMO_CONFIG,
+        write_sentiment_dataset, "sentiment dataset")
     task, test_set, labels = build_task(model_args, data_args, training_args, cls_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()
@@ -352,12 +346,12 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.is_main_process:
             write_predictions(os.path.join(training_args.output_dir, "predictions.jsonl"), probabilities,
                               labels.id2label)
-    if accelerator.is_main_process:
-        if cls_args.merge_adapters:
-            export_merged(task, os.path.join(training_args.output_dir, "merged"))
-        write_results(training_args.output_dir, metrics)
-        logger.info("accuracy %.4f -> %.4f; model saved to %s", metrics.get("init_eval_accuracy", float("nan")),
-                    metrics.get("eval_accuracy", float("nan")), training_args.output_dir)
+    if accelerator.is_main_process and cls_args.merge_adapters:
+        export_merged(task, os.path.join(training_args.output_dir, "merged"))
+    finish_job(engine, metrics, {"task": "text classification", "pipeline_tag": "text-classification",
+                                 "data": data_args.dataset_name or data_args.train_file},
+               f"accuracy {metrics.get('init_eval_accuracy', float('nan')):.4f} -> "
+               f"{metrics.get('eval_accuracy', float('nan')):.4f}; model saved to {training_args.output_dir}")
     return metrics
 
 

@@ -10,6 +10,34 @@ from trainer.metrics import logger
 from trainer.models import cache_dir
 
 
+def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_name: str):
+    """Every job's first steps: parse the arguments, check the output directory, start the processes, set up
+    logging, fall back to the embedded demo data, seed. Returns the parsed arguments and the accelerator."""
+    from accelerate.utils import set_seed
+
+    from trainer.arguments import DataArguments, TrainingArguments, parse_arguments
+    from trainer.distributed import make_accelerator
+    from trainer.metrics import setup_logging
+
+    parsed = parse_arguments(dataclass_types, argv, default_config=default_config)
+    training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
+    data_args = next(a for a in parsed if isinstance(a, DataArguments))
+    check_output_dir(training_args)
+    accelerator = make_accelerator(training_args)
+    setup_logging(accelerator.is_main_process)
+    embedded_corpus_if_no_data(data_args, accelerator, write_demo_data, demo_name)
+    set_seed(training_args.seed)
+    return parsed, accelerator
+
+
+def finish_job(engine, metrics: dict, model_card: dict, summary: str) -> None:
+    """Rank 0: all_results.json, the model card and Hub push (when asked), and a closing log line."""
+    if engine.accelerator.is_main_process:
+        write_results(engine.args.output_dir, metrics)
+        engine.hub.push_final(model_card, metrics)
+        logger.info(summary)
+
+
 def check_output_dir(training_args) -> None:
     """Refuse a non-empty output directory unless --overwrite_output_dir (never clobber an earlier run), or
     unless the run resumes: the directory holds checkpoints (complete or not: the engine picks and reports),

@@ -8,7 +8,6 @@ perplexity and fill-mask probes. Training itself is the shared engine's.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -18,13 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, parse_arguments
+from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg
 from trainer.data import load_raw_splits, pad_rows, resolve_text_column
-from trainer.distributed import make_accelerator
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.jobs import check_output_dir, embedded_corpus_if_no_data, write_results
-from trainer.metrics import logger, setup_logging
+from trainer.jobs import finish_job, start_job
+from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 from trainer.default_data import write_mlm_corpus
 
@@ -283,24 +281,16 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
 
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args, mlm_args = parse_arguments(
-        (ModelArguments, DataArguments, TrainingArguments, MLMArguments), argv, default_config=DEMO_CONFIG)
-    check_output_dir(training_args)
-    accelerator = make_accelerator(training_args)
-    setup_logging(accelerator.is_main_process)
-    embedded_corpus_if_no_data(data_args, accelerator, write_mlm_corpus, "movie-review corpus")
-    from accelerate.utils import set_seed
-
-    set_seed(training_args.seed)
+    (model_args, data_args, training_args, mlm_args), accelerator = start_job(
+        (ModelArguments, DataArguments, TrainingArguments, MLMArguments), argv, DEMO_CONFIG, write_mlm_corpus,
+        "movie-review corpus")
     task = build_task(model_args, data_args, training_args, mlm_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()
-    if accelerator.is_main_process:
-        write_results(training_args.output_dir, metrics)
-        engine.hub.push_final({"task": "masked-language modelling", "pipeline_tag": "fill-mask",
-                               "data": data_args.dataset_name or data_args.train_file}, metrics)
-        logger.info("perplexity %.2f -> %.2f; model saved to %s", metrics["init_eval_perplexity"],
-                    metrics["eval_perplexity"], training_args.output_dir)
+    finish_job(engine, metrics, {"task": "masked-language modelling", "pipeline_tag": "fill-mask",
+                                 "data": data_args.dataset_name or data_args.train_file},
+               f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}; model saved "
+               f"to {training_args.output_dir}")
     return metrics
 
 
