@@ -99,7 +99,8 @@ def test_non_empty_output_dir_is_refused_and_left_untouched(corpus, tokenizer_di
     result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, out, "--max_steps", "2"), job_env, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: --output_dir {out} is not empty; pass --overwrite_output_dir or choose another directory"]
+        f"error: --output_dir {out} is not empty and holds no checkpoint to resume from; pass "
+        f"--overwrite_output_dir or choose another directory"]
     assert "Traceback" not in result.stdout + result.stderr
     assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
 

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from transformers import pipeline
 
 from conftest import load_parameters, mlm_args, read_history, read_results, run_job
@@ -15,6 +17,12 @@ def test_single_process_run_trains_saves_and_loads_with_pipeline(corpus, tokeniz
     history = read_history(out)
     assert [r["step"] for r in history if "train_loss" in r] == list(range(1, 31))
     assert sum("eval_perplexity" in r for r in history) == 2  # step 15 and the end
+    train_records = [r for r in history if "train_loss" in r]
+    for record in train_records:
+        assert 0 < record["train_mfu"] < 1 and record["train_samples_per_second"] > 0
+        assert 0 <= record["train_data_wait_fraction"] < 1
+        # batch 16 x 32 tokens per step: tokens/s and samples/s agree on the sequence length
+        assert record["train_tokens_per_second"] / record["train_samples_per_second"] == pytest.approx(32)
     assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "tokenizer.json")
     fill = pipeline("fill-mask", model=str(out))
     assert len(fill("the acting was [MASK] .")) == 5

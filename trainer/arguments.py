@@ -138,6 +138,10 @@ class TrainingArguments:
     dataloader_num_workers: int = arg(0, "Data loading worker processes per rank.")
     ddp_timeout: int = arg(10800, "Seconds a collective may wait, e.g. while rank 0 tokenizes a big corpus.")
     use_cpu: bool = arg(False, "Train on the CPU even if a GPU is present.")
+    torch_compile: bool = arg(False, "Compile the model with torch.compile (inductor). Compilation takes a minute or "
+                                     "more up front; it pays on long GPU runs.")
+    peak_tflops: Optional[float] = arg(None, "The device's peak TFLOP/s for MFU (e.g. 989 for an H100 in bf16). "
+                                             "Unset: measured as the best rate of a large matrix product.")
 
     def __post_init__(self):
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

@@ -27,8 +27,14 @@ def make_accelerator(training_args, **plugins):
     timeout = datetime.timedelta(seconds=training_args.ddp_timeout)
     if "TORCHELASTIC_RESTART_COUNT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_process_group_per_restart("gloo" if use_cpu else "nccl", timeout)
+    if torch.cuda.is_available() and not use_cpu:
+        # TF32 tensor cores for fp32 matrix products: ~8x the fp32 rate on Ampere+ at 10-bit mantissa inputs,
+        # the precision every mixed-precision recipe already accepts.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return Accelerator(
         cpu=use_cpu,
+        dynamo_backend="inductor" if training_args.torch_compile else "no",
         mixed_precision=training_args.mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
         **plugins,

@@ -8,6 +8,7 @@ all ranks), so batch 4 x accumulation 2 x 2 ranks makes the same update as one b
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from trainer.hub_push import HubPusher
 from trainer.metrics import MetricsLogger, logger
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.signals import STOPPED_EXIT_CODE, StopSignals
+from trainer.throughput import measure_matmul_peak, training_flops_per_token
 
 DIVERGED_EXIT_CODE = 3
 
@@ -44,6 +46,8 @@ class Task:
     tokenizer: object
     columns: Optional[list[str]] = None  # dataset columns the collators read (None: all)
     after_evaluation: Optional[Callable[[torch.nn.Module], None]] = None  # rank 0, e.g. fill-mask probes
+    # Training FLOPs per token at a given sequence length, for MFU (default: every head position computed).
+    flops_per_token: Optional[Callable[[float], float]] = None
     train_lengths: Optional[list[int]] = None  # per training sample; given: length-grouped batches
     # Called on every rank after the backward passes of a step, before clipping and the update (which skips
     # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
@@ -94,6 +98,17 @@ class Engine:
         self.hub = HubPusher(args, accelerator.is_main_process)
         self.stop_signals = StopSignals(args.stop_signals)
         self.faults = FaultInjection(self)
+        self.flops_per_token = task.flops_per_token or functools.partial(training_flops_per_token, task.hf_model)
+        self.peak_flops = self.device_peak_flops() if accelerator.is_main_process else None
+
+    def device_peak_flops(self) -> float:
+        if self.args.peak_tflops:
+            return self.args.peak_tflops * 1e12
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+        peak = measure_matmul_peak(self.accelerator.device, dtype)
+        logger.info("MFU is measured against %.1f TFLOP/s, the best %s matrix-product rate measured on this device "
+                    "(set --peak_tflops to use the datasheet figure)", peak / 1e12, dtype)
+        return peak
 
     # ----------------------------------------------------------------------------------------------- training
     def train(self) -> dict:
@@ -111,7 +126,11 @@ class Engine:
                         disable=not self.accelerator.is_main_process, mininterval=1.0)
         started = time.perf_counter()
         while state.step < self.total_steps:
-            self.optimizer_step([next(batches) for _ in range(args.gradient_accumulation_steps)], window)
+            step_started = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+            window.data_wait += time.perf_counter() - step_started
+            self.optimizer_step(micro_batches, window)
+            window.seconds += time.perf_counter() - step_started
             progress.update(1)
             if state.step % args.logging_steps == 0 or state.step == self.total_steps:
                 self.log_window(window)
@@ -146,6 +165,7 @@ class Engine:
         for index, batch in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
             window.tokens += batch["input_ids"].numel()
+            window.samples += batch["input_ids"].shape[0]
             self.faults.micro_batch(batch.pop("sample_id"))
             loss_sum = self.model(**self.to_device(batch))["loss_sum"]
             self.accelerator.backward(loss_sum * scale)
@@ -169,16 +189,18 @@ class Engine:
 
     def log_window(self, window: "Window") -> None:
         """Read the device-side sums once per logging interval: the only host sync of the loop."""
-        totals = all_reduce_sum(torch.stack([window.loss_sum, torch.tensor(float(window.items), dtype=torch.float64,
-                                                                           device=window.loss_sum.device),
-                                             torch.tensor(float(window.tokens), dtype=torch.float64,
-                                                          device=window.loss_sum.device)])).tolist()
-        loss_sum, items, tokens = totals
+        counts = torch.tensor([window.items, window.tokens, window.samples], dtype=torch.float64,
+                              device=window.loss_sum.device)
+        loss_sum, items, tokens, samples = all_reduce_sum(torch.cat([window.loss_sum.view(1), counts])).tolist()
         self.stop_if_diverged(loss_sum, window)
-        elapsed = time.perf_counter() - window.started
         self.state.tokens_seen += int(tokens)
+        seconds = max(window.seconds, 1e-9)
         record = {"loss": loss_sum / max(items, 1), "learning_rate": self.scheduler.get_last_lr()[0],
-                  "tokens_per_second": tokens / elapsed, "epoch": self.state.epoch}
+                  "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
+                  "data_wait_fraction": window.data_wait / seconds, "epoch": self.state.epoch}
+        if self.peak_flops and samples:
+            achieved = tokens / seconds * self.flops_per_token(tokens / samples)
+            record["mfu"] = achieved / (self.peak_flops * self.world_size)
         if window.grad_norm is not None:
             record["grad_norm"] = float(window.grad_norm)
         self.metrics.log(self.state.step, record, prefix="train_")
@@ -280,8 +302,10 @@ class Window:
     loss_sum: torch.Tensor = None
     items: int = 0
     tokens: int = 0
+    samples: int = 0
+    seconds: float = 0.0  # time in training steps (waiting for data included; evaluation and saving not)
+    data_wait: float = 0.0  # of which waiting for the data loader
     grad_norm: Optional[torch.Tensor] = None
-    started: float = 0.0
     first_step: int = 1  # the first optimizer step the window covers
 
     def __post_init__(self):
@@ -289,15 +313,15 @@ class Window:
 
     def reset(self, step: int = 0) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.items = self.tokens = 0
+        self.items = self.tokens = self.samples = 0
+        self.seconds = self.data_wait = 0.0
         self.grad_norm = None
-        self.started = time.perf_counter()
         self.first_step = step + 1
 
     def state_dict(self) -> dict:
         """This rank's sums; a checkpoint keeps them so that a resumed run logs the same window losses."""
         return {"loss_sum": self.loss_sum.cpu(), "items": self.items, "tokens": self.tokens,
-                "first_step": self.first_step}
+                "samples": self.samples, "first_step": self.first_step}
 
     def load_state_dict(self, saved: dict) -> None:
         self.reset()
@@ -307,4 +331,5 @@ class Window:
         self.loss_sum += saved["loss_sum"].to(self.device)
         self.items += saved["items"]
         self.tokens += saved["tokens"]
+        self.samples += saved.get("samples", 0)
         self.first_step = saved["first_step"]

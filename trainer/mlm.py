@@ -8,6 +8,7 @@ perplexity and fill-mask probes. Training itself is the shared engine's.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -24,11 +25,13 @@ from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
+from trainer.throughput import training_flops_per_token
 from trainer.default_data import write_mlm_corpus
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mlm_demo.yaml")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation masks from sharing random draws
 IGNORE = -100
+SPARSE_HEAD_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
 
 
 @dataclass
@@ -206,9 +209,13 @@ class MaskedLMTask(torch.nn.Module):
             return model.vocab_projector(hidden)
         raise NotImplementedError
 
+    @property
+    def sparse(self) -> bool:
+        return self.hf_model.config.model_type in SPARSE_HEAD_TYPES
+
     def forward(self, input_ids, masked_positions, masked_labels, attention_mask=None):
         model = self.hf_model
-        if model.config.model_type in ("bert", "roberta", "xlm-roberta", "camembert", "distilbert"):
+        if self.sparse:
             hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             logits = self.head(hidden.flatten(0, 1).index_select(0, masked_positions))
         else:  # any other *ForMaskedLM: dense logits, then the masked rows
@@ -271,11 +278,15 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
                                    "smaller --max_seq_length")
         eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
     padded = mlm_args.line_by_line
+    task_model = MaskedLMTask(model)
+    head_fraction = mlm_args.mlm_probability if task_model.sparse else 1.0
     return Task(
-        model=MaskedLMTask(model), train_dataset=train_set, eval_dataset=eval_set,
+        model=task_model, train_dataset=train_set, eval_dataset=eval_set,
         train_collator=TrainCollator(masker, tokenizer.pad_token_id, padded),
         eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics,
         hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),
+        # The sparse head runs on the masked positions only: count its FLOPs for that fraction.
+        flops_per_token=functools.partial(training_flops_per_token, model, head_fraction=head_fraction),
     )
 
 
