@@ -62,7 +62,7 @@ def run_transformers_trainer(directory: str, opts) -> dict:
     model = AutoModelForMaskedLM.from_pretrained(os.path.join(directory, "model"))
     args = TrainingArguments(
         output_dir=os.path.join(directory, "hf-out"), per_device_train_batch_size=opts.batch_size,
-        max_steps=opts.steps, learning_rate=1e-4, warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.01,
+        max_steps=opts.steps, learning_rate=opts.learning_rate, warmup_steps=0, lr_scheduler_type="linear", weight_decay=0.01,
         bf16=opts.bf16, use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
         logging_steps=opts.steps, dataloader_num_workers=0, disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
@@ -79,7 +79,7 @@ def run_this_engine(directory: str, opts) -> dict:
     argv = ["--model_name_or_path", os.path.join(directory, "model"), "--train_file",
             os.path.join(corpus, "train.txt"), "--validation_file", os.path.join(corpus, "validation.txt"),
             "--max_seq_length", str(opts.seq_len), "--per_device_train_batch_size", str(opts.batch_size),
-            "--max_steps", str(opts.steps), "--learning_rate", "1e-4", "--weight_decay", "0.01",
+            "--max_steps", str(opts.steps), "--learning_rate", str(opts.learning_rate), "--weight_decay", "0.01",
             "--logging_steps", str(opts.steps), "--report_to", "none", "--probe_sentences", "",
             "--output_dir", os.path.join(directory, "ours-out"), "--overwrite_output_dir", "--seed", "0"]
     metrics = main(argv + (["--bf16"] if opts.bf16 else []))
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--fixture", help=argparse.SUPPRESS)
