@@ -117,6 +117,8 @@ class TrainingArguments:
     dataloader_num_workers: int = arg(0, "Data loading worker processes per rank.")
     ddp_timeout: int = arg(10800, "Seconds a collective may wait, e.g. while rank 0 tokenizes a big corpus.")
     use_cpu: bool = arg(False, "Train on the CPU even if a GPU is present.")
+    deepspeed: Optional[str] = arg(None, "DeepSpeed config JSON (e.g. ds_configs/zero2.json): train with DeepSpeed "
+                                         "ZeRO. Its \"auto\" values are filled from these arguments.")
 
     def __post_init__(self):
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -135,6 +137,7 @@ class TrainingArguments:
         require(self.max_grad_norm >= 0, "--max_grad_norm must be >= 0")
         require(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")
         require(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0")
+        require(self.deepspeed is None or os.path.isfile(self.deepspeed), f"--deepspeed {self.deepspeed}: no such file")
 
     @property
     def mixed_precision(self) -> str:
