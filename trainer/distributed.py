@@ -30,13 +30,26 @@ def make_accelerator(training_args, **plugins):
         # Only under DeepSpeed: elsewhere accelerate would divide every loss by it in `backward`.
         plugins.update(deepspeed_plugin=deepspeed_plugin,
                        gradient_accumulation_steps=training_args.gradient_accumulation_steps)
-    return Accelerator(
+    accelerator = Accelerator(
         # accelerate turns DeepSpeed off when told cpu=True; DeepSpeed brings its own CPU backend (gloo).
         cpu=deepspeed_plugin is None and (training_args.use_cpu or not torch.cuda.is_available()),
         mixed_precision=training_args.mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout, **process_group_backend(deepspeed_plugin))],
         **plugins,
     )
+    if deepspeed_plugin is not None:
+        without_zero_init()
+    return accelerator
+
+
+def without_zero_init() -> None:
+    """Build models whole (no deepspeed.zero.Init): jobs build them inside `local_main_process_first`, where
+    the collectives of a partitioned construction would deadlock. accelerate registers the DeepSpeed config
+    with transformers even with zero3_init_flag=False, so unregister it; prepare() partitions the model.
+    Each process thus needs the whole model in host memory once."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def process_group_backend(deepspeed_plugin) -> dict:
@@ -68,7 +81,7 @@ def make_deepspeed_plugin(training_args, timeout: datetime.timedelta):
     world_size = default_single_process_environment()
     config = resolve_deepspeed_config(config, training_args, world_size, source)
     start_deepspeed_process_group(timeout)
-    return DeepSpeedPlugin(hf_ds_config=config)
+    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)  # see `without_zero_init`
 
 
 def default_single_process_environment() -> int:
@@ -162,6 +175,8 @@ def full_state_dict(accelerator, model, submodule: torch.nn.Module) -> dict | No
     if not uses_deepspeed(accelerator):
         return None
     state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:  # the gather delivers to rank 0 only
+        return None
     prefix = next(name for name, module in accelerator.unwrap_model(model).named_modules() if module is submodule)
     prefix = f"{prefix}." if prefix else ""
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
