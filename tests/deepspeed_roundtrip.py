@@ -5,6 +5,7 @@ import os
 import sys
 
 import torch
+from accelerate.utils import set_seed
 
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
 from trainer.distributed import full_state_dict, make_accelerator
@@ -16,6 +17,7 @@ def main(argv):
     model_args, data_args, training_args, mlm_args = parse_arguments(
         (ModelArguments, DataArguments, TrainingArguments, MLMArguments), argv)
     accelerator = make_accelerator(training_args)
+    set_seed(training_args.seed)  # as trainer.mlm.main: the same initial model as the DDP reference
     task = build_task(model_args, data_args, training_args, mlm_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     engine.train()

@@ -117,6 +117,8 @@ class TrainingArguments:
     dataloader_num_workers: int = arg(0, "Data loading worker processes per rank.")
     ddp_timeout: int = arg(10800, "Seconds a collective may wait, e.g. while rank 0 tokenizes a big corpus.")
     use_cpu: bool = arg(False, "Train on the CPU even if a GPU is present.")
+    local_rank: int = arg(-1, "Passed by the `deepspeed` launcher as --local_rank=N; accepted and ignored (the "
+                              "LOCAL_RANK environment variable it also sets is what counts).")
     deepspeed: Optional[str] = arg(None, "DeepSpeed config JSON (e.g. ds_configs/zero2.json): train with DeepSpeed "
                                          "ZeRO. Its \"auto\" values are filled from these arguments.")
 
