@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, TINY_BERT, load_parameters, mlm_args, read_history, read_results, run_job
+from conftest import REPO_ROOT, TINY_BERT, free_port, load_parameters, mlm_args, read_history, read_results, run_job
 
 STEPS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
          "--warmup_steps", "1", "--weight_decay", "0.01", "--seed", "7", "--per_device_eval_batch_size", "16"]
@@ -68,9 +68,13 @@ def test_zero3_export_reloads_and_reproduces_eval_perplexity(runs, corpus, token
 
 @pytest.mark.slow
 def test_zero1_matches_ddp_and_sharded_checkpoint_round_trips(runs, corpus, tokenizer_dir, job_env, tmp_path):
+    """Started by DeepSpeed's own launcher (`deepspeed --num_gpus 2 --module ...`, which works on the CPU too)."""
     out = tmp_path / "zero1"
-    run_job("tests.deepspeed_roundtrip",
-            mlm_args(corpus, tokenizer_dir, out, *STEPS, "--deepspeed", ds_config("zero1")), job_env, nproc=2)
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", "tests.deepspeed_roundtrip",
+               *mlm_args(corpus, tokenizer_dir, out, *STEPS, "--deepspeed", ds_config("zero1"))]
+    result = subprocess.run(command, env=job_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     difference = relative_difference(load_parameters(runs["ddp"]), load_parameters(out))
     assert difference <= TOLERANCE, f"zero1 differs from DDP by {difference:.2e}"
     with open(out / "roundtrip.json") as handle:
