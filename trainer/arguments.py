@@ -142,6 +142,10 @@ class TrainingArguments:
                                      "more up front; it pays on long GPU runs.")
     peak_tflops: Optional[float] = arg(None, "The device's peak TFLOP/s for MFU (e.g. 989 for an H100 in bf16). "
                                              "Unset: measured as the best rate of a large matrix product.")
+    local_rank: int = arg(-1, "Passed by the `deepspeed` launcher as --local_rank=N; accepted and ignored (the "
+                              "LOCAL_RANK environment variable it also sets is what counts).")
+    deepspeed: Optional[str] = arg(None, "DeepSpeed config JSON (e.g. ds_configs/zero2.json): train with DeepSpeed "
+                                         "ZeRO. Its \"auto\" values are filled from these arguments.")
 
     def __post_init__(self):
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -169,6 +173,7 @@ class TrainingArguments:
                 or os.path.isdir(self.resume_from_checkpoint),
                 f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such directory (give a checkpoint "
                 f"directory or 'latest')")
+        require(self.deepspeed is None or os.path.isfile(self.deepspeed), f"--deepspeed {self.deepspeed}: no such file")
 
     @property
     def mixed_precision(self) -> str:

@@ -2,7 +2,9 @@
 
 `output_dir/checkpoint-<step>/` holds everything that decides the rest of the run:
 - `model.safetensors` + config + tokenizer (`save_pretrained`; `from_pretrained` loads the directory as is),
-- `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16 loss scaling only),
+- `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16 loss scaling only); under DeepSpeed, `deepspeed/` instead of
+  `optimizer.pt`: DeepSpeed's own sharded model + optimizer checkpoint, written by every rank (the weights
+  beside it are gathered from the shards, so they load with `from_pretrained` all the same),
 - `rank-<r>.pt` for EVERY rank: its python/numpy/torch/cuda RNG states (dropout draws from them) and its share
   of the open logging window (loss/item/token sums since the last log line, so a run resumed mid-window logs
   the same losses as one that never stopped),
@@ -29,12 +31,14 @@ import numpy as np
 import torch
 
 from trainer.arguments import as_dict
+from trainer.distributed import full_state_dict, uses_deepspeed
 from trainer.errors import require
 from trainer.metrics import logger
 
 PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
 STATE_FILE = "trainer_state.json"
+DEEPSPEED_DIR = "deepspeed"
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -141,9 +145,13 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         torch.save({"rng": rng_states(), "window": window.state_dict(), "world_size": engine.world_size},
                    os.path.join(temporary, f"rank-{accelerator.process_index}.pt"))
+        # Under DeepSpeed every rank takes part: the weight gather (ZeRO-3) and its sharded model+optimizer save.
+        model_state = full_state_dict(accelerator, engine.model, engine.task.hf_model)
+        if self.sharded:
+            engine.save_sharded_state(os.path.join(temporary, DEEPSPEED_DIR))
         if accelerator.is_main_process:
             self.track_best(os.path.basename(final))
-            self.write_shared_files(temporary)
+            self.write_shared_files(temporary, model_state)
         engine.faults.inside_save()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -161,11 +169,16 @@ class Checkpointer:
         self.last_saved_step = state.step
         return final
 
-    def write_shared_files(self, directory: str) -> None:
+    @property
+    def sharded(self) -> bool:
+        return uses_deepspeed(self.accelerator)
+
+    def write_shared_files(self, directory: str, model_state: Optional[dict]) -> None:
         engine, state = self.engine, self.engine.state
-        engine.task.hf_model.save_pretrained(directory)
+        engine.task.hf_model.save_pretrained(directory, state_dict=model_state)
         engine.task.tokenizer.save_pretrained(directory)
-        torch.save(engine.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        if not self.sharded:  # DeepSpeed's optimizer state is in its sharded checkpoint
+            torch.save(engine.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         torch.save(engine.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
         if self.accelerator.scaler is not None:
             torch.save(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
@@ -221,8 +234,11 @@ class Checkpointer:
             return False
         engine = self.engine
         saved = read_trainer_state(path)
-        self.load_model_weights(path)
-        engine.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
+        if self.sharded:
+            engine.load_sharded_state(os.path.join(path, DEEPSPEED_DIR))
+        else:
+            self.load_model_weights(path)
+            engine.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
         engine.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
         if self.accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
             self.accelerator.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt")))
@@ -268,7 +284,11 @@ class Checkpointer:
         """With --load_best_model_at_end, put the best checkpoint's weights into the model before the final save."""
         if not self.args.load_best_model_at_end or self.best_checkpoint is None:
             return
-        self.load_model_weights(os.path.join(self.args.output_dir, self.best_checkpoint))
+        best = os.path.join(self.args.output_dir, self.best_checkpoint)
+        if self.sharded:
+            self.engine.load_sharded_state(os.path.join(best, DEEPSPEED_DIR))
+        else:
+            self.load_model_weights(best)
         self.engine.state.metrics.update(best_model_checkpoint=self.best_checkpoint, best_metric=self.best_metric)
         logger.info("loaded the best model, %s (%s = %.6g)", self.best_checkpoint, self.args.metric_for_best_model,
                     self.best_metric)

@@ -1,0 +1,170 @@
+"""DeepSpeed ZeRO under the shared engine: same mathematics as DDP, exportable, checkpointable; bad configs refused.
+
+Real DeepSpeed on the CPU (its CPU accelerator, gloo), 2 processes. Tolerance for ZeRO vs DDP parameters: global
+relative difference (norm of the difference over the norm of the parameters) <= 1e-5 in fp32 — the runs differ
+only in the order of floating-point reductions (observed ~2e-7).
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, TINY_BERT, free_port, load_parameters, mlm_args, read_history, read_results, run_job
+
+STEPS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+         "--warmup_steps", "1", "--weight_decay", "0.01", "--seed", "7", "--per_device_eval_batch_size", "16"]
+TOLERANCE = 1e-5
+
+
+def relative_difference(reference: dict, other: dict) -> float:
+    num = sum(float((reference[k].double() - other[k].double()).norm() ** 2) for k in reference) ** 0.5
+    den = sum(float(reference[k].double().norm() ** 2) for k in reference) ** 0.5
+    return num / den
+
+
+def ds_config(name: str) -> str:
+    return os.path.join(REPO_ROOT, "ds_configs", f"{name}.json")
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tokenizer_dir, job_env, tmp_path_factory):
+    """A 2-process DDP reference and ZeRO-2/3 runs of the same job (ZeRO-1 runs in the round-trip test)."""
+    root = tmp_path_factory.mktemp("zero")
+    outputs = {}
+    for name in ("ddp", "zero2", "zero3"):
+        outputs[name] = root / name
+        extra = [] if name == "ddp" else ["--deepspeed", ds_config(name)]
+        run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, outputs[name], *STEPS, *extra), job_env, nproc=2)
+    return outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_zero_parameters_and_losses_match_ddp(runs, stage):
+    reference = load_parameters(runs["ddp"])
+    difference = relative_difference(reference, load_parameters(runs[stage]))
+    assert difference <= TOLERANCE, f"{stage} differs from DDP by {difference:.2e}"
+    losses = {name: [r["train_loss"] for r in read_history(runs[name]) if "train_loss" in r] for name in ("ddp", stage)}
+    assert losses[stage] == pytest.approx(losses["ddp"], rel=1e-5)
+    assert losses["ddp"][-1] < losses["ddp"][0]  # training moved: the comparison is not vacuous
+
+
+@pytest.mark.slow
+def test_zero3_export_reloads_and_reproduces_eval_perplexity(runs, corpus, tokenizer_dir, job_env, tmp_path):
+    """A new job starting from the exported directory measures the same perplexity before its first step."""
+    exported = runs["zero3"]
+    assert not os.path.exists(exported / "pytorch_model.bin") and os.path.isfile(exported / "model.safetensors")
+    out = tmp_path / "reload"
+    args = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1", "--per_device_train_batch_size", "4",
+                    "--per_device_eval_batch_size", "16")
+    args = [a for a in args if a not in TINY_BERT]  # the model comes from the export instead
+    run_job("trainer.mlm", [*args, "--model_name_or_path", str(exported)], job_env)
+    assert read_results(out)["init_eval_perplexity"] == pytest.approx(read_results(exported)["eval_perplexity"],
+                                                                      rel=1e-6)
+
+
+@pytest.mark.slow
+def test_zero1_matches_ddp_and_sharded_checkpoint_round_trips(runs, corpus, tokenizer_dir, job_env, tmp_path):
+    """Started by DeepSpeed's own launcher (`deepspeed --num_gpus 2 --module ...`, which works on the CPU too)."""
+    out = tmp_path / "zero1"
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", "tests.deepspeed_roundtrip",
+               *mlm_args(corpus, tokenizer_dir, out, *STEPS, "--deepspeed", ds_config("zero1"))]
+    result = subprocess.run(command, env=job_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    difference = relative_difference(load_parameters(runs["ddp"]), load_parameters(out))
+    assert difference <= TOLERANCE, f"zero1 differs from DDP by {difference:.2e}"
+    with open(out / "roundtrip.json") as handle:
+        report = json.load(handle)
+    assert report["perturbed"] and report["restored"]
+    # Every rank wrote its own optimizer shard.
+    assert sum("optim_states" in name for name in report["rank_files"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def check(config: dict, tmp_path, **arguments):
+    """resolve_deepspeed_config on `config` written to a file, with TrainingArguments built from `arguments`."""
+    from trainer.arguments import TrainingArguments
+    from trainer.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), **arguments)
+    return resolve_deepspeed_config(load_deepspeed_config(str(path)), args, world_size=2, source=str(path))
+
+
+def shipped(name: str) -> dict:
+    with open(ds_config(name)) as handle:
+        return json.load(handle)
+
+
+def test_auto_values_are_filled_from_the_command_line(tmp_path):
+    config = check(shipped("zero3"), tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=3,
+                   max_grad_norm=0.5, bf16=True, learning_rate=1e-3, max_steps=100, warmup_ratio=0.1)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
+            config["train_batch_size"]) == (4, 3, 2 * 4 * 3)
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # The optimizer and schedule are checked, then left to the engine (the same AdamW and schedule as DDP).
+    assert "optimizer" not in config and "scheduler" not in config
+    for name in ("zero1", "zero2", "zero3", "zero3_offload"):
+        assert "auto" not in json.dumps(check(shipped(name), tmp_path, max_steps=10)).replace(
+            '"reduce_bucket_size": "auto"', "").replace('"stage3_prefetch_bucket_size": "auto"', "").replace(
+            '"stage3_param_persistence_threshold": "auto"', "")  # these follow the model width at prepare()
+
+
+@pytest.mark.parametrize("change, arguments, message", [
+    (lambda c: c["zero_optimization"].update(stage=4), {}, "unknown ZeRO stage 4"),
+    (lambda c: c.update(gradient_accumulation_steps=4), {"gradient_accumulation_steps": 2},
+     "gradient_accumulation_steps=4 but --gradient_accumulation_steps gives 2"),
+    (lambda c: c["optimizer"]["params"].update(lr=0.1), {"learning_rate": 1e-3},
+     "optimizer.params.lr=0.1 but --learning_rate gives 0.001"),
+    (lambda c: c.update(train_batch_size=64), {"per_device_train_batch_size": 8},
+     "train_batch_size=64 but processes x --per_device_train_batch_size x --gradient_accumulation_steps gives 16"),
+    (lambda c: c["bf16"].update(enabled=True), {}, "bf16.enabled=true but --bf16 gives false"),
+    (lambda c: c["scheduler"].update(type="WarmupLR"), {"lr_scheduler_type": "linear"},
+     'scheduler.type="WarmupLR" but --lr_scheduler_type linear gives "WarmupDecayLR"'),
+    (lambda c: c["zero_optimization"]["offload_optimizer"].update(device="nvme", nvme_path="/no/such/dir"), {},
+     'nvme_path "/no/such/dir" is not an existing directory'),
+])
+def test_bad_configs_name_the_problem(tmp_path, change, arguments, message):
+    from trainer.errors import UsageError
+
+    config = copy.deepcopy(shipped("zero3_offload"))
+    change(config)
+    with pytest.raises(UsageError) as error:
+        check(config, tmp_path, **arguments)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"zero_optimization": {"stage": 2}', "is not valid JSON"),
+    ('{"zero_optimization": {"stage": "two"}}', 'unknown ZeRO stage "two"'),
+    ('{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/no/such"}}}',
+     "offloads to nvme"),
+    ('{"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}}', "--per_device_train_batch_size"),
+])
+def test_bad_config_exits_2_with_one_line_and_writes_nothing(corpus, tokenizer_dir, job_env, tmp_path, content,
+                                                            message):
+    config = tmp_path / "ds.json"
+    config.write_text(content)
+    out = tmp_path / "out"
+    result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, out, "--deepspeed", str(config)), job_env,
+                     check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error: ") and message in result.stderr
+    assert not out.exists()
+
+
+def test_fp16_on_cpu_is_refused_cleanly(corpus, tokenizer_dir, job_env, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is supported with a GPU")
+    result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, tmp_path / "out", "--fp16"), job_env, check=False)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: --fp16 needs a GPU (float16 autocast and loss scaling are CUDA features here); use --bf16 on the CPU")
