@@ -125,3 +125,23 @@ def test_torchrun_restarts_killed_worker_and_resumes_to_the_same_parameters(
     assert job.returncode == 0, output[-4000:]
     assert "resuming from the newest complete one" in output
     assert_same_run(two_process_baseline[0], out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero3"])
+def test_deepspeed_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(stage, corpus, tokenizer_dir,
+                                                                                 job_env, tmp_path):
+    """Under ZeRO every rank writes its shard of model and optimizer state into the checkpoint and reads it back."""
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", f"{stage}.json")
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, uninterrupted, 2, "--deepspeed", config), job_env,
+            nproc=2)
+    args = resume_args(corpus, tokenizer_dir, resumed, 2, "--deepspeed", config)
+    first = run_job("trainer.mlm", args, with_env(job_env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=11), nproc=2,
+                    check=False)
+    assert "saved checkpoint-6" in first.stdout + first.stderr
+    assert os.path.isdir(resumed / "checkpoint-6" / "deepspeed")
+    assert not os.path.exists(resumed / "checkpoint-6" / "optimizer.pt")
+    second = run_job("trainer.mlm", args, job_env, nproc=2)
+    assert "resuming from the newest complete one" in second.stdout
+    assert_same_run(uninterrupted, resumed)
