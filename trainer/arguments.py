@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -111,9 +112,29 @@ class TrainingArguments:
     seed: int = arg(42, "Seed for initialisation, shuffling and masking.")
     logging_steps: int = arg(50, "Log loss, learning rate, grad norm and throughput every N optimizer steps.")
     eval_steps: Optional[int] = arg(None, "Evaluate every N optimizer steps (always at the start and the end).")
-    save_steps: Optional[int] = arg(None, "Save a checkpoint every N optimizer steps.")
+    save_steps: Optional[int] = arg(None, "Save a checkpoint (output_dir/checkpoint-<step>) every N optimizer steps; "
+                                          "one is always saved at the end.")
+    save_total_limit: Optional[int] = arg(None, "Keep only the newest N checkpoints (plus the best one with "
+                                                "--load_best_model_at_end).")
+    load_best_model_at_end: bool = arg(False, "Keep the checkpoint with the best --metric_for_best_model out of the "
+                                              "rotation and make it the final model. Evaluates at every save.")
+    metric_for_best_model: str = arg("eval_perplexity", "Evaluation metric that picks the best checkpoint.")
+    greater_is_better: Optional[bool] = arg(None, "Whether a larger --metric_for_best_model is better. Unset: "
+                                                  "False for loss/perplexity metrics, True otherwise.")
+    resume_from_checkpoint: Optional[str] = arg(
+        None, "A checkpoint directory to resume from, or 'latest' for the newest complete one in --output_dir. "
+        "Unset: an --output_dir holding checkpoints resumes from its newest complete one.")
+    stop_signals: list[str] = arg(["SIGTERM", "SIGUSR1", "SIGUSR2"], "Signals that make the job save a checkpoint "
+                                  "at the next optimizer step and exit with code 0.", nargs="*")
     report_to: str = arg("tensorboard", "Where metrics go besides the log: tensorboard or none.",
                          choices=["tensorboard", "none"])
+    push_to_hub: bool = arg(False, "Upload the model (and a model card) to the Hugging Face Hub; rank 0 only, in "
+                                   "the background.")
+    hub_model_id: Optional[str] = arg(None, "Hub repository (user/name). Unset: the --output_dir folder name.")
+    hub_token: Optional[str] = arg(None, "Hub token (default: the HF_TOKEN environment variable). Never logged.")
+    hub_private_repo: bool = arg(False, "Create the Hub repository as private.")
+    hub_strategy: str = arg("end", "When to push: end (the final model), or every_save (each checkpoint too).",
+                            choices=["end", "every_save"])
     dataloader_num_workers: int = arg(0, "Data loading worker processes per rank.")
     ddp_timeout: int = arg(10800, "Seconds a collective may wait, e.g. while rank 0 tokenizes a big corpus.")
     use_cpu: bool = arg(False, "Train on the CPU even if a GPU is present.")
@@ -123,7 +144,7 @@ class TrainingArguments:
                      "logging_steps", "ddp_timeout"):
             value = getattr(self, flag)
             require(value > 0, f"--{flag} must be positive, got {value}")
-        for flag in ("eval_steps", "save_steps"):
+        for flag in ("eval_steps", "save_steps", "save_total_limit"):
             value = getattr(self, flag)
             require(value is None or value > 0, f"--{flag} must be positive, got {value}")
         require(self.max_steps > 0 or self.max_steps == -1, f"--max_steps must be positive (or -1), got "
@@ -135,6 +156,15 @@ class TrainingArguments:
         require(self.max_grad_norm >= 0, "--max_grad_norm must be >= 0")
         require(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")
         require(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0")
+        for name in self.stop_signals:
+            require(name in signal.Signals.__members__ and name not in ("SIGKILL", "SIGSTOP"),
+                    f"--stop_signals: {name} is not a signal this job can catch (e.g. SIGTERM, SIGUSR1)")
+        if self.greater_is_better is None:
+            self.greater_is_better = not any(word in self.metric_for_best_model for word in ("loss", "perplexity"))
+        require(self.resume_from_checkpoint is None or self.resume_from_checkpoint == "latest"
+                or os.path.isdir(self.resume_from_checkpoint),
+                f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such directory (give a checkpoint "
+                f"directory or 'latest')")
 
     @property
     def mixed_precision(self) -> str:

@@ -91,8 +91,11 @@ class ColumnarBatches(torch.utils.data.Dataset):
 
 
 def make_loader(dataset, columns, batch_sampler, collate_fn, num_workers: int, pin_memory: bool):
+    # A private generator: otherwise every new iterator draws its worker base seed from the global torch RNG,
+    # and a run resumed mid-epoch (one extra iterator) would continue with other dropout draws than an
+    # uninterrupted one. Worker seeds do not matter here: the collators draw from per-sample generators.
     return torch.utils.data.DataLoader(
         ColumnarBatches(dataset, columns), batch_sampler=batch_sampler, collate_fn=collate_fn,
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-        prefetch_factor=4 if num_workers else None,
+        prefetch_factor=4 if num_workers else None, generator=torch.Generator(),
     )

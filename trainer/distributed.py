@@ -113,3 +113,22 @@ def shard_for_evaluation(dataset_size: int, world_size: int, rank: int) -> range
     per_rank, extra = divmod(dataset_size, world_size)
     start = rank * per_rank + min(rank, extra)
     return range(start, start + per_rank + (1 if rank < extra else 0))
+
+
+_host_group = None
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank: how all ranks agree to stop at the same step.
+
+    The reduction runs over a gloo group on CPU tensors, so under NCCL it adds a tiny host-side collective per
+    call but no GPU synchronisation. The group is created on first use, which every rank reaches at the same step.
+    """
+    global _host_group
+    if not is_distributed():
+        return flag
+    if _host_group is None:
+        _host_group = dist.new_group(backend="gloo")
+    tensor = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(tensor.item())

@@ -16,12 +16,18 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from trainer.checkpoint import Checkpointer
 from trainer.data import make_loader
 from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, set_gradient_sync,
                                  shard_for_evaluation)
-from trainer.errors import require
+from trainer.errors import JobStopped, require
+from trainer.fault_injection import FaultInjection
+from trainer.hub_push import HubPusher
 from trainer.metrics import MetricsLogger, logger
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.signals import STOPPED_EXIT_CODE, StopSignals
+
+DIVERGED_EXIT_CODE = 3
 
 
 @dataclass
@@ -80,6 +86,10 @@ class Engine:
         self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
         self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
+        self.checkpointer = Checkpointer(self)
+        self.hub = HubPusher(args, accelerator.is_main_process)
+        self.stop_signals = StopSignals(args.stop_signals)
+        self.faults = FaultInjection(self)
 
     # ----------------------------------------------------------------------------------------------- training
     def train(self) -> dict:
@@ -88,9 +98,11 @@ class Engine:
                     "accumulation), %d steps/epoch", self.total_steps, self.sampler.global_batch_size,
                     args.per_device_train_batch_size, self.world_size, args.gradient_accumulation_steps,
                     self.sampler.steps_per_epoch)
-        state.metrics.update(self.evaluate(prefix="init_eval_"))
-        batches = self.micro_batches()
         window = Window(self.accelerator.device)
+        if not self.checkpointer.resume(window):
+            state.metrics.update(self.evaluate(prefix="init_eval_"))
+        self.check_best_model_metric()
+        batches = self.micro_batches()
         progress = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
                         disable=not self.accelerator.is_main_process, mininterval=1.0)
         started = time.perf_counter()
@@ -99,13 +111,16 @@ class Engine:
             progress.update(1)
             if state.step % args.logging_steps == 0 or state.step == self.total_steps:
                 self.log_window(window)
-            if args.eval_steps and state.step % args.eval_steps == 0 and state.step < self.total_steps:
-                state.metrics.update(self.evaluate(prefix="eval_"))
+            if state.step < self.total_steps:
+                self.evaluate_and_save_when_due(window)
         progress.close()
         runtime = time.perf_counter() - started
         state.metrics.update(self.evaluate(prefix="eval_"))
         state.metrics.update(train_runtime=runtime, train_steps=state.step,
                              train_tokens_per_second=state.tokens_seen / runtime)
+        if self.checkpointer.last_saved_step != state.step:
+            self.save_checkpoint(window)
+        self.checkpointer.restore_best_model()
         self.save_model(args.output_dir)
         self.metrics.close()
         return state.metrics
@@ -127,7 +142,7 @@ class Engine:
         for index, batch in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
             window.tokens += batch["input_ids"].numel()
-            batch.pop("sample_id")
+            self.faults.micro_batch(batch.pop("sample_id"))
             loss_sum = self.model(**self.to_device(batch))["loss_sum"]
             self.accelerator.backward(loss_sum * scale)
             window.loss_sum += loss_sum.detach().double()
@@ -153,6 +168,7 @@ class Engine:
                                              torch.tensor(float(window.tokens), dtype=torch.float64,
                                                           device=window.loss_sum.device)])).tolist()
         loss_sum, items, tokens = totals
+        self.stop_if_diverged(loss_sum, window)
         elapsed = time.perf_counter() - window.started
         self.state.tokens_seen += int(tokens)
         record = {"loss": loss_sum / max(items, 1), "learning_rate": self.scheduler.get_last_lr()[0],
@@ -161,7 +177,49 @@ class Engine:
             record["grad_norm"] = float(window.grad_norm)
         self.metrics.log(self.state.step, record, prefix="train_")
         self.state.metrics["train_loss"] = record["loss"]
-        window.reset()
+        window.reset(self.state.step)
+
+    def stop_if_diverged(self, reduced_loss_sum: float, window: "Window") -> None:
+        """A NaN/Inf loss or gradient anywhere in the window ends the run before anything is saved from it.
+
+        NaN and Inf propagate through the window's loss sum, so checking it when it is read anyway (at logging
+        and before a checkpoint) costs no extra host sync; the last clipped gradient norm is checked with it.
+        """
+        grad_norm_finite = window.grad_norm is None or math.isfinite(float(window.grad_norm))
+        if math.isfinite(reduced_loss_sum) and grad_norm_finite:
+            return
+        last_good = self.checkpointer.last_saved_step
+        raise JobStopped(f"non-finite training loss or gradient between optimizer steps {window.first_step} and "
+                         f"{self.state.step}; stopping. The last good checkpoint is "
+                         f"{'checkpoint-%d' % last_good if last_good is not None else 'none (none was saved yet)'} "
+                         f"in {self.args.output_dir}; lower the learning rate or check the data, then resume",
+                         DIVERGED_EXIT_CODE)
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def evaluate_and_save_when_due(self, window: "Window") -> None:
+        """Between optimizer steps: periodic evaluation and checkpoint, and a checkpoint-and-exit on a stop signal."""
+        args, step = self.args, self.state.step
+        save_due = bool(args.save_steps) and step % args.save_steps == 0
+        if (args.eval_steps and step % args.eval_steps == 0) or (save_due and args.load_best_model_at_end):
+            self.state.metrics.update(self.evaluate(prefix="eval_"))
+        stopping = self.stop_signals.should_stop()
+        if save_due or stopping:
+            self.save_checkpoint(window)
+        if stopping:
+            raise JobStopped(f"stop signal received: saved checkpoint-{step} in {args.output_dir} and stopped; "
+                             f"run the same command again to resume", STOPPED_EXIT_CODE)
+
+    def save_checkpoint(self, window: "Window") -> None:
+        reduced_loss_sum = all_reduce_sum(window.loss_sum.clone()).item()
+        self.stop_if_diverged(reduced_loss_sum, window)
+        self.checkpointer.save(window)
+
+    def check_best_model_metric(self) -> None:
+        if self.args.load_best_model_at_end:
+            name = self.args.metric_for_best_model
+            require(name.startswith("eval_") and f"init_{name}" in self.state.metrics,
+                    f"--metric_for_best_model {name} is not an evaluation metric of this job; choose one of "
+                    f"{', '.join(sorted(k[len('init_'):] for k in self.state.metrics if k.startswith('init_')))}")
 
     def to_device(self, batch: dict) -> dict:
         return {key: value.to(self.accelerator.device, non_blocking=True) for key, value in batch.items()}
@@ -218,12 +276,29 @@ class Window:
     tokens: int = 0
     grad_norm: Optional[torch.Tensor] = None
     started: float = 0.0
+    first_step: int = 1  # the first optimizer step the window covers
 
     def __post_init__(self):
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, step: int = 0) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.items = self.tokens = 0
         self.grad_norm = None
         self.started = time.perf_counter()
+        self.first_step = step + 1
+
+    def state_dict(self) -> dict:
+        """This rank's sums; a checkpoint keeps them so that a resumed run logs the same window losses."""
+        return {"loss_sum": self.loss_sum.cpu(), "items": self.items, "tokens": self.tokens,
+                "first_step": self.first_step}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.reset()
+        self.add_state_dict(saved)
+
+    def add_state_dict(self, saved: dict) -> None:
+        self.loss_sum += saved["loss_sum"].to(self.device)
+        self.items += saved["items"]
+        self.tokens += saved["tokens"]
+        self.first_step = saved["first_step"]

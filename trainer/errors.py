@@ -9,8 +9,18 @@ class UsageError(Exception):
     """Something the user asked for cannot work; the message names the problem and the fix."""
 
 
+class JobStopped(Exception):
+    """Training ended early: on a stop signal (after a checkpoint) or on a non-finite loss (keeping the last good
+    checkpoint). The job exits with `exit_code` and the message, without a traceback."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def exits_cleanly_on_usage_error(main):
-    """Wrap a job's `main` so that a UsageError prints `error: ...` and exits 2 (argparse's convention)."""
+    """Wrap a job's `main` so that a UsageError prints `error: ...` and exits 2 (argparse's convention), and
+    a JobStopped exits with its own code and message."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -19,6 +29,9 @@ def exits_cleanly_on_usage_error(main):
         except UsageError as error:
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
+        except JobStopped as stop:
+            print(f"{'error: ' if stop.exit_code else ''}{stop}", file=sys.stderr, flush=True)
+            sys.exit(stop.exit_code)
 
     return wrapper
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 import json
 import os
 
+from trainer.checkpoint import PREFIX
 from trainer.errors import require
 from trainer.metrics import logger
 from trainer.models import cache_dir
 
 
 def check_output_dir(training_args) -> None:
-    """Refuse a non-empty output directory unless --overwrite_output_dir: never clobber an earlier run."""
+    """Refuse a non-empty output directory unless --overwrite_output_dir (never clobber an earlier run), or
+    unless the run resumes: the directory holds checkpoints (complete or not: the engine picks and reports),
+    or --resume_from_checkpoint is given."""
     path = training_args.output_dir
     require(not os.path.isfile(path), f"--output_dir {path} is a file; give a directory")
-    if os.path.isdir(path) and os.listdir(path) and not training_args.overwrite_output_dir:
-        require(False, f"--output_dir {path} is not empty; pass --overwrite_output_dir or choose another directory")
+    if not os.path.isdir(path) or not os.listdir(path) or training_args.overwrite_output_dir:
+        return
+    resumes = training_args.resume_from_checkpoint or any(name.startswith(PREFIX) for name in os.listdir(path))
+    require(resumes, f"--output_dir {path} is not empty and holds no checkpoint to resume from; pass "
+                     f"--overwrite_output_dir or choose another directory")
 
 
 def embedded_corpus_if_no_data(data_args, accelerator, write_files, name: str) -> None:

@@ -27,13 +27,30 @@ class MetricsLogger:
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self.history_path = os.path.join(output_dir, "log_history.jsonl")
+        self.tensorboard_dir = os.path.join(output_dir, "runs") if tensorboard else None
         self.writer = None
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
-        if enabled and tensorboard:
+        self.open_tensorboard()
+
+    def open_tensorboard(self, purge_step: int | None = None) -> None:
+        if self.enabled and self.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, "runs"))
+            self.writer = SummaryWriter(self.tensorboard_dir, purge_step=purge_step)
+
+    def forget_after(self, step: int) -> None:
+        """On resume from `step`: drop what the interrupted run logged after its checkpoint, which is redone."""
+        if not self.enabled:
+            return
+        if os.path.isfile(self.history_path):
+            with open(self.history_path) as history:
+                kept = [line for line in history if json.loads(line)["step"] <= step]
+            with open(self.history_path, "w") as history:
+                history.writelines(kept)
+        if self.writer is not None:
+            self.writer.close()
+            self.open_tensorboard(purge_step=step + 1)
 
     def log(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:

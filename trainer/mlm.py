@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = engine.train()
     if accelerator.is_main_process:
         write_results(training_args.output_dir, metrics)
+        engine.hub.push_final({"task": "masked-language modelling", "pipeline_tag": "fill-mask",
+                               "data": data_args.dataset_name or data_args.train_file}, metrics)
         logger.info("perplexity %.2f -> %.2f; model saved to %s", metrics["init_eval_perplexity"],
                     metrics["eval_perplexity"], training_args.output_dir)
     return metrics

@@ -1,0 +1,78 @@
+"""Shared by the checkpoint, resume and signal tests: one small run configuration and ways to compare runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import REPO_ROOT, free_port, load_parameters, read_history
+
+# 48 sequences, 8 per optimizer step (4 x accumulation 2 on one process, 2 x 2 ranks x 2 on two): 6 steps per
+# epoch, 12 steps in all; windows of 3 steps; checkpoints every 4. Dropout is ON (0.1, the BERT default):
+# exactness then also needs every rank's RNG state back.
+STEPS, STEPS_PER_EPOCH = 12, 6
+DROPOUT_BERT = ["--model_type", "bert", "--config_overrides",
+                "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+                "max_position_embeddings=128"]
+
+
+def resume_args(corpus, tokenizer_dir, output_dir, nproc: int = 1, *extra) -> list[str]:
+    return ["--train_file", corpus["train"], "--validation_file", corpus["validation"],
+            "--tokenizer_name", tokenizer_dir, *DROPOUT_BERT, "--max_seq_length", "32",
+            "--output_dir", str(output_dir), "--learning_rate", "5e-3", "--logging_steps", "3",
+            "--report_to", "none", "--probe_sentences", "", "--max_train_samples", "48",
+            "--max_eval_samples", "16", "--per_device_train_batch_size", str(4 // nproc),
+            "--gradient_accumulation_steps", "2", "--num_train_epochs", "2", "--save_steps", "4", *extra]
+
+
+def with_env(env: dict, **variables) -> dict:
+    return {**env, **{key: str(value) for key, value in variables.items()}}
+
+
+def start_job(module: str, args: list[str], env: dict, nproc: int = 1, torchrun_options=()) -> subprocess.Popen:
+    """Like conftest.run_job, but in the background, for tests that signal or kill the job."""
+    if nproc == 1:
+        command = [sys.executable, "-m", module, *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", str(free_port()), *torchrun_options, "-m", module, *args]
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for_path(path, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert process.poll() is None, f"job ended ({process.returncode}) before {path} appeared:\n" \
+                                       f"{process.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+        time.sleep(0.05)
+
+
+def assert_same_parameters(directory_a, directory_b) -> None:
+    a, b = load_parameters(directory_a), load_parameters(directory_b)
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"parameters differ: {different[:5]}"
+
+
+def logged_losses(output_dir) -> list[tuple]:
+    """(step, train_loss) and (step, eval_loss) records, in order: what a user sees of the run."""
+    return [(r["step"], key, r[key]) for r in read_history(output_dir) for key in ("train_loss", "eval_loss")
+            if key in r]
+
+
+def samples_per_step(log_prefix) -> dict[int, list[int]]:
+    """Sample ids trained on at each optimizer step, all ranks merged (TRAINER_DEBUG_SAMPLE_LOG files)."""
+    directory, name = os.path.split(str(log_prefix))
+    steps: dict[int, list[int]] = {}
+    for file_name in os.listdir(directory):
+        if file_name.startswith(name + ".rank"):
+            with open(os.path.join(directory, file_name)) as handle:
+                for record in map(json.loads, handle):
+                    steps.setdefault(record["step"], []).extend(record["ids"])
+    return {step: sorted(ids) for step, ids in sorted(steps.items())}

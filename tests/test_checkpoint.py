@@ -1,0 +1,74 @@
+"""Checkpoint bookkeeping: what counts as complete, rotation, the best model, divergence, bad options."""
+import json
+import logging
+import os
+
+from conftest import load_parameters, read_results, run_job
+from resume_helpers import assert_same_parameters, resume_args, with_env
+from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints
+
+
+def make_checkpoint(directory, step, marker=True, state='{"step": %d}'):
+    path = directory / f"checkpoint-{step}"
+    path.mkdir()
+    (path / "trainer_state.json").write_text(state % step if "%d" in state else state)
+    if marker:
+        (path / COMPLETE_MARKER).write_text(f"{step}\n")
+    return path
+
+
+def test_incomplete_and_corrupt_checkpoints_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+    good = make_checkpoint(tmp_path, 3)
+    newest_good = make_checkpoint(tmp_path, 10)
+    unmarked = make_checkpoint(tmp_path, 12, marker=False)
+    corrupt = make_checkpoint(tmp_path, 14, state='{"ste')
+    temporary = tmp_path / "checkpoint-16.tmp"
+    temporary.mkdir()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        assert complete_checkpoints(str(tmp_path)) == [(3, str(good)), (10, str(newest_good))]
+    warnings = caplog.text
+    assert f"skipping checkpoint {unmarked}: incomplete" in warnings
+    assert f"skipping checkpoint {corrupt}: corrupt trainer_state.json" in warnings
+    assert f"skipping checkpoint {temporary}: incomplete" in warnings
+
+
+def test_rotation_keeps_the_newest_and_the_best_and_the_best_becomes_the_final_model(
+        corpus, tokenizer_dir, job_env, tmp_path):
+    out = tmp_path / "run"
+    # "Best" = highest perplexity, i.e. the first checkpoint of a run whose perplexity falls: it must survive
+    # the rotation and come back at the end, although two newer checkpoints exist.
+    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, out, 1, "--save_total_limit", "1",
+                                       "--load_best_model_at_end", "--greater_is_better", "true"), job_env)
+    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-12",
+                                                                                           "checkpoint-4"]
+    results = read_results(out)
+    with open(out / "checkpoint-12" / "trainer_state.json") as handle:
+        state = json.load(handle)
+    assert state["best_checkpoint"] == results["best_model_checkpoint"] == "checkpoint-4"
+    assert state["best_metric"] == results["best_metric"] > results["eval_perplexity"]
+    assert_same_parameters(out / "checkpoint-4", out)
+    assert load_parameters(out).keys() == load_parameters(out / "checkpoint-12").keys()
+
+
+def test_nan_loss_stops_the_run_with_a_message_and_keeps_the_last_good_checkpoint(
+        corpus, tokenizer_dir, job_env, tmp_path):
+    out = tmp_path / "run"
+    # NaN in step 6, the last step of the window 4..6 (logged at step 6); checkpoint-4 is the last good one.
+    result = run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, out), with_env(job_env,
+                     TRAINER_FAULT_NAN_AT_STEP=6), check=False)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert ("error: non-finite training loss or gradient between optimizer steps 4 and 6; stopping. The last good "
+            f"checkpoint is checkpoint-4 in {out}") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(name for name in os.listdir(out) if name.startswith("checkpoint")) == ["checkpoint-4"]
+    assert not os.path.exists(out / "model.safetensors")
+
+
+def test_bad_checkpoint_options_are_usage_errors(corpus, tokenizer_dir, job_env, tmp_path):
+    out = tmp_path / "run"
+    result = run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, out, 1, "--stop_signals", "SIGKILL",
+                                                "--resume_from_checkpoint", str(tmp_path / "missing")),
+                     job_env, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --stop_signals: SIGKILL is not a signal")
+    assert not os.path.exists(out)

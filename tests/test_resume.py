@@ -1,0 +1,127 @@
+"""Exact resume: a run stopped anywhere and resumed ends bit-identical to one that never stopped."""
+import json
+import os
+import shutil
+import signal
+
+import pytest
+
+from conftest import read_results, run_job
+from resume_helpers import (STEPS, assert_same_parameters, logged_losses, resume_args, samples_per_step, start_job,
+                            wait_for_path, with_env)
+
+
+def baseline(corpus, tokenizer_dir, job_env, directory, nproc):
+    out, samples = directory / "run", directory / "samples"
+    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, out, nproc), with_env(job_env, TRAINER_DEBUG_SAMPLE_LOG=
+                                                                                    samples), nproc=nproc)
+    return out, samples
+
+
+@pytest.fixture(scope="module")
+def single_process_baseline(corpus, tokenizer_dir, job_env, tmp_path_factory):
+    return baseline(corpus, tokenizer_dir, job_env, tmp_path_factory.mktemp("baseline1"), 1)
+
+
+@pytest.fixture(scope="module")
+def two_process_baseline(corpus, tokenizer_dir, job_env, tmp_path_factory):
+    return baseline(corpus, tokenizer_dir, job_env, tmp_path_factory.mktemp("baseline2"), 2)
+
+
+def trainer_state(checkpoint) -> dict:
+    with open(os.path.join(checkpoint, "trainer_state.json")) as handle:
+        return json.load(handle)
+
+
+def assert_same_run(expected_dir, actual_dir) -> None:
+    assert_same_parameters(expected_dir, actual_dir)
+    assert logged_losses(actual_dir) == logged_losses(expected_dir)
+    assert read_results(actual_dir)["train_steps"] == STEPS
+
+
+def test_single_process_resume_mid_accumulation_and_at_epoch_boundary_is_bit_exact(
+        single_process_baseline, corpus, tokenizer_dir, job_env, tmp_path):
+    expected_dir, expected_samples = single_process_baseline
+    out, samples = tmp_path / "run", tmp_path / "samples"
+    args, env = resume_args(corpus, tokenizer_dir, out), with_env(job_env, TRAINER_DEBUG_SAMPLE_LOG=samples)
+    # Micro-batch 9 is the first half of step 5: mid-epoch, mid-accumulation, mid-way through a logging window.
+    first = run_job("trainer.mlm", args, with_env(env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=9))
+    assert "stop signal received: saved checkpoint-5" in first.stderr
+    assert set(os.listdir(out / "checkpoint-5")) >= {"checkpoint_complete", "model.safetensors", "optimizer.pt",
+                                                    "rank-0.pt", "scheduler.pt", "tokenizer.json", "trainer_state.json"}
+    assert not os.path.exists(out / "model.safetensors")  # stopped: no final model
+    # Resumed, micro-batch 2 ends step 6, the last of epoch 0.
+    second = run_job("trainer.mlm", args, with_env(env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=2))
+    assert f"resuming from the newest complete one, {out / 'checkpoint-5'}" in second.stdout
+    assert "saved checkpoint-6" in second.stderr
+    state = trainer_state(out / "checkpoint-6")
+    assert (state["step"], state["epoch"], state["samples_in_epoch"]) == (6, 1, 0)
+    assert state["args"]["learning_rate"] == 5e-3
+    run_job("trainer.mlm", args, env)
+    assert_same_run(expected_dir, out)
+    assert samples_per_step(samples) == samples_per_step(expected_samples)
+
+
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_skips_the_torn_one(
+        single_process_baseline, corpus, tokenizer_dir, job_env, tmp_path):
+    out = tmp_path / "run"
+    args = resume_args(corpus, tokenizer_dir, out)
+    job = start_job("trainer.mlm", args, with_env(job_env, TRAINER_FAULT_SLEEP_IN_SAVE=5))
+    # The save of step 8 has written all its files and sleeps before publishing them: kill it there.
+    wait_for_path(out / "checkpoint-8.tmp" / "trainer_state.json", job)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not os.path.exists(out / "checkpoint-8") and os.path.isdir(out / "checkpoint-8.tmp")
+    resumed = run_job("trainer.mlm", args, job_env)
+    assert f"skipping checkpoint {out / 'checkpoint-8.tmp'}: incomplete" in resumed.stdout
+    assert f"resuming from the newest complete one, {out / 'checkpoint-4'}" in resumed.stdout
+    # What the killed run logged after step 4 was dropped and redone: the history is that of one clean run.
+    assert_same_run(single_process_baseline[0], out)
+    assert not os.path.exists(out / "checkpoint-8.tmp")
+
+
+@pytest.mark.slow
+def test_two_process_resume_is_bit_exact_and_world_size_may_change(
+        two_process_baseline, single_process_baseline, corpus, tokenizer_dir, job_env, tmp_path):
+    expected_dir, expected_samples = two_process_baseline
+    out, samples = tmp_path / "run", tmp_path / "samples"
+    env = with_env(job_env, TRAINER_DEBUG_SAMPLE_LOG=samples)
+    # Rank 0 alone gets the signal, in the first half of step 5; the ranks agree to stop after that step.
+    first = run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, out, 2),
+                    with_env(env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=9), nproc=2)
+    assert "stop signal received: saved checkpoint-5" in first.stderr
+    assert {"rank-0.pt", "rank-1.pt"} <= set(os.listdir(out / "checkpoint-5"))
+    changing = tmp_path / "changing"
+    shutil.copytree(out, changing)
+    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, out, 2), env, nproc=2)
+    assert_same_run(expected_dir, out)
+
+    # The same checkpoint resumed on 1 process for 2 steps (2 -> 1), then on 2 processes again (1 -> 2): the
+    # global sample order goes on where it stopped, nothing repeated or skipped.
+    changing_samples = tmp_path / "changing_samples"
+    env = with_env(job_env, TRAINER_DEBUG_SAMPLE_LOG=changing_samples)
+    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, changing, 1),
+            with_env(env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=4))
+    assert trainer_state(changing / "checkpoint-7")["world_size"] == 1
+    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, changing, 2), env, nproc=2)
+    stitched = {**{step: ids for step, ids in samples_per_step(samples).items() if step <= 5},
+                **samples_per_step(changing_samples)}
+    assert stitched == samples_per_step(expected_samples) == samples_per_step(single_process_baseline[1])
+    assert read_results(changing)["train_steps"] == STEPS
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_killed_worker_and_resumes_to_the_same_parameters(
+        two_process_baseline, corpus, tokenizer_dir, job_env, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    job = start_job("trainer.mlm", resume_args(corpus, tokenizer_dir, out, 2),
+                    with_env(job_env, TRAINER_FAULT_SLEEP_IN_SAVE=1), nproc=2, torchrun_options=["--max-restarts=1"])
+    wait_for_path(out / "checkpoint-4" / "checkpoint_complete", job)
+    worker = psutil.Process(job.pid).children()[-1]
+    worker.kill()
+    output, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, output[-4000:]
+    assert "resuming from the newest complete one" in output
+    assert_same_run(two_process_baseline[0], out)

@@ -1,0 +1,274 @@
+"""Checkpoints that a crash, a kill -9 or a pre-emption cannot corrupt, and exact resumption from them.
+
+`output_dir/checkpoint-<step>/` holds everything that decides the rest of the run:
+- `model.safetensors` + config + tokenizer (`save_pretrained`; `from_pretrained` loads the directory as is),
+- `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16 loss scaling only),
+- `rank-<r>.pt` for EVERY rank: its python/numpy/torch/cuda RNG states (dropout draws from them) and its share
+  of the open logging window (loss/item/token sums since the last log line, so a run resumed mid-window logs
+  the same losses as one that never stopped),
+- `trainer_state.json`: step, data position (epoch, samples consumed in the epoch's global order), tokens seen,
+  metrics so far, the best checkpoint, the world size and the (token-redacted) arguments,
+- `checkpoint_complete`, written last.
+
+Atomicity: everything is written into `checkpoint-<step>.tmp`, flushed to disk (fsync), marked complete, then
+renamed. A save killed half-way leaves a `.tmp` directory (or, on file systems without atomic rename, a
+directory without the marker); resume skips it with a warning naming it and takes the previous one.
+Checkpoints are only taken at optimizer-step boundaries; all ranks write into the same directory, so
+multi-node runs need a shared file system for `output_dir`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+
+from trainer.arguments import as_dict
+from trainer.errors import require
+from trainer.metrics import logger
+
+PREFIX = "checkpoint-"
+COMPLETE_MARKER = "checkpoint_complete"
+STATE_FILE = "trainer_state.json"
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+# ------------------------------------------------------------------------------------- finding checkpoints
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why `path` is not a complete checkpoint, or None if it is."""
+    if not os.path.isfile(os.path.join(path, COMPLETE_MARKER)):
+        return "incomplete (no completion marker: the save was interrupted)"
+    try:
+        with open(os.path.join(path, STATE_FILE)) as handle:
+            json.load(handle)["step"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"corrupt {STATE_FILE} ({type(error).__name__})"
+    return None
+
+
+def complete_checkpoints(output_dir: str, warn: bool = True) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints in `output_dir`, oldest first; the others named in a warning."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if not name.startswith(PREFIX) or not os.path.isdir(path):
+            continue
+        match = CHECKPOINT_NAME.match(name)
+        problem = checkpoint_problem(path) if match else "incomplete (an interrupted save's temporary directory)"
+        if problem is None:
+            found.append((int(match.group(1)), path))
+        elif warn:
+            logger.warning("skipping checkpoint %s: %s", path, problem)
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    checkpoints = complete_checkpoints(output_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def read_trainer_state(path: str) -> dict:
+    with open(os.path.join(path, STATE_FILE)) as handle:
+        return json.load(handle)
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# -------------------------------------------------------------------------------------------- file writing
+def fsync_tree(directory: str) -> None:
+    """Flush every file, then the directories, so that the rename below publishes data that is on disk."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_directory(root)
+
+
+def fsync_directory(directory: str) -> None:
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True, default=str)
+
+
+# ------------------------------------------------------------------------------------------- checkpointer
+class Checkpointer:
+    """Saves, rotates and restores the engine's checkpoints. Every method is called on every rank."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.args = engine.args
+        self.accelerator = engine.accelerator
+        self.best_metric: Optional[float] = None
+        self.best_checkpoint: Optional[str] = None
+        self.last_saved_step: Optional[int] = None
+
+    # ------------------------------------------------------------------------------------------------ save
+    def save(self, window) -> str:
+        engine, state, accelerator = self.engine, self.engine.state, self.accelerator
+        final = os.path.join(self.args.output_dir, f"{PREFIX}{state.step}")
+        temporary = final + ".tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)  # left by an earlier, killed save of this step
+            os.makedirs(temporary)
+        accelerator.wait_for_everyone()
+        torch.save({"rng": rng_states(), "window": window.state_dict(), "world_size": engine.world_size},
+                   os.path.join(temporary, f"rank-{accelerator.process_index}.pt"))
+        if accelerator.is_main_process:
+            self.track_best(os.path.basename(final))
+            self.write_shared_files(temporary)
+        engine.faults.inside_save()
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            fsync_tree(temporary)
+            with open(os.path.join(temporary, COMPLETE_MARKER), "w") as handle:
+                handle.write(f"{state.step}\n")
+            fsync_tree(temporary)
+            shutil.rmtree(final, ignore_errors=True)  # only ever an incomplete one: a complete one is not re-saved
+            os.rename(temporary, final)
+            fsync_directory(self.args.output_dir)
+            logger.info("saved checkpoint %s", final)
+            self.rotate()
+            self.engine.hub.push_checkpoint(final)
+        accelerator.wait_for_everyone()
+        self.last_saved_step = state.step
+        return final
+
+    def write_shared_files(self, directory: str) -> None:
+        engine, state = self.engine, self.engine.state
+        engine.task.hf_model.save_pretrained(directory)
+        engine.task.tokenizer.save_pretrained(directory)
+        torch.save(engine.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        torch.save(engine.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+        if self.accelerator.scaler is not None:
+            torch.save(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+        write_json(os.path.join(directory, STATE_FILE), {
+            "step": state.step, "epoch": state.epoch, "samples_in_epoch": state.samples_in_epoch,
+            "tokens_seen": state.tokens_seen, "metrics": state.metrics, "world_size": engine.world_size,
+            "best_metric": self.best_metric, "best_checkpoint": self.best_checkpoint,
+            "metric_for_best_model": self.args.metric_for_best_model, "args": as_dict(self.args)})
+
+    def track_best(self, name: str) -> None:
+        if not self.args.load_best_model_at_end:
+            return
+        value = self.engine.state.metrics[self.args.metric_for_best_model]
+        better = (self.best_metric is None or (value > self.best_metric if self.args.greater_is_better
+                                               else value < self.best_metric))
+        if better:
+            self.best_metric, self.best_checkpoint = value, name
+
+    def rotate(self) -> None:
+        """Keep the newest --save_total_limit checkpoints, and the best one on top of them."""
+        limit = self.args.save_total_limit
+        if not limit:
+            return
+        checkpoints = complete_checkpoints(self.args.output_dir, warn=False)
+        for _, path in checkpoints[:-limit]:
+            if os.path.basename(path) != self.best_checkpoint:
+                shutil.rmtree(path)
+                logger.info("deleted checkpoint %s (--save_total_limit %d)", path, limit)
+
+    # ---------------------------------------------------------------------------------------------- resume
+    def checkpoint_to_resume(self) -> Optional[str]:
+        requested, output_dir = self.args.resume_from_checkpoint, self.args.output_dir
+        if requested is None:
+            if self.args.overwrite_output_dir:  # asked to start afresh
+                return None
+            path = latest_checkpoint(output_dir)
+            if path is not None:
+                logger.info("output directory %s holds checkpoints: resuming from the newest complete one, %s",
+                            output_dir, path)
+            return path
+        if requested == "latest":
+            path = latest_checkpoint(output_dir)
+            require(path is not None, f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}")
+            return path
+        problem = checkpoint_problem(requested)
+        require(problem is None, f"--resume_from_checkpoint {requested}: {problem}")
+        return requested
+
+    def resume(self, window) -> bool:
+        """Restore the newest (or requested) checkpoint into the engine; False when starting fresh."""
+        path = self.checkpoint_to_resume()
+        if path is None:
+            return False
+        engine = self.engine
+        saved = read_trainer_state(path)
+        self.load_model_weights(path)
+        engine.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
+        engine.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+        if self.accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
+            self.accelerator.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt")))
+        state = engine.state
+        state.step, state.epoch, state.samples_in_epoch = saved["step"], saved["epoch"], saved["samples_in_epoch"]
+        state.tokens_seen, state.metrics = saved["tokens_seen"], saved["metrics"]
+        self.best_metric, self.best_checkpoint = saved["best_metric"], saved["best_checkpoint"]
+        self.last_saved_step = state.step
+        self.restore_rank_state(path, saved["world_size"], window)
+        engine.metrics.forget_after(state.step)
+        logger.info("resumed from %s: step %d, epoch %d, %d samples into the epoch", path, state.step, state.epoch,
+                    state.samples_in_epoch)
+        return True
+
+    def restore_rank_state(self, path: str, saved_world_size: int, window) -> None:
+        """Each rank takes back its own RNG states and window sums when the world size is unchanged.
+
+        With another world size no rank's RNG stream continues exactly (dropout differs anyway); the window sums
+        of all saved ranks go to rank 0 so that the next logged loss still covers the whole window.
+        """
+        rank = self.accelerator.process_index
+        if saved_world_size == self.engine.world_size:
+            rank_state = torch.load(os.path.join(path, f"rank-{rank}.pt"), weights_only=False)
+            set_rng_states(rank_state["rng"])
+            window.load_state_dict(rank_state["window"])
+        elif rank == 0:
+            for saved_rank in range(saved_world_size):
+                window.add_state_dict(torch.load(os.path.join(path, f"rank-{saved_rank}.pt"),
+                                                 weights_only=False)["window"])
+
+    def load_model_weights(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        model = self.engine.task.hf_model
+        weights = load_file(os.path.join(path, "model.safetensors"))  # load_state_dict copies to the device
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = set(model.get_expanded_tied_weights_keys())  # save_pretrained stores tied weights once
+        require(not unexpected and set(missing) <= tied,
+                f"checkpoint {path} does not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}")
+
+    def restore_best_model(self) -> None:
+        """With --load_best_model_at_end, put the best checkpoint's weights into the model before the final save."""
+        if not self.args.load_best_model_at_end or self.best_checkpoint is None:
+            return
+        self.load_model_weights(os.path.join(self.args.output_dir, self.best_checkpoint))
+        self.engine.state.metrics.update(best_model_checkpoint=self.best_checkpoint, best_metric=self.best_metric)
+        logger.info("loaded the best model, %s (%s = %.6g)", self.best_checkpoint, self.args.metric_for_best_model,
+                    self.best_metric)
