@@ -138,6 +138,8 @@ class TrainingArguments:
     dataloader_num_workers: int = arg(0, "Data loading worker processes per rank.")
     ddp_timeout: int = arg(10800, "Seconds a collective may wait, e.g. while rank 0 tokenizes a big corpus.")
     use_cpu: bool = arg(False, "Train on the CPU even if a GPU is present.")
+    deepspeed: Optional[str] = arg(None, "DeepSpeed config JSON (e.g. ds_configs/zero2.json): train with DeepSpeed "
+                                         "ZeRO. Its \"auto\" values are filled from these arguments.")
 
     def __post_init__(self):
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -165,6 +167,7 @@ class TrainingArguments:
                 or os.path.isdir(self.resume_from_checkpoint),
                 f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such directory (give a checkpoint "
                 f"directory or 'latest')")
+        require(self.deepspeed is None or os.path.isfile(self.deepspeed), f"--deepspeed {self.deepspeed}: no such file")
 
     @property
     def mixed_precision(self) -> str:

@@ -9,22 +9,107 @@ accelerate's Accelerator does device placement, DDP wrapping and autocast. Two t
 from __future__ import annotations
 
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
+
+from trainer.deepspeed_config import fill_hidden_size_values, load_deepspeed_config, resolve_deepspeed_config
+from trainer.errors import require
 
 
 def make_accelerator(training_args, **plugins):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=training_args.ddp_timeout))
+    require(not (training_args.fp16 and not torch.cuda.is_available()),
+            "--fp16 needs a GPU (float16 autocast and loss scaling are CUDA features here); use --bf16 on the CPU")
+    timeout = datetime.timedelta(seconds=training_args.ddp_timeout)
+    deepspeed_plugin = make_deepspeed_plugin(training_args, timeout)
+    if deepspeed_plugin is not None:
+        # Only under DeepSpeed: elsewhere accelerate would divide every loss by it in `backward`.
+        plugins.update(deepspeed_plugin=deepspeed_plugin,
+                       gradient_accumulation_steps=training_args.gradient_accumulation_steps)
     return Accelerator(
-        cpu=training_args.use_cpu or not torch.cuda.is_available(),
+        # accelerate turns DeepSpeed off when told cpu=True; DeepSpeed brings its own CPU backend (gloo).
+        cpu=deepspeed_plugin is None and (training_args.use_cpu or not torch.cuda.is_available()),
         mixed_precision=training_args.mixed_precision,
-        kwargs_handlers=[timeout],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout, **process_group_backend(deepspeed_plugin))],
         **plugins,
     )
+
+
+def process_group_backend(deepspeed_plugin) -> dict:
+    """Without CUDA, accelerate finds no backend for DeepSpeed and would count one process: name gloo for it."""
+    return {"backend": "gloo"} if deepspeed_plugin is not None and not torch.cuda.is_available() else {}
+
+
+def deepspeed_requested(training_args) -> bool:
+    """`--deepspeed PATH`, or `accelerate launch` with a DeepSpeed config (it says so in the environment)."""
+    return bool(training_args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def make_deepspeed_plugin(training_args, timeout: datetime.timedelta):
+    """accelerate's DeepSpeedPlugin with a config whose "auto" values all come from the command line.
+
+    Under `accelerate launch` the plugin accelerate would build from its environment is the starting point
+    (its `deepspeed_config_file`, or the ZeRO fields of the YAML); `--deepspeed PATH` wins over it.
+    """
+    if not deepspeed_requested(training_args):
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    if training_args.deepspeed:
+        source = f"--deepspeed {training_args.deepspeed}"
+        config = load_deepspeed_config(training_args.deepspeed)
+    else:
+        source = "the accelerate DeepSpeed config"
+        config = DeepSpeedPlugin().deepspeed_config
+    world_size = default_single_process_environment()
+    config = resolve_deepspeed_config(config, training_args, world_size, source)
+    start_deepspeed_process_group(timeout)
+    return DeepSpeedPlugin(hf_ds_config=config)
+
+
+def default_single_process_environment() -> int:
+    """A plain `python -m` run has no launcher variables; DeepSpeed and accelerate need them: one process."""
+    if "LOCAL_RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    return int(os.environ["WORLD_SIZE"])
+
+
+def start_deepspeed_process_group(timeout: datetime.timedelta) -> None:
+    """Initialise deepspeed.comm before accelerate does, so that CPU runs use gloo and the long timeout."""
+    import deepspeed
+
+    backend = None if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def uses_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def prepare_deepspeed_for_model(accelerator, hf_config) -> None:
+    """Fill the config values that depend on the model (bucket sizes) before `accelerator.prepare`."""
+    hidden_size = getattr(hf_config, "hidden_size", None)
+    if uses_deepspeed(accelerator) and hidden_size:
+        fill_hidden_size_values(accelerator.deepspeed_plugin.deepspeed_config, hidden_size)
+
+
+def is_zero3(accelerator) -> bool:
+    return uses_deepspeed(accelerator) and accelerator.deepspeed_plugin.zero_stage == 3
 
 
 def is_distributed() -> bool:
@@ -54,6 +139,43 @@ def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model.require_backward_grad_sync = enabled
+
+
+def backward(accelerator, loss: torch.Tensor, last_micro_step: bool) -> None:
+    """Backward of one micro-step; the gradient sync flag (`set_gradient_sync`) was set before the forward.
+
+    Under DeepSpeed the engine accumulates, reduces, clips and steps the optimizer itself at the boundary we
+    mark. It would also divide the loss by the accumulation steps; that is switched off (`scale_wrt_gas`)
+    because the loss is already normalised by the item count of the whole step, exactly as under DDP.
+    """
+    if uses_deepspeed(accelerator):
+        accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=last_micro_step, scale_wrt_gas=False)
+    else:
+        accelerator.backward(loss)
+
+
+def full_state_dict(accelerator, model, submodule: torch.nn.Module) -> dict | None:
+    """The complete weights of `submodule` (on rank 0) under DeepSpeed; None elsewhere, where its own are complete.
+
+    Every rank must call this: under ZeRO-3 each holds a shard and the 16-bit gather is a collective.
+    """
+    if not uses_deepspeed(accelerator):
+        return None
+    state = accelerator.get_state_dict(model)
+    prefix = next(name for name, module in accelerator.unwrap_model(model).named_modules() if module is submodule)
+    prefix = f"{prefix}." if prefix else ""
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def save_deepspeed_checkpoint(model, directory: str, tag: str = "deepspeed") -> None:
+    """DeepSpeed's sharded checkpoint under `directory/tag`: every rank writes its own model/optimizer shards."""
+    model.save_checkpoint(directory, tag=tag)
+
+
+def load_deepspeed_checkpoint(model, directory: str, tag: str = "deepspeed") -> None:
+    """Every rank reads back its shards; a missing or foreign checkpoint is an error, not a silent fresh start."""
+    path, _ = model.load_checkpoint(directory, tag=tag, load_module_strict=True)
+    require(path is not None, f"no DeepSpeed checkpoint '{tag}' in {directory}")
 
 
 class GlobalBatchSampler:

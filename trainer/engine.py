@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import Checkpointer
 from trainer.data import make_loader
-from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, set_gradient_sync,
-                                 shard_for_evaluation)
+from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward, full_state_dict,
+                                 is_zero3, load_deepspeed_checkpoint, prepare_deepspeed_for_model,
+                                 save_deepspeed_checkpoint, set_gradient_sync, shard_for_evaluation, uses_deepspeed)
 from trainer.errors import JobStopped, require
 from trainer.fault_injection import FaultInjection
 from trainer.hub_push import HubPusher
@@ -83,6 +84,7 @@ class Engine:
         self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * self.sampler.steps_per_epoch)
         optimizer = build_optimizer(task.model, args)
+        prepare_deepspeed_for_model(accelerator, task.hf_model.config)
         self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
         self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
@@ -144,10 +146,10 @@ class Engine:
             window.tokens += batch["input_ids"].numel()
             self.faults.micro_batch(batch.pop("sample_id"))
             loss_sum = self.model(**self.to_device(batch))["loss_sum"]
-            self.accelerator.backward(loss_sum * scale)
+            backward(self.accelerator, loss_sum * scale, last_micro_step=index == len(micro_batches) - 1)
             window.loss_sum += loss_sum.detach().double()
         window.items += local_items
-        if self.args.max_grad_norm > 0:
+        if self.args.max_grad_norm > 0:  # under DeepSpeed, clipping happened in its step; this reads the norm
             window.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -252,7 +254,8 @@ class Engine:
         metrics = self.task.compute_metrics(EvalOutput(totals[0], int(totals[1]), gathered))
         metrics = {f"{prefix}{key}": value for key, value in metrics.items()}
         self.metrics.log(self.state.step, metrics)
-        if self.accelerator.is_main_process and self.task.after_evaluation is not None:
+        # Under ZeRO-3 a forward on rank 0 alone would wait forever for the other ranks' parameter shards.
+        if self.accelerator.is_main_process and self.task.after_evaluation is not None and not is_zero3(self.accelerator):
             self.task.after_evaluation(self.accelerator.unwrap_model(self.model))
         return metrics
 
@@ -260,10 +263,20 @@ class Engine:
     def save_model(self, directory: str) -> None:
         """A plain `save_pretrained` directory (safetensors + tokenizer) that `from_pretrained` loads."""
         self.accelerator.wait_for_everyone()
+        state_dict = full_state_dict(self.accelerator, self.model, self.task.hf_model)  # gathered under ZeRO
         if self.accelerator.is_main_process:
-            self.task.hf_model.save_pretrained(directory)
+            self.task.hf_model.save_pretrained(directory, state_dict=state_dict)
             self.task.tokenizer.save_pretrained(directory)
         self.accelerator.wait_for_everyone()
+
+    def save_sharded_state(self, directory: str) -> None:
+        """Under DeepSpeed: its own sharded checkpoint of model and optimizer, written by every rank."""
+        require(uses_deepspeed(self.accelerator), "sharded state is only saved under DeepSpeed")
+        save_deepspeed_checkpoint(self.model, directory)
+
+    def load_sharded_state(self, directory: str) -> None:
+        require(uses_deepspeed(self.accelerator), "sharded state is only loaded under DeepSpeed")
+        load_deepspeed_checkpoint(self.model, directory)
 
 
 @dataclass
