@@ -14,9 +14,9 @@ import subprocess
 import time
 
 import pytest
-import torch
 
-from conftest import REPO_ROOT, load_parameters, mlm_args, read_results
+from conftest import REPO_ROOT, mlm_args, read_results
+from resume_helpers import assert_same_parameters, wait_for_path
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +50,11 @@ def training_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
                     "--per_device_train_batch_size", "4", "--logging_steps", "5", *extra)
 
 
-def sbatch_command(script: str, args: list[str], log, *options: str) -> list[str]:
-    """`sbatch --wait`: its exit code is the job's (of the last run, after requeues)."""
-    return ["sbatch", "--wait", "--parsable", "--nodes=1", "--cpus-per-task=2", f"--output={log}", *options,
+def sbatch_command(script: str, args: list[str], log=None, *options: str) -> list[str]:
+    """`sbatch --wait`: its exit code is the job's (of the last run, after requeues). Without `log` the job logs
+    where the script says: %x-%j.out in the working directory."""
+    log_option = [f"--output={log}"] if log else []
+    return ["sbatch", "--wait", "--parsable", "--nodes=1", "--cpus-per-task=2", *log_option, *options,
             SCRIPTS[script], *args]
 
 
@@ -75,13 +77,6 @@ def assert_loadable_model(output_dir) -> None:
     assert results["eval_perplexity"] < results["init_eval_perplexity"]
 
 
-def assert_same_parameters(output_a, output_b) -> None:
-    a, b = load_parameters(output_a), load_parameters(output_b)
-    assert a.keys() == b.keys()
-    different = [name for name in a if not torch.equal(a[name], b[name])]
-    assert not different, f"parameters differ from the reference run: {different[:5]}"
-
-
 @pytest.fixture(scope="module")
 def single_node_run(corpus, tokenizer_dir, slurm_env, tmp_path_factory):
     """The reference: an uninterrupted single-node job with 2 processes."""
@@ -98,26 +93,18 @@ def test_single_node_script_trains_with_torchrun_and_leaves_a_loadable_model(sin
     assert_loadable_model(output_dir)
 
 
-def wait_for(path, job: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert job.poll() is None, f"the job ended ({job.returncode}) before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
-        time.sleep(0.05)
-
-
 def test_multi_node_script_is_preempted_requeued_and_resumes_to_the_uninterrupted_parameters(
         single_node_run, corpus, tokenizer_dir, slurm_env, slurm_cluster, tmp_path):
-    output_dir, log = tmp_path / "out", tmp_path / "multi.log"
+    output_dir = tmp_path / "out"
     # Each save pauses 2 s, so the job is certainly still training when the signal arrives during the first one.
     env = {**slurm_env, "TRAINER_FAULT_SLEEP_IN_SAVE": "2"}
-    command = sbatch_command("mlm_multi_node", training_args(corpus, tokenizer_dir, output_dir), log)
+    command = sbatch_command("mlm_multi_node", training_args(corpus, tokenizer_dir, output_dir))
     job = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job_id = job.stdout.readline().strip()
-    wait_for(output_dir / f"checkpoint-{SAVE_STEPS}.tmp", job)
+    wait_for_path(output_dir / f"checkpoint-{SAVE_STEPS}.tmp", job)
     subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], env=env, check=True, timeout=60)
     _, stderr = job.communicate(timeout=600)
-    text = log.read_text()
+    text = (tmp_path / f"mlm-multi-node-{job_id}.out").read_text()  # both runs append to the script's log
     assert job.returncode == 0, f"sbatch exited {job.returncode}: {stderr}\n--- job log\n{text[-6000:]}"
 
     # Slurm -> batch shell -> srun -> torchrun -> both workers: all stop and save the same step, then requeue.
