@@ -30,7 +30,8 @@ def build_fixture(directory: str, layers: int, hidden: int) -> None:
 
     train, validation = write_mlm_corpus(os.path.join(directory, "corpus"))
     tokenizer = train_wordpiece_tokenizer([train], vocab_size=8000, output_dir=os.path.join(directory, "model"))
-    config = BertConfig(vocab_size=64 * -(-len(tokenizer) // 64), hidden_size=hidden, num_hidden_layers=layers,
+    # An 8k vocabulary as in the reference job (the generated corpus itself needs only ~2k tokens).
+    config = BertConfig(vocab_size=max(8000, 64 * -(-len(tokenizer) // 64)), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=hidden // 64, intermediate_size=4 * hidden, max_position_embeddings=512)
     import torch
 
