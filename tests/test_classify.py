@@ -155,3 +155,16 @@ def test_bad_input_from_a_real_process(sentiment, job_env, tmp_path):
     assert result.returncode == 2 and result.stderr.strip().startswith("error: --output_dir")
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert os.listdir(out) == ["keep.txt"]
+
+
+def test_best_checkpoint_is_picked_by_accuracy_without_naming_the_metric(sentiment, mlm_checkpoint, job_env, tmp_path):
+    out = tmp_path / "best"
+    run_job("trainer.classify", classify_args(sentiment, out, "--model_name_or_path", mlm_checkpoint, "--max_steps",
+                                              "12", "--save_steps", "4", "--load_best_model_at_end"), job_env)
+    results = read_results(out)
+    with open(out / "log_history.jsonl") as handle:
+        evaluations = [json.loads(line) for line in handle if '"eval_accuracy"' in line]
+    accuracy_at = {record["step"]: record["eval_accuracy"] for record in evaluations if record["step"] in (4, 8, 12)}
+    best_step = max(sorted(accuracy_at), key=accuracy_at.get)  # the first of equals, as the checkpointer keeps it
+    assert results["best_metric"] == accuracy_at[best_step]
+    assert results["best_model_checkpoint"] == f"checkpoint-{best_step}"

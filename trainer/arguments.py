@@ -118,7 +118,9 @@ class TrainingArguments:
                                                 "--load_best_model_at_end).")
     load_best_model_at_end: bool = arg(False, "Keep the checkpoint with the best --metric_for_best_model out of the "
                                               "rotation and make it the final model. Evaluates at every save.")
-    metric_for_best_model: str = arg("eval_perplexity", "Evaluation metric that picks the best checkpoint.")
+    metric_for_best_model: Optional[str] = arg(None, "Evaluation metric that picks the best checkpoint. Unset: the "
+                                                     "job's main metric (eval_perplexity for mlm, eval_accuracy for "
+                                                     "classify).")
     greater_is_better: Optional[bool] = arg(None, "Whether a larger --metric_for_best_model is better. Unset: "
                                                   "False for loss/perplexity metrics, True otherwise.")
     resume_from_checkpoint: Optional[str] = arg(
@@ -167,13 +169,17 @@ class TrainingArguments:
         for name in self.stop_signals:
             require(name in signal.Signals.__members__ and name not in ("SIGKILL", "SIGSTOP"),
                     f"--stop_signals: {name} is not a signal this job can catch (e.g. SIGTERM, SIGUSR1)")
-        if self.greater_is_better is None:
-            self.greater_is_better = not any(word in self.metric_for_best_model for word in ("loss", "perplexity"))
         require(self.resume_from_checkpoint is None or self.resume_from_checkpoint == "latest"
                 or os.path.isdir(self.resume_from_checkpoint),
                 f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such directory (give a checkpoint "
                 f"directory or 'latest')")
         require(self.deepspeed is None or os.path.isfile(self.deepspeed), f"--deepspeed {self.deepspeed}: no such file")
+
+    def choose_best_metric(self, job_default: str) -> None:
+        """Fill --metric_for_best_model with the job's main metric and infer its direction when not given."""
+        self.metric_for_best_model = self.metric_for_best_model or job_default
+        if self.greater_is_better is None:
+            self.greater_is_better = not any(word in self.metric_for_best_model for word in ("loss", "perplexity"))
 
     @property
     def mixed_precision(self) -> str:

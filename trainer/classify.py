@@ -321,6 +321,7 @@ def build_task(model_args, data_args, training_args, cls_args, accelerator):
         hf_model=trained_model, tokenizer=tokenizer,
         train_lengths=list(train_set["length"]) if cls_args.group_by_length else None,
         before_optimizer_step=before_optimizer_step,
+        main_metric=f"eval_{os.path.basename(cls_args.metrics[0]).removesuffix('.py')}",  # the first metric asked for
     )
     return task, test_set, labels
 

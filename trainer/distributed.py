@@ -193,11 +193,14 @@ def backward(accelerator, loss: torch.Tensor, last_micro_step: bool) -> None:
 
 
 def full_state_dict(accelerator, model, submodule: torch.nn.Module) -> dict | None:
-    """The complete weights of `submodule` (on rank 0) under DeepSpeed; None elsewhere, where its own are complete.
+    """The complete weights of `submodule` (on rank 0) under DeepSpeed or FSDP; None elsewhere, where its own
+    parameters are complete.
 
-    Every rank must call this: under ZeRO-3 each holds a shard and the 16-bit gather is a collective.
+    Every rank must call this: under ZeRO-3 and FSDP each holds a shard and the gather is a collective.
     """
-    if not uses_deepspeed(accelerator):
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         return None
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:  # the gather delivers to rank 0 only

@@ -47,6 +47,7 @@ class Task:
     tokenizer: object
     columns: Optional[list[str]] = None  # dataset columns the collators read (None: all)
     after_evaluation: Optional[Callable[[torch.nn.Module], None]] = None  # rank 0, e.g. fill-mask probes
+    main_metric: str = "eval_loss"  # the default --metric_for_best_model
     # Training FLOPs per token at a given sequence length, for MFU (default: every head position computed).
     flops_per_token: Optional[Callable[[float], float]] = None
     train_lengths: Optional[list[int]] = None  # per training sample; given: length-grouped batches
@@ -79,6 +80,7 @@ class Engine:
     def __init__(self, args, task: Task, accelerator):
         self.args = args
         self.task = task
+        args.choose_best_metric(task.main_metric)
         self.accelerator = accelerator
         self.state = TrainState()
         self.world_size = accelerator.num_processes

@@ -287,6 +287,7 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
         hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),
         # The sparse head runs on the masked positions only: count its FLOPs for that fraction.
         flops_per_token=functools.partial(training_flops_per_token, model, head_fraction=head_fraction),
+        main_metric="eval_perplexity",
     )
 
 
