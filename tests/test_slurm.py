@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import REPO_ROOT, mlm_args, read_results
+from classify_helpers import sentiment  # noqa: F401 (a fixture)
+from conftest import REPO_ROOT, TINY_BERT, mlm_args, read_results
 from resume_helpers import assert_same_parameters, wait_for_path
 
 pytestmark = pytest.mark.slow
@@ -204,3 +205,19 @@ def test_bad_input_fails_the_submitted_job_with_the_usage_in_its_log(slurm_env, 
     text = log.read_text()
     assert "error: give --output_dir" in text and "Every argument after the script goes to" in text
     assert "torch.distributed.run" not in text
+
+
+def test_classify_script_fine_tunes_and_leaves_a_loadable_classifier(sentiment, tokenizer_dir, slurm_env, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    output_dir = tmp_path / "out"
+    args = ["--train_file", sentiment["train"], "--validation_file", sentiment["validation"], "--text_column",
+            "sentence", "--tokenizer_name", tokenizer_dir, *TINY_BERT, "--max_seq_length", "64", "--output_dir",
+            str(output_dir), "--max_steps", "10", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--report_to", "none"]
+    log = run_sbatch("classify", args, slurm_env, tmp_path)
+    assert "trainer.classify" in log and "--nproc_per_node=2" in log
+    model = AutoModelForSequenceClassification.from_pretrained(str(output_dir))
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    results = read_results(output_dir)
+    assert results["train_steps"] == 10 and 0 <= results["eval_accuracy"] <= 1
