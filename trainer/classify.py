@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
-from trainer.data import load_file, load_raw_splits, make_loader, pad_rows, resolve_text_column
+from trainer.data import load_file, load_raw_splits, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import all_gather_objects, shard_for_evaluation
+from trainer.distributed import all_gather_objects
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune import PEFT_STRATEGIES, STRATEGIES, apply_strategy, distillation_loss, load_teacher
@@ -255,13 +255,9 @@ def log_confusion_matrix(matrix: np.ndarray, id2label: dict) -> None:
 def predict(engine: Engine, dataset) -> dict:
     """Class probabilities for every sample of `dataset`, computed in shards on all ranks, gathered everywhere."""
     accelerator = engine.accelerator
-    shard = shard_for_evaluation(len(dataset), accelerator.num_processes, accelerator.process_index)
-    size = engine.args.per_device_eval_batch_size
-    loader = make_loader(dataset, None, [list(shard[i:i + size]) for i in range(0, len(shard), size)],
-                         engine.task.eval_collator, 0, pin_memory=False)
     model = accelerator.unwrap_model(engine.model).hf_model.eval()
     probabilities = {}
-    for batch in loader:
+    for batch in engine.sharded_batches(dataset):
         sample_ids = batch.pop("sample_id").tolist()
         inputs = {k: v.to(accelerator.device) for k, v in batch.items() if k not in ("num_loss_items", "labels")}
         with accelerator.autocast():
@@ -349,8 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
                               labels.id2label)
     if accelerator.is_main_process and cls_args.merge_adapters:
         export_merged(task, os.path.join(training_args.output_dir, "merged"))
-    finish_job(engine, metrics, {"task": "text classification", "pipeline_tag": "text-classification",
-                                 "data": data_args.dataset_name or data_args.train_file},
+    finish_job(engine, metrics, data_args, {"task": "text classification", "pipeline_tag": "text-classification"},
                f"accuracy {metrics.get('init_eval_accuracy', float('nan')):.4f} -> "
                f"{metrics.get('eval_accuracy', float('nan')):.4f}; model saved to {training_args.output_dir}")
     return metrics

@@ -260,12 +260,7 @@ class Engine:
     @torch.no_grad()
     def evaluate(self, prefix: str = "eval_") -> dict:
         """Every evaluation sample exactly once over all ranks; sums reduced in float64."""
-        dataset = self.task.eval_dataset
-        shard = shard_for_evaluation(len(dataset), self.world_size, self.accelerator.process_index)
-        batch_size = self.args.per_device_eval_batch_size
-        index_batches = [list(shard[start:start + batch_size]) for start in range(0, len(shard), batch_size)]
-        loader = make_loader(dataset, self.task.columns, index_batches, self.task.eval_collator,
-                             self.args.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
+        loader = self.sharded_batches(self.task.eval_dataset)
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         num_items, predictions = 0, {}
@@ -288,6 +283,14 @@ class Engine:
         if self.accelerator.is_main_process and self.task.after_evaluation is not None and not is_zero3(self.accelerator):
             self.task.after_evaluation(self.accelerator.unwrap_model(self.model))
         return metrics
+
+    def sharded_batches(self, dataset):
+        """This rank's contiguous shard of `dataset` in evaluation batches: every sample once over all ranks."""
+        shard = shard_for_evaluation(len(dataset), self.world_size, self.accelerator.process_index)
+        batch_size = self.args.per_device_eval_batch_size
+        index_batches = [list(shard[start:start + batch_size]) for start in range(0, len(shard), batch_size)]
+        return make_loader(dataset, self.task.columns, index_batches, self.task.eval_collator,
+                           self.args.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     # ------------------------------------------------------------------------------------------------- saving
     def save_model(self, directory: str) -> None:

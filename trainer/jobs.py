@@ -30,11 +30,11 @@ def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_
     return parsed, accelerator
 
 
-def finish_job(engine, metrics: dict, model_card: dict, summary: str) -> None:
+def finish_job(engine, metrics: dict, data_args, model_card: dict, summary: str) -> None:
     """Rank 0: all_results.json, the model card and Hub push (when asked), and a closing log line."""
     if engine.accelerator.is_main_process:
         write_results(engine.args.output_dir, metrics)
-        engine.hub.push_final(model_card, metrics)
+        engine.hub.push_final({**model_card, "data": data_args.dataset_name or data_args.train_file}, metrics)
         logger.info(summary)
 
 

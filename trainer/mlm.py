@@ -299,8 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     task = build_task(model_args, data_args, training_args, mlm_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()
-    finish_job(engine, metrics, {"task": "masked-language modelling", "pipeline_tag": "fill-mask",
-                                 "data": data_args.dataset_name or data_args.train_file},
+    finish_job(engine, metrics, data_args, {"task": "masked-language modelling", "pipeline_tag": "fill-mask"},
                f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}; model saved "
                f"to {training_args.output_dir}")
     return metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 
 from trainer.errors import UsageError, require
 from trainer.hub import check_loadable
@@ -48,7 +49,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
             handle.write("\n".join(texts))
         train_wordpiece_tokenizer([corpus], vocab_size=vocab_size, output_dir=scratch)
         os.remove(corpus)
-        os.replace(scratch, directory) if not os.path.exists(directory) else None
+        if os.path.exists(directory):  # another process cached the same tokenizer meanwhile
+            shutil.rmtree(scratch)
+        else:
+            os.replace(scratch, directory)
     return AutoTokenizer.from_pretrained(directory)
 
 
