@@ -44,7 +44,7 @@ def resolve_deepspeed_config(config: dict, args, world_size: int, source: str) -
     fill("train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "--per_device_train_batch_size")
     fill("gradient_accumulation_steps", args.gradient_accumulation_steps, "--gradient_accumulation_steps")
     fill("train_batch_size", world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps,
-         f"processes x --per_device_train_batch_size x --gradient_accumulation_steps")
+         "processes x --per_device_train_batch_size x --gradient_accumulation_steps")
     fill("gradient_clipping", args.max_grad_norm, "--max_grad_norm")
     fill("bf16.enabled", args.bf16, "--bf16")
     fill("fp16.enabled", args.fp16, "--fp16")

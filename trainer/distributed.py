@@ -134,8 +134,13 @@ def prepare_deepspeed_for_model(accelerator, hf_config) -> None:
         fill_hidden_size_values(accelerator.deepspeed_plugin.deepspeed_config, hidden_size)
 
 
-def is_zero3(accelerator) -> bool:
-    return uses_deepspeed(accelerator) and accelerator.deepspeed_plugin.zero_stage == 3
+def parameters_sharded(accelerator) -> bool:
+    """Under ZeRO-3 (and FSDP) each rank holds a shard of every weight: a forward is a collective that all
+    ranks must run together, so nothing may run the model on rank 0 alone."""
+    from accelerate.utils import DistributedType
+
+    zero3 = uses_deepspeed(accelerator) and accelerator.deepspeed_plugin.zero_stage == 3
+    return zero3 or accelerator.distributed_type == DistributedType.FSDP
 
 
 def init_process_group_per_restart(backend: str, timeout: datetime.timedelta) -> None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from trainer.checkpoint import Checkpointer
 from trainer.data import make_loader
 from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward, full_state_dict,
-                                 is_zero3, load_deepspeed_checkpoint, prepare_deepspeed_for_model,
+                                 load_deepspeed_checkpoint, parameters_sharded, prepare_deepspeed_for_model,
                                  save_deepspeed_checkpoint, set_gradient_sync, shard_for_evaluation, uses_deepspeed)
 from trainer.errors import JobStopped, require
 from trainer.fault_injection import FaultInjection
@@ -279,8 +279,9 @@ class Engine:
         metrics = self.task.compute_metrics(EvalOutput(totals[0], int(totals[1]), gathered))
         metrics = {f"{prefix}{key}": value for key, value in metrics.items()}
         self.metrics.log(self.state.step, metrics)
-        # Under ZeRO-3 a forward on rank 0 alone would wait forever for the other ranks' parameter shards.
-        if self.accelerator.is_main_process and self.task.after_evaluation is not None and not is_zero3(self.accelerator):
+        # With sharded parameters a forward on rank 0 alone would wait forever for the other ranks' shards.
+        if (self.accelerator.is_main_process and self.task.after_evaluation is not None
+                and not parameters_sharded(self.accelerator)):
             self.task.after_evaluation(self.accelerator.unwrap_model(self.model))
         return metrics
 
