@@ -36,7 +36,6 @@ def three_runs(corpus, tokenizer_dir, job_env, tmp_path_factory):
 @pytest.mark.slow
 def test_parameters_match_across_world_size_batch_split_and_accumulation(three_runs):
     reference = load_parameters(three_runs["1x16x1"])
-    initial_change = None
     for name in ("1x8x2", "2x4x2"):
         difference = relative_difference(reference, load_parameters(three_runs[name]))
         assert difference <= 1e-5, f"{name} differs from 1x16x1 by {difference:.2e}"
