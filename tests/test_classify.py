@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from classify_helpers import TINY, classify_args, mlm_checkpoint, read_predictions, save_tiny, sentiment  # noqa: F401
-from conftest import load_parameters, read_results, run_job
+from conftest import REPO_ROOT, load_parameters, read_results, run_job
 from trainer.distributed import GlobalBatchSampler
 
 
@@ -60,6 +60,24 @@ def test_one_and_two_processes_report_identical_metrics(sentiment, mlm_checkpoin
     initial = load_parameters(mlm_checkpoint)
     assert not torch.equal(before["bert.embeddings.word_embeddings.weight"],
                            initial["bert.embeddings.word_embeddings.weight"])
+
+
+@pytest.mark.slow
+def test_zero3_predictions_match_a_single_process(sentiment, mlm_checkpoint, job_env, tmp_path):
+    """Under ZeRO-3 every rank holds a shard of each weight, so prediction must run on all ranks together."""
+    common = ["--model_name_or_path", mlm_checkpoint, "--max_steps", "4", "--do_predict", "--test_file",
+              sentiment["validation"]]
+    one, zero3 = tmp_path / "one", tmp_path / "zero3"
+    run_job("trainer.classify", classify_args(sentiment, one, *common), job_env)
+    run_job("trainer.classify", classify_args(sentiment, zero3, *common, "--per_device_train_batch_size", "4",
+                                              "--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")),
+            job_env, nproc=2)
+    assert read_results(zero3)["eval_accuracy"] == read_results(one)["eval_accuracy"]
+    expected, predicted = read_predictions(one), read_predictions(zero3)
+    assert [row["id"] for row in predicted] == list(range(100))
+    for mine, theirs in zip(predicted, expected):
+        assert mine["label"] == theirs["label"]
+        assert list(mine["probabilities"].values()) == pytest.approx(list(theirs["probabilities"].values()), abs=1e-5)
 
 
 def global_steps(world_size: int, per_device: int, lengths, epoch: int) -> list[list[int]]:
@@ -125,11 +143,14 @@ def bad_inputs(tmp_path, sentiment, tokenizer_dir):
                             three_labels], "same labels"),
         "peft architecture": (["--train_file", train, "--model_name_or_path", distilbert, "--finetune_strategy",
                                "lora"], "not possible on a distilbert model"),
+        "gradual unfreezing under DeepSpeed": (["--train_file", train, "--finetune_strategy", "gradual_unfreeze",
+                                                "--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero2.json")],
+                                               "run it without DeepSpeed"),
     }
 
 
 CASES = ["no label column", "no text column", "single class", "float labels", "non-UTF-8", "unseen validation label",
-         "teacher labels", "peft architecture"]
+         "teacher labels", "peft architecture", "gradual unfreezing under DeepSpeed"]
 
 
 @pytest.mark.parametrize("case", CASES)

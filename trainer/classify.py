@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
 from trainer.data import load_file, load_raw_splits, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import all_gather_objects
+from trainer.distributed import all_gather_objects, deepspeed_requested
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune import PEFT_STRATEGIES, STRATEGIES, apply_strategy, distillation_loss, load_teacher
@@ -184,11 +184,14 @@ class ClassificationTask(torch.nn.Module):
         self.__dict__["teacher"] = teacher
         self.temperature, self.alpha = temperature, alpha
 
-    def forward(self, input_ids, attention_mask, labels, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None):
+        """With labels: the summed loss and argmax predictions. Without (prediction): class probabilities."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         logits = self.hf_model(**inputs).logits.float()
+        if labels is None:
+            return {"probabilities": F.softmax(logits, dim=-1)}
         if self.teacher is not None and self.training:
             with torch.no_grad():
                 teacher_logits = self.teacher(**inputs).logits.float()
@@ -253,16 +256,19 @@ def log_confusion_matrix(matrix: np.ndarray, id2label: dict) -> None:
 # -------------------------------------------------------------------------------------------------- predictions
 @torch.no_grad()
 def predict(engine: Engine, dataset) -> dict:
-    """Class probabilities for every sample of `dataset`, computed in shards on all ranks, gathered everywhere."""
-    accelerator = engine.accelerator
-    model = accelerator.unwrap_model(engine.model).hf_model.eval()
+    """Class probabilities for every sample of `dataset`, computed in shards on all ranks, gathered everywhere.
+
+    The forward goes through the prepared model (DDP, DeepSpeed or FSDP) on every rank: under ZeRO-3 and FSDP
+    each forward gathers parameter shards from all ranks, so the unwrapped model would wait forever.
+    """
+    engine.model.eval()
     probabilities = {}
     for batch in engine.sharded_batches(dataset):
         sample_ids = batch.pop("sample_id").tolist()
-        inputs = {k: v.to(accelerator.device) for k, v in batch.items() if k not in ("num_loss_items", "labels")}
-        with accelerator.autocast():
-            logits = model(**inputs).logits.float()
-        probabilities.update(zip(sample_ids, F.softmax(logits, dim=-1).cpu().tolist()))
+        batch.pop("num_loss_items")
+        batch.pop("labels", None)
+        output = engine.model(**engine.to_device(batch))
+        probabilities.update(zip(sample_ids, output["probabilities"].cpu().tolist()))
     return {sid: p for part in all_gather_objects(probabilities) for sid, p in part.items()}
 
 
@@ -330,11 +336,17 @@ def export_merged(task: Task, directory: str) -> None:
     logger.info("merged model saved to %s", directory)
 
 
+def check_arguments(model_args, data_args, training_args, cls_args) -> None:
+    require(not (cls_args.finetune_strategy == "gradual_unfreeze" and deepspeed_requested(training_args)),
+            "--finetune_strategy gradual_unfreeze masks gradients between the backward pass and the update, which "
+            "DeepSpeed performs inside its own step; run it without DeepSpeed (DDP) or choose another strategy")
+
+
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     (model_args, data_args, training_args, cls_args), accelerator = start_job(
         (ModelArguments, DataArguments, TrainingArguments, ClassifyArguments), argv, DEMO_CONFIG,
-        write_sentiment_dataset, "sentiment dataset")
+        write_sentiment_dataset, "sentiment dataset", check_arguments)
     task, test_set, labels = build_task(model_args, data_args, training_args, cls_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()

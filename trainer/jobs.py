@@ -10,9 +10,10 @@ from trainer.metrics import logger
 from trainer.models import cache_dir
 
 
-def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_name: str):
-    """Every job's first steps: parse the arguments, check the output directory, start the processes, set up
-    logging, fall back to the embedded demo data, seed. Returns the parsed arguments and the accelerator."""
+def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_name: str, check_arguments=None):
+    """Every job's first steps: parse the arguments, check them together (`check_arguments(*parsed)`) and the
+    output directory, start the processes, set up logging, fall back to the embedded demo data, seed. Returns
+    the parsed arguments and the accelerator."""
     from accelerate.utils import set_seed
 
     from trainer.arguments import DataArguments, TrainingArguments, parse_arguments
@@ -22,6 +23,8 @@ def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_
     parsed = parse_arguments(dataclass_types, argv, default_config=default_config)
     training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
     data_args = next(a for a in parsed if isinstance(a, DataArguments))
+    if check_arguments is not None:
+        check_arguments(*parsed)
     check_output_dir(training_args)
     accelerator = make_accelerator(training_args)
     setup_logging(accelerator.is_main_process)
