@@ -31,10 +31,11 @@ def ds_config(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def runs(corpus, tokenizer_dir, job_env, tmp_path_factory):
-    """A 2-process DDP reference and ZeRO-2/3 runs of the same job (ZeRO-1 runs in the round-trip test)."""
+    """A 2-process DDP reference and ZeRO-2/3 runs of the same job (ZeRO-1 runs in the round-trip test); ZeRO-3
+    with optimizer and parameters offloaded to the CPU steps with DeepSpeedCPUAdam (accelerate swaps it in)."""
     root = tmp_path_factory.mktemp("zero")
     outputs = {}
-    for name in ("ddp", "zero2", "zero3"):
+    for name in ("ddp", "zero2", "zero3", "zero3_offload"):
         outputs[name] = root / name
         extra = [] if name == "ddp" else ["--deepspeed", ds_config(name)]
         run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, outputs[name], *STEPS, *extra), job_env, nproc=2)
@@ -42,7 +43,7 @@ def runs(corpus, tokenizer_dir, job_env, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
 def test_zero_parameters_and_losses_match_ddp(runs, stage):
     reference = load_parameters(runs["ddp"])
     difference = relative_difference(reference, load_parameters(runs[stage]))

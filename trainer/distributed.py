@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -109,6 +110,9 @@ def start_deepspeed_process_group(timeout: datetime.timedelta) -> None:
     """Initialise deepspeed.comm before accelerate does, so that CPU runs use gloo and the long timeout."""
     import deepspeed
 
+    # DeepSpeed 0.19 calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor, deprecated in torch
+    # 2.13; under ZeRO-3 the warning repeats for every gathered parameter (hundreds of log lines per step).
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     backend = None if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
 
