@@ -34,7 +34,10 @@ def test_sparse_head_matches_dense_loss_and_gradients(model_type):
     dense_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
 
-    sparse_loss = MaskedLMTask(model)(input_ids, positions, labels.view(-1)[positions], attention_mask)["loss_sum"]
+    # Padded rows (position 0, label IGNORE), as the collators send them, add no loss and no gradient.
+    padded_positions = torch.cat([positions, torch.zeros(5, dtype=torch.long)])
+    padded_labels = torch.cat([labels.view(-1)[positions], torch.full((5,), IGNORE)])
+    sparse_loss = MaskedLMTask(model)(input_ids, padded_positions, padded_labels, attention_mask)["loss_sum"]
     sparse_loss.backward()
     assert sparse_loss.item() == pytest.approx(dense_loss.item(), rel=1e-5)
     for name, grad in dense_grads.items():

@@ -31,6 +31,7 @@ from trainer.default_data import write_mlm_corpus
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mlm_demo.yaml")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation masks from sharing random draws
 IGNORE = -100
+MASKED_ROWS_MULTIPLE = 64  # see sparse_targets
 SPARSE_HEAD_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
 
 
@@ -132,10 +133,21 @@ class Masker:
 
 
 def sparse_targets(inputs: np.ndarray, labels: np.ndarray, sample_ids, pad_token_id: int, padded: bool) -> dict:
-    """Tensors for the sparse MLM head: only masked positions (flat indices) and their labels go to the model."""
+    """Tensors for the sparse MLM head: only masked positions (flat indices) and their labels go to the model.
+
+    The rows are padded to a multiple of MASKED_ROWS_MULTIPLE with position 0 and label IGNORE (no loss, no
+    gradient). The masked count changes every batch, and oneDNN (CPU bf16 matrix products) keeps a cached
+    primitive with its buffers per matrix shape: one new shape per step grew a bf16 run by ~30 MB a step (1.8 GB
+    after 30 steps against a flat 1.1 GB). A multiple of 64 leaves a handful of shapes, for compiled graphs too.
+    """
     positions = np.flatnonzero(labels != IGNORE)
-    batch = {"input_ids": torch.from_numpy(inputs), "masked_positions": torch.from_numpy(positions),
-             "masked_labels": torch.from_numpy(labels.reshape(-1)[positions]),
+    rows = -(-len(positions) // MASKED_ROWS_MULTIPLE) * MASKED_ROWS_MULTIPLE
+    padded_positions = np.zeros(rows, dtype=np.int64)
+    padded_positions[:len(positions)] = positions
+    padded_labels = np.full(rows, IGNORE, dtype=np.int64)
+    padded_labels[:len(positions)] = labels.reshape(-1)[positions]
+    batch = {"input_ids": torch.from_numpy(inputs), "masked_positions": torch.from_numpy(padded_positions),
+             "masked_labels": torch.from_numpy(padded_labels),
              "num_loss_items": len(positions), "sample_id": torch.as_tensor(sample_ids)}
     if padded:  # grouped blocks have no padding: no attention mask lets SDPA take its fastest path
         batch["attention_mask"] = torch.from_numpy((inputs != pad_token_id).astype(np.int64))
