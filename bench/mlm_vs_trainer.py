@@ -3,17 +3,22 @@
 One fixture (a WordPiece tokenizer on the embedded corpus and a randomly initialised BERT saved locally) and the
 same tokenized blocks feed both: the transformers `Trainer` with `DataCollatorForLanguageModeling`, and this
 package's engine. Same model, batch, sequence length, steps, optimizer and precision. Each side runs in its own
-process; the script prints training tokens/s of both, the ratio, peak resident memory, and the final eval loss.
+process, `--repeats` times, alternating which side goes first (the machine's speed drifts); the script prints
+every run, the median tokens/s of each side and the median of the per-pair ratios, peak resident memory, and the
+eval loss of both trained models measured the same way: trainer.mlm's evaluation with its fixed masks.
 
     python bench/mlm_vs_trainer.py                    # fp32, 4-layer 256-wide BERT, batch 32 x 128
     python bench/mlm_vs_trainer.py --bf16             # bf16 autocast on both sides
+    python bench/mlm_vs_trainer.py --torch_compile    # compile this engine's model (compile time included)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,28 +79,48 @@ def run_transformers_trainer(directory: str, opts) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["validation"],
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=0))
     metrics = trainer.train().metrics
-    eval_loss = trainer.evaluate()["eval_loss"]
+    trainer.save_model(trained_model_dir(directory, "transformers"))
+    tokenizer.save_pretrained(trained_model_dir(directory, "transformers"))
     tokens_per_second = metrics["train_samples_per_second"] * opts.seq_len
     flops = training_flops_per_token(model, opts.seq_len)  # the dense head: every position
-    return {"tokens_per_second": tokens_per_second, "eval_loss": eval_loss,
-            "mfu": tokens_per_second * flops / peak_flops(opts)}
+    return {"tokens_per_second": tokens_per_second, "mfu": tokens_per_second * flops / peak_flops(opts)}
+
+
+def trained_model_dir(directory: str, side: str) -> str:
+    return os.path.join(directory, f"{side}-out")
+
+
+def engine_argv(directory: str, model: str, output_dir: str, steps: int, opts) -> list[str]:
+    corpus = os.path.join(directory, "corpus")
+    return ["--model_name_or_path", model, "--train_file", os.path.join(corpus, "train.txt"),
+            "--validation_file", os.path.join(corpus, "validation.txt"), "--max_seq_length", str(opts.seq_len),
+            "--per_device_train_batch_size", str(opts.batch_size), "--max_steps", str(steps),
+            "--learning_rate", str(opts.learning_rate), "--weight_decay", "0.01", "--report_to", "none",
+            "--probe_sentences", "", "--output_dir", output_dir, "--overwrite_output_dir", "--seed", "0",
+            "--peak_tflops", str(peak_flops(opts) / 1e12)]
 
 
 def run_this_engine(directory: str, opts) -> dict:
+    """Logs at steps/3 intervals: end-to-end tokens/s (as for the Trainer) and the last window's (steady state)."""
     from trainer.mlm import main
 
-    corpus = os.path.join(directory, "corpus")
-    argv = ["--model_name_or_path", os.path.join(directory, "model"), "--train_file",
-            os.path.join(corpus, "train.txt"), "--validation_file", os.path.join(corpus, "validation.txt"),
-            "--max_seq_length", str(opts.seq_len), "--per_device_train_batch_size", str(opts.batch_size),
-            "--max_steps", str(opts.steps), "--learning_rate", str(opts.learning_rate), "--weight_decay", "0.01",
-            "--logging_steps", str(opts.steps), "--report_to", "none", "--probe_sentences", "",
-            "--output_dir", os.path.join(directory, "ours-out"), "--overwrite_output_dir", "--seed", "0"]
-    metrics = main(argv + (["--bf16"] if opts.bf16 else []) + (["--torch_compile"] if opts.torch_compile else [])
-                   + ["--peak_tflops", str(peak_flops(opts) / 1e12)])
-    with open(os.path.join(directory, "ours-out", "log_history.jsonl")) as handle:
-        mfu = [json.loads(line) for line in handle if '"train_mfu"' in line][-1]["train_mfu"]
-    return {"tokens_per_second": metrics["train_tokens_per_second"], "eval_loss": metrics["eval_loss"], "mfu": mfu}
+    output_dir = trained_model_dir(directory, "ours")
+    argv = engine_argv(directory, os.path.join(directory, "model"), output_dir, opts.steps, opts)
+    metrics = main(argv + ["--logging_steps", str(max(opts.steps // 3, 1))] + (["--bf16"] if opts.bf16 else [])
+                   + (["--torch_compile"] if opts.torch_compile else []))
+    with open(os.path.join(output_dir, "log_history.jsonl")) as handle:
+        last_window = [json.loads(line) for line in handle if '"train_mfu"' in line][-1]
+    return {"tokens_per_second": metrics["train_tokens_per_second"], "mfu": last_window["train_mfu"],
+            "steady_tokens_per_second": last_window["train_tokens_per_second"]}
+
+
+def fixed_mask_eval_loss(directory: str, side: str, opts) -> dict:
+    """The eval loss of a trained model by trainer.mlm's own evaluation (fixed masks, fp32) before a first step."""
+    from trainer.mlm import main
+
+    metrics = main(engine_argv(directory, trained_model_dir(directory, side), os.path.join(directory, "eval-out"),
+                               1, opts))
+    return {"eval_loss": metrics["init_eval_loss"]}
 
 
 def peak_flops(opts) -> float:
@@ -107,8 +132,11 @@ def peak_flops(opts) -> float:
 
 
 def child(side: str, directory: str, opts) -> None:
-    result = (run_this_engine if side == "ours" else run_transformers_trainer)(directory, opts)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if opts.evaluate:
+        result = fixed_mask_eval_loss(directory, side, opts)
+    else:
+        result = (run_this_engine if side == "ours" else run_transformers_trainer)(directory, opts)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -134,29 +162,58 @@ def main() -> None:
     parser.add_argument("--torch_compile", action="store_true", help="compile this engine's model (ours only)")
     parser.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: measured matmul peak)")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating which goes first")
     parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--fixture", help=argparse.SUPPRESS)
+    parser.add_argument("--evaluate", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.side:
         return child(opts.side, opts.fixture, opts)
-    passthrough = [a for a in sys.argv[1:]]
+    passthrough = list(sys.argv[1:])
     with tempfile.TemporaryDirectory() as directory:
         if opts.peak_tflops is None:  # measure once, so that both sides are divided by the same peak
             passthrough += ["--peak_tflops", str(peak_flops(opts) / 1e12)]
         build_fixture(directory, opts.layers, opts.hidden, opts.vocab_size)
         blocks(directory, opts.seq_len)  # tokenize once, outside both timings
-        results = {side: measure(side, directory, passthrough) for side in ("transformers", "ours")}
+        runs = alternating_runs(directory, passthrough, opts.repeats)
+        # Same seed, same data: every repeat trains the same model; the last one of each side is evaluated.
+        eval_loss = {side: measure(side, directory, passthrough + ["--evaluate"])["eval_loss"] for side in runs}
+    report(runs, eval_loss, float(passthrough[passthrough.index("--peak_tflops") + 1]), opts)
+
+
+def alternating_runs(directory: str, passthrough: list[str], repeats: int) -> dict:
+    """{side: [result per repeat]}; odd repeats run this engine first, even ones the Trainer first."""
+    runs = {"transformers": [], "ours": []}
+    for repeat in range(repeats):
+        for side in (("transformers", "ours") if repeat % 2 == 0 else ("ours", "transformers")):
+            runs[side].append(measure(side, directory, passthrough))
+        print(f"repeat {repeat + 1}: transformers {runs['transformers'][-1]['tokens_per_second']:.0f} tokens/s, ours "
+              f"{runs['ours'][-1]['tokens_per_second']:.0f} tokens/s", flush=True)
+    return runs
+
+
+def report(runs: dict, eval_loss: dict, peak_tflops: float, opts) -> None:
     precision = "bf16" if opts.bf16 else "fp32"
     print(f"\nMLM, BERT {opts.layers}x{opts.hidden}, batch {opts.batch_size} x {opts.seq_len}, {opts.steps} steps, "
-          f"{precision}{' + torch.compile (ours)' if opts.torch_compile else ''}, {time.strftime('%Y-%m-%d')}")
+          f"{precision}{' + torch.compile (ours)' if opts.torch_compile else ''}, {len(runs['ours'])} alternating "
+          f"runs per side, {time.strftime('%Y-%m-%d %H:%M')}")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPUs"
-    print(f"device: {device}; MFU against {float(passthrough[passthrough.index('--peak_tflops') + 1]):.2f} TFLOP/s")
-    print(f"{'':14}{'tokens/s':>12}{'MFU':>8}{'peak RSS MiB':>14}{'eval loss':>11}")
-    for side, result in results.items():
-        print(f"{side:14}{result['tokens_per_second']:12.0f}{result['mfu']:8.1%}{result['peak_rss_mib']:14.0f}"
-              f"{result['eval_loss']:11.3f}")
-    ratio = results["ours"]["tokens_per_second"] / results["transformers"]["tokens_per_second"]
-    print(f"ratio (ours / transformers Trainer): {ratio:.2f}x")
+    print(f"device: {device}; MFU against {peak_tflops:.2f} TFLOP/s")
+    print(f"{'':14}{'tokens/s (median)':>18}{'MFU':>8}{'peak RSS MiB':>14}{'eval loss':>11}{'perplexity':>12}")
+    for side, results in runs.items():
+        print(f"{side:14}{median(results, 'tokens_per_second'):18.0f}{median(results, 'mfu'):8.1%}"
+              f"{max(r['peak_rss_mib'] for r in results):14.0f}{eval_loss[side]:11.4f}"
+              f"{math.exp(eval_loss[side]):12.1f}")
+    print(f"this engine's steady state (last logging window): {median(runs['ours'], 'steady_tokens_per_second'):.0f} "
+          f"tokens/s")
+    ratios = [ours["tokens_per_second"] / theirs["tokens_per_second"]
+              for ours, theirs in zip(runs["ours"], runs["transformers"])]
+    print(f"ratio (ours / transformers Trainer) per repeat: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x")
+
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
 
 
 if __name__ == "__main__":
