@@ -64,7 +64,7 @@ def test_fsdp_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(runs,
     ("1", "error: FSDP on the CPU needs fsdp_version: 2 (got 1); see launch/accelerate/cpu_fsdp2.yaml"),
     ("2", "error: FSDP on the CPU needs 2 or more processes (got 1); launch with accelerate launch "
           "--num_processes 2 or more, or drop the FSDP config"),
-])
+], ids=["fsdp_version_1", "one_process"])
 def test_fsdp_on_cpu_that_cannot_run_is_refused_not_run_as_something_else(corpus, tokenizer_dir, job_env, tmp_path,
                                                                          version, message):
     """The environment `accelerate launch` sets for an FSDP YAML, on one process: exit 2, one line."""

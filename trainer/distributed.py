@@ -1,6 +1,6 @@
 """Everything that knows about processes: start-up, collectives, gradient sync, data shards.
 
-accelerate's Accelerator does device placement, DDP wrapping and autocast. Two things are done here by hand:
+accelerate's Accelerator does device placement, DDP wrapping and autocast. These are done here by hand:
 - Under `torchrun` on a machine without CUDA, Accelerator stays single-process unless told `cpu=True`,
   so N ranks would each train alone on the same data. We pass `cpu=True` whenever CUDA is absent.
 - FSDP2 on the CPU: accelerate only turns FSDP on for accelerator devices and otherwise silently runs DDP;
@@ -183,10 +183,8 @@ def prepare_deepspeed_for_model(accelerator, hf_config) -> None:
 def parameters_sharded(accelerator) -> bool:
     """Under ZeRO-3 (and FSDP) each rank holds a shard of every weight: a forward is a collective that all
     ranks must run together, so nothing may run the model on rank 0 alone."""
-    from accelerate.utils import DistributedType
-
     zero3 = uses_deepspeed(accelerator) and accelerator.deepspeed_plugin.zero_stage == 3
-    return zero3 or accelerator.distributed_type == DistributedType.FSDP
+    return zero3 or uses_fsdp(accelerator)
 
 
 def init_process_group_per_restart(backend: str, timeout: datetime.timedelta) -> None:
