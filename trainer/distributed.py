@@ -79,7 +79,7 @@ def use_fsdp_on_cpu(accelerator, training_args) -> None:
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` sets
     require(plugin.fsdp_version == 2, f"FSDP on the CPU needs fsdp_version: 2 (got {plugin.fsdp_version}); "
                                       f"see launch/accelerate/cpu_fsdp2.yaml")
-    require(accelerator.distributed_type == DistributedType.MULTI_CPU,
+    require(accelerator.num_processes > 1,
             f"FSDP on the CPU needs 2 or more processes (got {accelerator.num_processes}); launch with "
             f"accelerate launch --num_processes 2 or more, or drop the FSDP config")
     if training_args.mixed_precision != "no":
