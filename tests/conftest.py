@@ -60,18 +60,25 @@ def job_env(tmp_path_factory) -> dict:
 
 
 def run_job(module: str, args: list[str], env: dict, nproc: int = 1, check: bool = True,
-            timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m module args` (or torchrun with `nproc` processes on gloo) and return the result."""
-    if nproc == 1:
-        command = [sys.executable, "-m", module, *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_port", str(free_port()), "-m", module, *args]
+            timeout: float = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args` (or torchrun with `nproc` processes on gloo, or under `launcher`, a command
+    prefix such as `accelerate_launch(yaml)`) and return the result."""
+    if launcher is None:
+        launcher = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port())]
+    command = [*launcher, "-m", module, *args]
     result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout[-6000:]}"
                              f"\n--- stderr\n{result.stderr[-6000:]}")
     return result
+
+
+def accelerate_launch(yaml: str) -> list[str]:
+    """`accelerate launch` with one of the shipped YAMLs (launch/accelerate/), as a launcher for `run_job`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            os.path.join(REPO_ROOT, "launch", "accelerate", yaml), "--main_process_port", str(free_port())]
 
 
 def free_port() -> int:
@@ -104,3 +111,23 @@ def mlm_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
             "--tokenizer_name", tokenizer_dir, *TINY_BERT, "--max_seq_length", "32",
             "--output_dir", str(output_dir), "--learning_rate", "5e-3", "--logging_steps", "1",
             "--report_to", "none", "--probe_sentences", "", *extra]
+
+
+def relative_difference(reference: dict, other: dict) -> float:
+    """Norm of the parameter difference over the norm of the reference parameters, over all of `reference`."""
+    num = sum(float((reference[k].double() - other[k].double()).norm() ** 2) for k in reference) ** 0.5
+    den = sum(float(reference[k].double().norm() ** 2) for k in reference) ** 0.5
+    return num / den
+
+
+def assert_export_reproduces_eval_perplexity(exported, corpus, tokenizer_dir, job_env, tmp_path, *eval_args) -> None:
+    """A new job starting from the exported directory measures the same perplexity before its first step
+    (`eval_args`: what the exporting job's evaluation set differs by from `mlm_args`, e.g. --max_eval_samples)."""
+    assert not os.path.exists(exported / "pytorch_model.bin") and os.path.isfile(exported / "model.safetensors")
+    out = tmp_path / "reload"
+    args = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1", "--per_device_train_batch_size", "4",
+                    "--per_device_eval_batch_size", "16", *eval_args)
+    args = [a for a in args if a not in TINY_BERT]  # the model comes from the export instead
+    run_job("trainer.mlm", [*args, "--model_name_or_path", str(exported)], job_env)
+    assert read_results(out)["init_eval_perplexity"] == pytest.approx(read_results(exported)["eval_perplexity"],
+                                                                      rel=1e-6)

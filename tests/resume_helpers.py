@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from conftest import REPO_ROOT, free_port, load_parameters, read_history
+from conftest import REPO_ROOT, accelerate_launch, free_port, load_parameters, read_history, read_results, run_job
 
 # 48 sequences, 8 per optimizer step (4 x accumulation 2 on one process, 2 x 2 ranks x 2 on two): 6 steps per
 # epoch, 12 steps in all; windows of 3 steps; checkpoints every 4. Dropout is ON (0.1, the BERT default):
@@ -58,6 +58,43 @@ def assert_same_parameters(directory_a, directory_b) -> None:
     assert a.keys() == b.keys()
     different = [name for name in a if not torch.equal(a[name], b[name])]
     assert not different, f"parameters differ: {different[:5]}"
+
+
+def assert_same_run(expected_dir, actual_dir) -> None:
+    assert_same_parameters(expected_dir, actual_dir)
+    assert logged_losses(actual_dir) == logged_losses(expected_dir)
+    assert read_results(actual_dir)["train_steps"] == STEPS
+
+
+def run_two_process_resume_job(corpus, tokenizer_dir, job_env, output_dir, extra=(), yaml: str | None = None,
+                               check: bool = True):
+    """The resume tests' job on 2 processes: under torchrun, or under `accelerate launch` with `yaml`."""
+    return run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, output_dir, 2, *extra), job_env, nproc=2,
+                   check=check, launcher=accelerate_launch(yaml) if yaml else None)
+
+
+def assert_sharded_stop_and_resume_is_exact(corpus, tokenizer_dir, job_env, tmp_path, sharded_dir: str, extra=(),
+                                            yaml: str | None = None, uninterrupted=None) -> None:
+    """A 2-process run stopped in step 6 and resumed from checkpoint-6 ends bit-identical to an uninterrupted one
+    (`uninterrupted`: the output directory of one already run with the same `extra` and `yaml`).
+
+    The checkpoint holds the sharded model + optimizer state that every rank wrote (`sharded_dir`: "deepspeed",
+    "fsdp") instead of rank 0's optimizer.pt. `yaml`: run under `accelerate launch` with it instead of torchrun.
+    """
+    def run(output_dir, env, check=True):
+        return run_two_process_resume_job(corpus, tokenizer_dir, env, output_dir, extra, yaml, check)
+
+    if uninterrupted is None:
+        uninterrupted = tmp_path / "uninterrupted"
+        run(uninterrupted, job_env)
+    resumed = tmp_path / "resumed"
+    first = run(resumed, with_env(job_env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=11), check=False)
+    assert "saved checkpoint-6" in first.stdout + first.stderr
+    assert os.path.isdir(resumed / "checkpoint-6" / sharded_dir)
+    assert not os.path.exists(resumed / "checkpoint-6" / "optimizer.pt")
+    second = run(resumed, job_env)
+    assert "resuming from the newest complete one" in second.stdout
+    assert_same_run(uninterrupted, resumed)
 
 
 def logged_losses(output_dir) -> list[tuple]:

@@ -12,17 +12,12 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, TINY_BERT, free_port, load_parameters, mlm_args, read_history, read_results, run_job
+from conftest import (REPO_ROOT, assert_export_reproduces_eval_perplexity, free_port, load_parameters, mlm_args,
+                      read_history, relative_difference, run_job)
 
 STEPS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
          "--warmup_steps", "1", "--weight_decay", "0.01", "--seed", "7", "--per_device_eval_batch_size", "16"]
 TOLERANCE = 1e-5
-
-
-def relative_difference(reference: dict, other: dict) -> float:
-    num = sum(float((reference[k].double() - other[k].double()).norm() ** 2) for k in reference) ** 0.5
-    den = sum(float(reference[k].double().norm() ** 2) for k in reference) ** 0.5
-    return num / den
 
 
 def ds_config(name: str) -> str:
@@ -55,16 +50,7 @@ def test_zero_parameters_and_losses_match_ddp(runs, stage):
 
 @pytest.mark.slow
 def test_zero3_export_reloads_and_reproduces_eval_perplexity(runs, corpus, tokenizer_dir, job_env, tmp_path):
-    """A new job starting from the exported directory measures the same perplexity before its first step."""
-    exported = runs["zero3"]
-    assert not os.path.exists(exported / "pytorch_model.bin") and os.path.isfile(exported / "model.safetensors")
-    out = tmp_path / "reload"
-    args = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1", "--per_device_train_batch_size", "4",
-                    "--per_device_eval_batch_size", "16")
-    args = [a for a in args if a not in TINY_BERT]  # the model comes from the export instead
-    run_job("trainer.mlm", [*args, "--model_name_or_path", str(exported)], job_env)
-    assert read_results(out)["init_eval_perplexity"] == pytest.approx(read_results(exported)["eval_perplexity"],
-                                                                      rel=1e-6)
+    assert_export_reproduces_eval_perplexity(runs["zero3"], corpus, tokenizer_dir, job_env, tmp_path)
 
 
 @pytest.mark.slow

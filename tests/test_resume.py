@@ -7,8 +7,8 @@ import signal
 import pytest
 
 from conftest import read_results, run_job
-from resume_helpers import (STEPS, assert_same_parameters, logged_losses, resume_args, samples_per_step, start_job,
-                            wait_for_path, with_env)
+from resume_helpers import (STEPS, assert_same_run, assert_sharded_stop_and_resume_is_exact, resume_args,
+                            samples_per_step, start_job, wait_for_path, with_env)
 
 
 def baseline(corpus, tokenizer_dir, job_env, directory, nproc):
@@ -31,12 +31,6 @@ def two_process_baseline(corpus, tokenizer_dir, job_env, tmp_path_factory):
 def trainer_state(checkpoint) -> dict:
     with open(os.path.join(checkpoint, "trainer_state.json")) as handle:
         return json.load(handle)
-
-
-def assert_same_run(expected_dir, actual_dir) -> None:
-    assert_same_parameters(expected_dir, actual_dir)
-    assert logged_losses(actual_dir) == logged_losses(expected_dir)
-    assert read_results(actual_dir)["train_steps"] == STEPS
 
 
 def test_single_process_resume_mid_accumulation_and_at_epoch_boundary_is_bit_exact(
@@ -133,15 +127,5 @@ def test_deepspeed_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(
                                                                                  job_env, tmp_path):
     """Under ZeRO every rank writes its shard of model and optimizer state into the checkpoint and reads it back."""
     config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", f"{stage}.json")
-    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
-    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, uninterrupted, 2, "--deepspeed", config), job_env,
-            nproc=2)
-    args = resume_args(corpus, tokenizer_dir, resumed, 2, "--deepspeed", config)
-    first = run_job("trainer.mlm", args, with_env(job_env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=11), nproc=2,
-                    check=False)
-    assert "saved checkpoint-6" in first.stdout + first.stderr
-    assert os.path.isdir(resumed / "checkpoint-6" / "deepspeed")
-    assert not os.path.exists(resumed / "checkpoint-6" / "optimizer.pt")
-    second = run_job("trainer.mlm", args, job_env, nproc=2)
-    assert "resuming from the newest complete one" in second.stdout
-    assert_same_run(uninterrupted, resumed)
+    assert_sharded_stop_and_resume_is_exact(corpus, tokenizer_dir, job_env, tmp_path, "deepspeed",
+                                            extra=["--deepspeed", config])

@@ -2,9 +2,10 @@
 
 `output_dir/checkpoint-<step>/` holds everything that decides the rest of the run:
 - `model.safetensors` + config + tokenizer (`save_pretrained`; `from_pretrained` loads the directory as is),
-- `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16 loss scaling only); under DeepSpeed, `deepspeed/` instead of
-  `optimizer.pt`: DeepSpeed's own sharded model + optimizer checkpoint, written by every rank (the weights
-  beside it are gathered from the shards, so they load with `from_pretrained` all the same),
+- `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16 loss scaling only); under DeepSpeed and FSDP a sharded
+  model + optimizer checkpoint instead of `optimizer.pt`, written by every rank: `deepspeed/` (DeepSpeed's own
+  format) or `fsdp/` (torch.distributed.checkpoint). The weights beside it are gathered from the shards, so they
+  load with `from_pretrained` all the same,
 - `rank-<r>.pt` for EVERY rank: its python/numpy/torch/cuda RNG states (dropout draws from them) and its share
   of the open logging window (loss/item/token sums since the last log line, so a run resumed mid-window logs
   the same losses as one that never stopped),
@@ -31,14 +32,13 @@ import numpy as np
 import torch
 
 from trainer.arguments import as_dict
-from trainer.distributed import full_state_dict, uses_deepspeed
+from trainer.distributed import full_state_dict, sharded_state_name
 from trainer.errors import require
 from trainer.metrics import logger
 
 PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
 STATE_FILE = "trainer_state.json"
-DEEPSPEED_DIR = "deepspeed"
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -145,10 +145,10 @@ class Checkpointer:
         accelerator.wait_for_everyone()
         torch.save({"rng": rng_states(), "window": window.state_dict(), "world_size": engine.world_size},
                    os.path.join(temporary, f"rank-{accelerator.process_index}.pt"))
-        # Under DeepSpeed every rank takes part: the weight gather (ZeRO-3) and its sharded model+optimizer save.
+        # Under DeepSpeed and FSDP every rank takes part: the weight gather (ZeRO-3, FSDP) and the sharded save.
         model_state = full_state_dict(accelerator, engine.model, engine.task.hf_model)
         if self.sharded:
-            engine.save_sharded_state(os.path.join(temporary, DEEPSPEED_DIR))
+            engine.save_sharded_state(os.path.join(temporary, self.sharded))
         if accelerator.is_main_process:
             self.track_best(os.path.basename(final))
             self.write_shared_files(temporary, model_state)
@@ -170,14 +170,15 @@ class Checkpointer:
         return final
 
     @property
-    def sharded(self) -> bool:
-        return uses_deepspeed(self.accelerator)
+    def sharded(self) -> Optional[str]:
+        """The subdirectory of the sharded model + optimizer state ("deepspeed", "fsdp"); None under DDP."""
+        return sharded_state_name(self.accelerator)
 
     def write_shared_files(self, directory: str, model_state: Optional[dict]) -> None:
         engine, state = self.engine, self.engine.state
         engine.task.hf_model.save_pretrained(directory, state_dict=model_state)
         engine.task.tokenizer.save_pretrained(directory)
-        if not self.sharded:  # DeepSpeed's optimizer state is in its sharded checkpoint
+        if not self.sharded:  # otherwise the optimizer state is in the sharded checkpoint
             torch.save(engine.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
         torch.save(engine.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
         if self.accelerator.scaler is not None:
@@ -235,7 +236,7 @@ class Checkpointer:
         engine = self.engine
         saved = read_trainer_state(path)
         if self.sharded:
-            engine.load_sharded_state(os.path.join(path, DEEPSPEED_DIR))
+            engine.load_sharded_state(os.path.join(path, self.sharded))
         else:
             self.load_model_weights(path)
             engine.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
@@ -286,7 +287,7 @@ class Checkpointer:
             return
         best = os.path.join(self.args.output_dir, self.best_checkpoint)
         if self.sharded:
-            self.engine.load_sharded_state(os.path.join(best, DEEPSPEED_DIR))
+            self.engine.load_sharded_state(os.path.join(best, self.sharded))
         else:
             self.load_model_weights(best)
         self.engine.state.metrics.update(best_model_checkpoint=self.best_checkpoint, best_metric=self.best_metric)

@@ -1,8 +1,10 @@
 """Everything that knows about processes: start-up, collectives, gradient sync, data shards.
 
-accelerate's Accelerator does device placement, DDP wrapping and autocast. Two things are done here by hand:
+accelerate's Accelerator does device placement, DDP wrapping and autocast. These are done here by hand:
 - Under `torchrun` on a machine without CUDA, Accelerator stays single-process unless told `cpu=True`,
   so N ranks would each train alone on the same data. We pass `cpu=True` whenever CUDA is absent.
+- FSDP2 on the CPU: accelerate only turns FSDP on for accelerator devices and otherwise silently runs DDP;
+  torch's FSDP2 (`fully_shard`) runs on the CPU with gloo, so we turn it on ourselves (`use_fsdp_on_cpu`).
 - The process-group timeout is raised (`--ddp_timeout`), because ranks wait in a barrier while the local
   main process tokenizes; on a big corpus that outlasts the default 30 minutes.
 - Under torchrun we create the process group ourselves on a store prefixed by the restart count. torchrun
@@ -53,7 +55,38 @@ def make_accelerator(training_args, **plugins):
     )
     if deepspeed_plugin is not None:
         without_zero_init()
+    if fsdp_requested() and use_cpu:
+        use_fsdp_on_cpu(accelerator, training_args)
     return accelerator
+
+
+def fsdp_requested() -> bool:
+    """`accelerate launch` with an FSDP config says so in the environment (with its FSDP_* settings)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def use_fsdp_on_cpu(accelerator, training_args) -> None:
+    """Make accelerate's FSDP2 path (`prepare` -> `fsdp2_prepare_model`, optimizer parameter switch, full state
+    dicts) run on the CPU processes that `cpu=True` started.
+
+    accelerate (1.15, `AcceleratorState.__init__`) sets `DistributedType.FSDP` only for multi-accelerator types
+    and silently runs DDP under MULTI_CPU, although torch's `fully_shard` works on the CPU with gloo. The state
+    is shared by every Accelerator of the process; like accelerate's own switch we also set the type in
+    PartialState, which every later `AcceleratorState()` (e.g. the prepared optimizer's) copies back over it.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables `accelerate launch` sets
+    require(plugin.fsdp_version == 2, f"FSDP on the CPU needs fsdp_version: 2 (got {plugin.fsdp_version}); "
+                                      f"see launch/accelerate/cpu_fsdp2.yaml")
+    require(accelerator.num_processes > 1,
+            f"FSDP on the CPU needs 2 or more processes (got {accelerator.num_processes}); launch with "
+            f"accelerate launch --num_processes 2 or more, or drop the FSDP config")
+    if training_args.mixed_precision != "no":
+        plugin.set_mixed_precision(training_args.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
 
 
 def without_zero_init() -> None:
@@ -131,6 +164,19 @@ def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def describe_parallelism(accelerator) -> str:
+    """How the processes share the model, for the log: e.g. "FSDP2 (gloo)", "DeepSpeed ZeRO-2 (gloo)", "DDP (nccl)"."""
+    if accelerator.num_processes == 1:
+        return "a single process"
+    if uses_deepspeed(accelerator):
+        kind = f"DeepSpeed ZeRO-{accelerator.deepspeed_plugin.zero_stage}"
+    elif uses_fsdp(accelerator):
+        kind = f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    else:
+        kind = "DDP"
+    return f"{kind} ({dist.get_backend()})"
+
+
 def prepare_deepspeed_for_model(accelerator, hf_config) -> None:
     """Fill the config values that depend on the model (bucket sizes) before `accelerator.prepare`."""
     hidden_size = getattr(hf_config, "hidden_size", None)
@@ -141,10 +187,8 @@ def prepare_deepspeed_for_model(accelerator, hf_config) -> None:
 def parameters_sharded(accelerator) -> bool:
     """Under ZeRO-3 (and FSDP) each rank holds a shard of every weight: a forward is a collective that all
     ranks must run together, so nothing may run the model on rank 0 alone."""
-    from accelerate.utils import DistributedType
-
     zero3 = uses_deepspeed(accelerator) and accelerator.deepspeed_plugin.zero_stage == 3
-    return zero3 or accelerator.distributed_type == DistributedType.FSDP
+    return zero3 or uses_fsdp(accelerator)
 
 
 def init_process_group_per_restart(backend: str, timeout: datetime.timedelta) -> None:
@@ -179,13 +223,18 @@ def all_gather_objects(obj) -> list:
 
 
 def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:
-    """Skip DDP's all-reduce on non-final micro-steps of gradient accumulation.
+    """Skip the gradient reduction (DDP's all-reduce, FSDP's reduce-scatter) on non-final micro-steps of
+    gradient accumulation; FSDP then accumulates unsharded gradients locally until the final micro-step.
 
     We flip the flag that `DDP.no_sync()` flips rather than use the context manager, so that the loop need not
     wrap the final micro-step differently from the others (the same trick as nanoGPT).
     """
+    from torch.distributed.fsdp import FSDPModule
+
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model.require_backward_grad_sync = enabled
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
 
 
 def backward(accelerator, loss: torch.Tensor, last_micro_step: bool) -> None:
@@ -207,27 +256,85 @@ def full_state_dict(accelerator, model, submodule: torch.nn.Module) -> dict | No
 
     Every rank must call this: under ZeRO-3 and FSDP each holds a shard and the gather is a collective.
     """
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    if sharded_state_name(accelerator) is None:
         return None
     state = accelerator.get_state_dict(model)
     if not accelerator.is_main_process:  # the gather delivers to rank 0 only
         return None
     prefix = next(name for name, module in accelerator.unwrap_model(model).named_modules() if module is submodule)
     prefix = f"{prefix}." if prefix else ""
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    state = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return with_tied_weights_shared(state, submodule)
 
 
-def save_deepspeed_checkpoint(model, directory: str, tag: str = "deepspeed") -> None:
-    """DeepSpeed's sharded checkpoint under `directory/tag`: every rank writes its own model/optimizer shards."""
+def with_tied_weights_shared(state: dict, model: torch.nn.Module) -> dict:
+    """FSDP's gather gives each name of a tied weight (the MLM decoder tied to the word embeddings) its own copy;
+    point the copies back at one tensor, so that `save_pretrained` stores it once, as it does for a plain model."""
+    tied = model.get_expanded_tied_weights_keys() if hasattr(model, "get_expanded_tied_weights_keys") else {}
+    return {**state, **{copy: state[source] for copy, source in tied.items() if copy in state and source in state}}
+
+
+def sharded_state_name(accelerator) -> str | None:
+    """Under DeepSpeed and FSDP every rank holds a shard of the optimizer state (and under ZeRO-3 and FSDP of the
+    weights), so checkpoints are sharded: "deepspeed" or "fsdp" names the kind (and the checkpoint's
+    subdirectory). None under DDP, where rank 0 holds everything."""
+    if uses_deepspeed(accelerator):
+        return "deepspeed"
+    return "fsdp" if uses_fsdp(accelerator) else None
+
+
+def uses_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def save_fsdp_checkpoint(model, optimizer, directory: str) -> None:
+    """torch.distributed.checkpoint of model and optimizer into `directory`: every rank writes its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, unwrap_optimizer(optimizer))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+
+
+def load_fsdp_checkpoint(model, optimizer, directory: str) -> None:
+    """Every rank reads back its shards (into state dicts of the current sharding, so the layout may differ)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    require(os.path.isfile(os.path.join(directory, ".metadata")), f"no FSDP checkpoint in {directory}")
+    optimizer = unwrap_optimizer(optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper: the state-dict helpers step it once to create its state,
+    which must not go through the wrapper's gradient-accumulation bookkeeping."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def save_deepspeed_checkpoint(model, optimizer, directory: str, tag: str = "deepspeed") -> None:
+    """DeepSpeed's sharded checkpoint under `directory/tag`: every rank writes its own model/optimizer shards
+    (the DeepSpeed engine `model` holds the optimizer; `optimizer` is there for the signature FSDP's needs)."""
     model.save_checkpoint(directory, tag=tag)
 
 
-def load_deepspeed_checkpoint(model, directory: str, tag: str = "deepspeed") -> None:
+def load_deepspeed_checkpoint(model, optimizer, directory: str, tag: str = "deepspeed") -> None:
     """Every rank reads back its shards; a missing or foreign checkpoint is an error, not a silent fresh start."""
     path, _ = model.load_checkpoint(directory, tag=tag, load_module_strict=True)
     require(path is not None, f"no DeepSpeed checkpoint '{tag}' in {directory}")
+
+
+def sharded_checkpoint_functions(accelerator):
+    """(save, load) of this run's sharded checkpoint, each called as f(model, optimizer, directory) on every rank."""
+    kind = sharded_state_name(accelerator)
+    require(kind is not None, "sharded state is only saved and loaded under DeepSpeed or FSDP")
+    return {"deepspeed": (save_deepspeed_checkpoint, load_deepspeed_checkpoint),
+            "fsdp": (save_fsdp_checkpoint, load_fsdp_checkpoint)}[kind]
 
 
 class GlobalBatchSampler:

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import Checkpointer
 from trainer.data import make_loader
-from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward, full_state_dict,
-                                 load_deepspeed_checkpoint, parameters_sharded, prepare_deepspeed_for_model,
-                                 save_deepspeed_checkpoint, set_gradient_sync, shard_for_evaluation, uses_deepspeed)
+from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward,
+                                 describe_parallelism, full_state_dict, parameters_sharded,
+                                 prepare_deepspeed_for_model, set_gradient_sync, shard_for_evaluation,
+                                 sharded_checkpoint_functions)
 from trainer.errors import JobStopped, require
 from trainer.fault_injection import FaultInjection
 from trainer.hub_push import HubPusher
@@ -117,8 +118,9 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- training
     def train(self) -> dict:
         args, state = self.args, self.state
-        logger.info("training %d optimizer steps: %d sequences/step (%d per device x %d processes x %d "
-                    "accumulation), %d steps/epoch", self.total_steps, self.sampler.global_batch_size,
+        logger.info("training %d optimizer steps with %s: %d sequences/step (%d per device x %d processes x %d "
+                    "accumulation), %d steps/epoch", self.total_steps, describe_parallelism(self.accelerator),
+                    self.sampler.global_batch_size,
                     args.per_device_train_batch_size, self.world_size, args.gradient_accumulation_steps,
                     self.sampler.steps_per_epoch)
         window = Window(self.accelerator.device)
@@ -297,20 +299,20 @@ class Engine:
     def save_model(self, directory: str) -> None:
         """A plain `save_pretrained` directory (safetensors + tokenizer) that `from_pretrained` loads."""
         self.accelerator.wait_for_everyone()
-        state_dict = full_state_dict(self.accelerator, self.model, self.task.hf_model)  # gathered under ZeRO
+        state_dict = full_state_dict(self.accelerator, self.model, self.task.hf_model)  # gathered: ZeRO-3, FSDP
         if self.accelerator.is_main_process:
             self.task.hf_model.save_pretrained(directory, state_dict=state_dict)
             self.task.tokenizer.save_pretrained(directory)
         self.accelerator.wait_for_everyone()
 
     def save_sharded_state(self, directory: str) -> None:
-        """Under DeepSpeed: its own sharded checkpoint of model and optimizer, written by every rank."""
-        require(uses_deepspeed(self.accelerator), "sharded state is only saved under DeepSpeed")
-        save_deepspeed_checkpoint(self.model, directory)
+        """Under DeepSpeed or FSDP: a sharded checkpoint of model and optimizer, every rank writing its shards."""
+        save, _ = sharded_checkpoint_functions(self.accelerator)
+        save(self.model, self.optimizer, directory)
 
     def load_sharded_state(self, directory: str) -> None:
-        require(uses_deepspeed(self.accelerator), "sharded state is only loaded under DeepSpeed")
-        load_deepspeed_checkpoint(self.model, directory)
+        _, load = sharded_checkpoint_functions(self.accelerator)
+        load(self.model, self.optimizer, directory)
 
 
 @dataclass

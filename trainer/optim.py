@@ -23,7 +23,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, args) -> torch.optim.Optimizer:
     # The fused kernel (CUDA and CPU in torch >= 2.4) updates all parameters in a few kernels instead of
-    # a loop of small ops per tensor; same mathematics.
+    # a loop of small ops per tensor; same mathematics. It takes FSDP2's DTensor shards too (on the CPU as well).
     return torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=True)
 

@@ -1,0 +1,73 @@
+"""FSDP2 under the shared engine, for real on the CPU: 2 processes on gloo under `accelerate launch` with
+launch/accelerate/cpu_fsdp2.yaml (one FSDP unit per BertLayer plus the root, which holds the embeddings and
+the tied MLM head). Same mathematics as DDP, an export that loads, exact resume from sharded checkpoints;
+bf16 under FSDP2 is tested in test_launch.py. FSDP that cannot run on the CPU is refused, not run as DDP.
+
+The runs are the resume tests' job (resume_helpers: 12 steps, accumulation 2, dropout on): one uninterrupted
+FSDP run serves as the DDP comparison, the export and the resume reference. Tolerance against DDP as in
+test_deepspeed.py: global relative difference <= 1e-5 in fp32 (only the order of reductions differs).
+"""
+import os
+
+import pytest
+
+from conftest import (assert_export_reproduces_eval_perplexity, load_parameters, mlm_args, read_history,
+                      relative_difference, run_job)
+from resume_helpers import assert_sharded_stop_and_resume_is_exact, run_two_process_resume_job, with_env
+
+TOLERANCE = 1e-5
+YAML = "cpu_fsdp2.yaml"
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, tokenizer_dir, job_env, tmp_path_factory) -> dict:
+    """{name: (output directory, the job's output)}: a 2-process DDP reference and the same job under FSDP2."""
+    root = tmp_path_factory.mktemp("fsdp")
+    outputs = {}
+    for name, yaml in (("ddp", None), ("fsdp", YAML)):
+        result = run_two_process_resume_job(corpus, tokenizer_dir, job_env, root / name, yaml=yaml)
+        outputs[name] = root / name, result.stdout + result.stderr
+    return outputs
+
+
+@pytest.mark.slow
+def test_fsdp_parameters_and_losses_match_ddp(runs):
+    (ddp, _), (fsdp, log) = runs["ddp"], runs["fsdp"]
+    assert "with FSDP2 (gloo): 8 sequences/step (2 per device x 2 processes x 2 accumulation)" in log
+    reference = load_parameters(ddp)
+    exported = load_parameters(fsdp)
+    assert exported.keys() == reference.keys()  # the tied decoder weight is stored once, as under DDP
+    difference = relative_difference(reference, exported)
+    assert difference <= TOLERANCE, f"FSDP2 differs from DDP by {difference:.2e}"
+    losses = {name: [r["train_loss"] for r in read_history(runs[name][0]) if "train_loss" in r] for name in runs}
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)
+    assert losses["ddp"][-1] < losses["ddp"][0]  # training moved: the comparison is not vacuous
+
+
+@pytest.mark.slow
+def test_fsdp_export_reloads_and_reproduces_eval_perplexity(runs, corpus, tokenizer_dir, job_env, tmp_path):
+    assert_export_reproduces_eval_perplexity(runs["fsdp"][0], corpus, tokenizer_dir, job_env, tmp_path,
+                                             "--max_eval_samples", "16")
+
+
+@pytest.mark.slow
+def test_fsdp_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(runs, corpus, tokenizer_dir, job_env,
+                                                                            tmp_path):
+    """Every rank writes its model and optimizer shards (torch.distributed.checkpoint) and reads them back."""
+    assert_sharded_stop_and_resume_is_exact(corpus, tokenizer_dir, job_env, tmp_path, "fsdp", yaml=YAML,
+                                            uninterrupted=runs["fsdp"][0])
+    shards = os.listdir(tmp_path / "resumed" / "checkpoint-6" / "fsdp")
+    assert ".metadata" in shards and sum(name.endswith(".distcp") for name in shards) == 2
+
+
+@pytest.mark.parametrize("version, message", [
+    ("1", "error: FSDP on the CPU needs fsdp_version: 2 (got 1); see launch/accelerate/cpu_fsdp2.yaml"),
+    ("2", "error: FSDP on the CPU needs 2 or more processes (got 1); launch with accelerate launch "
+          "--num_processes 2 or more, or drop the FSDP config"),
+], ids=["fsdp_version_1", "one_process"])
+def test_fsdp_on_cpu_that_cannot_run_is_refused_not_run_as_something_else(corpus, tokenizer_dir, job_env, tmp_path,
+                                                                         version, message):
+    """The environment `accelerate launch` sets for an FSDP YAML, on one process: exit 2, one line."""
+    env = with_env(job_env, ACCELERATE_USE_FSDP="true", FSDP_VERSION=version)
+    result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, tmp_path / "out"), env, check=False)
+    assert result.returncode == 2 and result.stderr.strip() == message
