@@ -1,27 +1,32 @@
-"""`accelerate launch` with the shipped CPU YAMLs runs the job unchanged; bf16 (CPU autocast under DDP,
-DeepSpeed's bf16 under ZeRO-2, FSDP2's mixed-precision policy) trains and exports a model that loads."""
+"""`accelerate launch` with the shipped CPU YAMLs (and torchrun with --deepspeed) runs the job unchanged; bf16 (CPU
+autocast under DDP, DeepSpeed's bf16 under ZeRO-2 and ZeRO-3, FSDP2's mixed-precision policy) trains and exports
+a model that loads."""
+import os
+
 import pytest
 import torch
 
-from conftest import accelerate_launch, mlm_args, read_history, read_results, run_job
+from conftest import REPO_ROOT, accelerate_launch, mlm_args, read_history, read_results, run_job
 
 STEPS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
          "--bf16"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("yaml, parallelism, saved_dtype", [
-    ("cpu_ddp.yaml", "DDP", torch.float32),  # autocast keeps fp32 weights
-    ("cpu_deepspeed_zero2.yaml", "DeepSpeed ZeRO-2", torch.bfloat16),
-    ("cpu_fsdp2.yaml", "FSDP2", torch.float32),  # bf16 compute copies of fp32 shards
+@pytest.mark.parametrize("yaml, extra, parallelism, saved_dtype", [
+    ("cpu_ddp.yaml", [], "DDP", torch.float32),  # autocast keeps fp32 weights
+    ("cpu_deepspeed_zero2.yaml", [], "DeepSpeed ZeRO-2", torch.bfloat16),
+    ("cpu_fsdp2.yaml", [], "FSDP2", torch.float32),  # bf16 compute copies of fp32 shards
+    (None, ["--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")], "DeepSpeed ZeRO-3",
+     torch.bfloat16),  # torchrun
 ])
-def test_accelerate_launch_bf16_trains_and_exports(corpus, tokenizer_dir, job_env, tmp_path, yaml, parallelism,
-                                                   saved_dtype):
+def test_bf16_trains_and_exports_under_every_backend(corpus, tokenizer_dir, job_env, tmp_path, yaml, extra,
+                                                     parallelism, saved_dtype):
     from transformers import AutoModelForMaskedLM
 
     out = tmp_path / "run"
-    result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, out, *STEPS), job_env,
-                     launcher=accelerate_launch(yaml))
+    result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, out, *STEPS, *extra), job_env, nproc=2,
+                     launcher=accelerate_launch(yaml) if yaml else None)
     # Really 2 ranks, sharing the model the way the YAML says.
     assert f"with {parallelism} (gloo): 16 sequences/step (4 per device x 2 processes x 2 accumulation)" in (
         result.stderr + result.stdout)
