@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from conftest import REPO_ROOT, write_head
+from conftest import REPO_ROOT, cut_splits
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0, max_position_embeddings=128)
@@ -21,9 +21,7 @@ def sentiment(tmp_path_factory) -> dict:
     from trainer.default_data import write_sentiment_dataset
 
     directory = tmp_path_factory.mktemp("sentiment")
-    train, validation = write_sentiment_dataset(str(directory / "full"))
-    return {"train": write_head(train, directory / "train.jsonl", 400),
-            "validation": write_head(validation, directory / "validation.jsonl", 100)}
+    return cut_splits(write_sentiment_dataset(str(directory / "full")), directory, ".jsonl", 400, 100)
 
 
 def save_tiny(directory, model_class, config_class, tokenizer_dir, **config):

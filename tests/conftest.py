@@ -25,9 +25,15 @@ def corpus(tmp_path_factory) -> dict:
     from trainer.default_data import write_mlm_corpus
 
     directory = tmp_path_factory.mktemp("corpus")
-    train, validation = write_mlm_corpus(str(directory / "full"))
-    return {"train": write_head(train, directory / "train.txt", 1500),
-            "validation": write_head(validation, directory / "validation.txt", 120)}
+    return cut_splits(write_mlm_corpus(str(directory / "full")), directory, ".txt", 1500, 120)
+
+
+def cut_splits(splits: tuple[str, str], directory, extension: str, train_lines: int,
+               validation_lines: int) -> dict:
+    """{'train': path, 'validation': path}: the first lines of each of the (train, validation) files `splits`."""
+    train, validation = splits
+    return {"train": write_head(train, directory / f"train{extension}", train_lines),
+            "validation": write_head(validation, directory / f"validation{extension}", validation_lines)}
 
 
 def write_head(source: str, destination, lines: int) -> str:
