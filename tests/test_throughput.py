@@ -1,6 +1,8 @@
+import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
+from trainer.sparse_mlm import last_layer_row_parameters
 from trainer.throughput import measure_matmul_peak, split_parameter_counts, training_flops_per_token
 
 
@@ -16,6 +18,11 @@ def test_flops_count_body_attention_and_head_as_computed():
     dense = training_flops_per_token(model, seq_len=32)
     assert dense == 6 * body + 12 * 2 * 64 * 32 + 6 * head
     assert training_flops_per_token(model, 32, head_fraction=0.15) == dense - 6 * head * 0.85
+    # trainer.mlm's sparse last layer: keys and values everywhere, queries/attention/feed-forward on 15%
+    last_layer_rows = per_layer - 2 * (64 * 64 + 64)
+    assert last_layer_row_parameters(model) == last_layer_rows
+    assert training_flops_per_token(model, 32, 0.15, last_layer_rows) == pytest.approx(
+        dense - 6 * head * 0.85 - 0.85 * (6 * last_layer_rows + 12 * 64 * 32))
 
 
 def test_measured_peak_is_a_plausible_rate():

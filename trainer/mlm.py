@@ -3,8 +3,8 @@
     python -m trainer.mlm                                    # offline demo on the embedded corpus
     torchrun --nproc_per_node=8 -m trainer.mlm --model_name_or_path bert-base-uncased --train_file corpus.txt ...
 
-This module holds only what is specific to MLM: tokenizing and chunking text, masking, the sparse MLM head,
-perplexity and fill-mask probes. Training itself is the shared engine's.
+This module holds only what is specific to MLM: tokenizing and chunking text, masking, the task model, perplexity
+and fill-mask probes. The masked-rows-only model computation is in trainer.sparse_mlm; training is the engine's.
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
+from trainer.sparse_mlm import (IGNORE, SPARSE_HEAD_TYPES, MaskedRows, can_sparsify_last_layer,
+                                install_sparse_last_layer, last_layer_row_parameters, masked_row_tensors,
+                                prediction_head)
 from trainer.throughput import training_flops_per_token
 from trainer.default_data import write_mlm_corpus
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mlm_demo.yaml")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation masks from sharing random draws
-IGNORE = -100
-MASKED_ROWS_MULTIPLE = 64  # see sparse_targets
-SPARSE_HEAD_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert")
 
 
 @dataclass
@@ -132,23 +132,10 @@ class Masker:
         return inputs.astype(np.int64), labels.astype(np.int64)
 
 
-def sparse_targets(inputs: np.ndarray, labels: np.ndarray, sample_ids, pad_token_id: int, padded: bool) -> dict:
-    """Tensors for the sparse MLM head: only masked positions (flat indices) and their labels go to the model.
-
-    The rows are padded to a multiple of MASKED_ROWS_MULTIPLE with position 0 and label IGNORE (no loss, no
-    gradient). The masked count changes every batch, and oneDNN (CPU bf16 matrix products) keeps a cached
-    primitive with its buffers per matrix shape: one new shape per step grew a bf16 run by ~30 MB a step (1.8 GB
-    after 30 steps against a flat 1.1 GB). A multiple of 64 leaves a handful of shapes, for compiled graphs too.
-    """
-    positions = np.flatnonzero(labels != IGNORE)
-    rows = -(-len(positions) // MASKED_ROWS_MULTIPLE) * MASKED_ROWS_MULTIPLE
-    padded_positions = np.zeros(rows, dtype=np.int64)
-    padded_positions[:len(positions)] = positions
-    padded_labels = np.full(rows, IGNORE, dtype=np.int64)
-    padded_labels[:len(positions)] = labels.reshape(-1)[positions]
-    batch = {"input_ids": torch.from_numpy(inputs), "masked_positions": torch.from_numpy(padded_positions),
-             "masked_labels": torch.from_numpy(padded_labels),
-             "num_loss_items": len(positions), "sample_id": torch.as_tensor(sample_ids)}
+def model_inputs(inputs: np.ndarray, labels: np.ndarray, sample_ids, pad_token_id: int, padded: bool) -> dict:
+    """The batch for `MaskedLMTask`: token ids, the masked rows' indices and labels (see sparse_mlm)."""
+    batch = {"input_ids": torch.from_numpy(inputs), **masked_row_tensors(labels),
+             "num_loss_items": int((labels != IGNORE).sum()), "sample_id": torch.as_tensor(sample_ids)}
     if padded:  # grouped blocks have no padding: no attention mask lets SDPA take its fastest path
         batch["attention_mask"] = torch.from_numpy((inputs != pad_token_id).astype(np.int64))
     return batch
@@ -166,7 +153,7 @@ class TrainCollator:
         special = pad_rows(batch["special_tokens_mask"], 1)
         word_start = pad_rows(batch["word_start"], 0) if "word_start" in batch else None
         inputs, labels = self.masker(input_ids, special, batch["sample_id"], self.epoch, TRAIN_STREAM, word_start)
-        return sparse_targets(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
+        return model_inputs(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
 
 
 @dataclass
@@ -179,7 +166,7 @@ class EvalCollator:
     def __call__(self, batch: dict) -> dict:
         inputs = pad_rows(batch["input_ids"], self.pad_token_id)
         labels = pad_rows(batch["labels"], IGNORE)
-        return sparse_targets(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
+        return model_inputs(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
 
 
 def mask_evaluation_set(dataset, masker: Masker, pad_token_id: int):
@@ -198,39 +185,30 @@ def mask_evaluation_set(dataset, masker: Masker, pad_token_id: int):
 
 # ------------------------------------------------------------------------------------------------- the model
 class MaskedLMTask(torch.nn.Module):
-    """Loss summed over masked tokens, with the vocabulary projection run only on masked positions.
+    """Loss summed over masked tokens, computed on the masked rows only where the model allows (see sparse_mlm).
 
-    The dense head computes [batch, seq, vocab] logits although only ~15% of positions carry a label; here the
-    encoder output is indexed first, so the head (transform + projection) runs on the masked rows alone.
-    The wrapped transformers model is unchanged and saves as usual.
+    Any other *ForMaskedLM computes its dense logits, from which the masked rows are taken.
+    The wrapped transformers model saves as usual.
     """
 
     def __init__(self, hf_model):
         super().__init__()
         self.hf_model = hf_model
+        self.sparse_head = hf_model.config.model_type in SPARSE_HEAD_TYPES
+        self.sparse_last_layer = can_sparsify_last_layer(hf_model)
+        if self.sparse_last_layer:
+            install_sparse_last_layer(hf_model)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids, masked_positions, masked_labels, query_positions, query_rows, attention_mask=None):
         model = self.hf_model
-        kind = model.config.model_type
-        if kind == "bert":
-            return model.cls(hidden)
-        if kind in ("roberta", "xlm-roberta", "camembert"):
-            return model.lm_head(hidden)
-        if kind == "distilbert":
-            hidden = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
-            return model.vocab_projector(hidden)
-        raise NotImplementedError
-
-    @property
-    def sparse(self) -> bool:
-        return self.hf_model.config.model_type in SPARSE_HEAD_TYPES
-
-    def forward(self, input_ids, masked_positions, masked_labels, attention_mask=None):
-        model = self.hf_model
-        if self.sparse:
+        if self.sparse_last_layer:  # the encoder returns the masked rows
+            rows = MaskedRows(masked_positions, query_positions, query_rows)
+            hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, masked_rows=rows)
+            logits = prediction_head(model, hidden.last_hidden_state)
+        elif self.sparse_head:
             hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = self.head(hidden.flatten(0, 1).index_select(0, masked_positions))
-        else:  # any other *ForMaskedLM: dense logits, then the masked rows
+            logits = prediction_head(model, hidden.flatten(0, 1).index_select(0, masked_positions))
+        else:
             logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             logits = logits.flatten(0, 1).index_select(0, masked_positions)
         return {"loss_sum": F.cross_entropy(logits.float(), masked_labels, reduction="sum")}
@@ -291,14 +269,16 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
         eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
     padded = mlm_args.line_by_line
     task_model = MaskedLMTask(model)
-    head_fraction = mlm_args.mlm_probability if task_model.sparse else 1.0
+    head_fraction = mlm_args.mlm_probability if task_model.sparse_head else 1.0
+    row_parameters = last_layer_row_parameters(model) if task_model.sparse_last_layer else 0
     return Task(
         model=task_model, train_dataset=train_set, eval_dataset=eval_set,
         train_collator=TrainCollator(masker, tokenizer.pad_token_id, padded),
         eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics,
         hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),
-        # The sparse head runs on the masked positions only: count its FLOPs for that fraction.
-        flops_per_token=functools.partial(training_flops_per_token, model, head_fraction=head_fraction),
+        # The sparse head (and last layer) run on the masked positions only: count their FLOPs for that fraction.
+        flops_per_token=functools.partial(training_flops_per_token, model, head_fraction=head_fraction,
+                                          masked_rows_layer_parameters=row_parameters),
         main_metric="eval_perplexity",
     )
 

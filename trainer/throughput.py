@@ -3,7 +3,9 @@
 Training FLOPs per token = 6 x non-embedding parameters (forward 2, backward 4 per multiply-add)
                          + 12 x layers x width x sequence length (attention scores and weighted sums)
                          + 6 x head parameters x the fraction of positions the head actually runs on
-(1.0 for a dense head, the masked fraction for trainer.mlm's sparse head). MFU = achieved FLOP/s / peak, with the
+(1.0 for a dense head, the masked fraction for trainer.mlm's sparse head). Where trainer.mlm also runs the last
+layer's queries, attention and feed-forward on the masked rows, those parameters and that layer's attention term
+count for the same fraction. MFU = achieved FLOP/s / peak, with the
 peak given by the user or measured as the best rate of a large matrix product on the device.
 """
 from __future__ import annotations
@@ -31,12 +33,18 @@ def split_parameter_counts(hf_model) -> tuple[int, int]:
     return body, head
 
 
-def training_flops_per_token(hf_model, seq_len: int, head_fraction: float = 1.0) -> float:
+def training_flops_per_token(hf_model, seq_len: int, head_fraction: float = 1.0,
+                             masked_rows_layer_parameters: int = 0) -> float:
+    """masked_rows_layer_parameters: those of the last layer that run on the head's fraction of positions only."""
     config = hf_model.config
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layers")
     width = getattr(config, "hidden_size", None) or getattr(config, "dim")
     body, head = split_parameter_counts(hf_model)
-    return 6.0 * body + 12.0 * layers * width * seq_len + 6.0 * head * head_fraction
+    attention_per_layer = 12.0 * width * seq_len
+    flops = 6.0 * body + layers * attention_per_layer + 6.0 * head * head_fraction
+    if masked_rows_layer_parameters:
+        flops -= (1.0 - head_fraction) * (6.0 * masked_rows_layer_parameters + attention_per_layer)
+    return flops
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
