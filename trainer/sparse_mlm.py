@@ -7,7 +7,8 @@ the model can skip those positions without changing the mathematics:
 - the last encoder layer of BERT-style encoders: its keys and values still come from every position (the only
   thing other positions feed), but its queries, attention output and feed-forward block run on the masked rows.
 
-transformers offers neither: its *ForMaskedLM models compute [batch, seq, vocab] logits and every layer densely.
+Under dropout the masked rows draw their masks from the same distribution as in the dense model; only which random
+numbers they use differs. transformers offers neither: its *ForMaskedLM models compute [batch, seq, vocab] logits and every layer densely.
 The wrapped model is not modified in any saved way; it exports and reloads as a plain transformers model.
 """
 from __future__ import annotations
