@@ -1,4 +1,6 @@
 """Masked-rows-only computation (sparse_mlm) gives the dense model's loss and gradients."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -58,9 +60,22 @@ def test_sparse_computation_matches_dense_loss_and_gradients(model_type, padded)
     for name, grad in dense_grads.items():
         torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-6, msg=name)
     # Without the masked rows the model is the plain transformers model (pipelines, export).
-    model.zero_grad()
     assert model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.item() * masked == \
         pytest.approx(dense_loss.item(), rel=1e-6)
+
+
+def test_a_deep_copy_computes_with_its_own_last_layer():
+    torch.manual_seed(0)
+    task = MaskedLMTask(AutoModelForMaskedLM.from_config(AutoConfig.for_model("bert", **TINY)))
+    input_ids, attention_mask, labels = masked_batch(padded=True)
+    rows = masked_row_tensors(labels.numpy())
+    copied = copy.deepcopy(task)
+    with torch.no_grad():
+        loss = task(input_ids, attention_mask=attention_mask, **rows)["loss_sum"].item()
+        for parameter in copied.hf_model.base_model.encoder.layer[-1].parameters():
+            parameter.add_(torch.randn_like(parameter))
+        assert copied(input_ids, attention_mask=attention_mask, **rows)["loss_sum"].item() != pytest.approx(loss)
+        assert task(input_ids, attention_mask=attention_mask, **rows)["loss_sum"].item() == pytest.approx(loss)
 
 
 def test_masked_row_tensors_index_each_sample_queries():

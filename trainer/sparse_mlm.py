@@ -8,11 +8,13 @@ the model can skip those positions without changing the mathematics:
   thing other positions feed), but its queries, attention output and feed-forward block run on the masked rows.
 
 Under dropout the masked rows draw their masks from the same distribution as in the dense model; only which random
-numbers they use differs. transformers offers neither: its *ForMaskedLM models compute [batch, seq, vocab] logits and every layer densely.
-The wrapped model is not modified in any saved way; it exports and reloads as a plain transformers model.
+numbers they use differs. transformers offers neither: its *ForMaskedLM models compute every layer densely and
+[batch, seq, vocab] logits. The wrapped model is not modified in any saved way; it exports and reloads as a plain
+transformers model.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,24 +103,25 @@ def install_sparse_last_layer(hf_model) -> None:
     """Let the last encoder layer run on the masked rows when called with `masked_rows=`.
 
     It is installed as the layer's own forward rather than called beside it: FSDP2 and ZeRO-3 gather a layer's
-    parameters (and reduce its gradients) in hooks around the layer's __call__. Called without `masked_rows` (the
-    fill-mask pipeline, anyone else) the layer is unchanged.
+    parameters (and reduce its gradients) in hooks around the layer's __call__. A bound method (not a closure) so
+    that a deep copy of the model binds it to the copied layer. Called without `masked_rows` (the fill-mask
+    pipeline, anyone else) the layer is unchanged.
     """
     layer = hf_model.base_model.encoder.layer[-1]
-    dense_forward = layer.forward
+    layer.forward = types.MethodType(sparse_last_layer_forward, layer)
 
-    def forward(hidden_states, attention_mask=None, *args, masked_rows: MaskedRows | None = None, **kwargs):
-        if masked_rows is None:
-            return dense_forward(hidden_states, attention_mask, *args, **kwargs)
-        return last_layer_on_masked_rows(layer, hidden_states, attention_mask, masked_rows)
 
-    layer.forward = forward
+def sparse_last_layer_forward(layer, hidden_states, attention_mask=None, *args, masked_rows: MaskedRows | None = None,
+                              **kwargs):
+    if masked_rows is None:
+        return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)
+    return last_layer_on_masked_rows(layer, hidden_states, attention_mask, masked_rows)
 
 
 def last_layer_on_masked_rows(layer, hidden: torch.Tensor, attention_mask, rows: MaskedRows) -> torch.Tensor:
     """BertLayer.forward for the masked rows: [batch, seq, width] in, [rows, width] out."""
     attention = layer.attention.self
-    batch, length, width = hidden.shape
+    batch, _, width = hidden.shape
     heads, head_width = attention.num_attention_heads, attention.attention_head_size
 
     def split_heads(projected: torch.Tensor) -> torch.Tensor:  # [batch * n, width] -> [batch, heads, n, head_width]
