@@ -92,9 +92,13 @@ def can_sparsify_last_layer(hf_model) -> bool:
             and config._attn_implementation in ("sdpa", "eager"))  # flex attention passes a BlockMask
 
 
+def last_encoder_layer(hf_model) -> torch.nn.Module:
+    return hf_model.base_model.encoder.layer[-1]
+
+
 def last_layer_row_parameters(hf_model) -> int:
     """Parameters of the last layer that the sparse last layer runs on the masked rows (all but keys and values)."""
-    layer = hf_model.base_model.encoder.layer[-1]
+    layer = last_encoder_layer(hf_model)
     key_value = [*layer.attention.self.key.parameters(), *layer.attention.self.value.parameters()]
     return sum(p.numel() for p in layer.parameters()) - sum(p.numel() for p in key_value)
 
@@ -107,7 +111,7 @@ def install_sparse_last_layer(hf_model) -> None:
     that a deep copy of the model binds it to the copied layer. Called without `masked_rows` (the fill-mask
     pipeline, anyone else) the layer is unchanged.
     """
-    layer = hf_model.base_model.encoder.layer[-1]
+    layer = last_encoder_layer(hf_model)
     layer.forward = types.MethodType(sparse_last_layer_forward, layer)
 
 
