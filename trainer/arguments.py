@@ -142,8 +142,9 @@ class TrainingArguments:
     use_cpu: bool = arg(False, "Train on the CPU even if a GPU is present.")
     torch_compile: bool = arg(False, "Compile the model with torch.compile (inductor). Compilation takes a minute or "
                                      "more up front; it pays on long GPU runs.")
-    peak_tflops: Optional[float] = arg(None, "The device's peak TFLOP/s for MFU (e.g. 989 for an H100 in bf16). "
-                                             "Unset: measured as the best rate of a large matrix product.")
+    peak_tflops: Optional[float] = arg(None, "The device's peak TFLOP/s that MFU divides by. Unset: the datasheet "
+                                             "dense peak for the GPU and precision (e.g. 989.5 for an H100 SXM in "
+                                             "bf16); on a device without one (a CPU), a measured matrix-product rate.")
     local_rank: int = arg(-1, "Passed by the `deepspeed` launcher as --local_rank=N; accepted and ignored (the "
                               "LOCAL_RANK environment variable it also sets is what counts).")
     deepspeed: Optional[str] = arg(None, "DeepSpeed config JSON (e.g. ds_configs/zero2.json): train with DeepSpeed "

@@ -29,7 +29,7 @@ from trainer.hub_push import HubPusher
 from trainer.metrics import MetricsLogger, logger
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.signals import STOPPED_EXIT_CODE, StopSignals
-from trainer.throughput import measure_matmul_peak, training_flops_per_token
+from trainer.throughput import device_peak, precision_name, training_flops_per_token
 
 DIVERGED_EXIT_CODE = 3
 
@@ -103,17 +103,18 @@ class Engine:
         self.hub = HubPusher(args, accelerator.is_main_process)
         self.stop_signals = StopSignals(args.stop_signals)
         self.faults = FaultInjection(self)
-        self.flops_per_token = task.flops_per_token or functools.partial(training_flops_per_token, task.hf_model)
+        # Every position through every layer and the head: what other trainers count, for comparable MFU figures.
+        self.dense_flops_per_token = functools.partial(training_flops_per_token, task.hf_model)
+        self.flops_per_token = task.flops_per_token or self.dense_flops_per_token
         self.peak_flops = self.device_peak_flops() if accelerator.is_main_process else None
 
     def device_peak_flops(self) -> float:
-        if self.args.peak_tflops:
-            return self.args.peak_tflops * 1e12
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
-        peak = measure_matmul_peak(self.accelerator.device, dtype)
-        logger.info("MFU is measured against %.1f TFLOP/s, the best %s matrix-product rate measured on this device "
-                    "(set --peak_tflops to use the datasheet figure)", peak / 1e12, dtype)
-        return peak
+        """The datasheet peak of this device and precision (or --peak_tflops, or a measured one), logged."""
+        device = self.accelerator.device
+        tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        peak = device_peak(device, precision_name(self.args.bf16, self.args.fp16, tf32), self.args.peak_tflops)
+        logger.info("MFU is measured against %s", peak.source)
+        return peak.flops
 
     # ----------------------------------------------------------------------------------------------- training
     def train(self) -> dict:
@@ -205,8 +206,9 @@ class Engine:
                   "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
                   "data_wait_fraction": window.data_wait / seconds, "epoch": self.state.epoch}
         if self.peak_flops and samples:
-            achieved = tokens / seconds * self.flops_per_token(tokens / samples)
-            record["mfu"] = achieved / (self.peak_flops * self.world_size)
+            peak = self.peak_flops * self.world_size
+            record["mfu"] = tokens / seconds * self.flops_per_token(tokens / samples) / peak
+            record["mfu_dense_equivalent"] = tokens / seconds * self.dense_flops_per_token(tokens / samples) / peak
         if window.grad_norm is not None:
             record["grad_norm"] = float(window.grad_norm)
         self.metrics.log(self.state.step, record, prefix="train_")
