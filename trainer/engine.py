@@ -18,9 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import Checkpointer
-from trainer.data import make_loader
+from trainer.data import EpochBatches, loader_workers, make_loader
 from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward,
-                                 describe_parallelism, full_state_dict, parameters_sharded,
+                                 describe_parallelism, full_state_dict, host_sum, parameters_sharded,
                                  prepare_deepspeed_for_model, set_gradient_sync, shard_for_evaluation,
                                  sharded_checkpoint_functions)
 from trainer.errors import JobStopped, require
@@ -41,7 +41,7 @@ class Task:
     model: torch.nn.Module  # forward(**batch) -> {"loss_sum": Tensor, optional "predictions": Tensor}
     train_dataset: object  # datasets.Dataset
     eval_dataset: object
-    train_collator: Callable  # columnar batch -> tensors + "num_loss_items"; has an `epoch` attribute
+    train_collator: Callable  # columnar batch (with its "epoch") -> tensors + "num_loss_items"
     eval_collator: Callable
     compute_metrics: Callable[["EvalOutput"], dict]
     hf_model: torch.nn.Module  # the transformers model inside `model`, saved with save_pretrained
@@ -107,6 +107,7 @@ class Engine:
         self.dense_flops_per_token = functools.partial(training_flops_per_token, task.hf_model)
         self.flops_per_token = task.flops_per_token or self.dense_flops_per_token
         self.peak_flops = self.device_peak_flops() if accelerator.is_main_process else None
+        self.loader_workers = loader_workers(args.dataloader_num_workers, accelerator.device)
 
     def device_peak_flops(self) -> float:
         """The datasheet peak of this device and precision (or --peak_tflops, or a measured one), logged."""
@@ -156,18 +157,18 @@ class Engine:
         return state.metrics
 
     def micro_batches(self):
-        """Micro-batches forever, epoch after epoch, starting where the train state says."""
-        while True:
-            self.sampler.epoch, self.sampler.start_sample = self.state.epoch, self.state.samples_in_epoch
-            self.task.train_collator.epoch = self.state.epoch
-            yield from make_loader(self.task.train_dataset, self.task.columns, self.sampler, self.task.train_collator,
-                                   self.args.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
+        """Micro-batches forever, epoch after epoch, starting where the train state says: one loader iterator,
+        whose workers live across epochs."""
+        sampler = EpochBatches(self.sampler, self.state.epoch, self.state.samples_in_epoch)
+        return iter(make_loader(self.task.train_dataset, self.task.columns, sampler, self.task.train_collator,
+                                self.loader_workers, pin_memory=self.accelerator.device.type == "cuda"))
 
     def optimizer_step(self, micro_batches: list[dict], window: "Window") -> None:
+        # The counts are on the host: summed over ranks there, so that the step never waits for the device.
         local_items = sum(batch.pop("num_loss_items") for batch in micro_batches)
-        global_items = all_reduce_sum(torch.tensor(float(local_items), device=self.accelerator.device))
+        global_items = host_sum(local_items)
         # DDP averages gradients over ranks, hence the world size: the update is d(sum of losses)/global_items.
-        scale = self.world_size / global_items.clamp(min=1.0)
+        scale = self.world_size / max(global_items, 1)
         self.model.train()
         for index, batch in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
@@ -198,7 +199,10 @@ class Engine:
         """Read the device-side sums once per logging interval: the only host sync of the loop."""
         counts = torch.tensor([window.items, window.tokens, window.samples], dtype=torch.float64,
                               device=window.loss_sum.device)
+        reading = time.perf_counter()
         loss_sum, items, tokens, samples = all_reduce_sum(torch.cat([window.loss_sum.view(1), counts])).tolist()
+        # The steps only queue work on a GPU: the wait for the device to finish the window's queue is training time.
+        window.seconds += time.perf_counter() - reading
         self.stop_if_diverged(loss_sum, window)
         self.state.tokens_seen += int(tokens)
         seconds = max(window.seconds, 1e-9)
@@ -295,7 +299,7 @@ class Engine:
         batch_size = self.args.per_device_eval_batch_size
         index_batches = [list(shard[start:start + batch_size]) for start in range(0, len(shard), batch_size)]
         return make_loader(dataset, self.task.columns, index_batches, self.task.eval_collator,
-                           self.args.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
+                           self.loader_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     # ------------------------------------------------------------------------------------------------- saving
     def save_model(self, directory: str) -> None:

@@ -146,13 +146,13 @@ class TrainCollator:
     masker: Masker
     pad_token_id: int
     padded: bool
-    epoch: int = 0  # set by the engine at the start of each epoch
 
     def __call__(self, batch: dict) -> dict:
         input_ids = pad_rows(batch["input_ids"], self.pad_token_id)
         special = pad_rows(batch["special_tokens_mask"], 1)
         word_start = pad_rows(batch["word_start"], 0) if "word_start" in batch else None
-        inputs, labels = self.masker(input_ids, special, batch["sample_id"], self.epoch, TRAIN_STREAM, word_start)
+        inputs, labels = self.masker(input_ids, special, batch["sample_id"], batch["epoch"], TRAIN_STREAM,
+                                     word_start)
         return model_inputs(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
 
 
