@@ -142,8 +142,15 @@ class TrainingArguments:
         "process less one), so that masking and collation run beside the training process.")
     ddp_timeout: int = arg(10800, "Seconds a collective may wait, e.g. while rank 0 tokenizes a big corpus.")
     use_cpu: bool = arg(False, "Train on the CPU even if a GPU is present.")
-    torch_compile: bool = arg(False, "Compile the model with torch.compile (inductor). Compilation takes a minute or "
-                                     "more up front; it pays on long GPU runs.")
+    torch_compile: bool = arg(False, "Compile the model's transformer blocks with torch.compile, one by one, on "
+                                     "fixed shapes (see trainer/compilation.py). Compilation takes a minute or more "
+                                     "up front; it pays on long GPU runs.")
+    torch_compile_backend: str = arg("inductor", "torch.compile backend with --torch_compile (e.g. inductor, "
+                                                 "aot_eager for debugging).")
+    torch_compile_mode: str = arg("default", "torch.compile mode with --torch_compile: default, reduce-overhead "
+                                             "(CUDA graphs: fewer kernel launches), max-autotune (also searches "
+                                             "matrix-product kernels; long compile), max-autotune-no-cudagraphs.",
+                                  choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     peak_tflops: Optional[float] = arg(None, "The device's peak TFLOP/s that MFU divides by. Unset: the datasheet "
                                              "dense peak for the GPU and precision (e.g. 989.5 for an H100 SXM in "
                                              "bf16); on a device without one (a CPU), a measured matrix-product rate.")

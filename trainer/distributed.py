@@ -48,7 +48,7 @@ def make_accelerator(training_args, **plugins):
     accelerator = Accelerator(
         # accelerate turns DeepSpeed off when told cpu=True; DeepSpeed brings its own CPU backend (gloo).
         cpu=deepspeed_plugin is None and use_cpu,
-        dynamo_backend="inductor" if training_args.torch_compile else "no",
+        dynamo_backend="no",  # --torch_compile compiles the blocks (trainer.compilation), not the whole model
         mixed_precision=training_args.mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout, **process_group_backend(deepspeed_plugin))],
         **plugins,

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import Checkpointer
+from trainer.compilation import compile_blocks, evaluation_stance
 from trainer.data import EpochBatches, loader_workers, make_loader
 from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward,
                                  describe_parallelism, full_state_dict, host_sum, parameters_sharded,
@@ -55,6 +56,9 @@ class Task:
     # Called on every rank after the backward passes of a step, before clipping and the update (which skips
     # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
     before_optimizer_step: Optional[Callable[["TrainState"], None]] = None
+    # Modules whose tensor shapes follow the data (e.g. mlm's last layer on the masked rows): --torch_compile leaves
+    # them eager, so that the compiled blocks never see a new shape.
+    eager_modules: list = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +98,8 @@ class Engine:
                 f"or a smaller batch")
         self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * self.sampler.steps_per_epoch)
+        if args.torch_compile:
+            compile_blocks(task.hf_model, args.torch_compile_backend, args.torch_compile_mode, task.eager_modules)
         optimizer = build_optimizer(task.model, args)
         prepare_deepspeed_for_model(accelerator, task.hf_model.config)
         self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
@@ -268,6 +274,11 @@ class Engine:
     @torch.no_grad()
     def evaluate(self, prefix: str = "eval_") -> dict:
         """Every evaluation sample exactly once over all ranks; sums reduced in float64."""
+        with evaluation_stance(self.args.torch_compile):
+            return self.evaluate_eagerly(prefix)
+
+    def evaluate_eagerly(self, prefix: str) -> dict:
+        """`evaluate` with compiled blocks (if any) running eagerly."""
         loader = self.sharded_batches(self.task.eval_dataset)
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
