@@ -250,6 +250,26 @@ def backward(accelerator, loss: torch.Tensor, last_micro_step: bool) -> None:
         accelerator.backward(loss)
 
 
+def clip_gradients(accelerator, model, max_norm: float):
+    """Clip to `max_norm` and return the gradient norm, a device tensor read only when logged.
+
+    Under DeepSpeed the engine clipped in its step (at the boundary `backward` marks); its norm is read from the
+    DeepSpeed engine itself, because accelerate's `clip_grad_norm_` turns it into a float: a device sync per step.
+    """
+    if uses_deepspeed(accelerator):
+        return model.get_global_grad_norm()
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def end_processes() -> None:
+    """Tear the process group down at the end of a run (NCCL otherwise warns that destroy_process_group() was not
+    called and may leak resources)."""
+    global _host_group
+    if is_distributed():
+        dist.destroy_process_group()
+    _host_group = None
+
+
 def full_state_dict(accelerator, model, submodule: torch.nn.Module) -> dict | None:
     """The complete weights of `submodule` (on rank 0) under DeepSpeed or FSDP; None elsewhere, where its own
     parameters are complete.

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from trainer.checkpoint import Checkpointer
 from trainer.compilation import compile_blocks, evaluation_stance
 from trainer.data import EpochBatches, loader_workers, make_loader
-from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward,
+from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward, clip_gradients,
                                  describe_parallelism, full_state_dict, host_sum, parameters_sharded,
                                  prepare_deepspeed_for_model, set_gradient_sync, shard_for_evaluation,
                                  sharded_checkpoint_functions)
@@ -188,7 +188,7 @@ class Engine:
         if self.task.before_optimizer_step is not None:
             self.task.before_optimizer_step(self.state)
         if self.args.max_grad_norm > 0:  # under DeepSpeed, clipping happened in its step; this reads the norm
-            window.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            window.grad_norm = clip_gradients(self.accelerator, self.model, self.args.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
