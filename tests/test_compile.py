@@ -1,6 +1,9 @@
 """--torch_compile: the transformer blocks compile once, never recompile in training or evaluation, and train like
 eager. On the CPU the test uses the aot_eager backend (dynamo's graph capture and AOT autograd without inductor's
-code generation, which takes minutes on 2 cores); inductor itself is checked on a GPU (bench/gpu_check.sh)."""
+code generation, which takes minutes on 2 cores); bench/gpu_check.sh runs it with inductor on a GPU
+(TRAINER_TEST_COMPILE_BACKEND=inductor)."""
+import os
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -27,17 +30,20 @@ def test_compiled_blocks_compile_once_and_match_eager(corpus, tokenizer_dir, job
     eager = run_in_process(corpus, tokenizer_dir, tmp_path / "eager")
     torch._dynamo.reset()
     counters.clear()
+    backend = os.environ.get("TRAINER_TEST_COMPILE_BACKEND", "aot_eager")
     compiled = run_in_process(corpus, tokenizer_dir, tmp_path / "compiled", "--torch_compile",
-                              "--torch_compile_backend", "aot_eager")
+                              "--torch_compile_backend", backend)
+    # aot_eager runs the same kernels; inductor fuses them (other reduction orders, TF32 on a GPU).
+    tolerance = 1e-5 if backend == "aot_eager" else 1e-3
     # Two of the three BertLayers compiled (the last one runs on the masked rows, eagerly): one graph for both,
     # through 3 training steps and 3 evaluations (whose batches of 8 and 4 would each have been a recompilation).
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     losses = {run: [r["train_loss"] for r in read_history(tmp_path / run) if "train_loss" in r]
               for run in ("eager", "compiled")}
-    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
-    assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-5)
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=tolerance)
+    assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], rel=tolerance)
     a, b = load_parameters(tmp_path / "eager"), load_parameters(tmp_path / "compiled")
     assert a.keys() == b.keys()  # compiled in place: the parameter names of the eager model
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b[name], a[name], rtol=10 * tolerance, atol=tolerance / 10)
