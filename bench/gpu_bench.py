@@ -111,7 +111,8 @@ def run_engine(directory: str, opts, compiled: bool, deepspeed: bool) -> dict:
         clock.waited(time.perf_counter() - fetching)
         engine.optimizer_step(micro_batches, window)
     clock.stop()
-    return result(clock, opts, engine.flops_per_token(opts.seq_len), engine.dense_flops_per_token(opts.seq_len))
+    measured = result(clock, opts, engine.flops_per_token(opts.seq_len), engine.dense_flops_per_token(opts.seq_len))
+    return {**measured, "zero_stage": zero_stage(accelerator)}
 
 
 # ----------------------------------------------------------------------------------------- the transformers Trainer
@@ -153,13 +154,16 @@ def run_transformers_trainer(directory: str, opts, compiled: bool, deepspeed: bo
         dataloader_num_workers=opts.workers, disable_tqdm=True, seed=0, **extra)
     trainer = TimedTrainer(model=model, args=args, train_dataset=data["train"], callbacks=[Clock()],
                            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15, seed=0))
-    if deepspeed and not torch.cuda.is_available():
-        import torch.distributed as dist  # DeepSpeed on the CPU (smoke runs): gloo, as the engine does
-
-        dist.init_process_group("gloo")
     trainer.train()
     dense = training_flops_per_token(model, opts.seq_len)  # every position through the head
-    return result(clock, opts, dense, dense)
+    return {**result(clock, opts, dense, dense), "zero_stage": zero_stage(trainer.accelerator)}
+
+
+def zero_stage(accelerator):
+    """The ZeRO stage a case really ran with (None: no DeepSpeed), so that a silent fallback cannot pass."""
+    from trainer.distributed import uses_deepspeed
+
+    return accelerator.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
 
 
 def trainer_zero2_config() -> dict:
@@ -283,14 +287,14 @@ def describe(opts, device: torch.device, peak_source: str) -> str:
 
 def table(results: dict, header: str) -> str:
     lines = [header, f"{'case':18}{'tokens/s':>11}{'MFU':>8}{'dense-eq. MFU':>15}{'peak mem MiB':>14}"
-                     f"{'data wait':>11}"]
+                     f"{'data wait':>11}{'ZeRO':>6}"]
     for case, measured in results.items():
         if "failed" in measured:
             lines.append(f"{case:18}FAILED {measured['failed']}")
             continue
         lines.append(f"{case:18}{measured['tokens_per_second']:11.0f}{measured['mfu']:8.1%}"
                      f"{measured['mfu_dense_equivalent']:15.1%}{measured['peak_memory_mib']:14.0f}"
-                     f"{measured['data_wait_fraction']:11.1%}")
+                     f"{measured['data_wait_fraction']:11.1%}{str(measured['zero_stage'] or '-'):>6}")
     speed = {case: m["tokens_per_second"] for case, m in results.items() if "failed" not in m}
     for ours, theirs in (("engine_eager", "trainer_eager"), ("engine_eager", "trainer_compiled"),
                          ("engine_compiled", "trainer_compiled"), ("engine_compiled", "engine_eager"),

@@ -7,6 +7,9 @@ are one class: `nn.Module.compile` on each gives one graph that all of them reus
 way torchtitan compiles per block. A task names the modules whose shapes follow the data (`Task.eager_modules`:
 mlm's last layer on the masked rows); they, the embeddings and the head stay eager. Compiling in place keeps every
 parameter name, so checkpoints and `save_pretrained` are those of the eager model.
+accelerate's `compile_regions` does regional compilation too, but compiles every block and every other leaf (mlm's
+masked-row layer and head included, which then recompile per shape) and wraps blocks in OptimizedModule (renamed
+parameters); hence this small version.
 
 Evaluation runs the blocks eagerly (`evaluation_stance`): without gradients the graph differs, and every evaluation
 batch size would be one more compilation, for a pass that runs a few times per run.

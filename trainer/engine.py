@@ -203,9 +203,9 @@ class Engine:
 
     def log_window(self, window: "Window") -> None:
         """Read the device-side sums once per logging interval: the only host sync of the loop."""
+        reading = time.perf_counter()
         counts = torch.tensor([window.items, window.tokens, window.samples], dtype=torch.float64,
                               device=window.loss_sum.device)
-        reading = time.perf_counter()
         loss_sum, items, tokens, samples = all_reduce_sum(torch.cat([window.loss_sum.view(1), counts])).tolist()
         # The steps only queue work on a GPU: the wait for the device to finish the window's queue is training time.
         window.seconds += time.perf_counter() - reading
