@@ -72,7 +72,7 @@ def test_zero1_matches_ddp_and_sharded_checkpoint_round_trips(runs, corpus, toke
 
 
 # ------------------------------------------------------------------------------------------------- bad input
-def check(config: dict, tmp_path, **arguments):
+def check(config: dict, tmp_path, world_size: int = 2, **arguments):
     """resolve_deepspeed_config on `config` written to a file, with TrainingArguments built from `arguments`."""
     from trainer.arguments import TrainingArguments
     from trainer.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
@@ -80,7 +80,7 @@ def check(config: dict, tmp_path, **arguments):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
     args = TrainingArguments(output_dir=str(tmp_path / "out"), **arguments)
-    return resolve_deepspeed_config(load_deepspeed_config(str(path)), args, world_size=2, source=str(path))
+    return resolve_deepspeed_config(load_deepspeed_config(str(path)), args, world_size=world_size, source=str(path))
 
 
 def shipped(name: str) -> dict:
@@ -102,6 +102,17 @@ def test_auto_values_are_filled_from_the_command_line(tmp_path):
         assert "auto" not in json.dumps(check(shipped(name), tmp_path, max_steps=10)).replace(
             '"reduce_bucket_size": "auto"', "").replace('"stage3_prefetch_bucket_size": "auto"', "").replace(
             '"stage3_param_persistence_threshold": "auto"', "")  # these follow the model width at prepare()
+
+
+def test_zero1_and_zero2_overlap_communication_only_with_several_processes_and_use_large_buckets(tmp_path):
+    for name in ("zero1", "zero2"):
+        assert check(shipped(name), tmp_path, world_size=1)["zero_optimization"]["overlap_comm"] is False
+        zero = check(shipped(name), tmp_path, world_size=8)["zero_optimization"]
+        assert zero["overlap_comm"] is True
+        # Not the h * h "auto" (590k elements for BERT-base: ~190 reductions per step)
+        assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 200_000_000
+    explicit = check(shipped("zero3"), tmp_path, world_size=1)["zero_optimization"]
+    assert explicit["overlap_comm"] is True  # an explicit value is the user's
 
 
 @pytest.mark.parametrize("change, arguments, message", [

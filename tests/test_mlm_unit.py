@@ -108,7 +108,7 @@ def test_train_collator_pads_ragged_lines_and_flags_padding_special():
     rows[0], rows[1] = np.array([2, 50, 51, 3]), np.array([2, 60, 3])
     special = np.empty(2, dtype=object)
     special[0], special[1] = np.array([1, 0, 0, 1]), np.array([1, 0, 1])
-    batch = collate({"input_ids": rows, "special_tokens_mask": special, "sample_id": np.array([0, 1])})
+    batch = collate({"input_ids": rows, "special_tokens_mask": special, "sample_id": np.array([0, 1]), "epoch": 0})
     assert batch["input_ids"].shape == (2, 8)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0]]
     flat_positions = set(batch["masked_positions"][:batch["num_loss_items"]].tolist())

@@ -56,6 +56,20 @@ def test_single_process_resume_mid_accumulation_and_at_epoch_boundary_is_bit_exa
     assert samples_per_step(samples) == samples_per_step(expected_samples)
 
 
+def test_loader_workers_change_nothing_and_resume_exactly_across_the_epoch_boundary(
+        single_process_baseline, corpus, tokenizer_dir, job_env, tmp_path):
+    """2 loader workers (one loader over both epochs), stopped in step 5 and resumed: the run without workers."""
+    expected_dir, expected_samples = single_process_baseline
+    out, samples = tmp_path / "run", tmp_path / "samples"
+    args = resume_args(corpus, tokenizer_dir, out, 1, "--dataloader_num_workers", "2")
+    env = with_env(job_env, TRAINER_DEBUG_SAMPLE_LOG=samples)
+    first = run_job("trainer.mlm", args, with_env(env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=9))
+    assert "stop signal received: saved checkpoint-5" in first.stderr
+    run_job("trainer.mlm", args, env)
+    assert_same_run(expected_dir, out)
+    assert samples_per_step(samples) == samples_per_step(expected_samples)
+
+
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint_and_resume_skips_the_torn_one(
         single_process_baseline, corpus, tokenizer_dir, job_env, tmp_path):
     out = tmp_path / "run"

@@ -3,7 +3,8 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from trainer.sparse_mlm import last_layer_row_parameters
-from trainer.throughput import measure_matmul_peak, split_parameter_counts, training_flops_per_token
+from trainer.throughput import (datasheet_peak, device_peak, measure_matmul_peak, precision_name,
+                                split_parameter_counts, training_flops_per_token)
 
 
 def test_flops_count_body_attention_and_head_as_computed():
@@ -28,3 +29,58 @@ def test_flops_count_body_attention_and_head_as_computed():
 def test_measured_peak_is_a_plausible_rate():
     peak = measure_matmul_peak(torch.device("cpu"), torch.float32, size=256, repeats=2)
     assert 1e8 < peak < 1e14
+
+
+@pytest.mark.parametrize("name, capability, precision, tflops", [
+    ("NVIDIA H100 80GB HBM3", (9, 0), "bf16", 989.5),  # SXM
+    ("NVIDIA H100 PCIe", (9, 0), "bf16", 756.5),
+    ("NVIDIA H100 NVL", (9, 0), "fp16", 835.5),
+    ("NVIDIA H200", (9, 0), "tf32", 494.5),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), "bf16", 312.0),
+    ("NVIDIA A100-PCIE-40GB", (8, 0), "tf32", 156.0),
+    ("NVIDIA L40S", (8, 9), "bf16", 362.0),
+    ("NVIDIA L4", (8, 9), "fp32", 30.3),
+    ("NVIDIA A10G", (8, 6), "bf16", 125.0),
+    ("Tesla V100-SXM2-16GB", (7, 0), "fp16", 125.0),
+    ("Tesla V100-PCIE-32GB", (7, 0), "fp16", 112.0),
+    ("NVIDIA GeForce RTX 4090", (8, 9), "bf16", 165.2),
+    ("NVIDIA GeForce RTX 3090", (8, 6), "tf32", 35.6),
+])
+def test_datasheet_peak_by_device_name_and_precision(name, capability, precision, tflops):
+    assert datasheet_peak(name, capability, precision) == pytest.approx(tflops * 1e12)
+
+
+@pytest.mark.parametrize("name, capability, precision", [
+    ("Tesla V100-SXM2-16GB", (7, 0), "bf16"),  # Volta has no bf16 tensor cores
+    ("NVIDIA H100 80GB HBM3", (8, 0), "bf16"),  # a name that does not fit its capability
+    ("NVIDIA B200", (10, 0), "bf16"),  # not in the table
+    ("NVIDIA L40", (8, 9), "bf16"),  # L40 is not L40S, nor L4
+])
+def test_unknown_devices_and_precisions_have_no_datasheet_peak(name, capability, precision):
+    assert datasheet_peak(name, capability, precision) is None
+
+
+def test_precision_choice():
+    assert [precision_name(True, False, True), precision_name(False, True, True), precision_name(False, False, True),
+            precision_name(False, False, False)] == ["bf16", "fp16", "tf32", "fp32"]
+
+
+def test_override_wins_and_a_cpu_peak_is_measured_and_says_so():
+    given = device_peak(torch.device("cpu"), "bf16", override_tflops=12.5)
+    assert given.flops == 12.5e12 and "--peak_tflops" in given.source
+    measured = device_peak(torch.device("cpu"), "fp32")
+    assert 1e8 < measured.flops < 1e14 and "measured" in measured.source
+
+
+def test_dense_equivalent_counts_every_position_through_head_and_last_layer():
+    """The engine logs train_mfu_dense_equivalent with the model's dense count: the same tokens through a dense head
+    and last layer cost exactly the masked-rows saving more."""
+    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=256, max_position_embeddings=64)
+    model = BertForMaskedLM(config)
+    body, head = split_parameter_counts(model)
+    rows = last_layer_row_parameters(model)
+    sparse = training_flops_per_token(model, 32, 0.15, rows)
+    dense = training_flops_per_token(model, 32)
+    assert dense == 6 * body + 2 * 12 * 64 * 32 + 6 * head
+    assert dense - sparse == pytest.approx(0.85 * (6 * head + 6 * rows + 12 * 64 * 32))

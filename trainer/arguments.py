@@ -137,13 +137,23 @@ class TrainingArguments:
     hub_private_repo: bool = arg(False, "Create the Hub repository as private.")
     hub_strategy: str = arg("end", "When to push: end (the final model), or every_save (each checkpoint too).",
                             choices=["end", "every_save"])
-    dataloader_num_workers: int = arg(0, "Data loading worker processes per rank.")
+    dataloader_num_workers: Optional[int] = arg(
+        None, "Data loading worker processes per rank. Unset: none on the CPU; on a GPU up to 4 (the cores per "
+        "process less one), so that masking and collation run beside the training process.")
     ddp_timeout: int = arg(10800, "Seconds a collective may wait, e.g. while rank 0 tokenizes a big corpus.")
     use_cpu: bool = arg(False, "Train on the CPU even if a GPU is present.")
-    torch_compile: bool = arg(False, "Compile the model with torch.compile (inductor). Compilation takes a minute or "
-                                     "more up front; it pays on long GPU runs.")
-    peak_tflops: Optional[float] = arg(None, "The device's peak TFLOP/s for MFU (e.g. 989 for an H100 in bf16). "
-                                             "Unset: measured as the best rate of a large matrix product.")
+    torch_compile: bool = arg(False, "Compile the model's transformer blocks with torch.compile, one by one, on "
+                                     "fixed shapes (see trainer/compilation.py). Compilation takes a minute or more "
+                                     "up front; it pays on long GPU runs.")
+    torch_compile_backend: str = arg("inductor", "torch.compile backend with --torch_compile (e.g. inductor, "
+                                                 "aot_eager for debugging).")
+    torch_compile_mode: str = arg("default", "torch.compile mode with --torch_compile: default, reduce-overhead "
+                                             "(CUDA graphs: fewer kernel launches), max-autotune (also searches "
+                                             "matrix-product kernels; long compile), max-autotune-no-cudagraphs.",
+                                  choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    peak_tflops: Optional[float] = arg(None, "The device's peak TFLOP/s that MFU divides by. Unset: the datasheet "
+                                             "dense peak for the GPU and precision (e.g. 989.5 for an H100 SXM in "
+                                             "bf16); on a device without one (a CPU), a measured matrix-product rate.")
     local_rank: int = arg(-1, "Passed by the `deepspeed` launcher as --local_rank=N; accepted and ignored (the "
                               "LOCAL_RANK environment variable it also sets is what counts).")
     deepspeed: Optional[str] = arg(None, "DeepSpeed config JSON (e.g. ds_configs/zero2.json): train with DeepSpeed "
@@ -165,7 +175,8 @@ class TrainingArguments:
         require(0 <= self.warmup_ratio < 1 and self.warmup_steps >= 0, "warmup must be non-negative and below 1")
         require(self.max_grad_norm >= 0, "--max_grad_norm must be >= 0")
         require(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")
-        require(self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0")
+        require(self.dataloader_num_workers is None or self.dataloader_num_workers >= 0,
+                "--dataloader_num_workers must be >= 0")
         for name in self.stop_signals:
             require(name in signal.Signals.__members__ and name not in ("SIGKILL", "SIGSTOP"),
                     f"--stop_signals: {name} is not a signal this job can catch (e.g. SIGTERM, SIGUSR1)")

@@ -155,7 +155,6 @@ class PaddingCollator:
     """Pads each batch to its own longest sequence (rounded up to a multiple of 8), never to the data set's."""
 
     pad_token_id: int
-    epoch: int = 0  # set by the engine; classification has no per-epoch randomness
 
     def __call__(self, batch: dict) -> dict:
         input_ids = pad_rows(batch["input_ids"], self.pad_token_id)

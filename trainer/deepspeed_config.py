@@ -49,6 +49,11 @@ def resolve_deepspeed_config(config: dict, args, world_size: int, source: str) -
     fill("bf16.enabled", args.bf16, "--bf16")
     fill("fp16.enabled", args.fp16, "--fp16")
     check_zero_section(config.setdefault("zero_optimization", {}), source)
+    # "auto": on with 2 or more processes. With one there is no communication to overlap, and DeepSpeed 0.19's
+    # overlap_comm then only costs: a device-wide synchronize after every backward (stage_1_and_2
+    # `independent_gradient_partition_epilogue`, and per bucket where it all-reduces) and side-stream copies.
+    if config["zero_optimization"].get("overlap_comm") == "auto":
+        config["zero_optimization"]["overlap_comm"] = world_size > 1
     check_optimizer_section(config.pop("optimizer", None), args, fill)
     check_scheduler_section(config.pop("scheduler", None), args, fill)
     # An explicit `false` would make a ZeRO-3 export impossible: the final save needs the gathered weights.

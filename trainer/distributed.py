@@ -48,7 +48,7 @@ def make_accelerator(training_args, **plugins):
     accelerator = Accelerator(
         # accelerate turns DeepSpeed off when told cpu=True; DeepSpeed brings its own CPU backend (gloo).
         cpu=deepspeed_plugin is None and use_cpu,
-        dynamo_backend="inductor" if training_args.torch_compile else "no",
+        dynamo_backend="no",  # --torch_compile compiles the blocks (trainer.compilation), not the whole model
         mixed_precision=training_args.mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout, **process_group_backend(deepspeed_plugin))],
         **plugins,
@@ -250,6 +250,26 @@ def backward(accelerator, loss: torch.Tensor, last_micro_step: bool) -> None:
         accelerator.backward(loss)
 
 
+def clip_gradients(accelerator, model, max_norm: float):
+    """Clip to `max_norm` and return the gradient norm, a device tensor read only when logged.
+
+    Under DeepSpeed the engine clipped in its step (at the boundary `backward` marks); its norm is read from the
+    DeepSpeed engine itself, because accelerate's `clip_grad_norm_` turns it into a float: a device sync per step.
+    """
+    if uses_deepspeed(accelerator):
+        return model.get_global_grad_norm()
+    return accelerator.clip_grad_norm_(model.parameters(), max_norm)
+
+
+def end_processes() -> None:
+    """Tear the process group down at the end of a run (NCCL otherwise warns that destroy_process_group() was not
+    called and may leak resources)."""
+    global _host_group
+    if is_distributed():
+        dist.destroy_process_group()
+    _host_group = None
+
+
 def full_state_dict(accelerator, model, submodule: torch.nn.Module) -> dict | None:
     """The complete weights of `submodule` (on rank 0) under DeepSpeed or FSDP; None elsewhere, where its own
     parameters are complete.
@@ -387,10 +407,13 @@ class GlobalBatchSampler:
         return remaining_steps * self.accumulation_steps
 
     def __iter__(self):
-        order = self.epoch_order(self.epoch)
+        return self.batches(self.epoch, self.start_sample)
+
+    def batches(self, epoch: int, start_sample: int = 0):
+        """This rank's micro-batches (index lists) of `epoch`, from position `start_sample` of its global order."""
+        order = self.epoch_order(epoch)
         micro = self.per_device_batch_size
-        for step_start in range(self.start_sample, self.steps_per_epoch * self.global_batch_size,
-                                self.global_batch_size):
+        for step_start in range(start_sample, self.steps_per_epoch * self.global_batch_size, self.global_batch_size):
             for micro_step in range(self.accumulation_steps):
                 start = step_start + (micro_step * self.world_size + self.rank) * micro
                 yield order[start:start + micro].tolist()
@@ -429,17 +452,29 @@ def shard_for_evaluation(dataset_size: int, world_size: int, rank: int) -> range
 _host_group = None
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if `flag` is True on any rank: how all ranks agree to stop at the same step.
-
-    The reduction runs over a gloo group on CPU tensors, so under NCCL it adds a tiny host-side collective per
-    call but no GPU synchronisation. The group is created on first use, which every rank reaches at the same step.
-    """
+def host_group():
+    """A gloo group over all ranks for reductions of host values: under NCCL a tiny host-side collective, with no
+    device copy and no GPU synchronisation. Created on first use, which every rank reaches at the same step."""
     global _host_group
-    if not is_distributed():
-        return flag
     if _host_group is None:
         _host_group = dist.new_group(backend="gloo")
+    return _host_group
+
+
+def host_sum(value: int) -> int:
+    """The sum over ranks of a count every rank knows on the host (e.g. the loss items of a step)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=host_group())
+    return int(tensor.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on any rank: how all ranks agree to stop at the same step (over the
+    host group, see `host_group`)."""
+    if not is_distributed():
+        return flag
     tensor = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=host_group())
     return bool(tensor.item())

@@ -18,9 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer.checkpoint import Checkpointer
-from trainer.data import make_loader
-from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward,
-                                 describe_parallelism, full_state_dict, parameters_sharded,
+from trainer.compilation import compile_blocks, evaluation_stance
+from trainer.data import EpochBatches, loader_workers, make_loader
+from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward, clip_gradients,
+                                 describe_parallelism, full_state_dict, host_sum, parameters_sharded,
                                  prepare_deepspeed_for_model, set_gradient_sync, shard_for_evaluation,
                                  sharded_checkpoint_functions)
 from trainer.errors import JobStopped, require
@@ -29,7 +30,7 @@ from trainer.hub_push import HubPusher
 from trainer.metrics import MetricsLogger, logger
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.signals import STOPPED_EXIT_CODE, StopSignals
-from trainer.throughput import measure_matmul_peak, training_flops_per_token
+from trainer.throughput import device_peak, precision_name, training_flops_per_token
 
 DIVERGED_EXIT_CODE = 3
 
@@ -41,7 +42,7 @@ class Task:
     model: torch.nn.Module  # forward(**batch) -> {"loss_sum": Tensor, optional "predictions": Tensor}
     train_dataset: object  # datasets.Dataset
     eval_dataset: object
-    train_collator: Callable  # columnar batch -> tensors + "num_loss_items"; has an `epoch` attribute
+    train_collator: Callable  # columnar batch (with its "epoch") -> tensors + "num_loss_items"
     eval_collator: Callable
     compute_metrics: Callable[["EvalOutput"], dict]
     hf_model: torch.nn.Module  # the transformers model inside `model`, saved with save_pretrained
@@ -55,6 +56,9 @@ class Task:
     # Called on every rank after the backward passes of a step, before clipping and the update (which skips
     # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
     before_optimizer_step: Optional[Callable[["TrainState"], None]] = None
+    # Modules whose tensor shapes follow the data (e.g. mlm's last layer on the masked rows): --torch_compile leaves
+    # them eager, so that the compiled blocks never see a new shape.
+    eager_modules: list = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +98,8 @@ class Engine:
                 f"or a smaller batch")
         self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * self.sampler.steps_per_epoch)
+        if args.torch_compile:
+            compile_blocks(task.hf_model, args.torch_compile_backend, args.torch_compile_mode, task.eager_modules)
         optimizer = build_optimizer(task.model, args)
         prepare_deepspeed_for_model(accelerator, task.hf_model.config)
         self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
@@ -103,17 +109,19 @@ class Engine:
         self.hub = HubPusher(args, accelerator.is_main_process)
         self.stop_signals = StopSignals(args.stop_signals)
         self.faults = FaultInjection(self)
-        self.flops_per_token = task.flops_per_token or functools.partial(training_flops_per_token, task.hf_model)
+        # Every position through every layer and the head: what other trainers count, for comparable MFU figures.
+        self.dense_flops_per_token = functools.partial(training_flops_per_token, task.hf_model)
+        self.flops_per_token = task.flops_per_token or self.dense_flops_per_token
         self.peak_flops = self.device_peak_flops() if accelerator.is_main_process else None
+        self.loader_workers = loader_workers(args.dataloader_num_workers, accelerator.device)
 
     def device_peak_flops(self) -> float:
-        if self.args.peak_tflops:
-            return self.args.peak_tflops * 1e12
-        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
-        peak = measure_matmul_peak(self.accelerator.device, dtype)
-        logger.info("MFU is measured against %.1f TFLOP/s, the best %s matrix-product rate measured on this device "
-                    "(set --peak_tflops to use the datasheet figure)", peak / 1e12, dtype)
-        return peak
+        """The datasheet peak of this device and precision (or --peak_tflops, or a measured one), logged."""
+        device = self.accelerator.device
+        tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        peak = device_peak(device, precision_name(self.args.bf16, self.args.fp16, tf32), self.args.peak_tflops)
+        logger.info("MFU is measured against %s", peak.source)
+        return peak.flops
 
     # ----------------------------------------------------------------------------------------------- training
     def train(self) -> dict:
@@ -155,18 +163,18 @@ class Engine:
         return state.metrics
 
     def micro_batches(self):
-        """Micro-batches forever, epoch after epoch, starting where the train state says."""
-        while True:
-            self.sampler.epoch, self.sampler.start_sample = self.state.epoch, self.state.samples_in_epoch
-            self.task.train_collator.epoch = self.state.epoch
-            yield from make_loader(self.task.train_dataset, self.task.columns, self.sampler, self.task.train_collator,
-                                   self.args.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
+        """Micro-batches forever, epoch after epoch, starting where the train state says: one loader iterator,
+        whose workers live across epochs."""
+        sampler = EpochBatches(self.sampler, self.state.epoch, self.state.samples_in_epoch)
+        return iter(make_loader(self.task.train_dataset, self.task.columns, sampler, self.task.train_collator,
+                                self.loader_workers, pin_memory=self.accelerator.device.type == "cuda"))
 
     def optimizer_step(self, micro_batches: list[dict], window: "Window") -> None:
+        # The counts are on the host: summed over ranks there, so that the step never waits for the device.
         local_items = sum(batch.pop("num_loss_items") for batch in micro_batches)
-        global_items = all_reduce_sum(torch.tensor(float(local_items), device=self.accelerator.device))
+        global_items = host_sum(local_items)
         # DDP averages gradients over ranks, hence the world size: the update is d(sum of losses)/global_items.
-        scale = self.world_size / global_items.clamp(min=1.0)
+        scale = self.world_size / max(global_items, 1)
         self.model.train()
         for index, batch in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
@@ -180,7 +188,7 @@ class Engine:
         if self.task.before_optimizer_step is not None:
             self.task.before_optimizer_step(self.state)
         if self.args.max_grad_norm > 0:  # under DeepSpeed, clipping happened in its step; this reads the norm
-            window.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            window.grad_norm = clip_gradients(self.accelerator, self.model, self.args.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -195,9 +203,12 @@ class Engine:
 
     def log_window(self, window: "Window") -> None:
         """Read the device-side sums once per logging interval: the only host sync of the loop."""
+        reading = time.perf_counter()
         counts = torch.tensor([window.items, window.tokens, window.samples], dtype=torch.float64,
                               device=window.loss_sum.device)
         loss_sum, items, tokens, samples = all_reduce_sum(torch.cat([window.loss_sum.view(1), counts])).tolist()
+        # The steps only queue work on a GPU: the wait for the device to finish the window's queue is training time.
+        window.seconds += time.perf_counter() - reading
         self.stop_if_diverged(loss_sum, window)
         self.state.tokens_seen += int(tokens)
         seconds = max(window.seconds, 1e-9)
@@ -205,8 +216,9 @@ class Engine:
                   "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
                   "data_wait_fraction": window.data_wait / seconds, "epoch": self.state.epoch}
         if self.peak_flops and samples:
-            achieved = tokens / seconds * self.flops_per_token(tokens / samples)
-            record["mfu"] = achieved / (self.peak_flops * self.world_size)
+            peak = self.peak_flops * self.world_size
+            record["mfu"] = tokens / seconds * self.flops_per_token(tokens / samples) / peak
+            record["mfu_dense_equivalent"] = tokens / seconds * self.dense_flops_per_token(tokens / samples) / peak
         if window.grad_norm is not None:
             record["grad_norm"] = float(window.grad_norm)
         self.metrics.log(self.state.step, record, prefix="train_")
@@ -262,6 +274,11 @@ class Engine:
     @torch.no_grad()
     def evaluate(self, prefix: str = "eval_") -> dict:
         """Every evaluation sample exactly once over all ranks; sums reduced in float64."""
+        with evaluation_stance(self.args.torch_compile):
+            return self.evaluate_eagerly(prefix)
+
+    def evaluate_eagerly(self, prefix: str) -> dict:
+        """`evaluate` with compiled blocks (if any) running eagerly."""
         loader = self.sharded_batches(self.task.eval_dataset)
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
@@ -293,7 +310,7 @@ class Engine:
         batch_size = self.args.per_device_eval_batch_size
         index_batches = [list(shard[start:start + batch_size]) for start in range(0, len(shard), batch_size)]
         return make_loader(dataset, self.task.columns, index_batches, self.task.eval_collator,
-                           self.args.dataloader_num_workers, pin_memory=self.accelerator.device.type == "cuda")
+                           self.loader_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     # ------------------------------------------------------------------------------------------------- saving
     def save_model(self, directory: str) -> None:

@@ -34,11 +34,15 @@ def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_
 
 
 def finish_job(engine, metrics: dict, data_args, model_card: dict, summary: str) -> None:
-    """Rank 0: all_results.json, the model card and Hub push (when asked), and a closing log line."""
+    """Rank 0: all_results.json, the model card and Hub push (when asked), and a closing log line; then every rank
+    leaves the process group."""
+    from trainer.distributed import end_processes
+
     if engine.accelerator.is_main_process:
         write_results(engine.args.output_dir, metrics)
         engine.hub.push_final({**model_card, "data": data_args.dataset_name or data_args.train_file}, metrics)
         logger.info(summary)
+    end_processes()
 
 
 def check_output_dir(training_args) -> None:

@@ -26,8 +26,8 @@ from trainer.jobs import finish_job, start_job
 from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 from trainer.sparse_mlm import (IGNORE, SPARSE_HEAD_TYPES, MaskedRows, can_sparsify_last_layer,
-                                install_sparse_last_layer, last_layer_row_parameters, masked_row_tensors,
-                                prediction_head)
+                                install_sparse_last_layer, last_encoder_layer, last_layer_row_parameters,
+                                masked_row_tensors, prediction_head)
 from trainer.throughput import training_flops_per_token
 from trainer.default_data import write_mlm_corpus
 
@@ -146,13 +146,13 @@ class TrainCollator:
     masker: Masker
     pad_token_id: int
     padded: bool
-    epoch: int = 0  # set by the engine at the start of each epoch
 
     def __call__(self, batch: dict) -> dict:
         input_ids = pad_rows(batch["input_ids"], self.pad_token_id)
         special = pad_rows(batch["special_tokens_mask"], 1)
         word_start = pad_rows(batch["word_start"], 0) if "word_start" in batch else None
-        inputs, labels = self.masker(input_ids, special, batch["sample_id"], self.epoch, TRAIN_STREAM, word_start)
+        inputs, labels = self.masker(input_ids, special, batch["sample_id"], batch["epoch"], TRAIN_STREAM,
+                                     word_start)
         return model_inputs(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
 
 
@@ -280,6 +280,7 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
         flops_per_token=functools.partial(training_flops_per_token, model, head_fraction=head_fraction,
                                           masked_rows_layer_parameters=row_parameters),
         main_metric="eval_perplexity",
+        eager_modules=[last_encoder_layer(model)] if task_model.sparse_last_layer else [],
     )
 
 
