@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
 from trainer.data import load_file, load_raw_splits, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import all_gather_objects, deepspeed_requested
+from trainer.distributed import all_gather_objects, deepspeed_requested, main_process_first
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune import PEFT_STRATEGIES, STRATEGIES, apply_strategy, distillation_loss, load_teacher
@@ -288,7 +288,7 @@ def build_task(model_args, data_args, training_args, cls_args, accelerator):
     require(cls_args.finetune_strategy not in PEFT_STRATEGIES or model_args.model_name_or_path,
             f"--finetune_strategy {cls_args.finetune_strategy} trains adapters on a pretrained model; give "
             f"--model_name_or_path (e.g. the output of trainer.mlm)")
-    with accelerator.local_main_process_first():  # one process per node tokenizes; the others load its cache
+    with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
         raw = load_raw_splits(data_args)
         columns = input_columns(raw["train"], data_args, cls_args, "training")
         input_columns(raw["validation"], data_args, cls_args, "validation")

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg
 from trainer.data import load_raw_splits, pad_rows, resolve_text_column
+from trainer.distributed import main_process_first
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.jobs import finish_job, start_job
@@ -246,7 +247,7 @@ def fill_mask_probes(tokenizer, sentences: list[str]):
 def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> Task:
     from transformers import AutoModelForMaskedLM
 
-    with accelerator.local_main_process_first():  # one process per node tokenizes; the others load its cache
+    with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
         raw = load_raw_splits(data_args)
         text_column = resolve_text_column(raw["train"], data_args.text_column)
         tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column])
