@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import re
 import shlex
@@ -83,6 +84,8 @@ class DataArguments:
 
 
 def check_data_file(path: str, flag: str) -> None:
+    require(os.path.exists(path) or not os.path.islink(path), f"--{flag} {path} is a broken symbolic link (its "
+                                                              f"target is missing, or a symbolic link loop)")
     require(os.path.exists(path), f"--{flag} {path}: no such file")
     require(not os.path.isdir(path), f"--{flag} {path} is a directory; give a file")
     extension = os.path.splitext(path)[1].lower()
@@ -165,7 +168,13 @@ class TrainingArguments:
                                                             f"{self.max_steps}")
         require(self.max_steps > 0 or self.num_train_epochs > 0,
                 f"--num_train_epochs must be positive, got {self.num_train_epochs}")
-        require(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}")
+        require(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+                f"--learning_rate must be a positive number, got {self.learning_rate}")
+        for flag in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, flag) < 1, f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        for flag in ("adam_epsilon", "weight_decay"):
+            require(getattr(self, flag) >= 0, f"--{flag} must be >= 0, got {getattr(self, flag)}")
+        require(0 <= self.seed < 2 ** 32, f"--seed must be in 0..{2 ** 32 - 1} (numpy's range), got {self.seed}")
         require(0 <= self.warmup_ratio < 1 and self.warmup_steps >= 0, "warmup must be non-negative and below 1")
         require(self.max_grad_norm >= 0, "--max_grad_norm must be >= 0")
         require(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
-from trainer.data import load_file, load_raw_splits, pad_rows, resolve_text_column
+from trainer.data import check_text_column, load_file, load_raw_splits, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
 from trainer.distributed import all_gather_objects, deepspeed_requested, main_process_first
 from trainer.engine import Engine, EvalOutput, Task
@@ -123,13 +123,10 @@ def input_columns(dataset, data_args, cls_args, split: str) -> list[str]:
     """The text column (and pair column) of a split, checked."""
     candidates = dataset.remove_columns([c for c in (cls_args.label_column,) if c in dataset.column_names])
     text = resolve_text_column(candidates, data_args.text_column)
-    require(text in dataset.column_names, f"the {split} data has no text column '{text}'")
-    if cls_args.text_pair_column is None:
-        return [text]
-    require(cls_args.text_pair_column in dataset.column_names,
-            f"the {split} data has no --text_pair_column '{cls_args.text_pair_column}' (columns: "
-            f"{', '.join(dataset.column_names)})")
-    return [text, cls_args.text_pair_column]
+    columns = [text] if cls_args.text_pair_column is None else [text, cls_args.text_pair_column]
+    for column in columns:
+        check_text_column(dataset, column, f"the {split} data")
+    return columns
 
 
 def tokenize(dataset, columns: list[str], tokenizer, max_length: int, labels: Optional[list[int]], desc: str):

@@ -124,9 +124,10 @@ class Engine:
                     args.per_device_train_batch_size, self.world_size, args.gradient_accumulation_steps,
                     self.sampler.steps_per_epoch)
         window = Window(self.accelerator.device)
-        if not self.checkpointer.resume(window):
-            state.metrics.update(self.evaluate(prefix="init_eval_"))
-        self.check_best_model_metric()
+        if self.checkpointer.resume(window):
+            self.check_best_model_metric(state.metrics)
+        else:  # checked before the first evaluation is logged: a refused run writes nothing
+            state.metrics.update(self.evaluate(prefix="init_eval_", check=self.check_best_model_metric))
         batches = self.micro_batches()
         progress = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
                         disable=not self.accelerator.is_main_process, mininterval=1.0)
@@ -248,20 +249,21 @@ class Engine:
         self.stop_if_diverged(reduced_loss_sum, window)
         self.checkpointer.save(window)
 
-    def check_best_model_metric(self) -> None:
+    def check_best_model_metric(self, metrics: dict) -> None:
         if self.args.load_best_model_at_end:
             name = self.args.metric_for_best_model
-            require(name.startswith("eval_") and f"init_{name}" in self.state.metrics,
+            require(name.startswith("eval_") and f"init_{name}" in metrics,
                     f"--metric_for_best_model {name} is not an evaluation metric of this job; choose one of "
-                    f"{', '.join(sorted(k[len('init_'):] for k in self.state.metrics if k.startswith('init_')))}")
+                    f"{', '.join(sorted(k[len('init_'):] for k in metrics if k.startswith('init_')))}")
 
     def to_device(self, batch: dict) -> dict:
         return {key: value.to(self.accelerator.device, non_blocking=True) for key, value in batch.items()}
 
     # --------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, prefix: str = "eval_") -> dict:
-        """Every evaluation sample exactly once over all ranks; sums reduced in float64."""
+    def evaluate(self, prefix: str = "eval_", check: Optional[Callable[[dict], None]] = None) -> dict:
+        """Every evaluation sample exactly once over all ranks; sums reduced in float64. `check(metrics)` runs
+        before anything is logged."""
         loader = self.sharded_batches(self.task.eval_dataset)
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
@@ -280,6 +282,8 @@ class Engine:
             gathered = {sid: pred for part in all_gather_objects(predictions) for sid, pred in part.items()}
         metrics = self.task.compute_metrics(EvalOutput(totals[0], int(totals[1]), gathered))
         metrics = {f"{prefix}{key}": value for key, value in metrics.items()}
+        if check is not None:
+            check(metrics)
         self.metrics.log(self.state.step, metrics)
         # With sharded parameters a forward on rank 0 alone would wait forever for the other ranks' shards.
         if (self.accelerator.is_main_process and self.task.after_evaluation is not None
