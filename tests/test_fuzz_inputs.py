@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 
 from classify_helpers import classify_args, sentiment  # noqa: F401
-from conftest import REPO_ROOT, TINY_BERT, free_port, mlm_args, run_job
+from conftest import REPO_ROOT, TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
 
 KB = 1024
 
@@ -318,26 +317,6 @@ def read_only_dir(tmp_path):
         return
     with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as directory:
         yield directory
-
-
-class mounted_tmpfs:
-    """`mount -t tmpfs -o OPTIONS` on a fresh directory for the `with` block (root only); skips the test where
-    mounting is not allowed (a container without CAP_SYS_ADMIN, a normal user)."""
-
-    def __init__(self, directory, options: str):
-        self.directory, self.options = str(directory), options
-
-    def __enter__(self) -> str:
-        os.makedirs(self.directory, exist_ok=True)
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", self.options, "tmpfs", self.directory],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}); needs root with "
-                        f"CAP_SYS_ADMIN, as in CI")
-        return self.directory
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["umount", "-l", self.directory], check=True)
 
 
 # --------------------------------------------------------------------------------------------- config files
