@@ -11,8 +11,10 @@ prove the process-level behaviour (exit code, stderr) and the 2-process torchrun
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import sys
 
 import pytest
 
@@ -383,3 +385,87 @@ def test_help(job, capsys):
     assert all(" ".join(entry.split()).lower().count("default") <= 1 for entry in entries.values())
     assert "(default: None)" not in text
     assert "default: the HF_TOKEN" in " ".join(entries["--hub_token"].split())
+
+
+# ------------------------------------------------------------------------------------------------- classify
+def classify_case(case: str, sentiment, directory) -> tuple[list[str], str]:
+    """(extra arguments, expected) for trainer.classify; the case's files are written into `directory`."""
+    lines = [json.loads(line) for line in open(sentiment["train"])][:40]
+    quoted = ("sentence,label\n" + "".join(f'"{r["sentence"]}, ""so"" to say\nreally",{r["label"]}\n' for r in lines))
+    cases = {
+        "csv_quoting": (["--train_file", write_bytes(directory / "q.csv", quoted.encode())], "ok"),
+        "object_text": (["--train_file", write_bytes(directory / "o.jsonl", jsonl(
+            {"sentence": {"t": r["sentence"]}, "label": r["label"]} for r in lines)), "--text_column", "sentence"],
+            "holds object values, not text"),
+        "null_text": (["--train_file", write_bytes(directory / "n.jsonl", jsonl(
+            {"sentence": None if i == 3 else r["sentence"], "label": r["label"]} for i, r in enumerate(lines)))],
+            "empty or non-text values"),
+        "typo": (["--finetune_strategi", "lora"], "did you mean --finetune_strategy?"),
+        "predict_without_test_file": (["--do_predict"], "--do_predict needs --test_file"),
+        "label_column": (["--label_column", "sentiment"], "no label column 'sentiment'"),
+        "strategy_choice": (["--finetune_strategy", "everything"], "--finetune_strategy: invalid choice"),
+    }
+    return cases[case]
+
+
+CLASSIFY_CASES = ["csv_quoting", "object_text", "null_text", "typo", "predict_without_test_file", "label_column",
+                  "strategy_choice"]
+
+
+@pytest.mark.parametrize("case", CLASSIFY_CASES)
+def test_classify_inputs(case, sentiment, tokenizer_dir, tmp_path, env, capsys):
+    from trainer.classify import main
+
+    extra, expected = classify_case(case, sentiment, tmp_path)
+    out = tmp_path / "out"
+    argv = classify_args(sentiment, out, "--max_steps", "1", "--tokenizer_name", tokenizer_dir, *TINY_BERT,
+                         "--max_eval_samples", "16", "--peak_tflops", "1")
+    if "--train_file" in extra:
+        del argv[argv.index("--train_file"):argv.index("--train_file") + 2]
+        del argv[argv.index("--validation_file"):argv.index("--validation_file") + 2]
+        extra = [*extra, "--validation_file", extra[1]]  # the odd file is both splits
+    check_outcome(main, [*argv, *extra], out, expected, capsys)
+
+
+# ----------------------------------------------------------------------------------------- real processes
+def write_object_text(tmp_path) -> str:
+    return write_bytes(tmp_path / "object.jsonl", jsonl({"text": {"en": "a film"}} for _ in range(50)))
+
+
+@pytest.mark.parametrize("case", ["unknown_flag", "object_text"])
+def test_process_exits_2_with_one_line(case, corpus, tokenizer_dir, tmp_path, job_env):
+    out = tmp_path / "out"
+    args = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1")
+    if case == "unknown_flag":
+        args += ["--max_stepz", "3"]
+    else:
+        args[args.index("--train_file") + 1] = write_object_text(tmp_path)
+    result = run_job("trainer.mlm", args, job_env, check=False, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    expected = {"unknown_flag": "error: unknown option --max_stepz; did you mean --max_steps?",
+                "object_text": "error: column 'text' of --train_file "}[case]
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bad_argument", "bad_data"])
+def test_torchrun_every_rank_exits_2_and_none_hangs(case, corpus, tokenizer_dir, tmp_path, job_env):
+    """Bad data fails on rank 0 inside the rank-0-first data preparation, while rank 1 waits for it; a bad
+    argument fails on every rank before any process group exists. Each rank's stderr is the one error line."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    args = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1")
+    if case == "bad_argument":
+        args += ["--warmup_ratio", "2"]
+    else:
+        args[args.index("--train_file") + 1] = write_object_text(tmp_path)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "--log-dir", str(logs), "--redirects", "3"]
+    result = run_job("trainer.mlm", args, job_env, check=False, timeout=180, launcher=launcher)
+    assert result.returncode != 0 and result.stderr.count("exitcode  : 2") == 2, result.stderr
+    rank_errors = sorted(glob.glob(str(logs / "*" / "attempt_0" / "*" / "stderr.log")))
+    assert len(rank_errors) == 2
+    lines = [open(path).read().strip().splitlines() for path in rank_errors]
+    assert lines[0] == lines[1] and len(lines[0]) == 1 and lines[0][0].startswith("error: "), lines
+    assert ("warmup must be" if case == "bad_argument" else "holds object values, not text") in lines[0][0]
+    assert not out.exists()

@@ -94,9 +94,8 @@ def check_text_column(dataset, column: str, source: str) -> None:
                                             f"--text_column")
     feature = dataset.features[column]
     dtype = getattr(feature, "dtype", None)
-    kind = dtype if isinstance(dtype, str) and not hasattr(feature, "feature") else type(feature).__name__
-    if kind == "null":
-        kind = "only empty (null)"
+    kind = ("object" if isinstance(feature, dict) else dtype if isinstance(dtype, str) and dtype != "null"
+            else "only empty (null)" if dtype == "null" else type(feature).__name__.lower())
     require(dtype in ("string", "large_string"), f"column '{column}' of {source} holds {kind} values, not text; "
                                                  f"fix the data or name the text column with --text_column")
 
