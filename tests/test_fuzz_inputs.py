@@ -107,7 +107,7 @@ def csv_quoted(lines) -> bytes:
 def make_data_file(case: str, directory, lines: list[str]) -> str:
     """The training file of data case `case` (lines: usable text)."""
     text = "\n".join(lines)
-    big_line = " ".join(lines * (3 * KB * KB // len(text)))  # one line of about 3 MB
+    big_line = " ".join(lines * (2 * KB * KB // len(text)))  # one line of about 2 MB
     d = directory
     makers = {
         "crlf": lambda: write_bytes(d / "crlf.txt", text.replace("\n", "\r\n").encode() + b"\r\n"),
