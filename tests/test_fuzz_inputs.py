@@ -15,11 +15,13 @@ import glob
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import pytest
 
 from classify_helpers import classify_args, sentiment  # noqa: F401
-from conftest import REPO_ROOT, TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
+from conftest import TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
+from trainer.arguments import arg
 
 KB = 1024
 
@@ -385,6 +387,22 @@ def test_help(job, capsys):
     assert all(" ".join(entry.split()).lower().count("default") <= 1 for entry in entries.values())
     assert "(default: None)" not in text
     assert "default: the HF_TOKEN" in " ".join(entries["--hub_token"].split())
+
+
+@dataclass
+class WithTrueFlag:
+    fused: bool = arg(True, "Use the fused kernel.")
+
+
+def test_help_folds_the_negated_twin_of_a_true_flag_into_its_entry(capsys):
+    from trainer.arguments import job_parser
+
+    parser = job_parser((WithTrueFlag,), None)
+    parser.print_help()
+    text = capsys.readouterr().out
+    assert "--no_fused" not in text.replace("(--no_fused turns it off.)", "")
+    assert "Use the fused kernel. (--no_fused turns it off.) (default: True)" in " ".join(text.split())
+    assert parser.parse_args(["--no_fused"]).fused is False  # still accepted
 
 
 # ------------------------------------------------------------------------------------------------- classify

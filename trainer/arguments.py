@@ -223,8 +223,7 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None, default_conf
 
 
 def names_data(argv: list[str]) -> bool:
-    return any(a.split("=")[0] in ("--train_file", "--train-file", "--dataset_name", "--dataset-name")
-               for a in argv)
+    return names_flag(argv, "train_file") or names_flag(argv, "dataset_name")
 
 
 def names_flag(argv: list[str], flag: str) -> bool:
@@ -265,8 +264,9 @@ def job_parser(dataclass_types, default_config: str | None):
             raise UsageError(f"{message}; see {self.prog} --help")
 
     prog = f"python -m {job_module(dataclass_types)}"
-    demo = (f"With no arguments: the offline demo, {os.path.relpath(default_config, os.path.dirname(os.path.dirname(__file__)))} "
-            f"in the package. " if default_config else "")
+    package_root = os.path.dirname(os.path.dirname(__file__))
+    demo = (f"With no arguments: the offline demo, {os.path.relpath(default_config, package_root)}. "
+            if default_config else "")
     parser = Parser(dataclass_types, prog=prog, usage=f"{prog} [CONFIG.yaml|CONFIG.json] [--option VALUE ...]",
                     description=f"{demo}A .yaml/.yml/.json config file given first sets options by name; options "
                                 f"after it override it. With no config file and no --train_file or "
