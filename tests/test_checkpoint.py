@@ -76,10 +76,15 @@ def test_bad_checkpoint_options_are_usage_errors(corpus, tokenizer_dir, job_env,
     assert not os.path.exists(out)
 
 
-def test_disk_full_while_saving_keeps_the_last_good_checkpoint(corpus, tokenizer_dir, tmp_path, job_env, monkeypatch,
-                                                               capsys):
-    """On a 1200 KiB tmpfs the first checkpoint (~770 KiB) fits and the second cannot: the run stops with exit
-    code 2 and one line naming checkpoint-1, the partial checkpoint-2.tmp is gone, checkpoint-1 is intact."""
+@pytest.mark.parametrize("size, steps, failed_save, kept", [
+    ("1200k", "3", "checkpoint-2 failed", ["checkpoint-1", "log_history.jsonl"]),
+    ("900k", "1", "the final model into {out} failed", None),
+], ids=["second_checkpoint", "final_model"])
+def test_disk_full_while_saving_keeps_the_last_good_checkpoint(size, steps, failed_save, kept, corpus, tokenizer_dir,
+                                                               tmp_path, job_env, monkeypatch, capsys):
+    """A checkpoint is ~770 KiB. On a 1200 KiB tmpfs the first one fits and the second cannot; on 900 KiB the
+    only checkpoint fits and the final model after it cannot. The run stops with exit code 2 and one line naming
+    checkpoint-1, no partial checkpoint is left, and checkpoint-1 is complete and loads."""
     from safetensors.torch import load_file
 
     from conftest import mlm_args, mounted_tmpfs
@@ -88,17 +93,19 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(corpus, tokenizer
 
     for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, job_env[key])
-    with mounted_tmpfs(tmp_path / "small", "size=1200k") as disk:
+    with mounted_tmpfs(tmp_path / "small", f"size={size}") as disk:
         out = os.path.join(disk, "out")
         with pytest.raises(SystemExit) as stop:
-            main(mlm_args(corpus, tokenizer_dir, out, "--max_steps", "3", "--save_steps", "1", "--peak_tflops", "1"))
+            main(mlm_args(corpus, tokenizer_dir, out, "--max_steps", steps, "--save_steps", "1", "--peak_tflops", "1"))
         err = capsys.readouterr().err
         assert stop.value.code == 2 and "Traceback" not in err
-        assert err.strip().splitlines()[-1] == (
-            f"error: saving checkpoint-2 failed: No space left on device; removed the partial "
-            f"{out}/checkpoint-2.tmp. The last good checkpoint is checkpoint-1 in {out}; free disk space (or choose "
-            f"another --output_dir) and run the same command again to resume")
-        assert sorted(os.listdir(out)) == ["checkpoint-1", "log_history.jsonl"]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"error: saving {failed_save.format(out=out)}: No space left on device"), line
+        assert line.endswith(f"The last good checkpoint is checkpoint-1 in {out}; free disk space (or choose "
+                             f"another --output_dir) and run the same command again to resume"), line
+        if kept is not None:
+            assert sorted(os.listdir(out)) == kept
+        assert not any(name.endswith(".tmp") for name in os.listdir(out))
         assert complete_checkpoints(out) == [(1, os.path.join(out, "checkpoint-1"))]
         assert read_trainer_state(os.path.join(out, "checkpoint-1"))["step"] == 1
         assert load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))  # whole and loadable

@@ -487,3 +487,15 @@ def test_torchrun_every_rank_exits_2_and_none_hangs(case, corpus, tokenizer_dir,
     assert lines[0] == lines[1] and len(lines[0]) == 1 and lines[0][0].startswith("error: "), lines
     assert ("warmup must be" if case == "bad_argument" else "holds object values, not text") in lines[0][0]
     assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_training_file(corpus, tokenizer_dir, tmp_path, env, capsys):
+    from trainer.mlm import main
+
+    locked = tmp_path / "locked.txt"
+    locked.write_text("some text\n" * 50)
+    locked.chmod(0)
+    argv = mlm_args(corpus, tokenizer_dir, tmp_path / "out", "--max_steps", "1")
+    argv[argv.index("--train_file") + 1] = str(locked)
+    check_outcome(main, argv, tmp_path / "out", "is not readable", capsys)

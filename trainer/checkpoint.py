@@ -150,11 +150,11 @@ class Writes:
         self.directory = directory
         self.failure: Optional[str] = None
 
-    def run(self, function, *args) -> None:
+    def run(self, function, *args, **kwargs) -> None:
         if self.failure is not None:
             return
         try:
-            function(*args)
+            function(*args, **kwargs)
         except Exception as error:
             if not is_write_failure(error):
                 raise
@@ -175,7 +175,8 @@ def is_write_failure(error: Exception) -> bool:
 def describe_write_failure(error: Exception, directory: str) -> str:
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}{f' ({error.filename})' if error.filename else ''}"
-    if shutil.disk_usage(os.path.dirname(directory)).free < 1 << 20:  # torch's and safetensors' words for it vary
+    existing = directory if os.path.isdir(directory) else os.path.dirname(directory)
+    if shutil.disk_usage(existing).free < 1 << 20:  # torch's and safetensors' words for a full disk vary
         return "No space left on device"
     return str(error).strip().splitlines()[0]
 
@@ -226,16 +227,18 @@ class Checkpointer:
         self.last_saved_step = state.step
         return final
 
-    def stop_if_any_write_failed(self, writes: "Writes", temporary: str) -> None:
-        """A collective: every rank learns of a failed write on any rank and stops the same way."""
+    def stop_if_any_write_failed(self, writes: "Writes", temporary: Optional[str] = None) -> None:
+        """A collective: every rank learns of a failed write on any rank and stops the same way. `temporary`:
+        the partial checkpoint directory, removed; None: the final model's save into --output_dir."""
         failures = [failure for failure in all_gather_objects(writes.failure) if failure]
         if not failures:
             return
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
         last = self.last_saved_step
-        raise JobStopped(f"saving {os.path.basename(temporary[:-4])} failed: {failures[0]}; removed the partial "
-                         f"{temporary}. The last good checkpoint is "
+        what = (f"{os.path.basename(temporary[:-4])} failed: {failures[0]}; removed the partial {temporary}"
+                if temporary is not None else f"the final model into {self.args.output_dir} failed: {failures[0]}")
+        raise JobStopped(f"saving {what}. The last good checkpoint is "
                          f"{f'{PREFIX}{last}' if last is not None else 'none (none was saved yet)'} in "
                          f"{self.args.output_dir}; free disk space (or choose another --output_dir) and run the same "
                          f"command again to resume", SAVE_FAILED_EXIT_CODE)

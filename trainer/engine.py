@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, Writes
 from trainer.data import make_loader
 from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward,
                                  describe_parallelism, full_state_dict, parameters_sharded,
@@ -304,10 +304,11 @@ class Engine:
         """A plain `save_pretrained` directory (safetensors + tokenizer) that `from_pretrained` loads."""
         self.accelerator.wait_for_everyone()
         state_dict = full_state_dict(self.accelerator, self.model, self.task.hf_model)  # gathered: ZeRO-3, FSDP
+        writes = Writes(directory)  # a full disk stops every rank with one line naming the last checkpoint
         if self.accelerator.is_main_process:
-            self.task.hf_model.save_pretrained(directory, state_dict=state_dict)
-            self.task.tokenizer.save_pretrained(directory)
-        self.accelerator.wait_for_everyone()
+            writes.run(self.task.hf_model.save_pretrained, directory, state_dict=state_dict)
+            writes.run(self.task.tokenizer.save_pretrained, directory)
+        self.checkpointer.stop_if_any_write_failed(writes)
 
     def save_sharded_state(self, directory: str) -> None:
         """Under DeepSpeed or FSDP: a sharded checkpoint of model and optimizer, every rank writing its shards."""
