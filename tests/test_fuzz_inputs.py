@@ -422,12 +422,14 @@ def classify_case(case: str, sentiment, directory) -> tuple[list[str], str]:
         "predict_without_test_file": (["--do_predict"], "--do_predict needs --test_file"),
         "label_column": (["--label_column", "sentiment"], "no label column 'sentiment'"),
         "strategy_choice": (["--finetune_strategy", "everything"], "--finetune_strategy: invalid choice"),
+        "teacher_empty_dir": (["--teacher_model_name_or_path", str(mkdir(directory / "teacher"))],
+                              "--teacher_model_name_or_path"),
     }
     return cases[case]
 
 
 CLASSIFY_CASES = ["csv_quoting", "object_text", "null_text", "typo", "predict_without_test_file", "label_column",
-                  "strategy_choice"]
+                  "strategy_choice", "teacher_empty_dir"]
 
 
 @pytest.mark.parametrize("case", CLASSIFY_CASES)

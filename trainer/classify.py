@@ -123,10 +123,11 @@ def input_columns(dataset, data_args, cls_args, split: str) -> list[str]:
     """The text column (and pair column) of a split, checked."""
     candidates = dataset.remove_columns([c for c in (cls_args.label_column,) if c in dataset.column_names])
     text = resolve_text_column(candidates, data_args.text_column)
-    columns = [text] if cls_args.text_pair_column is None else [text, cls_args.text_pair_column]
-    for column in columns:
-        check_text_column(dataset, column, f"the {split} data")
-    return columns
+    check_text_column(dataset, text, f"the {split} data")
+    if cls_args.text_pair_column is None:
+        return [text]
+    check_text_column(dataset, cls_args.text_pair_column, f"the {split} data", "--text_pair_column")
+    return [text, cls_args.text_pair_column]
 
 
 def tokenize(dataset, columns: list[str], tokenizer, max_length: int, labels: Optional[list[int]], desc: str):

@@ -87,17 +87,16 @@ def data_source(data_args, split: str) -> str:
     return f"--train_file {data_args.train_file}"
 
 
-def check_text_column(dataset, column: str, source: str) -> None:
+def check_text_column(dataset, column: str, source: str, flag: str = "--text_column") -> None:
     """The column exists and holds strings (nulls allowed): not numbers, lists or objects."""
     require(column in dataset.column_names, f"{source} has no column '{column}' (columns: "
-                                            f"{', '.join(dataset.column_names)}); name the text column with "
-                                            f"--text_column")
+                                            f"{', '.join(dataset.column_names)}); name the text column with {flag}")
     feature = dataset.features[column]
     dtype = getattr(feature, "dtype", None)
     kind = ("object" if isinstance(feature, dict) else dtype if isinstance(dtype, str) and dtype != "null"
             else "only empty (null)" if dtype == "null" else type(feature).__name__.lower())
     require(dtype in ("string", "large_string"), f"column '{column}' of {source} holds {kind} values, not text; "
-                                                 f"fix the data or name the text column with --text_column")
+                                                 f"fix the data or name the text column with {flag}")
 
 
 def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:
