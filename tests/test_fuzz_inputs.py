@@ -328,7 +328,8 @@ def test_config_file_with_overrides_and_the_command_line_wins(corpus, tokenizer_
     from trainer.mlm import main
 
     config = tmp_path / "run.yaml"
-    flags = mlm_args(corpus, tokenizer_dir, tmp_path / "from-config", "--max_steps", "50")
+    flags = mlm_args(corpus, tokenizer_dir, tmp_path / "from-config", "--max_steps", "50", "--max_train_samples", "16",
+                     "--max_eval_samples", "8", "--peak_tflops", "1")
     config.write_text("\n".join(f"{k[2:]}: {json.dumps(v)}" for k, v in zip(flags[::2], flags[1::2])))
     out = tmp_path / "override"
     code, err, _ = run_main(main, [str(config), "--max_steps", "1", "--output_dir", str(out)], capsys)
