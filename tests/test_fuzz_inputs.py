@@ -269,6 +269,7 @@ PATH_CASES = [
     ("--validation_file", "a_dir", "is a directory"),
     ("--tokenizer_name", "empty_dir", "--tokenizer_name {path}: not a tokenizer"),
     ("--tokenizer_name", "missing", "--tokenizer_name {path}: no such directory"),
+    ("--tokenizer_name", "a_file", "--tokenizer_name {path} is a file, not a directory"),
     ("--model_name_or_path", "empty_dir", "--model_name_or_path {path}: not a model"),
     ("--config_name", "empty_dir", "--config_name {path}: not a model config"),
     ("--resume_from_checkpoint", "a_dir", "incomplete"),

@@ -51,8 +51,8 @@ def check_loadable(name: str, what: str, flag: str, cached_file: str = "config.j
     if os.path.isdir(name):
         return
     if os.path.lexists(name) or not looks_like_hub_id(name):
-        raise UsageError(f"{flag} {name}: no such directory{' (it is a file)' if os.path.isfile(name) else ''}; "
-                         f"give a directory written by save_pretrained, or a Hub id")
+        problem = " is a file, not a directory" if os.path.lexists(name) else ": no such directory, nor a Hub id"
+        raise UsageError(f"{flag} {name}{problem}; give a directory written by save_pretrained, or a Hub id")
     if is_cached(name, cached_file, repo_type):
         if not hub_is_reachable():
             os.environ["HF_HUB_OFFLINE"] = "1"  # cached copy: skip the retries against an unreachable Hub
