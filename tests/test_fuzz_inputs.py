@@ -140,6 +140,7 @@ def make_data_file(case: str, directory, lines: list[str]) -> str:
                                                                              for i, t in enumerate(lines))),
         "jsonl_all_null": lambda: write_bytes(d / "allnull.jsonl", jsonl({"text": None} for _ in lines)),
         "jsonl_truncated": lambda: write_bytes(d / "cut.jsonl", jsonl({"text": t} for t in lines)[:-7]),
+        "jsonl_lone_surrogate": lambda: write_bytes(d / "surrogate.jsonl", b'{"text": "\\ud800 half a pair"}\n' * 40),
         "json_top_level_list": lambda: write_bytes(d / "list.json", json.dumps(lines).encode()),
         "csv_empty_text": lambda: write_bytes(d / "emptytext.csv", b"text,label\n" + b",1\n" * 60),
         "csv_ragged": lambda: write_bytes(d / "ragged.csv", b"text,label\na,1\nb,2,3,4\n" * 30),
@@ -178,6 +179,7 @@ DATA_CASES = [
     ("jsonl_other_name", "has no column 'body'"),
     ("jsonl_all_null", "not text"),
     ("jsonl_truncated", "could not be read as json"),
+    ("jsonl_lone_surrogate", "could not be read as json"),
     ("json_top_level_list", "ok"),
     ("csv_empty_text", "not text"),
     ("csv_ragged", "could not be read as csv"),
@@ -209,6 +211,7 @@ FLAG_CASES = [
     (["--learning", "1e-4"], "did you mean --learning_rate?"),
     (["--max-step", "3"], "did you mean --max-steps?"),
     (["stray"], "unexpected argument 'stray'"),
+    (["later.yaml"], "unexpected argument 'later.yaml' (a config file must come first)"),
     (["--max_steps", "three"], "--max_steps: invalid int value: 'three'"),
     (["--learning_rate", ""], "--learning_rate: invalid float value: ''"),
     (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
@@ -344,6 +347,7 @@ def test_config_file_with_overrides_and_the_command_line_wins(corpus, tokenizer_
     ("- a\n- b\n", "must hold a mapping"),
     ("no_such_option: 3\n", "unknown option --no_such_option"),
     ("max_steps: lots\n", "--max_steps: invalid int value: 'lots'"),
+    ("", "must hold a mapping"),
 ])
 def test_bad_config_file(content, expected, tmp_path, env, capsys):
     from trainer.mlm import main
