@@ -137,3 +137,23 @@ def assert_export_reproduces_eval_perplexity(exported, corpus, tokenizer_dir, jo
     run_job("trainer.mlm", [*args, "--model_name_or_path", str(exported)], job_env)
     assert read_results(out)["init_eval_perplexity"] == pytest.approx(read_results(exported)["eval_perplexity"],
                                                                       rel=1e-6)
+
+
+class mounted_tmpfs:
+    """`mount -t tmpfs -o OPTIONS` on a fresh directory for the `with` block (root only); skips the test where
+    mounting is not allowed (a container without CAP_SYS_ADMIN, a normal user)."""
+
+    def __init__(self, directory, options: str):
+        self.directory, self.options = str(directory), options
+
+    def __enter__(self) -> str:
+        os.makedirs(self.directory, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", self.options, "tmpfs", self.directory],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}); needs root with "
+                        f"CAP_SYS_ADMIN, as in CI")
+        return self.directory
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["umount", "-l", self.directory], check=True)

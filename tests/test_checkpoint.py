@@ -3,6 +3,8 @@ import json
 import logging
 import os
 
+import pytest
+
 from conftest import load_parameters, read_results, run_job
 from resume_helpers import assert_same_parameters, resume_args, with_env
 from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints
@@ -72,3 +74,38 @@ def test_bad_checkpoint_options_are_usage_errors(corpus, tokenizer_dir, job_env,
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --stop_signals: SIGKILL is not a signal")
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("size, steps, failed_save, kept", [
+    ("1200k", "3", "checkpoint-2 failed", ["checkpoint-1", "log_history.jsonl"]),
+    ("900k", "1", "the final model into {out} failed", None),
+], ids=["second_checkpoint", "final_model"])
+def test_disk_full_while_saving_keeps_the_last_good_checkpoint(size, steps, failed_save, kept, corpus, tokenizer_dir,
+                                                               tmp_path, job_env, monkeypatch, capsys):
+    """A checkpoint is ~770 KiB. On a 1200 KiB tmpfs the first one fits and the second cannot; on 900 KiB the
+    only checkpoint fits and the final model after it cannot. The run stops with exit code 2 and one line naming
+    checkpoint-1, no partial checkpoint is left, and checkpoint-1 is complete and loads."""
+    from safetensors.torch import load_file
+
+    from conftest import mlm_args, mounted_tmpfs
+    from trainer.checkpoint import read_trainer_state
+    from trainer.mlm import main
+
+    for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(key, job_env[key])
+    with mounted_tmpfs(tmp_path / "small", f"size={size}") as disk:
+        out = os.path.join(disk, "out")
+        with pytest.raises(SystemExit) as stop:
+            main(mlm_args(corpus, tokenizer_dir, out, "--max_steps", steps, "--save_steps", "1", "--peak_tflops", "1"))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"error: saving {failed_save.format(out=out)}: No space left on device"), line
+        assert line.endswith(f"The last good checkpoint is checkpoint-1 in {out}; free disk space (or choose "
+                             f"another --output_dir) and run the same command again to resume"), line
+        if kept is not None:
+            assert sorted(os.listdir(out)) == kept
+        assert not any(name.endswith(".tmp") for name in os.listdir(out))
+        assert complete_checkpoints(out) == [(1, os.path.join(out, "checkpoint-1"))]
+        assert read_trainer_state(os.path.join(out, "checkpoint-1"))["step"] == 1
+        assert load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))  # whole and loadable

@@ -6,8 +6,13 @@ themselves lives in `__post_init__`; everything fails as a `UsageError` (one lin
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import math
 import os
+import re
+import shlex
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -79,6 +84,8 @@ class DataArguments:
 
 
 def check_data_file(path: str, flag: str) -> None:
+    require(os.path.exists(path) or not os.path.islink(path), f"--{flag} {path} is a broken symbolic link (its "
+                                                              f"target is missing, or a symbolic link loop)")
     require(os.path.exists(path), f"--{flag} {path}: no such file")
     require(not os.path.isdir(path), f"--{flag} {path} is a directory; give a file")
     extension = os.path.splitext(path)[1].lower()
@@ -171,7 +178,13 @@ class TrainingArguments:
                                                             f"{self.max_steps}")
         require(self.max_steps > 0 or self.num_train_epochs > 0,
                 f"--num_train_epochs must be positive, got {self.num_train_epochs}")
-        require(self.learning_rate > 0, f"--learning_rate must be positive, got {self.learning_rate}")
+        require(math.isfinite(self.learning_rate) and self.learning_rate > 0,
+                f"--learning_rate must be a positive number, got {self.learning_rate}")
+        for flag in ("adam_beta1", "adam_beta2"):
+            require(0 <= getattr(self, flag) < 1, f"--{flag} must be in [0, 1), got {getattr(self, flag)}")
+        for flag in ("adam_epsilon", "weight_decay"):
+            require(getattr(self, flag) >= 0, f"--{flag} must be >= 0, got {getattr(self, flag)}")
+        require(0 <= self.seed < 2 ** 32, f"--seed must be in 0..{2 ** 32 - 1} (numpy's range), got {self.seed}")
         require(0 <= self.warmup_ratio < 1 and self.warmup_steps >= 0, "warmup must be non-negative and below 1")
         require(self.max_grad_norm >= 0, "--max_grad_norm must be >= 0")
         require(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")
@@ -197,20 +210,121 @@ class TrainingArguments:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "no"
 
 
-def parse_arguments(dataclass_types, argv: list[str] | None = None, default_config: str | None = None):
-    """Parse the command line into the given dataclasses.
+CONFIG_EXTENSIONS = (".yaml", ".yml", ".json")
 
-    A single `.yaml`/`.json` argument is read as a config file. With no arguments at all and a
-    `default_config`, that packaged config is used: it is the job's embedded offline demo.
+
+def parse_arguments(dataclass_types, argv: list[str] | None = None, default_config: str | None = None):
+    """Parse the command line into the given dataclasses; every mistake is a one-line UsageError.
+
+    A `.yaml`/`.yml`/`.json` first argument is a config file; the flags after it override its values. Without a
+    config file and without data (--train_file, --dataset_name), the packaged `default_config` (the job's
+    embedded offline demo) is the config file the flags override: `python -m trainer.mlm --output_dir elsewhere`
+    reruns the demo into `elsewhere`.
     """
+    parser = job_parser(dataclass_types, default_config)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].endswith(CONFIG_EXTENSIONS):
+        argv = config_file_as_argv(argv[0]) + argv[1:]
+    elif default_config and not names_data(argv) and "-h" not in argv and "--help" not in argv:
+        argv = demo_config_as_argv(default_config, argv) + argv
+    _, unknown = parser.parse_known_args(argv)  # unknown flags first: a typo must not surface as another error
+    if unknown:
+        raise UsageError(unknown_arguments_message(parser, unknown))
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def names_data(argv: list[str]) -> bool:
+    return names_flag(argv, "train_file") or names_flag(argv, "dataset_name")
+
+
+def names_flag(argv: list[str], flag: str) -> bool:
+    return any(a.split("=")[0] in (f"--{flag}", f"--{flag.replace('_', '-')}") for a in argv)
+
+
+def demo_config_as_argv(path: str, overrides: list[str]) -> list[str]:
+    """The demo config as flags. Its `overwrite_output_dir` is meant for its own output directory only: an
+    --output_dir given on the command line is protected like any other (a non-empty one is refused)."""
+    argv = config_file_as_argv(path)
+    if names_flag(overrides, "output_dir") and "--overwrite_output_dir" in argv:
+        index = argv.index("--overwrite_output_dir")
+        del argv[index:index + 2]
+    return argv
+
+
+def unknown_arguments_message(parser, unknown: list[str]) -> str:
+    first = unknown[0]
+    if not first.startswith("-"):
+        where = ("a config file must come first" if first.endswith(CONFIG_EXTENSIONS)
+                 else "values follow their --flag")
+        return f"unexpected argument '{first}' ({where}); see {parser.prog} --help"
+    flag = first.split("=")[0]
+    known = [option for action in parser._actions for option in action.option_strings]
+    close = difflib.get_close_matches(flag, known, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown option {flag}; {hint}see {parser.prog} --help for the options"
+
+
+def job_parser(dataclass_types, default_config: str | None):
+    """HfArgumentParser for a job: `python -m <job>` in the usage line, what no arguments and a config file
+    do, each option listed once with its default once, and argparse's errors as one-line UsageErrors."""
     from transformers import HfArgumentParser
 
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv and default_config:
-        argv = [default_config]
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        argv = config_file_as_argv(argv[0])
-    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(argv)
+    class Parser(HfArgumentParser):
+        def error(self, message):  # argparse prints the whole usage and exits 2; we want one line
+            message = re.sub(r"^argument (--\w+)/--[\w-]+:", r"\1:", message).rstrip(". ")
+            raise UsageError(f"{message}; see {self.prog} --help")
+
+    prog = f"python -m {job_module(dataclass_types)}"
+    package_root = os.path.dirname(os.path.dirname(__file__))
+    demo = (f"With no arguments: the offline demo, {os.path.relpath(default_config, package_root)}. "
+            if default_config else "")
+    parser = Parser(dataclass_types, prog=prog, usage=f"{prog} [CONFIG.yaml|CONFIG.json] [--option VALUE ...]",
+                    description=f"{demo}A .yaml/.yml/.json config file given first sets options by name; options "
+                                f"after it override it. With no config file and no --train_file or "
+                                f"--dataset_name, options override the demo config (e.g. --output_dir elsewhere). "
+                                f"Bad input ends with one 'error: ...' line and exit code 2.",
+                    formatter_class=HelpFormatter, allow_abbrev=False)
+    hide_negated_twins(parser)
+    return parser
+
+
+def job_module(dataclass_types) -> str:
+    """The job's module name (e.g. trainer.mlm): its own arguments dataclass comes last and lives there."""
+    module = dataclass_types[-1].__module__
+    if module == "__main__":  # run as `python -m trainer.mlm`
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    return module
+
+
+def hide_negated_twins(parser) -> None:
+    """HfArgumentParser adds `--no_<flag>` for a bool defaulting to True: list it in its flag's help only."""
+    by_dest = {action.dest: action for action in parser._actions if action.option_strings[:1] == [f"--{action.dest}"]}
+    for action in parser._actions:
+        main = by_dest.get(action.dest)
+        if main is not None and action is not main:
+            main.help = f"{main.help} ({action.option_strings[0]} turns it off.)"
+            action.help = argparse.SUPPRESS
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """One name per option (the dashed aliases still work) and its default once: appended unless the help
+    text already says what happens by default or when unset."""
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings or action.dest == "help":
+            return super()._format_action_invocation(action)
+        if action.nargs == 0:
+            return action.option_strings[0]
+        return f"{action.option_strings[0]} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS, []) or "default" in text.lower() or "unset" in text.lower():
+            return text
+        default = (" ".join(shlex.quote(str(v)) for v in action.default) if isinstance(action.default, list)
+                   else str(action.default))
+        return f"{text} (default: {default.replace('%', '%%')})"
 
 
 def config_file_as_argv(path: str) -> list[str]:

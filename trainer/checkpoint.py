@@ -32,14 +32,15 @@ import numpy as np
 import torch
 
 from trainer.arguments import as_dict
-from trainer.distributed import full_state_dict, sharded_state_name
-from trainer.errors import require
+from trainer.distributed import all_gather_objects, full_state_dict, sharded_state_name
+from trainer.errors import JobStopped, require
 from trainer.metrics import logger
 
 PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+SAVE_FAILED_EXIT_CODE = 2  # the environment (disk space, quota, permissions), like any other bad input
 
 
 # ------------------------------------------------------------------------------------- finding checkpoints
@@ -122,6 +123,64 @@ def write_json(path: str, data: dict) -> None:
         json.dump(data, handle, indent=2, sort_keys=True, default=str)
 
 
+def fresh_directory(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # left by an earlier, killed save of this step
+    os.makedirs(path)
+
+
+def publish(temporary: str, final: str, step: int) -> None:
+    """Flush, mark complete, rename: a checkpoint directory without the marker never counts as complete."""
+    fsync_tree(temporary)
+    with open(os.path.join(temporary, COMPLETE_MARKER), "w") as handle:
+        handle.write(f"{step}\n")
+    fsync_tree(temporary)
+    shutil.rmtree(final, ignore_errors=True)  # only ever an incomplete one: a complete one is not re-saved
+    os.rename(temporary, final)
+    fsync_directory(os.path.dirname(final))
+
+
+class Writes:
+    """This rank's writes of one save. The first that fails for lack of space, quota or permission is kept as
+    `failure` and the later ones are skipped, so that every rank still reaches the next collective and learns
+    of it there (see `Checkpointer.stop_if_any_write_failed`) instead of waiting forever for a rank that died.
+    torch.save reports a full disk as a RuntimeError ("basic_ios::clear: iostream error", "file write failed",
+    "unexpected pos") and safetensors as a SafetensorError ("IoError ... StorageFull"), not as OSError."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.failure: Optional[str] = None
+
+    def run(self, function, *args, **kwargs) -> None:
+        if self.failure is not None:
+            return
+        try:
+            function(*args, **kwargs)
+        except Exception as error:
+            if not is_write_failure(error):
+                raise
+            self.failure = describe_write_failure(error, self.directory)
+
+
+def is_write_failure(error: Exception) -> bool:
+    from safetensors import SafetensorError
+
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    return isinstance(error, (RuntimeError, SafetensorError)) and any(
+        sign in text for sign in ("write failed", "iostream error", "unexpected pos", "No space left", "StorageFull",
+                                  "Quota", "os error"))
+
+
+def describe_write_failure(error: Exception, directory: str) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}{f' ({error.filename})' if error.filename else ''}"
+    existing = directory if os.path.isdir(directory) else os.path.dirname(directory)
+    if shutil.disk_usage(existing).free < 1 << 20:  # torch's and safetensors' words for a full disk vary
+        return "No space left on device"
+    return str(error).strip().splitlines()[0]
+
+
 # ------------------------------------------------------------------------------------------- checkpointer
 class Checkpointer:
     """Saves, rotates and restores the engine's checkpoints. Every method is called on every rank."""
@@ -136,14 +195,17 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------------ save
     def save(self, window) -> str:
+        """Write checkpoint-<step> atomically. A write that fails (disk full, quota, permissions) stops the run
+        on every rank with one line naming the last good checkpoint, after removing the partial directory;
+        the previous checkpoints stay as they were (rotation only runs after a complete save)."""
         engine, state, accelerator = self.engine, self.engine.state, self.accelerator
         final = os.path.join(self.args.output_dir, f"{PREFIX}{state.step}")
         temporary = final + ".tmp"
+        writes = Writes(temporary)
         if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)  # left by an earlier, killed save of this step
-            os.makedirs(temporary)
+            writes.run(fresh_directory, temporary)
         accelerator.wait_for_everyone()
-        torch.save({"rng": rng_states(), "window": window.state_dict(), "world_size": engine.world_size},
+        writes.run(torch.save, {"rng": rng_states(), "window": window.state_dict(), "world_size": engine.world_size},
                    os.path.join(temporary, f"rank-{accelerator.process_index}.pt"))
         # Under DeepSpeed and FSDP every rank takes part: the weight gather (ZeRO-3, FSDP) and the sharded save.
         model_state = full_state_dict(accelerator, engine.model, engine.task.hf_model)
@@ -151,23 +213,35 @@ class Checkpointer:
             engine.save_sharded_state(os.path.join(temporary, self.sharded))
         if accelerator.is_main_process:
             self.track_best(os.path.basename(final))
-            self.write_shared_files(temporary, model_state)
+            writes.run(self.write_shared_files, temporary, model_state)
         engine.faults.inside_save()
-        accelerator.wait_for_everyone()
+        self.stop_if_any_write_failed(writes, temporary)  # the barrier before publishing
         if accelerator.is_main_process:
-            fsync_tree(temporary)
-            with open(os.path.join(temporary, COMPLETE_MARKER), "w") as handle:
-                handle.write(f"{state.step}\n")
-            fsync_tree(temporary)
-            shutil.rmtree(final, ignore_errors=True)  # only ever an incomplete one: a complete one is not re-saved
-            os.rename(temporary, final)
-            fsync_directory(self.args.output_dir)
+            writes.run(publish, temporary, final, state.step)
+        self.stop_if_any_write_failed(writes, temporary)
+        if accelerator.is_main_process:
             logger.info("saved checkpoint %s", final)
             self.rotate()
             self.engine.hub.push_checkpoint(final)
         accelerator.wait_for_everyone()
         self.last_saved_step = state.step
         return final
+
+    def stop_if_any_write_failed(self, writes: "Writes", temporary: Optional[str] = None) -> None:
+        """A collective: every rank learns of a failed write on any rank and stops the same way. `temporary`:
+        the partial checkpoint directory, removed; None: the final model's save into --output_dir."""
+        failures = [failure for failure in all_gather_objects(writes.failure) if failure]
+        if not failures:
+            return
+        if self.accelerator.is_main_process and temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+        last = self.last_saved_step
+        what = (f"{os.path.basename(temporary[:-4])} failed: {failures[0]}; removed the partial {temporary}"
+                if temporary is not None else f"the final model into {self.args.output_dir} failed: {failures[0]}")
+        raise JobStopped(f"saving {what}. The last good checkpoint is "
+                         f"{f'{PREFIX}{last}' if last is not None else 'none (none was saved yet)'} in "
+                         f"{self.args.output_dir}; free disk space (or choose another --output_dir) and run the same "
+                         f"command again to resume", SAVE_FAILED_EXIT_CODE)
 
     @property
     def sharded(self) -> Optional[str]:

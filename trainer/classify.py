@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
-from trainer.data import load_file, load_raw_splits, pad_rows, resolve_text_column
+from trainer.data import check_text_column, load_file, load_raw_splits, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import all_gather_objects, deepspeed_requested
+from trainer.distributed import all_gather_objects, deepspeed_requested, main_process_first
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune import PEFT_STRATEGIES, STRATEGIES, apply_strategy, distillation_loss, load_teacher
@@ -123,12 +123,10 @@ def input_columns(dataset, data_args, cls_args, split: str) -> list[str]:
     """The text column (and pair column) of a split, checked."""
     candidates = dataset.remove_columns([c for c in (cls_args.label_column,) if c in dataset.column_names])
     text = resolve_text_column(candidates, data_args.text_column)
-    require(text in dataset.column_names, f"the {split} data has no text column '{text}'")
+    check_text_column(dataset, text, f"the {split} data")
     if cls_args.text_pair_column is None:
         return [text]
-    require(cls_args.text_pair_column in dataset.column_names,
-            f"the {split} data has no --text_pair_column '{cls_args.text_pair_column}' (columns: "
-            f"{', '.join(dataset.column_names)})")
+    check_text_column(dataset, cls_args.text_pair_column, f"the {split} data", "--text_pair_column")
     return [text, cls_args.text_pair_column]
 
 
@@ -287,7 +285,7 @@ def build_task(model_args, data_args, training_args, cls_args, accelerator):
     require(cls_args.finetune_strategy not in PEFT_STRATEGIES or model_args.model_name_or_path,
             f"--finetune_strategy {cls_args.finetune_strategy} trains adapters on a pretrained model; give "
             f"--model_name_or_path (e.g. the output of trainer.mlm)")
-    with accelerator.local_main_process_first():  # one process per node tokenizes; the others load its cache
+    with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
         raw = load_raw_splits(data_args)
         columns = input_columns(raw["train"], data_args, cls_args, "training")
         input_columns(raw["validation"], data_args, cls_args, "validation")

@@ -28,9 +28,19 @@ def load_raw_splits(data_args, columns_needed=None):
         raw = datasets.DatasetDict({split: load_file(path, flag=f"{split}_file" if split == "train" else
                                                      "validation_file") for split, path in files.items()})
     if "validation" not in raw:
-        held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
+        held_out = hold_out(raw["train"], data_args)
         raw = datasets.DatasetDict({"train": held_out["train"], "validation": held_out["test"]})
     return datasets.DatasetDict({"train": raw["train"], "validation": raw["validation"]})
+
+
+def hold_out(dataset, data_args):
+    """--validation_split_percentage of the rows for evaluation; too few rows for both parts is a usage error."""
+    percent = data_args.validation_split_percentage
+    try:
+        return dataset.train_test_split(test_size=percent / 100, seed=0)
+    except ValueError:  # datasets: "With n_samples=1, test_size=0.05 ... the resulting train set will be empty"
+        raise UsageError(f"{data_source(data_args, 'train')} has {len(dataset)} row(s), too few to hold out "
+                         f"{percent}% for evaluation; give --validation_file or more data") from None
 
 
 def load_file(path: str, flag: str):
@@ -66,6 +76,27 @@ def resolve_text_column(dataset, requested: str | None, flag: str = "--text_colu
     require(bool(string_columns), f"no text column in the data (columns: {', '.join(columns)}); "
                                   f"name one with {flag}")
     return string_columns[0]
+
+
+def data_source(data_args, split: str) -> str:
+    """The flag and name a split comes from, for error messages."""
+    if data_args.dataset_name:
+        return f"--dataset_name {data_args.dataset_name} ({split})"
+    if split == "validation" and data_args.validation_file:
+        return f"--validation_file {data_args.validation_file}"
+    return f"--train_file {data_args.train_file}"
+
+
+def check_text_column(dataset, column: str, source: str, flag: str = "--text_column") -> None:
+    """The column exists and holds strings (nulls allowed): not numbers, lists or objects."""
+    require(column in dataset.column_names, f"{source} has no column '{column}' (columns: "
+                                            f"{', '.join(dataset.column_names)}); name the text column with {flag}")
+    feature = dataset.features[column]
+    dtype = getattr(feature, "dtype", None)
+    kind = ("object" if isinstance(feature, dict) else dtype if isinstance(dtype, str) and dtype != "null"
+            else "only empty (null)" if dtype == "null" else type(feature).__name__.lower())
+    require(dtype in ("string", "large_string"), f"column '{column}' of {source} holds {kind} values, not text; "
+                                                 f"fix the data or name the text column with {flag}")
 
 
 def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:

@@ -14,6 +14,7 @@ accelerate's Accelerator does device placement, DDP wrapping and autocast. These
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import warnings
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.deepspeed_config import fill_hidden_size_values, load_deepspeed_config, resolve_deepspeed_config
-from trainer.errors import require
+from trainer.errors import UsageError, require
 
 
 def make_accelerator(training_args, **plugins):
@@ -90,7 +91,7 @@ def use_fsdp_on_cpu(accelerator, training_args) -> None:
 
 
 def without_zero_init() -> None:
-    """Build models whole (no deepspeed.zero.Init): jobs build them inside `local_main_process_first`, where
+    """Build models whole (no deepspeed.zero.Init): jobs build them inside `main_process_first`, where
     the collectives of a partitioned construction would deadlock. accelerate registers the DeepSpeed config
     with transformers even with zero3_init_flag=False, so unregister it; prepare() partitions the model.
     Each process thus needs the whole model in host memory once."""
@@ -220,6 +221,70 @@ def all_gather_objects(obj) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+@contextlib.contextmanager
+def main_process_first(accelerator):
+    """accelerate's `local_main_process_first` (each node's local main process runs the block first, e.g.
+    tokenizing into the datasets cache; the other ranks then load from it), where a failure on one rank ends
+    the block on every rank instead of leaving the others waiting in a barrier forever.
+
+    Two rounds, each closed by an all-gather of the failures (the barrier accelerate has): the local main
+    processes run the block, then the others. A UsageError anywhere becomes the same UsageError on every
+    rank (each prints one line and exits 2); any other exception stays as it is on its rank (a traceback)
+    and fails the others with a RuntimeError naming that rank.
+    """
+    main = accelerator.is_local_main_process
+    if not main:
+        end_round(None)  # round 1: the local main processes run the block
+    failure = None
+    try:
+        yield
+    except BaseException as error:
+        failure = (("usage", str(error)) if isinstance(error, UsageError) else
+                   ("bug", f"rank {accelerator.process_index} failed with {type(error).__name__}: {error}"))
+        raise
+    finally:
+        if main:
+            end_round(failure)
+        if not main or failure is None:  # round 2 (only after a clean round 1): the other ranks run the block
+            end_round(None if main else failure)
+
+
+def end_round(failure) -> None:
+    """Gather every rank's failure, (kind, message) or None. A rank that failed goes on raising its own
+    exception; every other rank raises the first UsageError gathered (else a RuntimeError) as its own."""
+    failures = [f for f in all_gather_objects(failure) if f is not None]
+    if not failures or failure is not None:
+        return
+    kind, message = next((f for f in failures if f[0] == "usage"), failures[0])
+    raise UsageError(message) if kind == "usage" else RuntimeError(message)
+
+
+def leave_together_under_torchrun(wait_seconds: float = 30.0) -> None:
+    """Called by a rank about to exit 2 on bad input. The ranks fail on the same input at about the same time
+    (a bad argument on every rank; a data error shared by `main_process_first`), but torchrun SIGTERMs the
+    others as soon as the first has exited, and a rank still importing or tearing down then reports -15 instead
+    of its own exit code 2 and message. So each failing rank ignores SIGTERM (it is leaving anyway) and waits,
+    at most `wait_seconds`, until every rank has counted itself in torchrun's store: then they all print and
+    exit 2. Best effort: without a reachable store the rank leaves at once."""
+    import signal
+    import time
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=5))
+        key = f"trainer/leaving_on_usage_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.add(key, 1)
+        deadline = time.monotonic() + wait_seconds
+        while store.add(key, 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, ValueError, KeyError, OSError):  # no store to meet in: leave now
+        return
 
 
 def set_gradient_sync(model: torch.nn.Module, enabled: bool) -> None:

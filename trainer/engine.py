@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, Writes
 from trainer.compilation import compile_blocks, evaluation_stance
 from trainer.data import EpochBatches, loader_workers, make_loader
 from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward, clip_gradients,
@@ -132,9 +132,10 @@ class Engine:
                     args.per_device_train_batch_size, self.world_size, args.gradient_accumulation_steps,
                     self.sampler.steps_per_epoch)
         window = Window(self.accelerator.device)
-        if not self.checkpointer.resume(window):
-            state.metrics.update(self.evaluate(prefix="init_eval_"))
-        self.check_best_model_metric()
+        if self.checkpointer.resume(window):
+            self.check_best_model_metric(state.metrics)
+        else:  # checked before the first evaluation is logged: a refused run writes nothing
+            state.metrics.update(self.evaluate(prefix="init_eval_", check=self.check_best_model_metric))
         batches = self.micro_batches()
         progress = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
                         disable=not self.accelerator.is_main_process, mininterval=1.0)
@@ -260,24 +261,25 @@ class Engine:
         self.stop_if_diverged(reduced_loss_sum, window)
         self.checkpointer.save(window)
 
-    def check_best_model_metric(self) -> None:
+    def check_best_model_metric(self, metrics: dict) -> None:
         if self.args.load_best_model_at_end:
             name = self.args.metric_for_best_model
-            require(name.startswith("eval_") and f"init_{name}" in self.state.metrics,
+            require(name.startswith("eval_") and f"init_{name}" in metrics,
                     f"--metric_for_best_model {name} is not an evaluation metric of this job; choose one of "
-                    f"{', '.join(sorted(k[len('init_'):] for k in self.state.metrics if k.startswith('init_')))}")
+                    f"{', '.join(sorted(k[len('init_'):] for k in metrics if k.startswith('init_')))}")
 
     def to_device(self, batch: dict) -> dict:
         return {key: value.to(self.accelerator.device, non_blocking=True) for key, value in batch.items()}
 
     # --------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, prefix: str = "eval_") -> dict:
-        """Every evaluation sample exactly once over all ranks; sums reduced in float64."""
+    def evaluate(self, prefix: str = "eval_", check: Optional[Callable[[dict], None]] = None) -> dict:
+        """Every evaluation sample exactly once over all ranks; sums reduced in float64. `check(metrics)` runs
+        before anything is logged."""
         with evaluation_stance(self.args.torch_compile):
-            return self.evaluate_eagerly(prefix)
+            return self.evaluate_eagerly(prefix, check)
 
-    def evaluate_eagerly(self, prefix: str) -> dict:
+    def evaluate_eagerly(self, prefix: str, check: Optional[Callable[[dict], None]]) -> dict:
         """`evaluate` with compiled blocks (if any) running eagerly."""
         loader = self.sharded_batches(self.task.eval_dataset)
         self.model.eval()
@@ -297,6 +299,8 @@ class Engine:
             gathered = {sid: pred for part in all_gather_objects(predictions) for sid, pred in part.items()}
         metrics = self.task.compute_metrics(EvalOutput(totals[0], int(totals[1]), gathered))
         metrics = {f"{prefix}{key}": value for key, value in metrics.items()}
+        if check is not None:
+            check(metrics)
         self.metrics.log(self.state.step, metrics)
         # With sharded parameters a forward on rank 0 alone would wait forever for the other ranks' shards.
         if (self.accelerator.is_main_process and self.task.after_evaluation is not None
@@ -317,10 +321,11 @@ class Engine:
         """A plain `save_pretrained` directory (safetensors + tokenizer) that `from_pretrained` loads."""
         self.accelerator.wait_for_everyone()
         state_dict = full_state_dict(self.accelerator, self.model, self.task.hf_model)  # gathered: ZeRO-3, FSDP
+        writes = Writes(directory)  # a full disk stops every rank with one line naming the last checkpoint
         if self.accelerator.is_main_process:
-            self.task.hf_model.save_pretrained(directory, state_dict=state_dict)
-            self.task.tokenizer.save_pretrained(directory)
-        self.accelerator.wait_for_everyone()
+            writes.run(self.task.hf_model.save_pretrained, directory, state_dict=state_dict)
+            writes.run(self.task.tokenizer.save_pretrained, directory)
+        self.checkpointer.stop_if_any_write_failed(writes)
 
     def save_sharded_state(self, directory: str) -> None:
         """Under DeepSpeed or FSDP: a sharded checkpoint of model and optimizer, every rank writing its shards."""

@@ -1,4 +1,12 @@
-"""Usage errors: bad input ends the job with one line on stderr and exit code 2, never a traceback."""
+"""Usage errors: bad input ends the job with one line on stderr and exit code 2, never a traceback.
+
+The boundary is `exits_cleanly_on_usage_error` around every job's `main`. It catches only UsageError and
+JobStopped: library errors are turned into UsageErrors where they arise, naming the flag or file and the fix
+(argparse and HfArgumentParser in trainer.arguments, output paths in trainer.jobs, data files and columns in
+trainer.data, models and tokenizers in trainer.models, a full disk in trainer.checkpoint). A job prepares its
+data inside `trainer.distributed.main_process_first`, which hands a rank's UsageError to the ranks waiting for
+it. Anything else is a bug in trainer and keeps its traceback (exit code 1).
+"""
 from __future__ import annotations
 
 import functools
@@ -27,6 +35,9 @@ def exits_cleanly_on_usage_error(main):
         try:
             return main(*args, **kwargs)
         except UsageError as error:
+            from trainer.distributed import leave_together_under_torchrun
+
+            leave_together_under_torchrun()
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
         except JobStopped as stop:

@@ -162,9 +162,11 @@ def load_teacher(path: str, id2label: dict, device):
     from transformers import AutoModelForSequenceClassification
 
     from trainer.hub import check_loadable
+    from trainer.models import loading
 
     check_loadable(path, "model", "--teacher_model_name_or_path")
-    teacher = AutoModelForSequenceClassification.from_pretrained(path)
+    with loading("--teacher_model_name_or_path", path, "model"):
+        teacher = AutoModelForSequenceClassification.from_pretrained(path)
     teacher_labels = {int(i): str(label) for i, label in teacher.config.id2label.items()}
     require(teacher_labels == id2label,
             f"--teacher_model_name_or_path {path} predicts labels {teacher_labels}, the training data has "

@@ -35,10 +35,24 @@ def is_cached(repo_id: str, filename: str, repo_type: str = "model") -> bool:
     return isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str)
 
 
+def looks_like_hub_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        return True
+    except HFValidationError:
+        return False
+
+
 def check_loadable(name: str, what: str, flag: str, cached_file: str = "config.json", repo_type: str = "model"):
     """Raise a UsageError now if `name` can be neither read locally nor fetched from the Hub."""
     if os.path.isdir(name):
         return
+    if os.path.lexists(name) or not looks_like_hub_id(name):
+        problem = " is a file, not a directory" if os.path.lexists(name) else ": no such directory, nor a Hub id"
+        raise UsageError(f"{flag} {name}{problem}; give a directory written by save_pretrained, or a Hub id")
     if is_cached(name, cached_file, repo_type):
         if not hub_is_reachable():
             os.environ["HF_HUB_OFFLINE"] = "1"  # cached copy: skip the retries against an unreachable Hub

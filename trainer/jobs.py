@@ -5,6 +5,7 @@ import json
 import os
 
 from trainer.checkpoint import PREFIX
+from trainer.distributed import main_process_first
 from trainer.errors import require
 from trainer.metrics import logger
 from trainer.models import cache_dir
@@ -50,7 +51,9 @@ def check_output_dir(training_args) -> None:
     unless the run resumes: the directory holds checkpoints (complete or not: the engine picks and reports),
     or --resume_from_checkpoint is given."""
     path = training_args.output_dir
+    require(bool(path.strip()), "--output_dir is empty; give a directory")
     require(not os.path.isfile(path), f"--output_dir {path} is a file; give a directory")
+    check_creatable(path)
     if not os.path.isdir(path) or not os.listdir(path) or training_args.overwrite_output_dir:
         return
     resumes = training_args.resume_from_checkpoint or any(name.startswith(PREFIX) for name in os.listdir(path))
@@ -58,11 +61,23 @@ def check_output_dir(training_args) -> None:
                      f"--overwrite_output_dir or choose another directory")
 
 
+def check_creatable(path: str) -> None:
+    """--output_dir exists as a writable directory, or can be created: its nearest existing parent is one."""
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    what = "--output_dir" if existing == os.path.abspath(path) else f"--output_dir {path}: its parent"
+    require(os.path.isdir(existing), f"{what} {existing} is not a directory (a file or a broken link); choose "
+                                     f"another --output_dir")
+    require(os.access(existing, os.W_OK | os.X_OK), f"{what} {existing} is not writable (permissions or a "
+                                                    f"read-only file system); choose another --output_dir")
+
+
 def embedded_corpus_if_no_data(data_args, accelerator, write_files, name: str) -> None:
     """With neither --train_file nor --dataset_name, use the package's generated offline data set."""
     if data_args.train_file or data_args.dataset_name:
         return
-    with accelerator.local_main_process_first():
+    with main_process_first(accelerator):
         data_args.train_file, data_args.validation_file = write_files(cache_dir(name))
     logger.info("no data given: using the embedded %s (%s)", name, data_args.train_file)
 

@@ -24,20 +24,22 @@ def setup_logging(is_main_process: bool) -> None:
 
 
 class MetricsLogger:
+    """Writes nothing until the first number is logged: a run refused before that leaves no output directory."""
+
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool):
         self.enabled = enabled
+        self.output_dir = output_dir
         self.history_path = os.path.join(output_dir, "log_history.jsonl")
         self.tensorboard_dir = os.path.join(output_dir, "runs") if tensorboard else None
         self.writer = None
-        if enabled:
-            os.makedirs(output_dir, exist_ok=True)
-        self.open_tensorboard()
+        self.purge_step: int | None = None  # on resume: TensorBoard drops the events after the checkpoint
 
-    def open_tensorboard(self, purge_step: int | None = None) -> None:
-        if self.enabled and self.tensorboard_dir:
+    def open_outputs(self) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        if self.tensorboard_dir and self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(self.tensorboard_dir, purge_step=purge_step)
+            self.writer = SummaryWriter(self.tensorboard_dir, purge_step=self.purge_step)
 
     def forget_after(self, step: int) -> None:
         """On resume from `step`: drop what the interrupted run logged after its checkpoint, which is redone."""
@@ -50,12 +52,14 @@ class MetricsLogger:
                 history.writelines(kept)
         if self.writer is not None:
             self.writer.close()
-            self.open_tensorboard(purge_step=step + 1)
+            self.writer = None
+        self.purge_step = step + 1
 
     def log(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
             return
         named = {f"{prefix}{key}": value for key, value in metrics.items()}
+        self.open_outputs()
         with open(self.history_path, "a") as history:
             history.write(json.dumps({"step": step, **named}) + "\n")
         if self.writer is not None:

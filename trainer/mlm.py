@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg
-from trainer.data import load_raw_splits, pad_rows, resolve_text_column
+from trainer.data import check_text_column, data_source, load_raw_splits, pad_rows, resolve_text_column
+from trainer.distributed import main_process_first
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.jobs import finish_job, start_job
@@ -56,10 +57,14 @@ class MLMArguments:
 # ------------------------------------------------------------------------------------------ data preparation
 def tokenize_and_chunk(raw_splits, text_column: str, tokenizer, data_args, mlm_args):
     """Tokenize every split; concatenate-and-chunk into max_seq_length blocks unless --line_by_line."""
+    import datasets
+
     keep_word_starts = mlm_args.whole_word_masking
 
     def tokenize(batch):
         texts = [text for text in batch[text_column] if text and not text.isspace()]
+        if not texts:  # the tokenizer refuses an empty list
+            return {"input_ids": [], "special_tokens_mask": [], **({"word_start": []} if keep_word_starts else {})}
         encoded = tokenizer(texts, return_special_tokens_mask=True, truncation=mlm_args.line_by_line,
                             max_length=data_args.max_seq_length if mlm_args.line_by_line else None, verbose=False)
         columns = {"input_ids": encoded["input_ids"], "special_tokens_mask": encoded["special_tokens_mask"]}
@@ -67,9 +72,11 @@ def tokenize_and_chunk(raw_splits, text_column: str, tokenizer, data_args, mlm_a
             columns["word_start"] = [word_starts(encoded.word_ids(i)) for i in range(len(texts))]
         return columns
 
-    processed = raw_splits.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
-                               remove_columns=raw_splits["train"].column_names, desc="tokenize",
-                               load_from_cache_file=not data_args.overwrite_cache)
+    processed = datasets.DatasetDict({
+        split: dataset.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
+                           remove_columns=dataset.column_names, desc="tokenize",
+                           load_from_cache_file=not data_args.overwrite_cache)
+        for split, dataset in raw_splits.items()})
     if not mlm_args.line_by_line:
         processed = processed.map(chunk_into_blocks, batched=True, batch_size=1000,
                                   fn_kwargs={"length": data_args.max_seq_length}, num_proc=data_args.preprocessing_num_workers,
@@ -246,9 +253,11 @@ def fill_mask_probes(tokenizer, sentences: list[str]):
 def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> Task:
     from transformers import AutoModelForMaskedLM
 
-    with accelerator.local_main_process_first():  # one process per node tokenizes; the others load its cache
+    with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
         raw = load_raw_splits(data_args)
         text_column = resolve_text_column(raw["train"], data_args.text_column)
+        for split, dataset in raw.items():
+            check_text_column(dataset, text_column, data_source(data_args, split))
         tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column])
         require(tokenizer.mask_token is not None, "the tokenizer has no mask token; pick a masked-LM tokenizer")
         model = load_model(model_args, AutoModelForMaskedLM, tokenizer)

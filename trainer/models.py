@@ -1,6 +1,7 @@
 """Tokenizers and models: from a local directory, the Hub, or from scratch."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -19,6 +20,18 @@ def cache_dir(*parts: str) -> str:
     return os.path.join(root, *parts)
 
 
+@contextlib.contextmanager
+def loading(flag: str, name: str, what: str):
+    """transformers' errors for a directory (or Hub repository) without what it should hold, as a UsageError:
+    OSError for missing files, ValueError for an unrecognised or unreadable config or tokenizer."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{flag} {name}: not a {what} that transformers can load ({detail}); give a directory "
+                         f"written by save_pretrained, or a Hub id") from None
+
+
 def load_tokenizer(model_args, training_texts):
     """The named tokenizer, the model's, or a WordPiece tokenizer trained on `training_texts()` and cached."""
     from transformers import AutoTokenizer
@@ -27,7 +40,8 @@ def load_tokenizer(model_args, training_texts):
     if name:
         flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
         check_loadable(name, "tokenizer", flag, cached_file="tokenizer_config.json")
-        return AutoTokenizer.from_pretrained(name)
+        with loading(flag, name, "tokenizer"):
+            return AutoTokenizer.from_pretrained(name)
     return train_tokenizer(training_texts(), model_args.tokenizer_vocab_size)
 
 
@@ -62,8 +76,9 @@ def load_model(model_args, auto_class, tokenizer, **config_kwargs):
 
     if model_args.model_name_or_path:
         check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
-        model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path, output_loading_info=True,
-                                                         **config_kwargs)
+        with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
+            model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path,
+                                                             output_loading_info=True, **config_kwargs)
         log_loading_report(loading_info)
         return model
     config = new_model_config(model_args, AutoConfig)
@@ -94,7 +109,8 @@ def new_model_config(model_args, auto_config):
 
     if model_args.config_name:
         check_loadable(model_args.config_name, "config", "--config_name")
-        config = auto_config.from_pretrained(model_args.config_name)
+        with loading("--config_name", model_args.config_name, "model config"):
+            config = auto_config.from_pretrained(model_args.config_name)
     elif model_args.model_type:
         try:
             config = auto_config.for_model(model_args.model_type)

@@ -1,0 +1,509 @@
+"""Odd and bad input, as a fuzzer would try it: the guarantee of README's "Clear failures".
+
+Each case ends one of two ways, never with a traceback:
+- usable input: exit code 0 and a trained model (`model.safetensors`) after one optimizer step;
+- bad input: exit code 2, stderr whose only line is `error: ...` (progress bars of earlier work aside, see
+  `error_line`), and nothing written: the output directory is not created, and a path given as output stays
+  exactly as it was.
+
+The jobs run in this process (`main(argv)`; torch is imported once), except for a few real subprocesses that
+prove the process-level behaviour (exit code, stderr) and the 2-process torchrun cases.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from classify_helpers import classify_args, sentiment  # noqa: F401
+from conftest import TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
+from trainer.arguments import arg
+
+KB = 1024
+
+
+# ------------------------------------------------------------------------------------------------ running jobs
+def run_main(main, argv, capsys) -> tuple[int, str, str]:
+    """(exit code, stderr, stdout) of an in-process job run."""
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.err, captured.out
+
+
+def error_line(err: str) -> str:
+    """The one `error:` line, which must end stderr; lines before it may only be progress bars (`\\r` updates
+    of work that was under way, e.g. tokenizing)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    assert all("%|" in line or "it/s" in line or "s/it" in line for line in lines[:-1]), err
+    return errors[0]
+
+
+def snapshot(path) -> dict | None:
+    """What lies at `path` (file contents, or a directory's tree), to prove a failed run left it alone."""
+    if not os.path.lexists(path):
+        return None
+    if os.path.islink(path) or not os.path.isdir(path):
+        return {"link": os.readlink(path)} if os.path.islink(path) else {"file": open(path, "rb").read()}
+    return {name: snapshot(os.path.join(path, name)) for name in sorted(os.listdir(path))}
+
+
+@pytest.fixture
+def env(job_env, monkeypatch):
+    for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(key, job_env[key])
+
+
+def check_outcome(main, argv, output_dir, expected, capsys, before=None) -> None:
+    """`expected` is "ok" (trained) or a substring of the one error line."""
+    code, err, _ = run_main(main, argv, capsys)
+    if expected == "ok":
+        assert code == 0, err[-3000:]
+        assert os.path.isfile(os.path.join(output_dir, "model.safetensors"))
+        return
+    assert code == 2, err[-3000:]
+    assert expected in error_line(err)
+    assert snapshot(output_dir) == before, "a failed run must not write or change its output"
+
+
+# ---------------------------------------------------------------------------------------------- data files
+def corpus_lines(corpus, n: int = 60) -> list[str]:
+    with open(corpus["train"]) as handle:
+        return [next(handle).rstrip("\n") for _ in range(n)]
+
+
+def write_bytes(path, data: bytes) -> str:
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return str(path)
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def parquet(path, columns: dict) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def csv_quoted(lines) -> bytes:
+    rows = [f'"{line.replace(chr(34), chr(34) * 2)}, ""quoted""\nsecond line",{i % 2}' for i, line in enumerate(lines)]
+    return ("text,label\n" + "\n".join(rows) + "\n").encode()
+
+
+def make_data_file(case: str, directory, lines: list[str]) -> str:
+    """The training file of data case `case` (lines: usable text)."""
+    text = "\n".join(lines)
+    big_line = " ".join(lines * (2 * KB * KB // len(text)))  # one line of about 2 MB
+    d = directory
+    makers = {
+        "crlf": lambda: write_bytes(d / "crlf.txt", text.replace("\n", "\r\n").encode() + b"\r\n"),
+        "bom": lambda: write_bytes(d / "bom.txt", b"\xef\xbb\xbf" + text.encode() + b"\n"),
+        "no_final_newline": lambda: write_bytes(d / "nonl.txt", text.encode()),
+        "nul_bytes": lambda: write_bytes(d / "nul.txt", text.replace(" ", " \x00").encode()),
+        "one_huge_line": lambda: write_bytes(d / "huge.txt", big_line.encode()),
+        "blank_lines": lambda: write_bytes(d / "blank.txt", ("\n\n  \n" + text.replace("\n", "\n\n\t\n")).encode()),
+        "jsonl_nulls": lambda: write_bytes(d / "nulls.jsonl", jsonl({"text": t if i % 3 else None}
+                                                                    for i, t in enumerate(lines))),
+        "jsonl_extra_mixed": lambda: write_bytes(d / "mixed.jsonl", jsonl({"text": t, "meta": [i, "x", None][i % 3]}
+                                                                          for i, t in enumerate(lines))),
+        "jsonl_other_name": lambda: write_bytes(d / "body.jsonl", jsonl({"id": i, "body": t}
+                                                                        for i, t in enumerate(lines))),
+        "csv_quoting": lambda: write_bytes(d / "quoted.csv", csv_quoted(lines)),
+        "parquet": lambda: parquet(d / "ok.parquet", {"text": lines}),
+        "symlink": lambda: symlink(d / "link.txt", write_bytes(d / "target.txt", text.encode())),
+        # bad ones
+        "empty": lambda: write_bytes(d / "empty.txt", b""),
+        "whitespace_only": lambda: write_bytes(d / "ws.txt", b" \n\t\n\r\n" * 50),
+        "one_line": lambda: write_bytes(d / "one.txt", b"just one short line\n"),
+        "invalid_utf8": lambda: write_bytes(d / "latin1.txt", "caf\xe9 cr\xe8me\n".encode("latin-1") * 40),
+        "random_bytes": lambda: write_bytes(d / "noise.txt", bytes(range(256)) * 64),
+        "jsonl_object_text": lambda: write_bytes(d / "object.jsonl", jsonl({"text": {"en": t}} for t in lines)),
+        "jsonl_number_text": lambda: write_bytes(d / "number.jsonl", jsonl({"text": i} for i in range(60))),
+        "jsonl_list_text": lambda: write_bytes(d / "list.jsonl", jsonl({"text": t.split()} for t in lines)),
+        "jsonl_mixed_text": lambda: write_bytes(d / "mixedtext.jsonl", jsonl({"text": [t, 5][i % 2]}
+                                                                             for i, t in enumerate(lines))),
+        "jsonl_all_null": lambda: write_bytes(d / "allnull.jsonl", jsonl({"text": None} for _ in lines)),
+        "jsonl_truncated": lambda: write_bytes(d / "cut.jsonl", jsonl({"text": t} for t in lines)[:-7]),
+        "jsonl_lone_surrogate": lambda: write_bytes(d / "surrogate.jsonl", b'{"text": "\\ud800 half a pair"}\n' * 40),
+        "json_top_level_list": lambda: write_bytes(d / "list.json", json.dumps(lines).encode()),
+        "csv_empty_text": lambda: write_bytes(d / "emptytext.csv", b"text,label\n" + b",1\n" * 60),
+        "csv_ragged": lambda: write_bytes(d / "ragged.csv", b"text,label\na,1\nb,2,3,4\n" * 30),
+        "parquet_without_text": lambda: parquet(d / "numbers.parquet", {"score": list(range(60))}),
+        "parquet_garbage": lambda: write_bytes(d / "garbage.parquet", b"PAR1 not really parquet"),
+        "symlink_loop": lambda: symlink(d / "loop.txt", d / "loop.txt"),
+        "dangling_symlink": lambda: symlink(d / "dangling.txt", d / "nowhere.txt"),
+        "directory": lambda: str(mkdir(d / "adir.txt")),
+    }
+    return makers[case]()
+
+
+def symlink(link, target) -> str:
+    os.symlink(target, link)
+    return str(link)
+
+
+def mkdir(path):
+    os.makedirs(path)
+    return path
+
+
+DATA_CASES = [
+    ("crlf", "ok"), ("bom", "ok"), ("no_final_newline", "ok"), ("nul_bytes", "ok"), ("one_huge_line", "ok"),
+    ("blank_lines", "ok"), ("jsonl_nulls", "ok"), ("jsonl_extra_mixed", "ok"), 
+    ("csv_quoting", "ok"), ("parquet", "ok"), ("symlink", "ok"),
+    ("empty", "is empty"),
+    ("whitespace_only", "too short for one block"),
+    ("one_line", "too few"),
+    ("invalid_utf8", "could not be read as text"),
+    ("random_bytes", "could not be read as text"),
+    ("jsonl_object_text", "not text"),
+    ("jsonl_number_text", "not text"),
+    ("jsonl_list_text", "not text"),
+    ("jsonl_mixed_text", "not text"),
+    ("jsonl_other_name", "has no column 'body'"),
+    ("jsonl_all_null", "not text"),
+    ("jsonl_truncated", "could not be read as json"),
+    ("jsonl_lone_surrogate", "could not be read as json"),
+    ("json_top_level_list", "ok"),
+    ("csv_empty_text", "not text"),
+    ("csv_ragged", "could not be read as csv"),
+    ("parquet_without_text", "no text column"),
+    ("parquet_garbage", "could not be read as parquet"),
+    ("symlink_loop", "symbolic link loop"),
+    ("dangling_symlink", "broken symbolic link"),
+    ("directory", "is a directory"),
+]
+
+
+@pytest.mark.parametrize("case, expected", DATA_CASES, ids=[case for case, _ in DATA_CASES])
+def test_mlm_data_file(case, expected, corpus, tokenizer_dir, tmp_path, env, capsys):
+    from trainer.mlm import main
+
+    train = make_data_file(case, tmp_path, corpus_lines(corpus))
+    validation = [] if case == "one_line" else ["--validation_file", corpus["validation"]]
+    out = tmp_path / "out"
+    argv = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1", "--per_device_train_batch_size", "2",
+                    "--max_eval_samples", "8", "--max_train_samples", "64", "--peak_tflops", "1")
+    argv[argv.index("--train_file") + 1] = train
+    del argv[argv.index("--validation_file"):argv.index("--validation_file") + 2]
+    check_outcome(main, [*argv, *validation], out, expected, capsys)
+
+
+# ----------------------------------------------------------------------------------------------- command line
+FLAG_CASES = [
+    (["--no_such_flag", "1"], "unknown option --no_such_flag"),
+    (["--learning", "1e-4"], "did you mean --learning_rate?"),
+    (["--max-step", "3"], "did you mean --max-steps?"),
+    (["stray"], "unexpected argument 'stray'"),
+    (["later.yaml"], "unexpected argument 'later.yaml' (a config file must come first)"),
+    (["--max_steps", "three"], "--max_steps: invalid int value: 'three'"),
+    (["--learning_rate", ""], "--learning_rate: invalid float value: ''"),
+    (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
+    (["--learning_rate", "inf"], "--learning_rate must be a positive number"),
+    (["--learning_rate", "-1"], "--learning_rate must be a positive number"),
+    (["--bf16", "maybe"], "--bf16: Truthy value expected"),
+    (["--lr_scheduler_type", "exponential"], "--lr_scheduler_type: invalid choice: 'exponential'"),
+    (["--output_dir"], "--output_dir: expected one argument"),
+    (["--max_steps", "-5"], "--max_steps must be positive (or -1)"),
+    (["--warmup_ratio", "1.5"], "warmup must be non-negative and below 1"),
+    (["--validation_split_percentage", "100"], "--validation_split_percentage must be in 1..99"),
+    (["--max_seq_length", "100000"], "exceeds the model's 128 positions"),
+    (["--seed", "-1"], "--seed must be in 0..4294967295"),
+    (["--seed", str(2 ** 40)], "--seed must be in 0..4294967295"),
+    (["--adam_beta1", "1.5"], "--adam_beta1 must be in [0, 1)"),
+    (["--adam_beta2", "-0.1"], "--adam_beta2 must be in [0, 1)"),
+    (["--adam_epsilon", "-1"], "--adam_epsilon must be >= 0"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
+    (["--tokenizer_vocab_size", "5"], "--tokenizer_vocab_size must be at least 100"),
+    (["--logging_steps", "0"], "--logging_steps must be positive"),
+    (["--stop_signals", "SIGKILL"], "--stop_signals: SIGKILL"),
+    (["--bf16", "--fp16"], "choose one of --bf16 and --fp16"),
+    (["--fp16"], "--fp16 needs a GPU"),
+    (["--dataset_name", "some/set"], "either --dataset_name or --train_file"),
+    (["--model_name_or_path", "x", "--config_overrides", "a=1"], "--config_overrides only applies"),
+    (["--config_overrides", "hidden_size=abc"], "--config_overrides"),
+    (["--config_overrides", "no_such_key=1"], "--config_overrides"),
+    (["--model_type", "no-such-architecture"], "--model_type no-such-architecture"),
+    (["--load_best_model_at_end", "--save_steps", "1", "--metric_for_best_model", "eval_nonsense"],
+     "--metric_for_best_model eval_nonsense is not an evaluation metric"),
+    (["--text_column", ""], "--text_column '' not in the data"),
+    (["--train_file", ""], "--train_file : no such file"),
+    (["--output_dir", ""], "--output_dir is empty"),
+    (["--resume_from_checkpoint", "/nonexistent/ckpt"], "--resume_from_checkpoint /nonexistent/ckpt: no such"),
+    (["--deepspeed", "/nonexistent.json"], "--deepspeed /nonexistent.json: no such file"),
+]
+
+
+@pytest.mark.parametrize("flags, expected", FLAG_CASES, ids=[" ".join(f)[:40] for f, _ in FLAG_CASES])
+def test_mlm_command_line(flags, expected, corpus, tokenizer_dir, tmp_path, env, capsys):
+    from trainer.mlm import main
+
+    out = tmp_path / "out"
+    argv = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1")
+    for flag in {f for f in flags if f.startswith("--")} & set(argv):  # the case's value replaces the default one
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    argv = [a for a in argv if not (a == "bert" and "--model_type" in flags)]
+    if "--model_name_or_path" in flags:
+        argv = [a for a in argv if a not in TINY_BERT]
+    check_outcome(main, [*argv, *flags], out, expected, capsys)
+
+
+PATH_CASES = [
+    ("--output_dir", "output_dir_is_file", "--output_dir {path} is a file"),
+    ("--output_dir", "output_dir_under_file", "is not a directory"),
+    ("--output_dir", "output_dir_symlink_loop", "is not a directory"),
+    ("--validation_file", "missing", "--validation_file {path}: no such file"),
+    ("--validation_file", "a_dir", "is a directory"),
+    ("--tokenizer_name", "empty_dir", "--tokenizer_name {path}: not a tokenizer"),
+    ("--tokenizer_name", "missing", "--tokenizer_name {path}: no such directory"),
+    ("--tokenizer_name", "a_file", "--tokenizer_name {path} is a file, not a directory"),
+    ("--model_name_or_path", "empty_dir", "--model_name_or_path {path}: not a model"),
+    ("--config_name", "empty_dir", "--config_name {path}: not a model config"),
+    ("--resume_from_checkpoint", "a_dir", "incomplete"),
+    ("--deepspeed", "a_file", "--deepspeed {path}"),
+]
+
+
+@pytest.mark.parametrize("flag, kind, expected", PATH_CASES, ids=[f"{f[2:]}-{k}" for f, k, _ in PATH_CASES])
+def test_mlm_paths(flag, kind, expected, corpus, tokenizer_dir, tmp_path, env, capsys):
+    from trainer.mlm import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("precious")
+    paths = {"output_dir_is_file": a_file, "output_dir_under_file": a_file / "sub" / "out",
+             "output_dir_symlink_loop": tmp_path / "loop", "missing": tmp_path / "missing.txt",
+             "a_dir": tmp_path / "a_dir.txt", "empty_dir": tmp_path / "empty_dir", "a_file": a_file}
+    os.symlink(tmp_path / "loop", tmp_path / "loop")
+    (tmp_path / "a_dir.txt").mkdir()
+    (tmp_path / "empty_dir").mkdir()
+    path = str(paths[kind])
+    out = path if flag == "--output_dir" else str(tmp_path / "out")
+    argv = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1")
+    if flag in argv:
+        argv[argv.index(flag) + 1] = path
+    else:
+        argv += [flag, path]
+    if flag in ("--model_name_or_path", "--config_name"):
+        argv = [a for a in argv if a not in TINY_BERT]
+    before = snapshot(out)
+    check_outcome(main, argv, out, expected.format(path=path), capsys, before)
+    assert a_file.read_text() == "precious"
+
+
+def test_unwritable_output_dir(corpus, tokenizer_dir, tmp_path, env, capsys, read_only_dir):
+    from trainer.mlm import main
+
+    out = os.path.join(read_only_dir, "out")
+    check_outcome(main, mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1"), out, "is not writable", capsys)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write: chmod for a normal user; for root (CI), a read-only tmpfs."""
+    if os.geteuid() != 0:
+        directory = tmp_path / "ro"
+        directory.mkdir()
+        directory.chmod(0o555)
+        yield str(directory)
+        directory.chmod(0o755)
+        return
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as directory:
+        yield directory
+
+
+# --------------------------------------------------------------------------------------------- config files
+def test_config_file_with_overrides_and_the_command_line_wins(corpus, tokenizer_dir, tmp_path, env, capsys):
+    from trainer.mlm import main
+
+    config = tmp_path / "run.yaml"
+    flags = mlm_args(corpus, tokenizer_dir, tmp_path / "from-config", "--max_steps", "50", "--max_train_samples", "16",
+                     "--max_eval_samples", "8", "--peak_tflops", "1")
+    config.write_text("\n".join(f"{k[2:]}: {json.dumps(v)}" for k, v in zip(flags[::2], flags[1::2])))
+    out = tmp_path / "override"
+    code, err, _ = run_main(main, [str(config), "--max_steps", "1", "--output_dir", str(out)], capsys)
+    assert code == 0, err[-3000:]
+    assert json.loads((out / "all_results.json").read_text())["train_steps"] == 1
+    assert not (tmp_path / "from-config").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("learning_rate: [1, 2", "is not valid"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("no_such_option: 3\n", "unknown option --no_such_option"),
+    ("max_steps: lots\n", "--max_steps: invalid int value: 'lots'"),
+    ("", "must hold a mapping"),
+])
+def test_bad_config_file(content, expected, tmp_path, env, capsys):
+    from trainer.mlm import main
+
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    check_outcome(main, [str(config), "--output_dir", str(tmp_path / "out")], tmp_path / "out", expected, capsys)
+
+
+def test_demo_config_takes_overrides(corpus):
+    """No data named: the demo config, with the command line winning; its overwrite_output_dir stays with its
+    own output directory, so an --output_dir given here is protected like any other."""
+    from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+    from trainer.mlm import DEMO_CONFIG, MLMArguments
+
+    types = (ModelArguments, DataArguments, TrainingArguments, MLMArguments)
+    demo = parse_arguments(types, [], DEMO_CONFIG)[2]
+    moved = parse_arguments(types, ["--output_dir", "elsewhere", "--max_steps", "7"], DEMO_CONFIG)[2]
+    assert demo.overwrite_output_dir and demo.output_dir == "output/mlm-demo" and demo.max_steps > 7
+    assert (moved.output_dir, moved.max_steps, moved.overwrite_output_dir) == ("elsewhere", 7, False)
+    assert moved.learning_rate == demo.learning_rate != TrainingArguments.learning_rate  # from the demo config
+    with_data = parse_arguments(types, ["--train_file", corpus["train"]], DEMO_CONFIG)[2]
+    assert with_data.learning_rate == TrainingArguments.learning_rate  # data named: no demo config
+
+
+# ------------------------------------------------------------------------------------------------------ help
+@pytest.mark.parametrize("job", ["trainer.mlm", "trainer.classify"])
+def test_help(job, capsys):
+    import importlib
+    import re
+
+    code, _, text = run_main(importlib.import_module(job).main, ["--help"], capsys)
+    assert code == 0
+    assert text.startswith(f"usage: python -m {job} [CONFIG.yaml|CONFIG.json] [--option VALUE ...]\n")
+    flat = " ".join(text.split())
+    assert "With no arguments: the offline demo" in flat and "config file given first" in flat
+    options = re.findall(r"^  (--\w+)", text, flags=re.M)
+    assert len(options) == len(set(options)) > 40 and "--max_steps" in options
+    assert not any(option.startswith("--no_") for option in options)
+    assert not re.search(r"^  --\w+[ ,].*--", text, flags=re.M)  # one name per option: aliases work, unlisted
+    entries = dict(re.findall(r"^  (--\w+)(.*?)(?=^  --|\Z)", text, flags=re.M | re.S))
+    assert " ".join(entries["--learning_rate"].split()).endswith("(default: 5e-05)")
+    assert all(" ".join(entry.split()).lower().count("default") <= 1 for entry in entries.values())
+    assert "(default: None)" not in text
+    assert "default: the HF_TOKEN" in " ".join(entries["--hub_token"].split())
+
+
+@dataclass
+class WithTrueFlag:
+    fused: bool = arg(True, "Use the fused kernel.")
+
+
+def test_help_folds_the_negated_twin_of_a_true_flag_into_its_entry(capsys):
+    from trainer.arguments import job_parser
+
+    parser = job_parser((WithTrueFlag,), None)
+    parser.print_help()
+    text = capsys.readouterr().out
+    assert "--no_fused" not in text.replace("(--no_fused turns it off.)", "")
+    assert "Use the fused kernel. (--no_fused turns it off.) (default: True)" in " ".join(text.split())
+    assert parser.parse_args(["--no_fused"]).fused is False  # still accepted
+
+
+# ------------------------------------------------------------------------------------------------- classify
+def classify_case(case: str, sentiment, directory) -> tuple[list[str], str]:
+    """(extra arguments, expected) for trainer.classify; the case's files are written into `directory`."""
+    lines = [json.loads(line) for line in open(sentiment["train"])][:40]
+    quoted = ("sentence,label\n" + "".join(f'"{r["sentence"]}, ""so"" to say\nreally",{r["label"]}\n' for r in lines))
+    cases = {
+        "csv_quoting": (["--train_file", write_bytes(directory / "q.csv", quoted.encode())], "ok"),
+        "object_text": (["--train_file", write_bytes(directory / "o.jsonl", jsonl(
+            {"sentence": {"t": r["sentence"]}, "label": r["label"]} for r in lines)), "--text_column", "sentence"],
+            "holds object values, not text"),
+        "null_text": (["--train_file", write_bytes(directory / "n.jsonl", jsonl(
+            {"sentence": None if i == 3 else r["sentence"], "label": r["label"]} for i, r in enumerate(lines)))],
+            "empty or non-text values"),
+        "typo": (["--finetune_strategi", "lora"], "did you mean --finetune_strategy?"),
+        "predict_without_test_file": (["--do_predict"], "--do_predict needs --test_file"),
+        "label_column": (["--label_column", "sentiment"], "no label column 'sentiment'"),
+        "strategy_choice": (["--finetune_strategy", "everything"], "--finetune_strategy: invalid choice"),
+        "teacher_empty_dir": (["--teacher_model_name_or_path", str(mkdir(directory / "teacher"))],
+                              "--teacher_model_name_or_path"),
+    }
+    return cases[case]
+
+
+CLASSIFY_CASES = ["csv_quoting", "object_text", "null_text", "typo", "predict_without_test_file", "label_column",
+                  "strategy_choice", "teacher_empty_dir"]
+
+
+@pytest.mark.parametrize("case", CLASSIFY_CASES)
+def test_classify_inputs(case, sentiment, tokenizer_dir, tmp_path, env, capsys):
+    from trainer.classify import main
+
+    extra, expected = classify_case(case, sentiment, tmp_path)
+    out = tmp_path / "out"
+    argv = classify_args(sentiment, out, "--max_steps", "1", "--tokenizer_name", tokenizer_dir, *TINY_BERT,
+                         "--max_eval_samples", "16", "--peak_tflops", "1")
+    if "--train_file" in extra:
+        del argv[argv.index("--train_file"):argv.index("--train_file") + 2]
+        del argv[argv.index("--validation_file"):argv.index("--validation_file") + 2]
+        extra = [*extra, "--validation_file", extra[1]]  # the odd file is both splits
+    check_outcome(main, [*argv, *extra], out, expected, capsys)
+
+
+# ----------------------------------------------------------------------------------------- real processes
+def write_object_text(tmp_path) -> str:
+    return write_bytes(tmp_path / "object.jsonl", jsonl({"text": {"en": "a film"}} for _ in range(50)))
+
+
+@pytest.mark.parametrize("case", ["unknown_flag", "object_text"])
+def test_process_exits_2_with_one_line(case, corpus, tokenizer_dir, tmp_path, job_env):
+    out = tmp_path / "out"
+    args = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1")
+    if case == "unknown_flag":
+        args += ["--max_stepz", "3"]
+    else:
+        args[args.index("--train_file") + 1] = write_object_text(tmp_path)
+    result = run_job("trainer.mlm", args, job_env, check=False, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    expected = {"unknown_flag": "error: unknown option --max_stepz; did you mean --max_steps?",
+                "object_text": "error: column 'text' of --train_file "}[case]
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bad_argument", "bad_data"])
+def test_torchrun_every_rank_exits_2_and_none_hangs(case, corpus, tokenizer_dir, tmp_path, job_env):
+    """Bad data fails on rank 0 inside the rank-0-first data preparation, while rank 1 waits for it; a bad
+    argument fails on every rank before any process group exists. Each rank's stderr is the one error line."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    args = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1")
+    if case == "bad_argument":
+        args += ["--warmup_ratio", "2"]
+    else:
+        args[args.index("--train_file") + 1] = write_object_text(tmp_path)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "--log-dir", str(logs), "--redirects", "3"]
+    result = run_job("trainer.mlm", args, job_env, check=False, timeout=180, launcher=launcher)
+    assert result.returncode != 0 and result.stderr.count("exitcode  : 2") == 2, result.stderr
+    rank_errors = sorted(glob.glob(str(logs / "*" / "attempt_0" / "*" / "stderr.log")))
+    assert len(rank_errors) == 2
+    lines = [open(path).read().strip().splitlines() for path in rank_errors]
+    assert lines[0] == lines[1] and len(lines[0]) == 1 and lines[0][0].startswith("error: "), lines
+    assert ("warmup must be" if case == "bad_argument" else "holds object values, not text") in lines[0][0]
+    assert not out.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_training_file(corpus, tokenizer_dir, tmp_path, env, capsys):
+    from trainer.mlm import main
+
+    locked = tmp_path / "locked.txt"
+    locked.write_text("some text\n" * 50)
+    locked.chmod(0)
+    argv = mlm_args(corpus, tokenizer_dir, tmp_path / "out", "--max_steps", "1")
+    argv[argv.index("--train_file") + 1] = str(locked)
+    check_outcome(main, argv, tmp_path / "out", "is not readable", capsys)
