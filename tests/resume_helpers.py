@@ -64,6 +64,8 @@ def assert_same_run(expected_dir, actual_dir) -> None:
     assert_same_parameters(expected_dir, actual_dir)
     assert logged_losses(actual_dir) == logged_losses(expected_dir)
     assert read_results(actual_dir)["train_steps"] == STEPS
+    # The run's mean training loss: the checkpoint carries its sums, so a resumed run reports the same number.
+    assert read_results(actual_dir)["train_loss"] == read_results(expected_dir)["train_loss"]
 
 
 def run_two_process_resume_job(corpus, tokenizer_dir, job_env, output_dir, extra=(), yaml: str | None = None,

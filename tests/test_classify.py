@@ -36,6 +36,10 @@ def test_end_to_end_from_an_mlm_checkpoint_with_predictions(sentiment, mlm_check
         truth = [json.loads(line)["label"] for line in handle]
     assert sum(row["label"] == label for row, label in zip(predictions, truth)) / 100 == results["eval_accuracy"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "runs"))
+    # The closing summary (jobs.finish_job, shared by every job): where the model is, how to load it, the curves.
+    assert f"load it: from transformers import pipeline; pipe = pipeline('text-classification', model='{out}')" \
+           in result.stdout
+    assert f"curves:  tensorboard --logdir {out / 'runs'}" in result.stdout
 
 
 @pytest.mark.slow

@@ -135,3 +135,22 @@ def test_tiny_bert_config_runs_with_tokenizer(trained):
     with torch.no_grad():
         logits = BertForMaskedLM(config)(**batch).logits
     assert logits.shape == (2, batch.input_ids.shape[1], len(tokenizer))
+
+
+def test_demo_config_builds_a_tiny_modernbert_that_saves_and_reloads(trained, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+    from trainer.mlm import DEMO_CONFIG, MLMArguments
+    from trainer.models import load_model
+
+    tokenizer, _ = trained
+    model_args, *_ = parse_arguments((ModelArguments, DataArguments, TrainingArguments, MLMArguments), [],
+                                     default_config=DEMO_CONFIG)
+    model = load_model(model_args, AutoModelForMaskedLM, tokenizer)
+    config = model.config
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("modernbert", 128, 2)
+    assert len(config.layer_types) == 2  # re-derived after --config_overrides, or the saved config won't load
+    assert (config.cls_token_id, config.sep_token_id) == (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    model.save_pretrained(tmp_path)
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path).config.layer_types == config.layer_types

@@ -134,3 +134,18 @@ def test_evaluation_shards_cover_every_sample_once():
     for size, world in ((10, 3), (2, 4), (97, 2)):
         covered = [i for r in range(world) for i in shard_for_evaluation(size, world, r)]
         assert covered == list(range(size))
+
+
+def test_unigram_baseline_by_value_on_a_hand_made_corpus():
+    from trainer.mlm import unigram_perplexity
+
+    # Training tokens (special ones excluded): 10 twice, 11 once. Vocabulary 20: add-one counts sum to 3 + 20.
+    train = datasets.Dataset.from_dict({"input_ids": [[2, 10, 11, 3], [2, 10, 3], [2, 12, 12, 3]],
+                                        "special_tokens_mask": [[1, 0, 0, 1], [1, 0, 1], [1, 0, 0, 1]]})
+    evaluation = datasets.Dataset.from_dict({"labels": [[IGNORE, 10, IGNORE], [12, IGNORE]]})
+    # The first two rows only (a `select`, as --max_train_samples makes): P(10) = 3/23, P(12) = 1/23.
+    expected = np.exp(-(np.log(3 / 23) + np.log(1 / 23)) / 2)
+    assert unigram_perplexity(train.select([0, 1]), evaluation, vocab_size=20) == pytest.approx(expected, rel=1e-12)
+    # All rows: 12 seen twice, the total is 5 + 20.
+    expected = np.exp(-(np.log(3 / 25) + np.log(3 / 25)) / 2)
+    assert unigram_perplexity(train, evaluation, vocab_size=20) == pytest.approx(expected, rel=1e-12)

@@ -260,6 +260,7 @@ class Checkpointer:
         write_json(os.path.join(directory, STATE_FILE), {
             "step": state.step, "epoch": state.epoch, "samples_in_epoch": state.samples_in_epoch,
             "tokens_seen": state.tokens_seen, "metrics": state.metrics, "world_size": engine.world_size,
+            "loss_sum": state.loss_sum, "loss_items": state.loss_items,
             "best_metric": self.best_metric, "best_checkpoint": self.best_checkpoint,
             "metric_for_best_model": self.args.metric_for_best_model, "args": as_dict(self.args)})
 
@@ -320,6 +321,7 @@ class Checkpointer:
         state = engine.state
         state.step, state.epoch, state.samples_in_epoch = saved["step"], saved["epoch"], saved["samples_in_epoch"]
         state.tokens_seen, state.metrics = saved["tokens_seen"], saved["metrics"]
+        state.loss_sum, state.loss_items = saved.get("loss_sum", 0.0), saved.get("loss_items", 0)
         self.best_metric, self.best_checkpoint = saved["best_metric"], saved["best_checkpoint"]
         self.last_saved_step = state.step
         self.restore_rank_state(path, saved["world_size"], window)

@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         export_merged(task, os.path.join(training_args.output_dir, "merged"))
     finish_job(engine, metrics, data_args, {"task": "text classification", "pipeline_tag": "text-classification"},
                f"accuracy {metrics.get('init_eval_accuracy', float('nan')):.4f} -> "
-               f"{metrics.get('eval_accuracy', float('nan')):.4f}; model saved to {training_args.output_dir}")
+               f"{metrics.get('eval_accuracy', float('nan')):.4f}")
     return metrics
 
 

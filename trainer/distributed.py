@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import warnings
 
@@ -54,11 +55,52 @@ def make_accelerator(training_args, **plugins):
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout, **process_group_backend(deepspeed_plugin))],
         **plugins,
     )
-    if deepspeed_plugin is not None:
+    if deepspeed_plugin is None:
+        quiet_deepspeed_accelerator_warning()
+    else:
         without_zero_init()
+    if use_cpu:  # after Accelerator(), which sets its own count for several CPU processes
+        share_cpu_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if fsdp_requested() and use_cpu:
         use_fsdp_on_cpu(accelerator, training_args)
     return accelerator
+
+
+def quiet_deepspeed_accelerator_warning() -> None:
+    """Drop DeepSpeed's "Setting accelerator to CPU ..." warning in runs that do not use DeepSpeed.
+
+    Where DeepSpeed is installed, accelerate imports it (e.g. `unwrap_model` checks for a DeepSpeedEngine), and
+    DeepSpeed's first `get_accelerator()` logs that warning on every machine without CUDA. The filter sits on
+    DeepSpeed's own logger, so it also catches the imports that come later; DeepSpeed runs keep the warning.
+    """
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: not record.getMessage().startswith("Setting accelerator to CPU"))
+
+
+def cpu_threads_per_process(cores: int, local_processes: int) -> int:
+    """An equal share of the cores for each process of this machine, at least one thread."""
+    return max(1, cores // max(local_processes, 1))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity: Slurm's and taskset's limits included)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def share_cpu_cores(local_processes: int) -> None:
+    """With several processes on one CPU machine, give each `cpu_threads_per_process` torch threads, unless
+    OMP_NUM_THREADS is set (by the user, or by the launcher: torchrun sets 1 for several processes, accelerate
+    and deepspeed launchers an equal share). torch's default, every core in every process, puts more busy threads
+    than cores on the machine, and OpenMP's spinning threads then slow every step many times over."""
+    if local_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads_per_process(available_cores(), local_processes))
+
+
+def describe_threads() -> str:
+    """For the start-up log line, e.g. "2 torch threads per process on 2 cores (OMP_NUM_THREADS unset)"."""
+    setting = os.environ.get("OMP_NUM_THREADS")
+    return (f"{torch.get_num_threads()} torch threads per process on {available_cores()} cores "
+            f"({'OMP_NUM_THREADS=' + setting if setting else 'OMP_NUM_THREADS unset'})")
 
 
 def fsdp_requested() -> bool:

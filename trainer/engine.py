@@ -21,13 +21,14 @@ from trainer.checkpoint import Checkpointer, Writes
 from trainer.compilation import compile_blocks, evaluation_stance
 from trainer.data import EpochBatches, loader_workers, make_loader
 from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward, clip_gradients,
-                                 describe_parallelism, full_state_dict, host_sum, parameters_sharded,
+                                 describe_parallelism, describe_threads, full_state_dict, host_sum,
+                                 parameters_sharded,
                                  prepare_deepspeed_for_model, set_gradient_sync, shard_for_evaluation,
                                  sharded_checkpoint_functions)
 from trainer.errors import JobStopped, require
 from trainer.fault_injection import FaultInjection
 from trainer.hub_push import HubPusher
-from trainer.metrics import MetricsLogger, logger
+from trainer.metrics import MetricsLogger, logger, show_progress_bars
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.signals import STOPPED_EXIT_CODE, StopSignals
 from trainer.throughput import device_peak, precision_name, training_flops_per_token
@@ -78,6 +79,8 @@ class TrainState:
     epoch: int = 0
     samples_in_epoch: int = 0  # position in the epoch's global sample order
     tokens_seen: int = 0  # input tokens over all ranks
+    loss_sum: float = 0.0  # training loss summed over every loss item of the run so far, all ranks
+    loss_items: int = 0
     metrics: dict = field(default_factory=dict)
 
 
@@ -127,10 +130,10 @@ class Engine:
     def train(self) -> dict:
         args, state = self.args, self.state
         logger.info("training %d optimizer steps with %s: %d sequences/step (%d per device x %d processes x %d "
-                    "accumulation), %d steps/epoch", self.total_steps, describe_parallelism(self.accelerator),
+                    "accumulation), %d steps/epoch; %s", self.total_steps, describe_parallelism(self.accelerator),
                     self.sampler.global_batch_size,
                     args.per_device_train_batch_size, self.world_size, args.gradient_accumulation_steps,
-                    self.sampler.steps_per_epoch)
+                    self.sampler.steps_per_epoch, describe_threads())
         window = Window(self.accelerator.device)
         if self.checkpointer.resume(window):
             self.check_best_model_metric(state.metrics)
@@ -138,7 +141,7 @@ class Engine:
             state.metrics.update(self.evaluate(prefix="init_eval_", check=self.check_best_model_metric))
         batches = self.micro_batches()
         progress = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
-                        disable=not self.accelerator.is_main_process, mininterval=1.0)
+                        disable=not show_progress_bars(self.accelerator.is_main_process), mininterval=1.0)
         started = time.perf_counter()
         while state.step < self.total_steps:
             step_started = time.perf_counter()
@@ -213,7 +216,8 @@ class Engine:
         self.stop_if_diverged(loss_sum, window)
         self.state.tokens_seen += int(tokens)
         seconds = max(window.seconds, 1e-9)
-        record = {"loss": loss_sum / max(items, 1), "learning_rate": self.scheduler.get_last_lr()[0],
+        record = {"loss": loss_sum / max(items, 1), "loss_items": int(items),
+                  "learning_rate": self.scheduler.get_last_lr()[0],
                   "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
                   "data_wait_fraction": window.data_wait / seconds, "epoch": self.state.epoch}
         if self.peak_flops and samples:
@@ -223,7 +227,11 @@ class Engine:
         if window.grad_norm is not None:
             record["grad_norm"] = float(window.grad_norm)
         self.metrics.log(self.state.step, record, prefix="train_")
-        self.state.metrics["train_loss"] = record["loss"]
+        # train_loss in the results: the run's mean loss per loss item (masked token, sample), the sums of every
+        # window kept in the train state, so a resumed run reports the same number as one that never stopped.
+        self.state.loss_sum += loss_sum
+        self.state.loss_items += int(items)
+        self.state.metrics["train_loss"] = self.state.loss_sum / max(self.state.loss_items, 1)
         window.reset(self.state.step)
 
     def stop_if_diverged(self, reduced_loss_sum: float, window: "Window") -> None:
@@ -285,7 +293,8 @@ class Engine:
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         num_items, predictions = 0, {}
-        for batch in tqdm(loader, desc="evaluate", leave=False, disable=not self.accelerator.is_main_process):
+        for batch in tqdm(loader, desc="evaluate", leave=False,
+                          disable=not show_progress_bars(self.accelerator.is_main_process)):
             num_items += batch.pop("num_loss_items")
             sample_ids = batch.pop("sample_id").tolist()
             output = self.model(**self.to_device(batch))

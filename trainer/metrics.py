@@ -10,7 +10,8 @@ logger = logging.getLogger("trainer")
 
 
 def setup_logging(is_main_process: bool) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[TqdmAwareHandler(sys.stdout)],
                         level=logging.INFO if is_main_process else logging.WARNING, force=True)
     for noisy in ("datasets", "transformers", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING if is_main_process else logging.ERROR)
@@ -19,8 +20,29 @@ def setup_logging(is_main_process: bool) -> None:
 
     datasets.utils.logging.set_verbosity_warning()
     transformers.utils.logging.set_verbosity_warning()
-    if not is_main_process:
+    if not show_progress_bars(is_main_process):
         datasets.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def show_progress_bars(is_main_process: bool) -> bool:
+    """Bars on rank 0 in a terminal only. Redirected to a file, a bar is a long line of carriage returns (and
+    nested bars add cursor-up escapes, `\x1b[A`); there the periodic log lines show the progress instead."""
+    return is_main_process and sys.stderr.isatty()
+
+
+class TqdmAwareHandler(logging.StreamHandler):
+    """Writes each record with `tqdm.write`, which lifts any open progress bar off the terminal and redraws it
+    below the line, so log lines are never glued to a bar (tqdm's own `logging_redirect_tqdm` swaps handlers
+    only inside a `with` block; this handler is installed once for the whole job)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # what logging.StreamHandler.emit does with a failing write
+            self.handleError(record)
 
 
 class MetricsLogger:
@@ -65,15 +87,21 @@ class MetricsLogger:
         if self.writer is not None:
             for key, value in named.items():
                 if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key.replace("_", "/", 1), value, step)
+                    self.writer.add_scalar(tensorboard_tag(key), value, step)
                 else:  # e.g. a confusion matrix: shown in TensorBoard's text tab
-                    self.writer.add_text(key.replace("_", "/", 1), f"    {json.dumps(value)}", step)
+                    self.writer.add_text(tensorboard_tag(key), f"    {json.dumps(value)}", step)
             self.writer.flush()
         logger.info("step %d: %s", step, "  ".join(f"{k}={format_number(v)}" for k, v in named.items()))
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def tensorboard_tag(name: str) -> str:
+    """"train_loss" -> "train/loss". The evaluation before training ("init_eval_perplexity") goes on the same
+    curve as every later one ("eval/perplexity", at step 0), so each curve starts where training starts."""
+    return name.removeprefix("init_").replace("_", "/", 1)
 
 
 def format_number(value) -> str:

@@ -85,6 +85,9 @@ def load_model(model_args, auto_class, tokenizer, **config_kwargs):
     # New models get a vocabulary padded to a multiple of 64: faster matrix products, same tokenizer.
     config.vocab_size = 64 * math.ceil(len(tokenizer) / 64)
     config.pad_token_id = tokenizer.pad_token_id
+    for name in ("bos", "eos", "cls", "sep"):  # ModernBERT's defaults are ids of its own 50k vocabulary
+        if getattr(config, f"{name}_token_id", None) is not None:
+            setattr(config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
     for key, value in config_kwargs.items():
         setattr(config, key, value)
     logger.info("training a new %s model from scratch", config.model_type)
@@ -123,7 +126,20 @@ def new_model_config(model_args, auto_config):
             config.update_from_string(model_args.config_overrides)
         except ValueError as error:
             raise UsageError(f"--config_overrides: {error}") from None
+        config = with_layer_types_rederived(config)
     return config
+
+
+def with_layer_types_rederived(config):
+    """`update_from_string` sets attributes only; a config that lists one attention type per layer (ModernBERT's
+    `layer_types`, 22 by default) keeps the old list when num_hidden_layers changes, and then fails to load
+    ("num_hidden_layers must be equal to the number of layer_types"). Rebuilt without the list, it is derived again."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None or len(layer_types) == config.num_hidden_layers:
+        return config
+    settings = config.to_dict()
+    settings.pop("layer_types")
+    return type(config).from_dict(settings)
 
 
 def max_positions(config) -> int:

@@ -1,0 +1,61 @@
+"""What a user reads: TensorBoard tags, the thread count default, DeepSpeed's CPU warning (cheap, in-process)."""
+import logging
+
+import pytest
+import torch
+
+from trainer.distributed import (available_cores, cpu_threads_per_process, quiet_deepspeed_accelerator_warning,
+                                 share_cpu_cores)
+from trainer.metrics import tensorboard_tag
+
+
+def test_tensorboard_tags_put_the_first_evaluation_on_the_eval_curves():
+    assert tensorboard_tag("init_eval_perplexity") == tensorboard_tag("eval_perplexity") == "eval/perplexity"
+    assert tensorboard_tag("train_loss") == "train/loss"
+    assert tensorboard_tag("train_grad_norm") == "train/grad_norm"
+
+
+def test_cpu_threads_are_an_equal_share_of_the_cores_at_least_one():
+    assert cpu_threads_per_process(16, 8) == 2
+    assert cpu_threads_per_process(16, 3) == 5
+    assert cpu_threads_per_process(2, 2) == 1
+    assert cpu_threads_per_process(2, 8) == 1
+    assert cpu_threads_per_process(4, 1) == 4
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Restores torch's thread count and OMP_NUM_THREADS after the test."""
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_several_local_processes_get_a_share_of_the_cores(threads):
+    torch.set_num_threads(7)
+    share_cpu_cores(local_processes=2)
+    assert torch.get_num_threads() == max(1, available_cores() // 2)
+
+
+def test_a_single_process_and_a_user_setting_keep_their_thread_count(threads, monkeypatch):
+    torch.set_num_threads(3)
+    share_cpu_cores(local_processes=1)
+    assert torch.get_num_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    share_cpu_cores(local_processes=2)
+    assert torch.get_num_threads() == 3
+
+
+def test_deepspeed_cpu_warning_is_dropped_and_other_deepspeed_warnings_kept(caplog):
+    quiet_deepspeed_accelerator_warning()
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    propagate, deepspeed_logger.propagate = deepspeed_logger.propagate, True  # DeepSpeed's own logger does not
+    try:
+        with caplog.at_level(logging.WARNING, logger="DeepSpeed"):
+            deepspeed_logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were "
+                                     "unable to detect it.")
+            deepspeed_logger.warning("some other DeepSpeed warning")
+    finally:
+        deepspeed_logger.propagate = propagate
+    assert [record.getMessage() for record in caplog.records] == ["some other DeepSpeed warning"]
