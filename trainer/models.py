@@ -108,7 +108,7 @@ def new_model_config(model_args, auto_config, preset=None):
     if model_args.config_overrides:
         try:
             config.update_from_string(model_args.config_overrides)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:  # TypeError: a key whose default is None (e.g. GPT-2's n_inner)
             raise UsageError(f"--config_overrides: {error}") from None
     return config
 
