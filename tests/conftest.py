@@ -119,6 +119,21 @@ def mlm_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
             "--report_to", "none", "--probe_sentences", "", *extra]
 
 
+def changed_tensors(before_dir, after_dir, prefix: str) -> set[str]:
+    """Names of `before_dir`'s saved tensors under `prefix` (e.g. the base model's) that differ bitwise in
+    `after_dir`: what a fine-tuning strategy actually trained."""
+    import torch
+
+    before, after = load_parameters(before_dir), load_parameters(after_dir)
+    shared = [name for name in before if name.startswith(prefix)]
+    assert shared and all(name in after for name in shared)
+    return {name for name in shared if not torch.equal(before[name], after[name])}
+
+
+def saved_tensor_names(directory, prefix: str) -> set[str]:
+    return {name for name in load_parameters(directory) if name.startswith(prefix)}
+
+
 def relative_difference(reference: dict, other: dict) -> float:
     """Norm of the parameter difference over the norm of the reference parameters, over all of `reference`."""
     num = sum(float((reference[k].double() - other[k].double()).norm() ** 2) for k in reference) ** 0.5

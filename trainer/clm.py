@@ -208,7 +208,7 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
         new_model_ids = {} if model_args.model_name_or_path else {
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
         model = load_model(model_args, AutoModelForCausalLM, tokenizer, preset=tiny_gpt2_config, **new_model_ids)
-        block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model.config))
+        block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model.config) or RUN_CLM_MAX_BLOCK)
         check_sequence_length(block_size, model.config, "--block_size")
         blocks = group_into_blocks(tokenize_documents(raw, text_column, tokenizer, data_args), block_size, data_args)
         train_set, eval_set = first_samples(blocks["train"], blocks["validation"], data_args)

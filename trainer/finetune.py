@@ -146,7 +146,7 @@ def wrap_with_adapters(model, args, task_type: str):
         config = peft.PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens, **common)
     try:
         return peft.get_peft_model(model, config)
-    except (ValueError, TypeError, AttributeError, NotImplementedError) as error:
+    except (ValueError, TypeError, AttributeError, NotImplementedError, ZeroDivisionError) as error:  # e.g. rwkv
         raise UsageError(f"--finetune_strategy {kind} is not possible on a {model.config.model_type} model: "
                          f"{str(error).splitlines()[0]}" + (" (name the layers with --lora_target_modules)"
                                                             if kind == "lora" else "")) from None

@@ -113,11 +113,13 @@ def new_model_config(model_args, auto_config, preset=None):
     return config
 
 
-def max_positions(config) -> int:
-    return config.max_position_embeddings - POSITION_OFFSET.get(config.model_type, 0)
+def max_positions(config) -> int | None:
+    """Positions a sequence may use; None for architectures without a limit (e.g. Mamba, RWKV)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    return None if limit is None else limit - POSITION_OFFSET.get(config.model_type, 0)
 
 
 def check_sequence_length(max_seq_length: int, config, flag: str = "--max_seq_length") -> None:
     limit = max_positions(config)
-    require(max_seq_length <= limit, f"{flag} {max_seq_length} exceeds the model's {limit} positions; "
+    require(limit is None or max_seq_length <= limit, f"{flag} {max_seq_length} exceeds the model's {limit} positions; "
                                      f"use {flag} {limit} or less")
