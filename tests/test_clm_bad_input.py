@@ -2,18 +2,12 @@
 import pytest
 
 from clm_helpers import bpe_tokenizer_dir, clm_args, corpus, gpt2_checkpoint  # noqa: F401 (fixtures)
+from conftest import fails_cleanly as shared_fails_cleanly
 from trainer.clm import main
 
 
 def fails_cleanly(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
-    return errors[0]
+    return shared_fails_cleanly(main, argv, capsys)
 
 
 @pytest.fixture

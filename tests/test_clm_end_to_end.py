@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from clm_helpers import bpe_tokenizer_dir, clm_args, corpus  # noqa: F401 (fixtures)
-from conftest import read_history, read_results
+from conftest import read_history, read_results, write_yaml_config
 from trainer.clm import main
 
 
@@ -67,22 +67,15 @@ def test_yaml_config_as_only_argument(corpus, bpe_tokenizer_dir, tmp_path):  # n
     out = tmp_path / "from-yaml"
     args = clm_args(corpus, bpe_tokenizer_dir, out, "--max_steps", "2", "--keep_linebreaks", "false",
                     "--max_eval_samples", "4")
-    config = {}
-    for index, token in enumerate(args):
-        if token.startswith("--"):
-            value = args[index + 1] if index + 1 < len(args) and not args[index + 1].startswith("--") else True
-            config[token[2:]] = yaml.safe_load(value) if isinstance(value, str) else value
-    config.pop("probe_prompts")
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_yaml_config(args, tmp_path / "run.yaml", drop=("probe_prompts",))
     from trainer.arguments import CorpusArguments, ModelArguments, TrainingArguments, parse_arguments
     from trainer.clm import ClmArguments
     from trainer.finetune import FinetuneArguments
 
     *_, clm = parse_arguments((ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments),
-                              [str(path)])
+                              [path])
     assert clm.keep_linebreaks is False and clm.block_size == 32
-    main([str(path)])
+    main([path])
     assert read_results(out)["train_steps"] == 2
 
 

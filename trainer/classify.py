@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
 from trainer.data import first_samples, load_file, load_raw_splits, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import all_gather_objects, deepspeed_requested
+from trainer.distributed import deepspeed_requested
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune import FinetuneArguments, apply_strategy, distillation_loss, export_merged, load_teacher
@@ -237,24 +237,6 @@ def log_confusion_matrix(matrix: np.ndarray, id2label: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- predictions
-@torch.no_grad()
-def predict(engine: Engine, dataset) -> dict:
-    """Class probabilities for every sample of `dataset`, computed in shards on all ranks, gathered everywhere.
-
-    The forward goes through the prepared model (DDP, DeepSpeed or FSDP) on every rank: under ZeRO-3 and FSDP
-    each forward gathers parameter shards from all ranks, so the unwrapped model would wait forever.
-    """
-    engine.model.eval()
-    probabilities = {}
-    for batch in engine.sharded_batches(dataset):
-        sample_ids = batch.pop("sample_id").tolist()
-        batch.pop("num_loss_items")
-        batch.pop("labels", None)
-        output = engine.model(**engine.to_device(batch))
-        probabilities.update(zip(sample_ids, output["probabilities"].cpu().tolist()))
-    return {sid: p for part in all_gather_objects(probabilities) for sid, p in part.items()}
-
-
 def write_predictions(path: str, probabilities: dict, id2label: dict) -> None:
     with open(path, "w") as handle:
         for sample_id in sorted(probabilities):
@@ -321,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()
     if test_set is not None:
-        probabilities = predict(engine, test_set)
+        probabilities = engine.predict(test_set, "probabilities", drop=("labels",))
         if accelerator.is_main_process:
             write_predictions(os.path.join(training_args.output_dir, "predictions.jsonl"), probabilities,
                               labels.id2label)
