@@ -33,7 +33,8 @@ def test_stream_blocks_predict_every_token_but_the_first():
     assert batch["predicting_positions"].tolist() == [r * 8 + c for r in range(3) for c in range(7)]
 
 
-def test_packed_block_loss_equals_the_sum_of_its_documents_losses():
+@pytest.mark.parametrize("chunk", [4, 0])  # chunked head, and the model's own full logits
+def test_packed_block_loss_equals_the_sum_of_its_documents_losses(chunk):
     """A block of three documents, attention restricted per document (block-diagonal mask through SDPA, position
     ids restarting): its summed loss is the sum of each document's own loss computed alone, and it counts exactly
     the tokens each document predicts. Without the packing, attention crosses documents and the loss differs."""
@@ -42,7 +43,7 @@ def test_packed_block_loss_equals_the_sum_of_its_documents_losses():
     block = np.array([sum(docs, [])])
     packed = collate(block, packed=True)
     with torch.no_grad():
-        task = CausalLMTask(model, chunk=4)
+        task = CausalLMTask(model, chunk=chunk)
         packed_loss = task(**{k: v for k, v in packed.items() if k != "num_loss_items"})["loss_sum"]
         alone = []
         for doc in docs:
