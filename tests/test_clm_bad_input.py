@@ -67,3 +67,13 @@ def test_prompt_tuning_on_a_model_type_peft_cannot_handle(job, bpe_tokenizer_dir
 ])
 def test_bad_values(flag, value, expected, job, capsys):
     assert expected in fails_cleanly(job(flag, value), capsys)
+
+
+def test_gradual_unfreezing_refused_under_deepspeed(job, capsys):
+    import os
+
+    from conftest import REPO_ROOT
+
+    argv = job("--finetune_strategy", "gradual_unfreeze", "--deepspeed", os.path.join(REPO_ROOT, "ds_configs",
+                                                                                        "zero2.json"))
+    assert "run it without DeepSpeed" in fails_cleanly(argv, capsys)

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
 from trainer.data import first_samples, load_file, load_raw_splits, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import deepspeed_requested
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
-from trainer.finetune import FinetuneArguments, apply_strategy, distillation_loss, export_merged, load_teacher
+from trainer.finetune import (FinetuneArguments, apply_strategy, check_finetuning, distillation_loss, export_merged,
+                              load_teacher)
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
@@ -288,17 +288,11 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
     return task, test_set, labels
 
 
-def check_arguments(model_args, data_args, training_args, ft_args, cls_args) -> None:
-    require(not (ft_args.finetune_strategy == "gradual_unfreeze" and deepspeed_requested(training_args)),
-            "--finetune_strategy gradual_unfreeze masks gradients between the backward pass and the update, which "
-            "DeepSpeed performs inside its own step; run it without DeepSpeed (DDP) or choose another strategy")
-
-
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     (model_args, data_args, training_args, ft_args, cls_args), accelerator = start_job(
         (ModelArguments, DataArguments, TrainingArguments, FinetuneArguments, ClassifyArguments), argv, DEMO_CONFIG,
-        write_sentiment_dataset, "sentiment dataset", check_arguments)
+        write_sentiment_dataset, "sentiment dataset", check_finetuning)
     task, test_set, labels = build_task(model_args, data_args, training_args, ft_args, cls_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()

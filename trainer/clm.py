@@ -23,7 +23,7 @@ from trainer.data import first_samples, group_into_blocks, load_raw_splits, pad_
 from trainer.default_data import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
 from trainer.engine import Engine, Task
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.finetune import FinetuneArguments, apply_strategy, export_merged
+from trainer.finetune import FinetuneArguments, apply_strategy, check_finetuning, export_merged
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer, max_positions
@@ -233,7 +233,7 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
 def main(argv: list[str] | None = None) -> dict:
     (model_args, data_args, training_args, ft_args, clm_args), accelerator = start_job(
         (ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments), argv, DEMO_CONFIG,
-        write_mlm_corpus, "movie-review corpus")
+        write_mlm_corpus, "movie-review corpus", check_finetuning)
     task = build_task(model_args, data_args, training_args, ft_args, clm_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()

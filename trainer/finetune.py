@@ -64,6 +64,18 @@ class FinetuneArguments:
                 f"--model_name_or_path (e.g. {starting_point})")
 
 
+def check_finetuning(*parsed_arguments) -> None:
+    """start_job's cross-argument check for a job with FinetuneArguments: what the strategy cannot run under."""
+    from trainer.arguments import TrainingArguments
+    from trainer.distributed import deepspeed_requested
+
+    ft_args = next(a for a in parsed_arguments if isinstance(a, FinetuneArguments))
+    training_args = next(a for a in parsed_arguments if isinstance(a, TrainingArguments))
+    require(not (ft_args.finetune_strategy == "gradual_unfreeze" and deepspeed_requested(training_args)),
+            "--finetune_strategy gradual_unfreeze masks gradients between the backward pass and the update, which "
+            "DeepSpeed performs inside its own step; run it without DeepSpeed (DDP) or choose another strategy")
+
+
 def apply_strategy(model, args: FinetuneArguments, task_type: str = "SEQ_CLS"):
     """Return (the model to train, an optional `before_optimizer_step` hook) for `args.finetune_strategy`.
 
