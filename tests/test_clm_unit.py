@@ -82,3 +82,21 @@ def test_chunked_cross_entropy_without_autograd_matches_one_pass():
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
         torch.testing.assert_close(chunked_cross_entropy(hidden, head, targets, 3), expected)
+
+
+@pytest.mark.parametrize("model_type, config", [
+    ("llama", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, max_position_embeddings=32)),
+    ("mamba", dict(hidden_size=16, num_hidden_layers=1, state_size=4)),  # no position ids at all
+])
+def test_other_causal_lm_architectures_give_their_own_loss(model_type, config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=VOCAB, **config)).eval()
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    batch = collate(ids.numpy(), packed=False)
+    count = batch.pop("num_loss_items")
+    with torch.no_grad():
+        loss = CausalLMTask(model, chunk=5)(**batch)["loss_sum"]
+        torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss * count, rtol=1e-5, atol=1e-5)

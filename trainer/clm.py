@@ -88,9 +88,9 @@ def document_positions(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
 class BlockCollator:
     """Blocks -> input ids, (packed) position ids, and the predicted tokens with the flat positions predicting them.
 
-    Position t predicts token t+1 unless t+1 starts a document (packing) or is padding: exactly the tokens the loss
-    counts, so `num_loss_items` is the denominator of an exact token-weighted mean. Positions and targets are
-    computed here on the host, so the model needs no shift, no ignore index and no device sync.
+    Position t predicts token t+1 unless t+1 starts a document (packing): exactly the tokens the loss counts, so
+    `num_loss_items` is the denominator of an exact token-weighted mean. Blocks are full, never padded. Positions and
+    targets are computed here on the host, so the model needs no shift, no ignore index and no device sync.
     """
 
     pad_token_id: int
@@ -137,14 +137,16 @@ class CausalLMTask(torch.nn.Module):
         self.__dict__["inner"] = inner  # not a second registration of the same module
 
     def forward(self, input_ids, predicting_positions, predicted_tokens, position_ids=None):
+        # No cache: with one, transformers would not derive the per-document mask from the position ids.
+        # Position ids only when packing: some architectures (e.g. Mamba) take none.
+        inputs = {"input_ids": input_ids, "use_cache": False, **({} if position_ids is None else
+                                                                {"position_ids": position_ids})}
         if self.chunked:
-            hidden = self.inner.base_model(input_ids=input_ids, position_ids=position_ids,
-                                           use_cache=False).last_hidden_state
+            hidden = self.inner.base_model(**inputs).last_hidden_state
             rows = hidden.flatten(0, 1).index_select(0, predicting_positions)
             return {"loss_sum": chunked_cross_entropy(rows, self.inner.get_output_embeddings(), predicted_tokens,
                                                       self.chunk)}
-        extra = {} if position_ids is None else {"position_ids": position_ids}
-        logits = self.hf_model(input_ids=input_ids, use_cache=False, **extra).logits
+        logits = self.hf_model(**inputs).logits
         logits = logits[:, -input_ids.shape[1]:]  # prompt tuning prepends its virtual tokens' positions
         rows = logits.flatten(0, 1).index_select(0, predicting_positions)
         return {"loss_sum": F.cross_entropy(rows.float(), predicted_tokens, reduction="sum")}
