@@ -149,8 +149,7 @@ def test_distillation_loss_matches_hand_computation():
 def test_distillation_task_sums_per_sample_losses_and_leaves_the_teacher_alone():
     from transformers import BertConfig, BertForSequenceClassification
 
-    from conftest import changed_tensors, saved_tensor_names
-from classify_helpers import TINY
+    from classify_helpers import TINY
 
     torch.manual_seed(0)
     student, teacher = (BertForSequenceClassification(BertConfig(vocab_size=50, num_labels=2, **TINY))
