@@ -66,6 +66,7 @@ def test_help_lists_the_run_clm_flags(capsys):
 def test_yaml_config_as_only_argument(corpus, bpe_tokenizer_dir, tmp_path):  # noqa: F811
     out = tmp_path / "from-yaml"
     args = clm_args(corpus, bpe_tokenizer_dir, out, "--max_steps", "2", "--keep_linebreaks", "false",
+                    "--attn_implementation", "eager", "--packing", "documents",
                     "--max_eval_samples", "4")
     path = write_yaml_config(args, tmp_path / "run.yaml", drop=("probe_prompts",))
     from trainer.arguments import CorpusArguments, ModelArguments, TrainingArguments, parse_arguments

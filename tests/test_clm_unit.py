@@ -33,12 +33,13 @@ def test_stream_blocks_predict_every_token_but_the_first():
     assert batch["predicting_positions"].tolist() == [r * 8 + c for r in range(3) for c in range(7)]
 
 
-@pytest.mark.parametrize("chunk", [4, 0])  # chunked head, and the model's own full logits
-def test_packed_block_loss_equals_the_sum_of_its_documents_losses(chunk):
+@pytest.mark.parametrize("chunk, attention", [(4, "sdpa"), (0, "sdpa"), (4, "eager")])  # chunked head or full logits
+def test_packed_block_loss_equals_the_sum_of_its_documents_losses(chunk, attention):
     """A block of three documents, attention restricted per document (block-diagonal mask through SDPA, position
     ids restarting): its summed loss is the sum of each document's own loss computed alone, and it counts exactly
     the tokens each document predicts. Without the packing, attention crosses documents and the loss differs."""
     model = tiny_gpt2(VOCAB)
+    model.set_attn_implementation(attention)
     docs = documents([7, 12, 5])
     block = np.array([sum(docs, [])])
     packed = collate(block, packed=True)

@@ -40,6 +40,10 @@ class ModelArguments:
         None, "Tokenizer (directory or Hub id) if not the model's. With neither this nor a model given, one is "
         "trained on the training text (WordPiece for mlm and classify, byte-level BPE for clm).")
     tokenizer_vocab_size: int = arg(8000, "Vocabulary size of a tokenizer trained on the training text.")
+    attn_implementation: Optional[str] = arg(
+        None, "Attention kernel: sdpa (transformers' default), eager, or flash_attention_2 (needs the flash-attn "
+        "package and a GPU; clm's --packing documents then takes its variable-length path).",
+        choices=["sdpa", "eager", "flash_attention_2"])
 
     def __post_init__(self):
         require(not (self.config_overrides and self.model_name_or_path),

@@ -63,10 +63,11 @@ def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
     `preset(vocab_size)` (default: a tiny BERT)."""
     from transformers import AutoConfig
 
+    attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
         check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
         model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path, output_loading_info=True,
-                                                         **config_kwargs)
+                                                         **attention, **config_kwargs)
         log_loading_report(loading_info)
         return model
     config = new_model_config(model_args, AutoConfig, preset)
@@ -76,7 +77,7 @@ def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
     for key, value in config_kwargs.items():
         setattr(config, key, value)
     logger.info("training a new %s model from scratch", config.model_type)
-    return auto_class.from_config(config)
+    return auto_class.from_config(config, **attention)
 
 
 def log_loading_report(loading_info: dict) -> None:
