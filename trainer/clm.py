@@ -30,6 +30,7 @@ from trainer.models import check_sequence_length, load_model, load_tokenizer, ma
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clm_demo.yaml")
 RUN_CLM_MAX_BLOCK = 1024  # run_clm.py's cap on the default block size
+LOGITS_CHUNK_BYTES = 256 * 2 ** 20  # float32 logits of one loss chunk, by default
 PACKING = ("stream", "documents")
 
 
@@ -43,9 +44,10 @@ class ClmArguments:
                        choices=list(PACKING))
     keep_linebreaks: bool = arg(True, "Keep each line's newline in .txt data (run_clm.py's flag; "
                                       "--no_keep_linebreaks drops them).")
-    loss_chunk_tokens: int = arg(1024, "Predicted tokens per chunk of the output layer + cross-entropy, recomputed "
-                                       "in the backward pass, so [batch, block, vocabulary] logits never exist at "
-                                       "once. 0: the model's own full logits.")
+    loss_chunk_tokens: Optional[int] = arg(
+        None, "Predicted tokens per chunk of the output layer + cross-entropy; with more than one chunk each is "
+        "recomputed in the backward pass, so [batch, block, vocabulary] logits never exist at once. Unset: as many "
+        "as fit 256 MiB of float32 logits (1335 for GPT-2's vocabulary). 0: the model's own full logits.")
     probe_prompts: list[str] = arg(["the acting was", "this movie is", "i would"],
                                    "Prompts continued greedily after each evaluation (log and TensorBoard text). "
                                    "Pass an empty string to disable.", nargs="*")
@@ -54,7 +56,8 @@ class ClmArguments:
     def __post_init__(self):
         require(self.block_size is None or self.block_size >= 2, f"--block_size must be at least 2, got "
                                                                  f"{self.block_size}")
-        require(self.loss_chunk_tokens >= 0, f"--loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
+        require(self.loss_chunk_tokens is None or self.loss_chunk_tokens >= 0,
+                f"--loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
         require(self.probe_new_tokens > 0, f"--probe_new_tokens must be positive, got {self.probe_new_tokens}")
 
 
@@ -158,14 +161,22 @@ def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                           chunk: int) -> torch.Tensor:
-    """sum_i CE(head(hidden_i), target_i), `chunk` rows at a time; under autograd each chunk's logits are dropped
-    after the forward and recomputed in the backward, so one chunk's logits are alive at a time."""
+    """sum_i CE(head(hidden_i), target_i), `chunk` rows at a time. With several chunks under autograd, each chunk's
+    logits are dropped after the forward and recomputed in the backward, so one chunk's logits are alive at a
+    time; rows that fit one chunk are computed once (the recomputation would buy no memory below the chunk's)."""
+    if hidden.shape[0] <= chunk:
+        return head_loss(head, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         part = (head, hidden[start:start + chunk], targets[start:start + chunk])
         total = total + (checkpoint(head_loss, *part, use_reentrant=False) if torch.is_grad_enabled()
                          else head_loss(*part))
     return total
+
+
+def default_chunk(chunk: Optional[int], vocab_size: int) -> int:
+    """--loss_chunk_tokens, or the rows whose float32 logits fill LOGITS_CHUNK_BYTES."""
+    return chunk if chunk is not None else max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
 
 
 # --------------------------------------------------------------------------------------------------- probes
@@ -223,7 +234,8 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
     pad_token_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     collator = BlockCollator(pad_token_id, tokenizer.eos_token_id if packed else None)
     return Task(
-        model=CausalLMTask(trained_model, clm_args.loss_chunk_tokens), train_dataset=train_set, eval_dataset=eval_set,
+        model=CausalLMTask(trained_model, default_chunk(clm_args.loss_chunk_tokens, model.config.vocab_size)),
+        train_dataset=train_set, eval_dataset=eval_set,
         train_collator=collator, eval_collator=collator, compute_metrics=perplexity_metrics("predicted_tokens"),
         hf_model=trained_model, tokenizer=tokenizer, columns=["input_ids"],
         after_evaluation=generation_probes(tokenizer, clm_args.probe_prompts, clm_args.probe_new_tokens),
