@@ -119,6 +119,48 @@ def mlm_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
             "--report_to", "none", "--probe_sentences", "", *extra]
 
 
+def changed_tensors(before_dir, after_dir, prefix: str) -> set[str]:
+    """Names of `before_dir`'s saved tensors under `prefix` (e.g. the base model's) that differ bitwise in
+    `after_dir`: what a fine-tuning strategy actually trained."""
+    import torch
+
+    before, after = load_parameters(before_dir), load_parameters(after_dir)
+    shared = [name for name in before if name.startswith(prefix)]
+    assert shared and all(name in after for name in shared)
+    return {name for name in shared if not torch.equal(before[name], after[name])}
+
+
+def saved_tensor_names(directory, prefix: str) -> set[str]:
+    return {name for name in load_parameters(directory) if name.startswith(prefix)}
+
+
+def fails_cleanly(main, argv, capsys) -> str:
+    """Run a job's `main(argv)` in-process, expect bad input's standard (exit code 2, no traceback, one final
+    `error: ...` line on stderr) and return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # Progress bars of work done before the problem showed up may precede it; the error is one final line.
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    return errors[0]
+
+
+def write_yaml_config(args: list[str], path, drop: tuple[str, ...] = ()) -> str:
+    """A command line (`--flag value ...`, bare flags as true) written as the YAML config a job also accepts."""
+    import yaml
+
+    config = {}
+    for index, token in enumerate(args):
+        if token.startswith("--") and token[2:] not in drop:
+            value = args[index + 1] if index + 1 < len(args) and not args[index + 1].startswith("--") else True
+            config[token[2:]] = yaml.safe_load(value) if isinstance(value, str) else value
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
 def relative_difference(reference: dict, other: dict) -> float:
     """Norm of the parameter difference over the norm of the reference parameters, over all of `reference`."""
     num = sum(float((reference[k].double() - other[k].double()).norm() ** 2) for k in reference) ** 0.5

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import changed_tensors, saved_tensor_names
 from classify_helpers import classify_args, mlm_checkpoint, read_predictions, sentiment  # noqa: F401 (fixtures)
 from trainer.classify import ClassificationTask, main
 from trainer.finetune import distillation_loss
@@ -27,15 +28,11 @@ def run(sentiment, mlm_checkpoint, out, *extra):
 
 def changed_base_tensors(mlm_checkpoint, out) -> set[str]:
     """Names of the starting checkpoint's encoder tensors that differ (bitwise) in the trained model."""
-    before = load_file(os.path.join(mlm_checkpoint, "model.safetensors"))
-    after = load_file(os.path.join(out, "model.safetensors"))
-    shared = [name for name in before if name.startswith("bert.")]
-    assert shared and all(name in after for name in shared)
-    return {name for name in shared if not torch.equal(before[name], after[name])}
+    return changed_tensors(mlm_checkpoint, out, "bert.")
 
 
 def base_names(mlm_checkpoint) -> set[str]:
-    return {name for name in load_file(os.path.join(mlm_checkpoint, "model.safetensors")) if name.startswith("bert.")}
+    return saved_tensor_names(mlm_checkpoint, "bert.")
 
 
 def test_full_changes_every_tensor_and_reloads_with_identical_predictions(sentiment, mlm_checkpoint, tmp_path):

@@ -36,15 +36,19 @@ class ModelArguments:
         None, "Local model directory or Hub model id to start from. Leave unset to train from scratch.")
     config_name: Optional[str] = arg(None, "Config (directory or Hub id) for a model trained from scratch.")
     model_type: Optional[str] = arg(
-        None, "Architecture for a model trained from scratch (e.g. bert, roberta, distilbert). Unset, with no "
-        "model or config given: a tiny BERT preset.")
+        None, "Architecture for a model trained from scratch (e.g. bert, roberta, gpt2, llama). Unset, with no "
+        "model or config given: the job's tiny preset (BERT for mlm and classify, GPT-2 for clm).")
     config_overrides: Optional[str] = arg(
         None, "Comma-separated config changes for a model trained from scratch, e.g. "
         "'num_hidden_layers=4,hidden_size=256'.")
     tokenizer_name: Optional[str] = arg(
-        None, "Tokenizer (directory or Hub id) if not the model's. With neither this nor a model given, a "
-        "WordPiece tokenizer is trained on the training text.")
+        None, "Tokenizer (directory or Hub id) if not the model's. With neither this nor a model given, one is "
+        "trained on the training text (WordPiece for mlm and classify, byte-level BPE for clm).")
     tokenizer_vocab_size: int = arg(8000, "Vocabulary size of a tokenizer trained on the training text.")
+    attn_implementation: Optional[str] = arg(
+        None, "Attention kernel: sdpa (transformers' default), eager, or flash_attention_2 (needs the flash-attn "
+        "package and a GPU; clm's --packing documents then takes its variable-length path).",
+        choices=["sdpa", "eager", "flash_attention_2"])
 
     def __post_init__(self):
         require(not (self.config_overrides and self.model_name_or_path),
@@ -54,7 +58,10 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class CorpusArguments:
+    """Where the text comes from and how much of it is used: what every job shares. How long a sequence is
+    belongs to the job: `DataArguments.max_seq_length` (mlm, classify), `ClmArguments.block_size` (clm)."""
+
     dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file: "
                                             "the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
@@ -64,7 +71,6 @@ class DataArguments:
                                            "column).")
     validation_split_percentage: int = arg(5, "Percent of the training data held out for evaluation when no "
                                               "validation data is given.")
-    max_seq_length: int = arg(128, "Tokens per training sequence (must not exceed the model's positions).")
     preprocessing_num_workers: Optional[int] = arg(None, "Processes for tokenization.")
     overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
     max_train_samples: Optional[int] = arg(None, "Keep only this many training sequences (debugging).")
@@ -77,10 +83,18 @@ class DataArguments:
             if path is not None:
                 check_data_file(path, flag)
         require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
-        require(self.max_seq_length > 0, "--max_seq_length must be positive")
         for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):
             value = getattr(self, flag)
             require(value is None or value > 0, f"--{flag} must be positive, got {value}")
+
+
+@dataclass
+class DataArguments(CorpusArguments):
+    max_seq_length: int = arg(128, "Tokens per training sequence (must not exceed the model's positions).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.max_seq_length > 0, "--max_seq_length must be positive")
 
 
 def check_data_file(path: str, flag: str) -> None:

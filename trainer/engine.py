@@ -49,7 +49,8 @@ class Task:
     hf_model: torch.nn.Module  # the transformers model inside `model`, saved with save_pretrained
     tokenizer: object
     columns: Optional[list[str]] = None  # dataset columns the collators read (None: all)
-    after_evaluation: Optional[Callable[[torch.nn.Module], None]] = None  # rank 0, e.g. fill-mask probes
+    # Rank 0, after each evaluation, e.g. probes; what it returns (e.g. generated text) is logged with the step.
+    after_evaluation: Optional[Callable[[torch.nn.Module], Optional[dict]]] = None
     main_metric: str = "eval_loss"  # the default --metric_for_best_model
     # Training FLOPs per token at a given sequence length, for MFU (default: every head position computed).
     flops_per_token: Optional[Callable[[float], float]] = None
@@ -314,8 +315,30 @@ class Engine:
         # With sharded parameters a forward on rank 0 alone would wait forever for the other ranks' shards.
         if (self.accelerator.is_main_process and self.task.after_evaluation is not None
                 and not parameters_sharded(self.accelerator)):
-            self.task.after_evaluation(self.accelerator.unwrap_model(self.model))
+            shown = self.task.after_evaluation(self.accelerator.unwrap_model(self.model))
+            if shown:  # e.g. generated text: logged (TensorBoard text), not part of the metrics
+                self.metrics.log(self.state.step, {f"{prefix}{key}": value for key, value in shown.items()})
         return metrics
+
+    @torch.no_grad()
+    def predict(self, dataset, output_key: str, drop: tuple[str, ...] = ()) -> dict:
+        """`output_key` of the task model's output for every sample of `dataset` (e.g. class probabilities),
+        computed in shards on all ranks and gathered everywhere: {sample id: value}. `drop`: batch entries the
+        forward must not see (e.g. labels, whose presence asks for a loss).
+
+        The forward goes through the prepared model (DDP, DeepSpeed or FSDP) on every rank: under ZeRO-3 and FSDP
+        each forward gathers parameter shards from all ranks, so the unwrapped model would wait forever.
+        """
+        self.model.eval()
+        values = {}
+        for batch in self.sharded_batches(dataset):
+            sample_ids = batch.pop("sample_id").tolist()
+            batch.pop("num_loss_items")
+            for key in drop:
+                batch.pop(key, None)
+            output = self.model(**self.to_device(batch))
+            values.update(zip(sample_ids, output[output_key].cpu().tolist()))
+        return {sid: value for part in all_gather_objects(values) for sid, value in part.items()}
 
     def sharded_batches(self, dataset):
         """This rank's contiguous shard of `dataset` in evaluation batches: every sample once over all ranks."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 
@@ -102,6 +103,17 @@ def tensorboard_tag(name: str) -> str:
     """"train_loss" -> "train/loss". The evaluation before training ("init_eval_perplexity") goes on the same
     curve as every later one ("eval/perplexity", at step 0), so each curve starts where training starts."""
     return name.removeprefix("init_").replace("_", "/", 1)
+
+
+def perplexity_metrics(count_name: str):
+    """compute_metrics for a language model: mean loss per predicted token, its perplexity, and how many tokens
+    (`count_name`) the exact float64 sums of the engine's evaluation counted."""
+
+    def compute(output) -> dict:
+        return {"loss": output.mean_loss, "perplexity": math.exp(min(output.mean_loss, 700.0)),
+                count_name: output.num_items}
+
+    return compute
 
 
 def format_number(value) -> str:
