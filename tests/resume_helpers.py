@@ -13,7 +13,8 @@ from conftest import REPO_ROOT, accelerate_launch, free_port, load_parameters, r
 
 # 48 sequences, 8 per optimizer step (4 x accumulation 2 on one process, 2 x 2 ranks x 2 on two): 6 steps per
 # epoch, 12 steps in all; windows of 3 steps; checkpoints every 4. Dropout is ON (0.1, the BERT default):
-# exactness then also needs every rank's RNG state back.
+# exactness then also needs every rank's RNG state back. Weight decay and a warmup step make the same runs the
+# ZeRO/FSDP-against-DDP comparisons (the engine's parameter groups and schedule under every backend).
 STEPS, STEPS_PER_EPOCH = 12, 6
 DROPOUT_BERT = ["--model_type", "bert", "--config_overrides",
                 "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
@@ -26,7 +27,16 @@ def resume_args(corpus, tokenizer_dir, output_dir, nproc: int = 1, *extra) -> li
             "--output_dir", str(output_dir), "--learning_rate", "5e-3", "--logging_steps", "3",
             "--report_to", "none", "--probe_sentences", "", "--max_train_samples", "48",
             "--max_eval_samples", "16", "--per_device_train_batch_size", str(4 // nproc),
-            "--gradient_accumulation_steps", "2", "--num_train_epochs", "2", "--save_steps", "4", *extra]
+            "--gradient_accumulation_steps", "2", "--num_train_epochs", "2", "--save_steps", "4",
+            "--weight_decay", "0.01", "--warmup_steps", "1", *extra]
+
+
+def uninterrupted_run(corpus, tokenizer_dir, job_env, directory, nproc: int):
+    """The resume tests' job run to the end on `nproc` processes, logging its samples: (output dir, sample log)."""
+    out, samples = directory / "run", directory / "samples"
+    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, out, nproc),
+            with_env(job_env, TRAINER_DEBUG_SAMPLE_LOG=samples), nproc=nproc)
+    return out, samples
 
 
 def with_env(env: dict, **variables) -> dict:

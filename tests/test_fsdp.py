@@ -4,7 +4,8 @@ the tied MLM head). Same mathematics as DDP, an export that loads, exact resume 
 bf16 under FSDP2 is tested in test_launch.py. FSDP that cannot run on the CPU is refused, not run as DDP.
 
 The runs are the resume tests' job (resume_helpers: 12 steps, accumulation 2, dropout on): one uninterrupted
-FSDP run serves as the DDP comparison, the export and the resume reference. Tolerance against DDP as in
+FSDP run serves as the DDP comparison (against the session's two-process DDP run, conftest.two_process_resume_run),
+the export and the resume reference. Tolerance against DDP as in
 test_deepspeed.py: global relative difference <= 1e-5 in fp32 (only the order of reductions differs).
 """
 import os
@@ -20,14 +21,11 @@ YAML = "cpu_fsdp2.yaml"
 
 
 @pytest.fixture(scope="module")
-def runs(corpus, tokenizer_dir, job_env, tmp_path_factory) -> dict:
-    """{name: (output directory, the job's output)}: a 2-process DDP reference and the same job under FSDP2."""
-    root = tmp_path_factory.mktemp("fsdp")
-    outputs = {}
-    for name, yaml in (("ddp", None), ("fsdp", YAML)):
-        result = run_two_process_resume_job(corpus, tokenizer_dir, job_env, root / name, yaml=yaml)
-        outputs[name] = root / name, result.stdout + result.stderr
-    return outputs
+def runs(corpus, tokenizer_dir, job_env, tmp_path_factory, two_process_resume_run) -> dict:
+    """{name: (output directory, the job's output)}: the 2-process DDP reference and the same job under FSDP2."""
+    out = tmp_path_factory.mktemp("fsdp") / "fsdp"
+    result = run_two_process_resume_job(corpus, tokenizer_dir, job_env, out, yaml=YAML)
+    return {"ddp": (two_process_resume_run[0], None), "fsdp": (out, result.stdout + result.stderr)}
 
 
 @pytest.mark.slow
