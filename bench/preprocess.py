@@ -56,7 +56,8 @@ def run_size(megabytes: int, workers: int, directory: str) -> dict:
     from transformers import AutoTokenizer
 
     from trainer.default_data import train_wordpiece_tokenizer
-    from trainer.mlm import MLMArguments, chunk_into_blocks, tokenize_and_chunk
+    from trainer.data import chunk_into_blocks
+    from trainer.mlm import MLMArguments, tokenize_and_chunk
 
     datasets.disable_progress_bars()
     corpus = os.path.join(directory, f"corpus-{megabytes}.txt")

@@ -49,7 +49,10 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class CorpusArguments:
+    """Where the text comes from and how much of it is used: what every job shares. How long a sequence is
+    belongs to the job: `DataArguments.max_seq_length` (mlm, classify), `ClmArguments.block_size` (clm)."""
+
     dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file: "
                                             "the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
@@ -59,7 +62,6 @@ class DataArguments:
                                            "column).")
     validation_split_percentage: int = arg(5, "Percent of the training data held out for evaluation when no "
                                               "validation data is given.")
-    max_seq_length: int = arg(128, "Tokens per training sequence (must not exceed the model's positions).")
     preprocessing_num_workers: Optional[int] = arg(None, "Processes for tokenization.")
     overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
     max_train_samples: Optional[int] = arg(None, "Keep only this many training sequences (debugging).")
@@ -72,10 +74,18 @@ class DataArguments:
             if path is not None:
                 check_data_file(path, flag)
         require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
-        require(self.max_seq_length > 0, "--max_seq_length must be positive")
         for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):
             value = getattr(self, flag)
             require(value is None or value > 0, f"--{flag} must be positive, got {value}")
+
+
+@dataclass
+class DataArguments(CorpusArguments):
+    max_seq_length: int = arg(128, "Tokens per training sequence (must not exceed the model's positions).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.max_seq_length > 0, "--max_seq_length must be positive")
 
 
 def check_data_file(path: str, flag: str) -> None:

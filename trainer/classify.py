@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
-from trainer.data import load_file, load_raw_splits, pad_rows, resolve_text_column
+from trainer.data import first_samples, load_file, load_raw_splits, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
 from trainer.distributed import all_gather_objects, deepspeed_requested
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
-from trainer.finetune import PEFT_STRATEGIES, STRATEGIES, apply_strategy, distillation_loss, load_teacher
+from trainer.finetune import FinetuneArguments, apply_strategy, distillation_loss, export_merged, load_teacher
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
@@ -43,18 +43,6 @@ class ClassifyArguments:
                              "evaluate metrics: names of the package's offline modules (accuracy, f1, "
                              "matthews_correlation), paths to metric scripts, or Hub metric names.", nargs="+")
     group_by_length: bool = arg(False, "Length-grouped training batches (less padding), still shuffled per epoch.")
-    finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + ".",
-                                 choices=list(STRATEGIES))
-    freeze_layers: int = arg(0, "freeze: number of lowest encoder layers frozen (the embeddings always are).")
-    unfreeze_every: int = arg(1, "gradual_unfreeze: open one more layer every this many --unfreeze_unit.")
-    unfreeze_unit: str = arg("steps", "gradual_unfreeze: steps or epochs.", choices=["steps", "epochs"])
-    lora_r: int = arg(8, "lora: rank of the update matrices.")
-    lora_alpha: int = arg(16, "lora: scaling numerator (the update is scaled by alpha / r).")
-    lora_dropout: float = arg(0.0, "lora: dropout on the adapter input.")
-    lora_target_modules: list[str] = arg([], "lora: module names to adapt (default: peft's choice for the "
-                                             "architecture).", nargs="*")
-    num_virtual_tokens: int = arg(10, "prefix/prompt: number of virtual tokens learnt.")
-    merge_adapters: bool = arg(False, "lora: also export the adapters merged into the base model to output_dir/merged.")
     teacher_model_name_or_path: Optional[str] = arg(
         None, "Knowledge distillation from this classifier (same labels and tokenizer); works with every strategy.")
     distill_temperature: float = arg(2.0, "Distillation temperature T (logits are divided by T).")
@@ -64,11 +52,6 @@ class ClassifyArguments:
         require(not self.do_predict or self.test_file, "--do_predict needs --test_file")
         if self.test_file:
             check_data_file(self.test_file, "test_file")
-        require(self.freeze_layers >= 0, "--freeze_layers must be >= 0")
-        require(self.unfreeze_every > 0, "--unfreeze_every must be positive")
-        require(self.lora_r > 0 and self.num_virtual_tokens > 0, "--lora_r and --num_virtual_tokens must be positive")
-        require(not self.merge_adapters or self.finetune_strategy == "lora",
-                "--merge_adapters only applies to --finetune_strategy lora (prefix and prompt tokens cannot merge)")
         require(self.distill_temperature > 0, "--distill_temperature must be positive")
         require(0 <= self.distill_alpha <= 1, "--distill_alpha must be in [0, 1]")
         require(bool(self.metrics), "--metrics needs at least one metric")
@@ -281,13 +264,11 @@ def write_predictions(path: str, probabilities: dict, id2label: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def build_task(model_args, data_args, training_args, cls_args, accelerator):
+def build_task(model_args, data_args, training_args, ft_args, cls_args, accelerator):
     """(Task, tokenized test set or None, label mapping)."""
     from transformers import AutoModelForSequenceClassification
 
-    require(cls_args.finetune_strategy not in PEFT_STRATEGIES or model_args.model_name_or_path,
-            f"--finetune_strategy {cls_args.finetune_strategy} trains adapters on a pretrained model; give "
-            f"--model_name_or_path (e.g. the output of trainer.mlm)")
+    ft_args.check_model(model_args, "the output of trainer.mlm")
     with accelerator.local_main_process_first():  # one process per node tokenizes; the others load its cache
         raw = load_raw_splits(data_args)
         columns = input_columns(raw["train"], data_args, cls_args, "training")
@@ -308,13 +289,10 @@ def build_task(model_args, data_args, training_args, cls_args, accelerator):
         train_set = tokenize(raw["train"], columns, tokenizer, length, train_labels, "training")
         eval_set = tokenize(raw["validation"], columns, tokenizer, length, eval_labels, "validation")
         test_set = tokenize(test_raw, columns, tokenizer, length, None, "test") if test_raw is not None else None
-        if data_args.max_train_samples:
-            train_set = train_set.select(range(min(len(train_set), data_args.max_train_samples)))
-        if data_args.max_eval_samples:
-            eval_set = eval_set.select(range(min(len(eval_set), data_args.max_eval_samples)))
+        train_set, eval_set = first_samples(train_set, eval_set, data_args)
         metric_modules = load_metrics(cls_args.metrics)
     logger.info("%d classes: %s", len(labels.values), ", ".join(labels.id2label.values()))
-    trained_model, before_optimizer_step = apply_strategy(model, cls_args)
+    trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="SEQ_CLS")
     collator = PaddingCollator(tokenizer.pad_token_id)
     task = Task(
         model=ClassificationTask(trained_model, teacher, cls_args.distill_temperature, cls_args.distill_alpha),
@@ -328,26 +306,18 @@ def build_task(model_args, data_args, training_args, cls_args, accelerator):
     return task, test_set, labels
 
 
-def export_merged(task: Task, directory: str) -> None:
-    """LoRA folded into the base weights: a plain classifier that loads without peft."""
-    merged = task.hf_model.merge_and_unload()
-    merged.save_pretrained(directory)
-    task.tokenizer.save_pretrained(directory)
-    logger.info("merged model saved to %s", directory)
-
-
-def check_arguments(model_args, data_args, training_args, cls_args) -> None:
-    require(not (cls_args.finetune_strategy == "gradual_unfreeze" and deepspeed_requested(training_args)),
+def check_arguments(model_args, data_args, training_args, ft_args, cls_args) -> None:
+    require(not (ft_args.finetune_strategy == "gradual_unfreeze" and deepspeed_requested(training_args)),
             "--finetune_strategy gradual_unfreeze masks gradients between the backward pass and the update, which "
             "DeepSpeed performs inside its own step; run it without DeepSpeed (DDP) or choose another strategy")
 
 
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    (model_args, data_args, training_args, cls_args), accelerator = start_job(
-        (ModelArguments, DataArguments, TrainingArguments, ClassifyArguments), argv, DEMO_CONFIG,
+    (model_args, data_args, training_args, ft_args, cls_args), accelerator = start_job(
+        (ModelArguments, DataArguments, TrainingArguments, FinetuneArguments, ClassifyArguments), argv, DEMO_CONFIG,
         write_sentiment_dataset, "sentiment dataset", check_arguments)
-    task, test_set, labels = build_task(model_args, data_args, training_args, cls_args, accelerator)
+    task, test_set, labels = build_task(model_args, data_args, training_args, ft_args, cls_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()
     if test_set is not None:
@@ -355,8 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
         if accelerator.is_main_process:
             write_predictions(os.path.join(training_args.output_dir, "predictions.jsonl"), probabilities,
                               labels.id2label)
-    if accelerator.is_main_process and cls_args.merge_adapters:
-        export_merged(task, os.path.join(training_args.output_dir, "merged"))
+    if accelerator.is_main_process and ft_args.merge_adapters:
+        export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
     finish_job(engine, metrics, data_args, {"task": "text classification", "pipeline_tag": "text-classification"},
                f"accuracy {metrics.get('init_eval_accuracy', float('nan')):.4f} -> "
                f"{metrics.get('eval_accuracy', float('nan')):.4f}; model saved to {training_args.output_dir}")

@@ -12,8 +12,10 @@ from trainer.errors import UsageError, require
 from trainer.hub import check_loadable
 
 
-def load_raw_splits(data_args, columns_needed=None):
-    """A DatasetDict with 'train' and 'validation', validation split off the training data when not given."""
+def load_raw_splits(data_args, columns_needed=None, keep_linebreaks: bool = False):
+    """A DatasetDict with 'train' and 'validation', validation split off the training data when not given.
+
+    `keep_linebreaks`: .txt lines keep their trailing newline (run_clm's --keep_linebreaks)."""
     import datasets
 
     if data_args.dataset_name:
@@ -25,25 +27,26 @@ def load_raw_splits(data_args, columns_needed=None):
         files = {"train": data_args.train_file}
         if data_args.validation_file:
             files["validation"] = data_args.validation_file
-        raw = datasets.DatasetDict({split: load_file(path, flag=f"{split}_file" if split == "train" else
-                                                     "validation_file") for split, path in files.items()})
+        raw = datasets.DatasetDict({split: load_file(path, flag=f"{split}_file", keep_linebreaks=keep_linebreaks)
+                                    for split, path in files.items()})
     if "validation" not in raw:
         held_out = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
         raw = datasets.DatasetDict({"train": held_out["train"], "validation": held_out["test"]})
     return datasets.DatasetDict({"train": raw["train"], "validation": raw["validation"]})
 
 
-def load_file(path: str, flag: str):
+def load_file(path: str, flag: str, keep_linebreaks: bool = False):
     """One local file as a Dataset; unreadable content is a UsageError naming the file."""
     import datasets
 
     builder = DATA_FILE_EXTENSIONS[os.path.splitext(path)[1].lower()]
+    options = {"keep_linebreaks": True} if builder == "text" and keep_linebreaks else {}
     # datasets logs its own error lines and a progress bar to stderr; our one-line error says it all.
     verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(builder, data_files={"data": os.path.abspath(path)}, split="data")
+        return datasets.load_dataset(builder, data_files={"data": os.path.abspath(path)}, split="data", **options)
     except Exception as error:  # datasets raises many types for malformed or non-UTF-8 files
         cause = error.__cause__ or error
         raise UsageError(f"--{flag} {path} could not be read as {builder}: "
@@ -66,6 +69,35 @@ def resolve_text_column(dataset, requested: str | None, flag: str = "--text_colu
     require(bool(string_columns), f"no text column in the data (columns: {', '.join(columns)}); "
                                   f"name one with {flag}")
     return string_columns[0]
+
+
+def chunk_into_blocks(batch: dict, length: int) -> dict:
+    """Concatenate each column and cut it into blocks of `length`, dropping the remainder (run_mlm/run_clm's
+    `group_texts`).
+
+    Linear time: one numpy concatenation and one reshape per column (never `sum(list_of_lists, [])`).
+    """
+    out = {}
+    for name, rows in batch.items():
+        flat = np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if rows else np.zeros(0, np.int32)
+        out[name] = flat[:(len(flat) // length) * length].reshape(-1, length)
+    return out
+
+
+def group_into_blocks(tokenized, length: int, data_args):
+    """Every split of `tokenized` (a DatasetDict) concatenated and cut into blocks of `length` tokens."""
+    return tokenized.map(chunk_into_blocks, batched=True, batch_size=1000, fn_kwargs={"length": length},
+                         num_proc=data_args.preprocessing_num_workers, desc=f"chunk into blocks of {length}",
+                         load_from_cache_file=not data_args.overwrite_cache)
+
+
+def first_samples(train_set, eval_set, data_args):
+    """The training and evaluation sets cut to --max_train_samples / --max_eval_samples (when given)."""
+    if data_args.max_train_samples:
+        train_set = train_set.select(range(min(len(train_set), data_args.max_train_samples)))
+    if data_args.max_eval_samples:
+        eval_set = eval_set.select(range(min(len(eval_set), data_args.max_eval_samples)))
+    return train_set, eval_set
 
 
 def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:

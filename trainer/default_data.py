@@ -5,8 +5,9 @@ jobs can run without downloading datasets, tokenizers or models:
 
 * a synthetic English movie-review corpus for masked language modelling,
 * an SST-2-like sentiment dataset built from the same generator,
-* a BERT-style uncased WordPiece tokenizer trained on those files,
-* a tiny ``BertConfig`` preset.
+* a BERT-style uncased WordPiece tokenizer trained on those files (mlm, classify),
+* a GPT-2-style byte-level BPE tokenizer trained on them (clm),
+* a tiny ``BertConfig`` preset and a tiny ``GPT2Config`` preset.
 
 Text is lowercase with punctuation separated by spaces ("the acting was great .").
 """
@@ -20,12 +21,13 @@ import string
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
-from tokenizers.models import WordPiece
-from transformers import BertConfig, BertTokenizerFast, PreTrainedTokenizerFast
+from tokenizers.models import BPE, WordPiece
+from transformers import BertConfig, BertTokenizerFast, GPT2Config, PreTrainedTokenizerFast
 
 POSITIVE = "positive"
 NEGATIVE = "negative"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's document separator; also its BOS, UNK and (here) padding token
 # Always in the tokenizer's alphabet, so unseen ASCII input never maps to [UNK].
 _ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
 
@@ -557,3 +559,36 @@ def tiny_bert_config(vocab_size: int, **overrides) -> BertConfig:
     )
     settings.update(overrides)
     return BertConfig(**settings)
+
+
+def train_byte_level_bpe_tokenizer(
+    files: list[str], vocab_size: int = 8000, output_dir: str | None = None
+) -> PreTrainedTokenizerFast:
+    """Train a GPT-2-style byte-level BPE tokenizer on ``files``, with ``<|endoftext|>`` as EOS.
+
+    Byte-level: every string encodes (no unknown token), and decoding gives back the exact text. The end-of-text
+    token (id 0) is also BOS and UNK, as GPT-2's, and there is no padding token, as in GPT-2 (blocks need none);
+    no token is added on encoding (the clm job appends EOS to each document). Saved with ``save_pretrained(output_dir)`` so ``pipeline("text-generation")`` loads it.
+    """
+    backend = Tokenizer(BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train([str(file) for file in files], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+                                        unk_token=END_OF_TEXT, model_max_length=1024)
+    if output_dir is not None:
+        tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+def tiny_gpt2_config(vocab_size: int, **overrides) -> GPT2Config:
+    """A tiny GPT-2 preset (128 wide, 2 layers, 2 heads, 256 positions); ``overrides`` are applied on top.
+
+    BOS/EOS are id 0, ``<|endoftext|>`` of ``train_byte_level_bpe_tokenizer`` (GPT-2's 50256 is outside a small
+    vocabulary)."""
+    settings = dict(vocab_size=vocab_size, n_embd=128, n_layer=2, n_head=2, n_inner=512, n_positions=256,
+                    bos_token_id=0, eos_token_id=0)
+    settings.update(overrides)
+    return GPT2Config(**settings)

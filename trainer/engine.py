@@ -47,7 +47,8 @@ class Task:
     hf_model: torch.nn.Module  # the transformers model inside `model`, saved with save_pretrained
     tokenizer: object
     columns: Optional[list[str]] = None  # dataset columns the collators read (None: all)
-    after_evaluation: Optional[Callable[[torch.nn.Module], None]] = None  # rank 0, e.g. fill-mask probes
+    # Rank 0, after each evaluation, e.g. probes; what it returns (e.g. generated text) is logged with the step.
+    after_evaluation: Optional[Callable[[torch.nn.Module], Optional[dict]]] = None
     main_metric: str = "eval_loss"  # the default --metric_for_best_model
     # Training FLOPs per token at a given sequence length, for MFU (default: every head position computed).
     flops_per_token: Optional[Callable[[float], float]] = None
@@ -284,7 +285,9 @@ class Engine:
         # With sharded parameters a forward on rank 0 alone would wait forever for the other ranks' shards.
         if (self.accelerator.is_main_process and self.task.after_evaluation is not None
                 and not parameters_sharded(self.accelerator)):
-            self.task.after_evaluation(self.accelerator.unwrap_model(self.model))
+            shown = self.task.after_evaluation(self.accelerator.unwrap_model(self.model))
+            if shown:  # e.g. generated text: logged (TensorBoard text), not part of the metrics
+                self.metrics.log(self.state.step, {f"{prefix}{key}": value for key, value in shown.items()})
         return metrics
 
     def sharded_batches(self, dataset):

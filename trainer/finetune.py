@@ -1,8 +1,9 @@
-"""Fine-tuning strategies: which parameters of a classifier train, plus knowledge distillation's loss.
+"""Fine-tuning strategies: which parameters of a model train (classify and clm), plus knowledge distillation's loss.
 
     full              everything trains
     freeze            embeddings and the lowest --freeze_layers encoder layers are frozen
-    bitfit            only bias terms and the classification head train
+    bitfit            only bias terms and the task head train (a causal LM's head is tied to the embeddings: biases
+                      only)
     lora|prefix|prompt  adapters from the `peft` library (the base model stays frozen)
     gradual_unfreeze  head + top layer first, one more layer (embeddings last) every --unfreeze_every steps/epochs
 
@@ -15,9 +16,12 @@ step count (zeroed gradients would be wrong: decay and the running moments would
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from trainer.arguments import arg
 from trainer.errors import UsageError, require
 from trainer.metrics import logger
 
@@ -25,21 +29,61 @@ PEFT_STRATEGIES = ("lora", "prefix", "prompt")
 STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "gradual_unfreeze")
 
 
-def apply_strategy(model, args):
-    """Return (the model to train, an optional `before_optimizer_step` hook) for `args.finetune_strategy`."""
+@dataclass
+class FinetuneArguments:
+    """Which parameters train; shared by every job that fine-tunes (classify, clm)."""
+
+    finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + ".",
+                                 choices=list(STRATEGIES), aliases=["--strategy"])
+    freeze_layers: int = arg(0, "freeze: number of lowest encoder layers frozen (the embeddings always are).")
+    unfreeze_every: int = arg(1, "gradual_unfreeze: open one more layer every this many --unfreeze_unit.")
+    unfreeze_unit: str = arg("steps", "gradual_unfreeze: steps or epochs.", choices=["steps", "epochs"])
+    lora_r: int = arg(8, "lora: rank of the update matrices.")
+    lora_alpha: int = arg(16, "lora: scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = arg(0.0, "lora: dropout on the adapter input.")
+    lora_target_modules: list[str] = arg([], "lora: module names to adapt (default: peft's choice for the "
+                                             "architecture).", nargs="*")
+    num_virtual_tokens: int = arg(10, "prefix/prompt: number of virtual tokens learnt.")
+    merge_adapters: bool = arg(False, "lora: also export the adapters merged into the base model to output_dir/merged.")
+
+    def __post_init__(self):
+        require(self.freeze_layers >= 0, "--freeze_layers must be >= 0")
+        require(self.unfreeze_every > 0, "--unfreeze_every must be positive")
+        require(self.lora_r > 0 and self.num_virtual_tokens > 0, "--lora_r and --num_virtual_tokens must be positive")
+        require(not self.merge_adapters or self.finetune_strategy == "lora",
+                "--merge_adapters only applies to --finetune_strategy lora (prefix and prompt tokens cannot merge)")
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.finetune_strategy in PEFT_STRATEGIES
+
+    def check_model(self, model_args, starting_point: str) -> None:
+        """Adapters train on a pretrained model: refuse them on one trained from scratch."""
+        require(not self.uses_adapters or model_args.model_name_or_path,
+                f"--finetune_strategy {self.finetune_strategy} trains adapters on a pretrained model; give "
+                f"--model_name_or_path (e.g. {starting_point})")
+
+
+def apply_strategy(model, args: FinetuneArguments, task_type: str = "SEQ_CLS"):
+    """Return (the model to train, an optional `before_optimizer_step` hook) for `args.finetune_strategy`.
+
+    `task_type` is peft's name of the task (SEQ_CLS, CAUSAL_LM): it decides how adapters wrap the model."""
     strategy = args.finetune_strategy
     hook = None
     if strategy == "freeze":
         require(args.freeze_layers <= len(encoder_layers(model)),
                 f"--freeze_layers {args.freeze_layers} exceeds the model's {len(encoder_layers(model))} layers")
-        for module in [embeddings(model), *encoder_layers(model)[:args.freeze_layers]]:
+        for module in [*embeddings(model), *encoder_layers(model)[:args.freeze_layers]]:
             module.requires_grad_(False)
     elif strategy == "bitfit":
         head = {id(p) for p in head_parameters(model)}
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.endswith("bias") or id(parameter) in head)
+        require(any(p.requires_grad for p in model.parameters()),
+                f"--finetune_strategy bitfit: a {model.config.model_type} model has no bias terms to train; "
+                f"choose lora or freeze")
     elif strategy in PEFT_STRATEGIES:
-        model = wrap_with_adapters(model, args)
+        model = wrap_with_adapters(model, args, task_type)
     elif strategy == "gradual_unfreeze":
         hook = GradualUnfreezing(model, args.unfreeze_every, args.unfreeze_unit)
     log_trainable_parameters(model, strategy)
@@ -56,9 +100,14 @@ def encoder_layers(model) -> torch.nn.ModuleList:
                      f"--finetune_strategy full, bitfit or lora")
 
 
-def embeddings(model) -> torch.nn.Module:
+def embeddings(model) -> list[torch.nn.Module]:
+    """The embedding modules: BERT-style `embeddings` (with its norm), or else every embedding table of the base
+    model outside its layers (GPT-2: token and position embeddings)."""
     module = getattr(model.base_model, "embeddings", None)
-    return module if module is not None else model.get_input_embeddings()
+    if module is not None:
+        return [module]
+    in_layers = {id(m) for m in encoder_layers(model).modules()}
+    return [m for m in model.base_model.modules() if isinstance(m, torch.nn.Embedding) and id(m) not in in_layers]
 
 
 def head_parameters(model) -> list[torch.nn.Parameter]:
@@ -75,15 +124,18 @@ def log_trainable_parameters(model, label: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- peft
-def wrap_with_adapters(model, args):
+def wrap_with_adapters(model, args, task_type: str):
     import peft
 
     kind = args.finetune_strategy
     # peft trains and saves the classifier ("classifier"/"score") next to the adapters. A BERT pooler is part of
     # the head too, and new when starting from an MLM checkpoint: left frozen it would stay random and, not
     # being saved, come back with different random values on reload. So it trains and saves with the head.
-    head = ["classifier", "score"] + (["pooler"] if getattr(model.base_model, "pooler", None) is not None else [])
-    common = dict(task_type=peft.TaskType.SEQ_CLS, modules_to_save=head)
+    # A causal LM's head is the pretrained (usually tied) output embedding: it stays frozen.
+    head = None
+    if task_type == "SEQ_CLS":
+        head = ["classifier", "score"] + (["pooler"] if getattr(model.base_model, "pooler", None) is not None else [])
+    common = dict(task_type=peft.TaskType[task_type], modules_to_save=head)
     if kind == "lora":
         config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  target_modules=args.lora_target_modules or None, **common)
@@ -99,6 +151,14 @@ def wrap_with_adapters(model, args):
                                                             if kind == "lora" else "")) from None
 
 
+def export_merged(peft_model, tokenizer, directory: str) -> None:
+    """LoRA folded into the base weights: a plain transformers model that loads without peft."""
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    logger.info("merged model saved to %s", directory)
+
+
 # ------------------------------------------------------------------------------------------- gradual unfreezing
 class GradualUnfreezing:
     """Masks the gradients of layers not yet unfrozen; see the module docstring for why not requires_grad."""
@@ -106,7 +166,8 @@ class GradualUnfreezing:
     def __init__(self, model, every: int, unit: str):
         layers = encoder_layers(model)
         # Unfreezing order: top layer first, down to the embeddings; the head and everything else train always.
-        self.groups = [list(layer.parameters()) for layer in reversed(layers)] + [list(embeddings(model).parameters())]
+        self.groups = [list(layer.parameters()) for layer in reversed(layers)] + [
+            [p for module in embeddings(model) for p in module.parameters()]]
         self.every, self.unit = every, unit
         self.model = model
         self.unfrozen = 0

@@ -16,13 +16,13 @@ def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_
     the parsed arguments and the accelerator."""
     from accelerate.utils import set_seed
 
-    from trainer.arguments import DataArguments, TrainingArguments, parse_arguments
+    from trainer.arguments import CorpusArguments, TrainingArguments, parse_arguments
     from trainer.distributed import make_accelerator
     from trainer.metrics import setup_logging
 
     parsed = parse_arguments(dataclass_types, argv, default_config=default_config)
     training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
-    data_args = next(a for a in parsed if isinstance(a, DataArguments))
+    data_args = next(a for a in parsed if isinstance(a, CorpusArguments))
     if check_arguments is not None:
         check_arguments(*parsed)
     check_output_dir(training_args)

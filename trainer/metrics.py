@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 
@@ -70,6 +71,17 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def perplexity_metrics(count_name: str):
+    """compute_metrics for a language model: mean loss per predicted token, its perplexity, and how many tokens
+    (`count_name`) the exact float64 sums of the engine's evaluation counted."""
+
+    def compute(output) -> dict:
+        return {"loss": output.mean_loss, "perplexity": math.exp(min(output.mean_loss, 700.0)),
+                count_name: output.num_items}
+
+    return compute
 
 
 def format_number(value) -> str:

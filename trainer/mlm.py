@@ -9,7 +9,6 @@ and fill-mask probes. The masked-rows-only model computation is in trainer.spars
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -19,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg
-from trainer.data import load_raw_splits, pad_rows, resolve_text_column
-from trainer.engine import Engine, EvalOutput, Task
+from trainer.data import first_samples, group_into_blocks, load_raw_splits, pad_rows, resolve_text_column
+from trainer.engine import Engine, Task
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.jobs import finish_job, start_job
-from trainer.metrics import logger
+from trainer.metrics import logger, perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 from trainer.sparse_mlm import (IGNORE, SPARSE_HEAD_TYPES, MaskedRows, can_sparsify_last_layer,
                                 install_sparse_last_layer, last_layer_row_parameters, masked_row_tensors,
@@ -71,23 +70,8 @@ def tokenize_and_chunk(raw_splits, text_column: str, tokenizer, data_args, mlm_a
                                remove_columns=raw_splits["train"].column_names, desc="tokenize",
                                load_from_cache_file=not data_args.overwrite_cache)
     if not mlm_args.line_by_line:
-        processed = processed.map(chunk_into_blocks, batched=True, batch_size=1000,
-                                  fn_kwargs={"length": data_args.max_seq_length}, num_proc=data_args.preprocessing_num_workers,
-                                  desc=f"chunk into blocks of {data_args.max_seq_length}",
-                                  load_from_cache_file=not data_args.overwrite_cache)
+        processed = group_into_blocks(processed, data_args.max_seq_length, data_args)
     return processed
-
-
-def chunk_into_blocks(batch: dict, length: int) -> dict:
-    """Concatenate each column and cut it into blocks of `length`, dropping the remainder.
-
-    Linear time: one numpy concatenation and one reshape per column (never `sum(list_of_lists, [])`).
-    """
-    out = {}
-    for name, rows in batch.items():
-        flat = np.concatenate([np.asarray(row, dtype=np.int32) for row in rows]) if rows else np.zeros(0, np.int32)
-        out[name] = flat[:(len(flat) // length) * length].reshape(-1, length)
-    return out
 
 
 def word_starts(word_ids: list) -> list[int]:
@@ -214,11 +198,6 @@ class MaskedLMTask(torch.nn.Module):
         return {"loss_sum": F.cross_entropy(logits.float(), masked_labels, reduction="sum")}
 
 
-def perplexity_metrics(output: EvalOutput) -> dict:
-    return {"loss": output.mean_loss, "perplexity": math.exp(min(output.mean_loss, 700.0)),
-            "masked_tokens": output.num_items}
-
-
 def fill_mask_probes(tokenizer, sentences: list[str]):
     sentences = [s for s in sentences if s.strip()]
 
@@ -258,10 +237,7 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
                         mlm_args.whole_word_masking)
         eval_masker = Masker(**{**masker.__dict__, "seed": mlm_args.eval_mask_seed})
         train_set, eval_set = processed["train"], processed["validation"]
-        if data_args.max_train_samples:
-            train_set = train_set.select(range(min(len(train_set), data_args.max_train_samples)))
-        if data_args.max_eval_samples:
-            eval_set = eval_set.select(range(min(len(eval_set), data_args.max_eval_samples)))
+        train_set, eval_set = first_samples(train_set, eval_set, data_args)
         require(len(train_set) > 0, f"the training text is too short for one block of {data_args.max_seq_length} "
                                     f"tokens; use more text, a smaller --max_seq_length or --line_by_line")
         require(len(eval_set) > 0, "the evaluation text is too short for one block; use more validation text or a "
@@ -274,7 +250,7 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
     return Task(
         model=task_model, train_dataset=train_set, eval_dataset=eval_set,
         train_collator=TrainCollator(masker, tokenizer.pad_token_id, padded),
-        eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics,
+        eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics("masked_tokens"),
         hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),
         # The sparse head (and last layer) run on the masked positions only: count their FLOPs for that fraction.
         flops_per_token=functools.partial(training_flops_per_token, model, head_fraction=head_fraction,

@@ -19,8 +19,9 @@ def cache_dir(*parts: str) -> str:
     return os.path.join(root, *parts)
 
 
-def load_tokenizer(model_args, training_texts):
-    """The named tokenizer, the model's, or a WordPiece tokenizer trained on `training_texts()` and cached."""
+def load_tokenizer(model_args, training_texts, train_new=None):
+    """The named tokenizer, the model's, or one trained on `training_texts()` and cached: by
+    `train_new(corpus_files, vocab_size, output_dir)` (default: an uncased WordPiece tokenizer)."""
     from transformers import AutoTokenizer
 
     name = model_args.tokenizer_name or model_args.model_name_or_path
@@ -28,26 +29,27 @@ def load_tokenizer(model_args, training_texts):
         flag = "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path"
         check_loadable(name, "tokenizer", flag, cached_file="tokenizer_config.json")
         return AutoTokenizer.from_pretrained(name)
-    return train_tokenizer(training_texts(), model_args.tokenizer_vocab_size)
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from transformers import AutoTokenizer
-
     from trainer.default_data import train_wordpiece_tokenizer
 
+    return train_tokenizer(training_texts(), model_args.tokenizer_vocab_size, train_new or train_wordpiece_tokenizer)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, train_new):
+    from transformers import AutoTokenizer
+
+    kind = train_new.__name__.removeprefix("train_").removesuffix("_tokenizer")
     digest = hashlib.sha256()
     for text in texts:
         digest.update(text.encode())
-    directory = cache_dir("tokenizers", f"wordpiece-{vocab_size}-{digest.hexdigest()[:16]}")
+    directory = cache_dir("tokenizers", f"{kind}-{vocab_size}-{digest.hexdigest()[:16]}")
     if not os.path.isfile(os.path.join(directory, "tokenizer.json")):
-        logger.info("training a WordPiece tokenizer (vocabulary %d) on the training text", vocab_size)
+        logger.info("training a %s tokenizer (vocabulary %d) on the training text", kind, vocab_size)
         scratch = f"{directory}.tmp-{os.getpid()}"
         os.makedirs(scratch, exist_ok=True)
         corpus = os.path.join(scratch, "corpus.txt")
         with open(corpus, "w") as handle:
             handle.write("\n".join(texts))
-        train_wordpiece_tokenizer([corpus], vocab_size=vocab_size, output_dir=scratch)
+        train_new([corpus], vocab_size=vocab_size, output_dir=scratch)
         os.remove(corpus)
         if os.path.exists(directory):  # another process cached the same tokenizer meanwhile
             shutil.rmtree(scratch)
@@ -56,8 +58,9 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load_model(model_args, auto_class, tokenizer, **config_kwargs):
-    """`auto_class` (e.g. AutoModelForMaskedLM) from a checkpoint, or a new model from a config/type/preset."""
+def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
+    """`auto_class` (e.g. AutoModelForMaskedLM) from a checkpoint, or a new model from a config, a --model_type or
+    `preset(vocab_size)` (default: a tiny BERT)."""
     from transformers import AutoConfig
 
     if model_args.model_name_or_path:
@@ -66,7 +69,7 @@ def load_model(model_args, auto_class, tokenizer, **config_kwargs):
                                                          **config_kwargs)
         log_loading_report(loading_info)
         return model
-    config = new_model_config(model_args, AutoConfig)
+    config = new_model_config(model_args, AutoConfig, preset)
     # New models get a vocabulary padded to a multiple of 64: faster matrix products, same tokenizer.
     config.vocab_size = 64 * math.ceil(len(tokenizer) / 64)
     config.pad_token_id = tokenizer.pad_token_id
@@ -89,7 +92,7 @@ def log_loading_report(loading_info: dict) -> None:
             logger.info("weights %s: %s", meaning, ", ".join(names))
 
 
-def new_model_config(model_args, auto_config):
+def new_model_config(model_args, auto_config, preset=None):
     from trainer.default_data import tiny_bert_config
 
     if model_args.config_name:
@@ -101,7 +104,7 @@ def new_model_config(model_args, auto_config):
         except ValueError:
             raise UsageError(f"--model_type {model_args.model_type} is not a transformers architecture") from None
     else:
-        config = tiny_bert_config(vocab_size=8000)
+        config = (preset or tiny_bert_config)(vocab_size=8000)
     if model_args.config_overrides:
         try:
             config.update_from_string(model_args.config_overrides)
@@ -114,7 +117,7 @@ def max_positions(config) -> int:
     return config.max_position_embeddings - POSITION_OFFSET.get(config.model_type, 0)
 
 
-def check_sequence_length(max_seq_length: int, config) -> None:
+def check_sequence_length(max_seq_length: int, config, flag: str = "--max_seq_length") -> None:
     limit = max_positions(config)
-    require(max_seq_length <= limit, f"--max_seq_length {max_seq_length} exceeds the model's {limit} positions; "
-                                     f"use --max_seq_length {limit} or less")
+    require(max_seq_length <= limit, f"{flag} {max_seq_length} exceeds the model's {limit} positions; "
+                                     f"use {flag} {limit} or less")

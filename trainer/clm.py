@@ -1,0 +1,249 @@
+"""trainer.clm: causal-language-model pretraining and fine-tuning (GPT-2, Llama, Qwen, Mistral, ...).
+
+    python -m trainer.clm                                    # offline demo on the embedded corpus
+    torchrun --nproc_per_node=8 -m trainer.clm --model_name_or_path gpt2 --train_file corpus.txt --block_size 512 ...
+
+The command line is the transformers `run_clm.py` example's. This module holds only what is specific to causal
+LM: documents into blocks (optionally packed with per-document attention), the next-token loss computed in chunks,
+perplexity and generation probes. Training is the engine's; fine-tuning strategies are trainer.finetune's.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from trainer.arguments import CorpusArguments, ModelArguments, TrainingArguments, arg
+from trainer.data import first_samples, group_into_blocks, load_raw_splits, pad_rows, resolve_text_column
+from trainer.default_data import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
+from trainer.engine import Engine, Task
+from trainer.errors import exits_cleanly_on_usage_error, require
+from trainer.finetune import FinetuneArguments, apply_strategy, export_merged
+from trainer.jobs import finish_job, start_job
+from trainer.metrics import perplexity_metrics
+from trainer.models import check_sequence_length, load_model, load_tokenizer, max_positions
+
+DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clm_demo.yaml")
+RUN_CLM_MAX_BLOCK = 1024  # run_clm.py's cap on the default block size
+PACKING = ("stream", "documents")
+
+
+@dataclass
+class ClmArguments:
+    block_size: Optional[int] = arg(None, "Tokens per training block. Unset: the model's positions, at most 1024 "
+                                          "(as run_clm.py).")
+    packing: str = arg("stream", "How documents fill blocks. stream: one token stream cut into blocks (run_clm.py), "
+                                 "attention crossing documents. documents: the same blocks, but attention and "
+                                 "position ids restart at each document (needs a tokenizer with an EOS token).",
+                       choices=list(PACKING))
+    keep_linebreaks: bool = arg(True, "Keep each line's newline in .txt data (run_clm.py's flag; "
+                                      "--no_keep_linebreaks drops them).")
+    loss_chunk_tokens: int = arg(1024, "Predicted tokens per chunk of the output layer + cross-entropy, recomputed "
+                                       "in the backward pass, so [batch, block, vocabulary] logits never exist at "
+                                       "once. 0: the model's own full logits.")
+    probe_prompts: list[str] = arg(["the acting was", "this movie is", "i would"],
+                                   "Prompts continued greedily after each evaluation (log and TensorBoard text). "
+                                   "Pass an empty string to disable.", nargs="*")
+    probe_new_tokens: int = arg(24, "Tokens generated per probe prompt.")
+
+    def __post_init__(self):
+        require(self.block_size is None or self.block_size >= 2, f"--block_size must be at least 2, got "
+                                                                 f"{self.block_size}")
+        require(self.loss_chunk_tokens >= 0, f"--loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
+        require(self.probe_new_tokens > 0, f"--probe_new_tokens must be positive, got {self.probe_new_tokens}")
+
+
+# ------------------------------------------------------------------------------------------ data preparation
+def tokenize_documents(raw_splits, text_column: str, tokenizer, data_args):
+    """Every non-empty text as the tokenizer encodes it (BOS where it adds one), followed by EOS when it has one."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        texts = [text for text in batch[text_column] if text and not text.isspace()]
+        encoded = tokenizer(texts, verbose=False)["input_ids"]
+        if eos is not None:
+            encoded = [ids if ids and ids[-1] == eos else ids + [eos] for ids in encoded]
+        return {"input_ids": encoded}
+
+    return raw_splits.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
+                          remove_columns=raw_splits["train"].column_names, desc="tokenize",
+                          load_from_cache_file=not data_args.overwrite_cache)
+
+
+def document_positions(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
+    """Position ids restarting at 0 after every EOS (and at the start of each block)."""
+    index = np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape)
+    starts = np.zeros(input_ids.shape, dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = input_ids[:, :-1] == eos_token_id
+    return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+
+
+@dataclass
+class BlockCollator:
+    """Blocks -> input ids, (packed) position ids, and the predicted tokens with the flat positions predicting them.
+
+    Position t predicts token t+1 unless t+1 starts a document (packing) or is padding: exactly the tokens the loss
+    counts, so `num_loss_items` is the denominator of an exact token-weighted mean. Positions and targets are
+    computed here on the host, so the model needs no shift, no ignore index and no device sync.
+    """
+
+    pad_token_id: int
+    eos_token_id: Optional[int]  # set: --packing documents
+    epoch: int = 0  # set by the engine; causal LM has no per-epoch randomness
+
+    def __call__(self, batch: dict) -> dict:
+        input_ids = pad_rows(batch["input_ids"], self.pad_token_id)
+        predicted = np.ones(input_ids.shape, dtype=bool)
+        out = {"input_ids": torch.from_numpy(input_ids), "sample_id": torch.as_tensor(batch["sample_id"])}
+        if self.eos_token_id is not None:
+            positions = document_positions(input_ids, self.eos_token_id)
+            predicted &= positions != 0
+            out["position_ids"] = torch.from_numpy(positions)
+        rows, targets = np.nonzero(predicted[:, 1:])
+        out["predicting_positions"] = torch.from_numpy(rows * input_ids.shape[1] + targets)
+        out["predicted_tokens"] = torch.from_numpy(input_ids[rows, targets + 1])
+        out["num_loss_items"] = len(rows)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------- the model
+class CausalLMTask(torch.nn.Module):
+    """Next-token cross-entropy summed over the predicted tokens (the engine divides by those of the whole step).
+
+    The body runs once; the output layer and the loss run on the predicting rows only, `chunk` rows at a time,
+    each chunk recomputed in the backward pass (torch.utils.checkpoint): float32 logits exist for one chunk at a
+    time, never for [batch, block, vocabulary]. Models whose logits are not a plain linear map of the last hidden
+    state (soft-capping, logit scaling) and prefix/prompt tuning (peft inserts virtual tokens in the model's own
+    forward) use the model's full logits instead, as does `chunk` 0.
+    """
+
+    def __init__(self, hf_model, chunk: int):
+        super().__init__()
+        self.hf_model = hf_model  # plain transformers model, or a peft model around one
+        self.chunk = chunk
+        inner = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
+        self.virtual_tokens = getattr(getattr(hf_model, "active_peft_config", None), "num_virtual_tokens", None)
+        config = inner.config
+        plain_head = (isinstance(inner.get_output_embeddings(), torch.nn.Linear)
+                      and getattr(config, "final_logit_softcapping", None) is None
+                      and getattr(config, "logit_scale", None) is None)
+        self.chunked = chunk > 0 and plain_head and self.virtual_tokens is None
+        self.__dict__["inner"] = inner  # not a second registration of the same module
+
+    def forward(self, input_ids, predicting_positions, predicted_tokens, position_ids=None):
+        if self.chunked:
+            hidden = self.inner.base_model(input_ids=input_ids, position_ids=position_ids,
+                                           use_cache=False).last_hidden_state
+            rows = hidden.flatten(0, 1).index_select(0, predicting_positions)
+            return {"loss_sum": chunked_cross_entropy(rows, self.inner.get_output_embeddings(), predicted_tokens,
+                                                      self.chunk)}
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        logits = self.hf_model(input_ids=input_ids, use_cache=False, **extra).logits
+        logits = logits[:, -input_ids.shape[1]:]  # prompt tuning prepends its virtual tokens' positions
+        rows = logits.flatten(0, 1).index_select(0, predicting_positions)
+        return {"loss_sum": F.cross_entropy(rows.float(), predicted_tokens, reduction="sum")}
+
+
+def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                          chunk: int) -> torch.Tensor:
+    """sum_i CE(head(hidden_i), target_i), `chunk` rows at a time; under autograd each chunk's logits are dropped
+    after the forward and recomputed in the backward, so one chunk's logits are alive at a time."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        part = (head, hidden[start:start + chunk], targets[start:start + chunk])
+        total = total + (checkpoint(head_loss, *part, use_reentrant=False) if torch.is_grad_enabled()
+                         else head_loss(*part))
+    return total
+
+
+# --------------------------------------------------------------------------------------------------- probes
+def generation_probes(tokenizer, prompts: list[str], new_tokens: int):
+    """After each evaluation: greedy continuations of the prompts, returned for the log and TensorBoard."""
+    prompts = [p for p in prompts if p.strip()]
+
+    def probe(task_model: CausalLMTask) -> dict:
+        model = task_model.hf_model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        continuations = []
+        for prompt in prompts:
+            encoded = tokenizer(prompt, return_tensors="pt").to(device)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            output = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+            new = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+            continuations.append(f"{prompt} -> {new.strip()}")
+        model.train(was_training)
+        return {"probes": continuations}
+
+    return probe if prompts else None
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def build_task(model_args, data_args, training_args, ft_args, clm_args, accelerator) -> Task:
+    from transformers import AutoModelForCausalLM
+
+    ft_args.check_model(model_args, "gpt2 or the output of an earlier trainer.clm run")
+    with accelerator.local_main_process_first():  # one process per node tokenizes; the others load its cache
+        raw = load_raw_splits(data_args, keep_linebreaks=clm_args.keep_linebreaks)
+        text_column = resolve_text_column(raw["train"], data_args.text_column)
+        tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column], train_byte_level_bpe_tokenizer)
+        packed = clm_args.packing == "documents"
+        require(not packed or tokenizer.eos_token_id is not None,
+                "--packing documents separates documents by the EOS token, and this tokenizer has none; use "
+                "--packing stream or a tokenizer with an EOS token")
+        require(not (packed and ft_args.finetune_strategy in ("prefix", "prompt")),
+                f"--packing documents restarts position ids inside blocks, which peft's "
+                f"{ft_args.finetune_strategy} tuning does not pass to the model; use --packing stream")
+        new_model_ids = {} if model_args.model_name_or_path else {
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        model = load_model(model_args, AutoModelForCausalLM, tokenizer, preset=tiny_gpt2_config, **new_model_ids)
+        block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model.config))
+        check_sequence_length(block_size, model.config, "--block_size")
+        blocks = group_into_blocks(tokenize_documents(raw, text_column, tokenizer, data_args), block_size, data_args)
+        train_set, eval_set = first_samples(blocks["train"], blocks["validation"], data_args)
+        require(len(train_set) > 0, f"the training text is too short for one block of {block_size} tokens; use "
+                                    f"more text or a smaller --block_size")
+        require(len(eval_set) > 0, f"the evaluation text is too short for one block of {block_size} tokens; use "
+                                   f"more validation text or a smaller --block_size")
+    trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="CAUSAL_LM")
+    # Blocks are full: padding never happens; a tokenizer without a pad token (GPT-2's) is fine.
+    pad_token_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    collator = BlockCollator(pad_token_id, tokenizer.eos_token_id if packed else None)
+    return Task(
+        model=CausalLMTask(trained_model, clm_args.loss_chunk_tokens), train_dataset=train_set, eval_dataset=eval_set,
+        train_collator=collator, eval_collator=collator, compute_metrics=perplexity_metrics("predicted_tokens"),
+        hf_model=trained_model, tokenizer=tokenizer, columns=["input_ids"],
+        after_evaluation=generation_probes(tokenizer, clm_args.probe_prompts, clm_args.probe_new_tokens),
+        before_optimizer_step=before_optimizer_step, main_metric="eval_perplexity",
+    )
+
+
+@exits_cleanly_on_usage_error
+def main(argv: list[str] | None = None) -> dict:
+    (model_args, data_args, training_args, ft_args, clm_args), accelerator = start_job(
+        (ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments), argv, DEMO_CONFIG,
+        write_mlm_corpus, "movie-review corpus")
+    task = build_task(model_args, data_args, training_args, ft_args, clm_args, accelerator)
+    engine = Engine(training_args, task, accelerator)
+    metrics = engine.train()
+    if accelerator.is_main_process and ft_args.merge_adapters:
+        export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
+    finish_job(engine, metrics, data_args, {"task": "causal language modelling", "pipeline_tag": "text-generation"},
+               f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}; model saved "
+               f"to {training_args.output_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
