@@ -17,6 +17,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BERT = ["--model_type", "bert", "--config_overrides",
              "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
              "hidden_dropout_prob=0,attention_probs_dropout_prob=0,max_position_embeddings=128"]
+# The same for trainer.clm: a tiny GPT-2 without dropout (its output layer is tied to the token embeddings).
+TINY_GPT2 = ["--model_type", "gpt2", "--config_overrides",
+             "n_embd=32,n_layer=2,n_head=2,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"]
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +54,16 @@ def tokenizer_dir(tmp_path_factory, corpus) -> str:
 
     directory = str(tmp_path_factory.mktemp("tokenizer"))
     train_wordpiece_tokenizer([corpus["train"]], vocab_size=1000, output_dir=directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory, corpus) -> str:
+    """trainer.clm's kind of tokenizer (byte-level BPE, <|endoftext|> as EOS), trained on the test corpus."""
+    from trainer.default_data import train_byte_level_bpe_tokenizer
+
+    directory = str(tmp_path_factory.mktemp("bpe-tokenizer"))
+    train_byte_level_bpe_tokenizer([corpus["train"]], vocab_size=1000, output_dir=directory)
     return directory
 
 
@@ -133,6 +146,14 @@ def mlm_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
             "--tokenizer_name", tokenizer_dir, *TINY_BERT, "--max_seq_length", "32",
             "--output_dir", str(output_dir), "--learning_rate", "5e-3", "--logging_steps", "1",
             "--report_to", "none", "--probe_sentences", "", *extra]
+
+
+def clm_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
+    """A small, fast trainer.clm command line on the test corpus (`tokenizer_dir`: bpe_tokenizer_dir)."""
+    return ["--train_file", corpus["train"], "--validation_file", corpus["validation"],
+            "--tokenizer_name", tokenizer_dir, *TINY_GPT2, "--block_size", "32",
+            "--output_dir", str(output_dir), "--learning_rate", "5e-3", "--logging_steps", "1",
+            "--report_to", "none", "--probe_prompts", "", *extra]
 
 
 def relative_difference(reference: dict, other: dict) -> float:

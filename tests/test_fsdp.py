@@ -1,7 +1,8 @@
 """FSDP2 under the shared engine, for real on the CPU: 2 processes on gloo under `accelerate launch` with
-launch/accelerate/cpu_fsdp2.yaml (one FSDP unit per BertLayer plus the root, which holds the embeddings and
-the tied MLM head). Same mathematics as DDP, an export that loads, exact resume from sharded checkpoints;
-bf16 under FSDP2 is tested in test_launch.py. FSDP that cannot run on the CPU is refused, not run as DDP.
+launch/accelerate/cpu_fsdp2.yaml (one FSDP unit per BertLayer, the block class the job names for accelerate, plus
+the root, which holds the embeddings and the tied MLM head). Same mathematics as DDP, an export that loads, exact
+resume from sharded checkpoints; bf16 under FSDP2 is tested in test_launch.py. FSDP that cannot run on the CPU
+is refused, not run as DDP.
 
 The runs are the resume tests' job (resume_helpers: 12 steps, accumulation 2, dropout on): one uninterrupted
 FSDP run serves as the DDP comparison (against the session's two-process DDP run, conftest.two_process_resume_run),

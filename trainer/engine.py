@@ -21,7 +21,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.data import make_loader
 from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward,
                                  describe_parallelism, full_state_dict, parameters_sharded,
-                                 prepare_deepspeed_for_model, set_gradient_sync, shard_for_evaluation,
+                                 prepare_for_model, set_gradient_sync, shard_for_evaluation,
                                  sharded_checkpoint_functions)
 from trainer.errors import JobStopped, require
 from trainer.fault_injection import FaultInjection
@@ -96,7 +96,7 @@ class Engine:
         self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * self.sampler.steps_per_epoch)
         optimizer = build_optimizer(task.model, args)
-        prepare_deepspeed_for_model(accelerator, task.hf_model.config)
+        prepare_for_model(accelerator, task.hf_model)
         self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
         self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
