@@ -70,3 +70,27 @@ def test_fsdp_on_cpu_that_cannot_run_is_refused_not_run_as_something_else(corpus
     env = with_env(job_env, ACCELERATE_USE_FSDP="true", FSDP_VERSION=version)
     result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, tmp_path / "out"), env, check=False)
     assert result.returncode == 2 and result.stderr.strip() == message
+
+
+@pytest.mark.parametrize("model_class, config, expected", [
+    ("BertForMaskedLM", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "intermediate_size": 64}, ["BertLayer"]),  # not BertEmbeddings (tied to the decoder)
+    ("GPT2LMHeadModel", {"n_embd": 32, "n_layer": 2, "n_head": 2}, ["GPT2Block"]),
+])
+def test_fsdp_wraps_the_model_own_blocks_when_the_yaml_names_none(model_class, config, expected):
+    """The shipped FSDP YAMLs name no fsdp_transformer_layer_cls_to_wrap: one YAML serves every model."""
+    from types import SimpleNamespace
+
+    import transformers
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from trainer.distributed import name_fsdp_blocks
+
+    cls = getattr(transformers, model_class)
+    model = cls(cls.config_class(vocab_size=100, **config))
+    plugin = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=None)
+    name_fsdp_blocks(plugin, model)
+    assert plugin.transformer_cls_names_to_wrap == expected
+    named = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=["X"])
+    name_fsdp_blocks(named, model)  # a class the YAML names wins
+    assert named.transformer_cls_names_to_wrap == ["X"]

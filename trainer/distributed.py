@@ -190,18 +190,17 @@ def prepare_for_model(accelerator, hf_model) -> None:
 def name_fsdp_blocks(plugin, hf_model) -> None:
     """With TRANSFORMER_BASED_WRAP and no `fsdp_transformer_layer_cls_to_wrap`, accelerate wraps the classes in
     `_no_split_modules` of the module it prepares, which is the job's task wrapper and has none: the model would
-    be one FSDP unit. Name the Hugging Face model's own blocks instead (its `_no_split_modules`, else the class of
-    its longest layer list, e.g. BertLayer), so one YAML serves BERT, GPT-2, Llama, ..."""
+    be one FSDP unit. Name the Hugging Face model's blocks instead: the class of its longest layer list (BertLayer,
+    GPT2Block, LlamaDecoderLayer), so one YAML serves every model. Not the model's own `_no_split_modules`: BERT's
+    also holds BertEmbeddings, whose word embeddings are tied to the MLM decoder in the root unit."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
     if policy is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap:
         return
-    names = getattr(hf_model, "_no_split_modules", None)
-    if not names:
-        layer_lists = [m for m in hf_model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
-        names = [type(max(layer_lists, key=len)[0]).__name__] if layer_lists else []
-    plugin.transformer_cls_names_to_wrap = list(names)
+    layer_lists = [module for module in hf_model.modules() if isinstance(module, torch.nn.ModuleList) and len(module)]
+    names = [type(max(layer_lists, key=len)[0]).__name__] if layer_lists else []
+    plugin.transformer_cls_names_to_wrap = names or list(getattr(hf_model, "_no_split_modules", None) or [])
 
 
 def parameters_sharded(accelerator) -> bool:
