@@ -129,6 +129,7 @@ def main(script: str, title: str, opts, build_fixture, prepare, run_transformers
             result = train_this_engine(job_main, job_flags(opts), opts.fixture, opts)
         else:
             result = run_transformers(opts.fixture, opts)
+        if not opts.evaluate:
             result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result), flush=True)
         return
