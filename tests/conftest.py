@@ -17,9 +17,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BERT = ["--model_type", "bert", "--config_overrides",
              "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
              "hidden_dropout_prob=0,attention_probs_dropout_prob=0,max_position_embeddings=128"]
-# The same for trainer.clm: a tiny GPT-2 without dropout (its output layer is tied to the token embeddings).
-TINY_GPT2 = ["--model_type", "gpt2", "--config_overrides",
-             "n_embd=32,n_layer=2,n_head=2,n_positions=64,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"]
 
 
 @pytest.fixture(scope="session")
@@ -54,16 +51,6 @@ def tokenizer_dir(tmp_path_factory, corpus) -> str:
 
     directory = str(tmp_path_factory.mktemp("tokenizer"))
     train_wordpiece_tokenizer([corpus["train"]], vocab_size=1000, output_dir=directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def bpe_tokenizer_dir(tmp_path_factory, corpus) -> str:
-    """trainer.clm's kind of tokenizer (byte-level BPE, <|endoftext|> as EOS), trained on the test corpus."""
-    from trainer.default_data import train_byte_level_bpe_tokenizer
-
-    directory = str(tmp_path_factory.mktemp("bpe-tokenizer"))
-    train_byte_level_bpe_tokenizer([corpus["train"]], vocab_size=1000, output_dir=directory)
     return directory
 
 
@@ -148,12 +135,46 @@ def mlm_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
             "--report_to", "none", "--probe_sentences", "", *extra]
 
 
-def clm_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
-    """A small, fast trainer.clm command line on the test corpus (`tokenizer_dir`: bpe_tokenizer_dir)."""
-    return ["--train_file", corpus["train"], "--validation_file", corpus["validation"],
-            "--tokenizer_name", tokenizer_dir, *TINY_GPT2, "--block_size", "32",
-            "--output_dir", str(output_dir), "--learning_rate", "5e-3", "--logging_steps", "1",
-            "--report_to", "none", "--probe_prompts", "", *extra]
+def changed_tensors(before_dir, after_dir, prefix: str) -> set[str]:
+    """Names of `before_dir`'s saved tensors under `prefix` (e.g. the base model's) that differ bitwise in
+    `after_dir`: what a fine-tuning strategy actually trained."""
+    import torch
+
+    before, after = load_parameters(before_dir), load_parameters(after_dir)
+    shared = [name for name in before if name.startswith(prefix)]
+    assert shared and all(name in after for name in shared)
+    return {name for name in shared if not torch.equal(before[name], after[name])}
+
+
+def saved_tensor_names(directory, prefix: str) -> set[str]:
+    return {name for name in load_parameters(directory) if name.startswith(prefix)}
+
+
+def fails_cleanly(main, argv, capsys) -> str:
+    """Run a job's `main(argv)` in-process, expect bad input's standard (exit code 2, no traceback, one final
+    `error: ...` line on stderr) and return that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # Progress bars of work done before the problem showed up may precede it; the error is one final line.
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    return errors[0]
+
+
+def write_yaml_config(args: list[str], path, drop: tuple[str, ...] = ()) -> str:
+    """A command line (`--flag value ...`, bare flags as true) written as the YAML config a job also accepts."""
+    import yaml
+
+    config = {}
+    for index, token in enumerate(args):
+        if token.startswith("--") and token[2:] not in drop:
+            value = args[index + 1] if index + 1 < len(args) and not args[index + 1].startswith("--") else True
+            config[token[2:]] = yaml.safe_load(value) if isinstance(value, str) else value
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
 
 
 def relative_difference(reference: dict, other: dict) -> float:

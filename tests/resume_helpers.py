@@ -1,7 +1,7 @@
 """Shared by the checkpoint, resume and signal tests: one small run configuration and ways to compare runs.
 
 The configuration exists for each language-model job (`module`: trainer.mlm, the default, or trainer.clm, with the
-byte-level BPE tokenizer of conftest.bpe_tokenizer_dir): the same data, batches, steps and checkpoints, the job's
+byte-level BPE tokenizer of clm_helpers.bpe_tokenizer_dir): the same data, batches, steps and checkpoints, the job's
 own tiny model with dropout on."""
 from __future__ import annotations
 

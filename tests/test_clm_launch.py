@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from clm_helpers import bpe_tokenizer_dir  # noqa: F401 (a fixture)
 from conftest import REPO_ROOT, deepspeed_launch, load_parameters, read_history, relative_difference
 from resume_helpers import assert_sharded_stop_and_resume_is_exact, run_two_process_resume_job
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import changed_tensors, saved_tensor_names
 from classify_helpers import classify_args, mlm_checkpoint, read_predictions, sentiment  # noqa: F401 (fixtures)
 from trainer.classify import ClassificationTask, main
 from trainer.finetune import distillation_loss
@@ -27,15 +28,11 @@ def run(sentiment, mlm_checkpoint, out, *extra):
 
 def changed_base_tensors(mlm_checkpoint, out) -> set[str]:
     """Names of the starting checkpoint's encoder tensors that differ (bitwise) in the trained model."""
-    before = load_file(os.path.join(mlm_checkpoint, "model.safetensors"))
-    after = load_file(os.path.join(out, "model.safetensors"))
-    shared = [name for name in before if name.startswith("bert.")]
-    assert shared and all(name in after for name in shared)
-    return {name for name in shared if not torch.equal(before[name], after[name])}
+    return changed_tensors(mlm_checkpoint, out, "bert.")
 
 
 def base_names(mlm_checkpoint) -> set[str]:
-    return {name for name in load_file(os.path.join(mlm_checkpoint, "model.safetensors")) if name.startswith("bert.")}
+    return saved_tensor_names(mlm_checkpoint, "bert.")
 
 
 def test_full_changes_every_tensor_and_reloads_with_identical_predictions(sentiment, mlm_checkpoint, tmp_path):
@@ -105,13 +102,12 @@ def test_lora_trains_adapters_only_reloads_and_merges(sentiment, mlm_checkpoint,
     assert_reloaded_model_reproduces_predictions(merged_model, out, sentiment)
 
 
-@pytest.mark.parametrize("kind", ["prefix", "prompt"])
-def test_prefix_and_prompt_tuning_train_virtual_tokens_and_reload(sentiment, mlm_checkpoint, tmp_path, kind):
+def test_prompt_tuning_trains_virtual_tokens_and_reloads(sentiment, mlm_checkpoint, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    out = run(sentiment, mlm_checkpoint, tmp_path / kind, "--finetune_strategy", kind, "--num_virtual_tokens", "4",
-              "--do_predict", "--test_file", sentiment["validation"])
+    out = run(sentiment, mlm_checkpoint, tmp_path / "prompt", "--finetune_strategy", "prompt",
+              "--num_virtual_tokens", "4", "--do_predict", "--test_file", sentiment["validation"])
     # Only the virtual tokens and the classification head are saved: the encoder was never trainable.
     adapters = load_file(os.path.join(out, "adapter_model.safetensors"))
     assert any("prompt_embeddings" in name for name in adapters)
@@ -119,6 +115,17 @@ def test_prefix_and_prompt_tuning_train_virtual_tokens_and_reload(sentiment, mlm
     base = AutoModelForSequenceClassification.from_pretrained(mlm_checkpoint, num_labels=2)
     reloaded = PeftModel.from_pretrained(base, out)
     assert_reloaded_model_reproduces_predictions(reloaded, out, sentiment)
+
+
+def test_prefix_tuning_on_an_encoder_without_past_key_values_is_refused(sentiment, mlm_checkpoint, tmp_path, capsys):
+    out = tmp_path / "prefix"
+    with pytest.raises(SystemExit) as exit_info:
+        run(sentiment, mlm_checkpoint, out, "--finetune_strategy", "prefix", "--num_virtual_tokens", "4")
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "--finetune_strategy prefix needs a model that takes past_key_values" in \
+        error_lines[0]
+    assert not out.exists() or not os.listdir(out)
 
 
 def test_distillation_loss_matches_hand_computation():

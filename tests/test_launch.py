@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from conftest import REPO_ROOT, accelerate_launch, clm_args, mlm_args, read_history, read_results, run_job
+from clm_helpers import bpe_tokenizer_dir, clm_args  # noqa: F401 (a fixture)
+from conftest import REPO_ROOT, accelerate_launch, mlm_args, read_history, read_results, run_job
 
 STEPS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
          "--bf16"]

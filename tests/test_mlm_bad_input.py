@@ -5,19 +5,12 @@ import time
 import pytest
 
 from conftest import TINY_BERT, mlm_args, run_job
+from conftest import fails_cleanly as shared_fails_cleanly
 from trainer.mlm import main
 
 
 def fails_cleanly(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    # Progress bars of work done before the problem showed up may precede it; the error is one final line.
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
-    return errors[0]
+    return shared_fails_cleanly(main, argv, capsys)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 
 from transformers import pipeline
 
-from conftest import load_parameters, mlm_args, read_history, read_results, run_job
+from conftest import load_parameters, mlm_args, read_history, read_results, run_job, write_yaml_config
 
 
 def test_single_process_run_trains_saves_and_loads_with_pipeline(corpus, tokenizer_dir, job_env, tmp_path):
@@ -40,18 +40,8 @@ def test_help_explains_every_run_mlm_flag(job_env):
 
 def test_yaml_config_as_only_argument_with_line_by_line_and_whole_word_masking(corpus, tokenizer_dir, job_env,
                                                                                tmp_path):
-    import yaml
-
     out = tmp_path / "from-yaml"
     args = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "4", "--line_by_line", "--whole_word_masking")
-    config = {}
-    for index, token in enumerate(args):
-        if token.startswith("--"):
-            value = args[index + 1] if index + 1 < len(args) and not args[index + 1].startswith("--") else True
-            config[token[2:]] = yaml.safe_load(value) if isinstance(value, str) else value
-    config.pop("probe_sentences")
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_job("trainer.mlm", [str(path)], job_env)
+    run_job("trainer.mlm", [write_yaml_config(args, tmp_path / "run.yaml", drop=("probe_sentences",))], job_env)
     results = read_results(out)
     assert results["train_steps"] == 4 and results["eval_perplexity"] > 0

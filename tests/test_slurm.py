@@ -17,7 +17,8 @@ import time
 import pytest
 
 from classify_helpers import sentiment  # noqa: F401 (a fixture)
-from conftest import REPO_ROOT, TINY_BERT, clm_args, mlm_args, read_results
+from clm_helpers import bpe_tokenizer_dir, clm_args  # noqa: F401 (a fixture)
+from conftest import REPO_ROOT, TINY_BERT, mlm_args, read_results
 from resume_helpers import assert_same_parameters, wait_for_path
 
 pytestmark = pytest.mark.slow

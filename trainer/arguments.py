@@ -31,15 +31,19 @@ class ModelArguments:
         None, "Local model directory or Hub model id to start from. Leave unset to train from scratch.")
     config_name: Optional[str] = arg(None, "Config (directory or Hub id) for a model trained from scratch.")
     model_type: Optional[str] = arg(
-        None, "Architecture for a model trained from scratch (e.g. bert, roberta, distilbert). Unset, with no "
-        "model or config given: a tiny BERT preset.")
+        None, "Architecture for a model trained from scratch (e.g. bert, roberta, gpt2, llama). Unset, with no "
+        "model or config given: the job's tiny preset (BERT for mlm and classify, GPT-2 for clm).")
     config_overrides: Optional[str] = arg(
         None, "Comma-separated config changes for a model trained from scratch, e.g. "
         "'num_hidden_layers=4,hidden_size=256'.")
     tokenizer_name: Optional[str] = arg(
-        None, "Tokenizer (directory or Hub id) if not the model's. With neither this nor a model given, a "
-        "WordPiece tokenizer is trained on the training text.")
+        None, "Tokenizer (directory or Hub id) if not the model's. With neither this nor a model given, one is "
+        "trained on the training text (WordPiece for mlm and classify, byte-level BPE for clm).")
     tokenizer_vocab_size: int = arg(8000, "Vocabulary size of a tokenizer trained on the training text.")
+    attn_implementation: Optional[str] = arg(
+        None, "Attention kernel: sdpa (transformers' default), eager, or flash_attention_2 (needs the flash-attn "
+        "package and a GPU; clm's --packing documents then takes its variable-length path).",
+        choices=["sdpa", "eager", "flash_attention_2"])
 
     def __post_init__(self):
         require(not (self.config_overrides and self.model_name_or_path),

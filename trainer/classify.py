@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
 from trainer.data import first_samples, load_file, load_raw_splits, pad_rows, resolve_text_column
 from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import all_gather_objects, deepspeed_requested
 from trainer.engine import Engine, EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
-from trainer.finetune import FinetuneArguments, apply_strategy, distillation_loss, export_merged, load_teacher
+from trainer.finetune import (FinetuneArguments, apply_strategy, check_finetuning, distillation_loss, export_merged,
+                              load_teacher)
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
@@ -237,24 +237,6 @@ def log_confusion_matrix(matrix: np.ndarray, id2label: dict) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- predictions
-@torch.no_grad()
-def predict(engine: Engine, dataset) -> dict:
-    """Class probabilities for every sample of `dataset`, computed in shards on all ranks, gathered everywhere.
-
-    The forward goes through the prepared model (DDP, DeepSpeed or FSDP) on every rank: under ZeRO-3 and FSDP
-    each forward gathers parameter shards from all ranks, so the unwrapped model would wait forever.
-    """
-    engine.model.eval()
-    probabilities = {}
-    for batch in engine.sharded_batches(dataset):
-        sample_ids = batch.pop("sample_id").tolist()
-        batch.pop("num_loss_items")
-        batch.pop("labels", None)
-        output = engine.model(**engine.to_device(batch))
-        probabilities.update(zip(sample_ids, output["probabilities"].cpu().tolist()))
-    return {sid: p for part in all_gather_objects(probabilities) for sid, p in part.items()}
-
-
 def write_predictions(path: str, probabilities: dict, id2label: dict) -> None:
     with open(path, "w") as handle:
         for sample_id in sorted(probabilities):
@@ -306,22 +288,16 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
     return task, test_set, labels
 
 
-def check_arguments(model_args, data_args, training_args, ft_args, cls_args) -> None:
-    require(not (ft_args.finetune_strategy == "gradual_unfreeze" and deepspeed_requested(training_args)),
-            "--finetune_strategy gradual_unfreeze masks gradients between the backward pass and the update, which "
-            "DeepSpeed performs inside its own step; run it without DeepSpeed (DDP) or choose another strategy")
-
-
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
     (model_args, data_args, training_args, ft_args, cls_args), accelerator = start_job(
         (ModelArguments, DataArguments, TrainingArguments, FinetuneArguments, ClassifyArguments), argv, DEMO_CONFIG,
-        write_sentiment_dataset, "sentiment dataset", check_arguments)
+        write_sentiment_dataset, "sentiment dataset", check_finetuning)
     task, test_set, labels = build_task(model_args, data_args, training_args, ft_args, cls_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()
     if test_set is not None:
-        probabilities = predict(engine, test_set)
+        probabilities = engine.predict(test_set, "probabilities", drop=("labels",))
         if accelerator.is_main_process:
             write_predictions(os.path.join(training_args.output_dir, "predictions.jsonl"), probabilities,
                               labels.id2label)

@@ -23,7 +23,7 @@ from trainer.data import first_samples, group_into_blocks, load_raw_splits, pad_
 from trainer.default_data import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
 from trainer.engine import Engine, Task
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.finetune import FinetuneArguments, apply_strategy, export_merged
+from trainer.finetune import FinetuneArguments, apply_strategy, check_finetuning, export_merged
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer, max_positions
@@ -88,9 +88,9 @@ def document_positions(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
 class BlockCollator:
     """Blocks -> input ids, (packed) position ids, and the predicted tokens with the flat positions predicting them.
 
-    Position t predicts token t+1 unless t+1 starts a document (packing) or is padding: exactly the tokens the loss
-    counts, so `num_loss_items` is the denominator of an exact token-weighted mean. Positions and targets are
-    computed here on the host, so the model needs no shift, no ignore index and no device sync.
+    Position t predicts token t+1 unless t+1 starts a document (packing): exactly the tokens the loss counts, so
+    `num_loss_items` is the denominator of an exact token-weighted mean. Blocks are full, never padded. Positions and
+    targets are computed here on the host, so the model needs no shift, no ignore index and no device sync.
     """
 
     pad_token_id: int
@@ -137,14 +137,16 @@ class CausalLMTask(torch.nn.Module):
         self.__dict__["inner"] = inner  # not a second registration of the same module
 
     def forward(self, input_ids, predicting_positions, predicted_tokens, position_ids=None):
+        # No cache: with one, transformers would not derive the per-document mask from the position ids.
+        # Position ids only when packing: some architectures (e.g. Mamba) take none.
+        inputs = {"input_ids": input_ids, "use_cache": False, **({} if position_ids is None else
+                                                                {"position_ids": position_ids})}
         if self.chunked:
-            hidden = self.inner.base_model(input_ids=input_ids, position_ids=position_ids,
-                                           use_cache=False).last_hidden_state
+            hidden = self.inner.base_model(**inputs).last_hidden_state
             rows = hidden.flatten(0, 1).index_select(0, predicting_positions)
             return {"loss_sum": chunked_cross_entropy(rows, self.inner.get_output_embeddings(), predicted_tokens,
                                                       self.chunk)}
-        extra = {} if position_ids is None else {"position_ids": position_ids}
-        logits = self.hf_model(input_ids=input_ids, use_cache=False, **extra).logits
+        logits = self.hf_model(**inputs).logits
         logits = logits[:, -input_ids.shape[1]:]  # prompt tuning prepends its virtual tokens' positions
         rows = logits.flatten(0, 1).index_select(0, predicting_positions)
         return {"loss_sum": F.cross_entropy(rows.float(), predicted_tokens, reduction="sum")}
@@ -208,7 +210,7 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
         new_model_ids = {} if model_args.model_name_or_path else {
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
         model = load_model(model_args, AutoModelForCausalLM, tokenizer, preset=tiny_gpt2_config, **new_model_ids)
-        block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model.config))
+        block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model.config) or RUN_CLM_MAX_BLOCK)
         check_sequence_length(block_size, model.config, "--block_size")
         blocks = group_into_blocks(tokenize_documents(raw, text_column, tokenizer, data_args), block_size, data_args)
         train_set, eval_set = first_samples(blocks["train"], blocks["validation"], data_args)
@@ -233,7 +235,7 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
 def main(argv: list[str] | None = None) -> dict:
     (model_args, data_args, training_args, ft_args, clm_args), accelerator = start_job(
         (ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments), argv, DEMO_CONFIG,
-        write_mlm_corpus, "movie-review corpus")
+        write_mlm_corpus, "movie-review corpus", check_finetuning)
     task = build_task(model_args, data_args, training_args, ft_args, clm_args, accelerator)
     engine = Engine(training_args, task, accelerator)
     metrics = engine.train()

@@ -290,6 +290,26 @@ class Engine:
                 self.metrics.log(self.state.step, {f"{prefix}{key}": value for key, value in shown.items()})
         return metrics
 
+    @torch.no_grad()
+    def predict(self, dataset, output_key: str, drop: tuple[str, ...] = ()) -> dict:
+        """`output_key` of the task model's output for every sample of `dataset` (e.g. class probabilities),
+        computed in shards on all ranks and gathered everywhere: {sample id: value}. `drop`: batch entries the
+        forward must not see (e.g. labels, whose presence asks for a loss).
+
+        The forward goes through the prepared model (DDP, DeepSpeed or FSDP) on every rank: under ZeRO-3 and FSDP
+        each forward gathers parameter shards from all ranks, so the unwrapped model would wait forever.
+        """
+        self.model.eval()
+        values = {}
+        for batch in self.sharded_batches(dataset):
+            sample_ids = batch.pop("sample_id").tolist()
+            batch.pop("num_loss_items")
+            for key in drop:
+                batch.pop(key, None)
+            output = self.model(**self.to_device(batch))
+            values.update(zip(sample_ids, output[output_key].cpu().tolist()))
+        return {sid: value for part in all_gather_objects(values) for sid, value in part.items()}
+
     def sharded_batches(self, dataset):
         """This rank's contiguous shard of `dataset` in evaluation batches: every sample once over all ranks."""
         shard = shard_for_evaluation(len(dataset), self.world_size, self.accelerator.process_index)

@@ -64,6 +64,18 @@ class FinetuneArguments:
                 f"--model_name_or_path (e.g. {starting_point})")
 
 
+def check_finetuning(*parsed_arguments) -> None:
+    """start_job's cross-argument check for a job with FinetuneArguments: what the strategy cannot run under."""
+    from trainer.arguments import TrainingArguments
+    from trainer.distributed import deepspeed_requested
+
+    ft_args = next(a for a in parsed_arguments if isinstance(a, FinetuneArguments))
+    training_args = next(a for a in parsed_arguments if isinstance(a, TrainingArguments))
+    require(not (ft_args.finetune_strategy == "gradual_unfreeze" and deepspeed_requested(training_args)),
+            "--finetune_strategy gradual_unfreeze masks gradients between the backward pass and the update, which "
+            "DeepSpeed performs inside its own step; run it without DeepSpeed (DDP) or choose another strategy")
+
+
 def apply_strategy(model, args: FinetuneArguments, task_type: str = "SEQ_CLS"):
     """Return (the model to train, an optional `before_optimizer_step` hook) for `args.finetune_strategy`.
 
@@ -140,15 +152,31 @@ def wrap_with_adapters(model, args, task_type: str):
         config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  target_modules=args.lora_target_modules or None, **common)
     elif kind == "prefix":
+        require_past_key_values(model, task_type)
         config = peft.PrefixTuningConfig(num_virtual_tokens=args.num_virtual_tokens, **common)
     else:
         config = peft.PromptTuningConfig(num_virtual_tokens=args.num_virtual_tokens, **common)
     try:
         return peft.get_peft_model(model, config)
-    except (ValueError, TypeError, AttributeError, NotImplementedError) as error:
+    except (ValueError, TypeError, AttributeError, NotImplementedError, ZeroDivisionError) as error:  # e.g. rwkv
         raise UsageError(f"--finetune_strategy {kind} is not possible on a {model.config.model_type} model: "
                          f"{str(error).splitlines()[0]}" + (" (name the layers with --lora_target_modules)"
                                                             if kind == "lora" else "")) from None
+
+
+def require_past_key_values(model, task_type: str) -> None:
+    """Prefix tuning feeds its virtual keys and values through the backbone's `past_key_values`. transformers 5
+    dropped that argument from the encoder-only models (BERT, RoBERTa, DistilBERT, ...), where peft would fail
+    only at the first forward; refuse up front instead. A causal LM is called with `past_key_values` as a keyword,
+    which transformers 5 decoders take as their `cache` argument under its deprecated name."""
+    import inspect
+
+    names = ("past_key_values", "cache") if task_type == "CAUSAL_LM" else ("past_key_values",)
+    if not any(name in inspect.signature(module.forward).parameters for name in names
+               for module in (model, model.base_model)):
+        raise UsageError(f"--finetune_strategy prefix needs a model that takes past_key_values, and this "
+                         f"transformers version's {model.config.model_type} model does not; use "
+                         f"--finetune_strategy prompt or lora")
 
 
 def export_merged(peft_model, tokenizer, directory: str) -> None:

@@ -63,10 +63,11 @@ def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
     `preset(vocab_size)` (default: a tiny BERT)."""
     from transformers import AutoConfig
 
+    attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
         check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
         model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path, output_loading_info=True,
-                                                         **config_kwargs)
+                                                         **attention, **config_kwargs)
         log_loading_report(loading_info)
         return model
     config = new_model_config(model_args, AutoConfig, preset)
@@ -76,7 +77,7 @@ def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
     for key, value in config_kwargs.items():
         setattr(config, key, value)
     logger.info("training a new %s model from scratch", config.model_type)
-    return auto_class.from_config(config)
+    return auto_class.from_config(config, **attention)
 
 
 def log_loading_report(loading_info: dict) -> None:
@@ -108,16 +109,18 @@ def new_model_config(model_args, auto_config, preset=None):
     if model_args.config_overrides:
         try:
             config.update_from_string(model_args.config_overrides)
-        except ValueError as error:
+        except (ValueError, TypeError) as error:  # TypeError: a key whose default is None (e.g. GPT-2's n_inner)
             raise UsageError(f"--config_overrides: {error}") from None
     return config
 
 
-def max_positions(config) -> int:
-    return config.max_position_embeddings - POSITION_OFFSET.get(config.model_type, 0)
+def max_positions(config) -> int | None:
+    """Positions a sequence may use; None for architectures without a limit (e.g. Mamba, RWKV)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    return None if limit is None else limit - POSITION_OFFSET.get(config.model_type, 0)
 
 
 def check_sequence_length(max_seq_length: int, config, flag: str = "--max_seq_length") -> None:
     limit = max_positions(config)
-    require(max_seq_length <= limit, f"{flag} {max_seq_length} exceeds the model's {limit} positions; "
+    require(limit is None or max_seq_length <= limit, f"{flag} {max_seq_length} exceeds the model's {limit} positions; "
                                      f"use {flag} {limit} or less")

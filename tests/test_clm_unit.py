@@ -1,0 +1,103 @@
+"""Causal-LM mathematics in-process: packed documents, exact token counts, the chunked loss against the plain model."""
+import numpy as np
+import pytest
+import torch
+
+from clm_helpers import tiny_gpt2
+from trainer.clm import BlockCollator, CausalLMTask, chunked_cross_entropy, document_positions
+
+VOCAB, EOS = 97, 0
+
+
+def collate(blocks: np.ndarray, packed: bool) -> dict:
+    batch = BlockCollator(pad_token_id=EOS, eos_token_id=EOS if packed else None)(
+        {"input_ids": blocks, "sample_id": np.arange(len(blocks))})
+    batch.pop("sample_id")
+    return batch
+
+
+def documents(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [list(rng.integers(1, VOCAB, n - 1)) + [EOS] for n in lengths]  # each ends with its EOS
+
+
+def test_document_positions_restart_after_each_eos():
+    ids = np.array([[5, 6, EOS, 7, EOS, 8, 9, 10]])
+    assert document_positions(ids, EOS).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+
+
+def test_stream_blocks_predict_every_token_but_the_first():
+    batch = collate(np.arange(1, 25).reshape(3, 8), packed=False)
+    assert batch["num_loss_items"] == 3 * 7 and "position_ids" not in batch
+    assert batch["predicted_tokens"].tolist() == [t for row in np.arange(1, 25).reshape(3, 8) for t in row[1:]]
+    assert batch["predicting_positions"].tolist() == [r * 8 + c for r in range(3) for c in range(7)]
+
+
+@pytest.mark.parametrize("chunk, attention", [(4, "sdpa"), (0, "sdpa"), (4, "eager")])  # chunked head or full logits
+def test_packed_block_loss_equals_the_sum_of_its_documents_losses(chunk, attention):
+    """A block of three documents, attention restricted per document (block-diagonal mask through SDPA, position
+    ids restarting): its summed loss is the sum of each document's own loss computed alone, and it counts exactly
+    the tokens each document predicts. Without the packing, attention crosses documents and the loss differs."""
+    model = tiny_gpt2(VOCAB)
+    model.set_attn_implementation(attention)
+    docs = documents([7, 12, 5])
+    block = np.array([sum(docs, [])])
+    packed = collate(block, packed=True)
+    with torch.no_grad():
+        task = CausalLMTask(model, chunk=chunk)
+        packed_loss = task(**{k: v for k, v in packed.items() if k != "num_loss_items"})["loss_sum"]
+        alone = []
+        for doc in docs:
+            ids = torch.tensor([doc])
+            alone.append(model(input_ids=ids, labels=ids).loss * (len(doc) - 1))  # HF: mean over len - 1
+        stream = collate(block, packed=False)
+        crossing = task(**{k: v for k, v in stream.items() if k != "num_loss_items"})["loss_sum"]
+    assert packed["num_loss_items"] == sum(len(d) - 1 for d in docs)
+    torch.testing.assert_close(packed_loss, torch.stack(alone).sum(), rtol=1e-5, atol=1e-5)
+    assert not torch.isclose(crossing, packed_loss, rtol=1e-3)
+
+
+def test_chunked_loss_and_gradients_equal_the_plain_model():
+    """Output layer + cross-entropy in checkpointed chunks (7 rows; not dividing the row count) give the HF model's
+    own loss and gradients, without ever computing more than 7 rows of logits."""
+    ids = torch.randint(1, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
+    reference = tiny_gpt2(VOCAB).train()
+    (reference(input_ids=ids, labels=ids).loss * 3 * 15).backward()
+    model = tiny_gpt2(VOCAB).train()
+    widest = []
+    model.lm_head.register_forward_hook(lambda module, args, out: widest.append(out.shape[0]))
+    batch = collate(ids.numpy(), packed=False)
+    assert batch.pop("num_loss_items") == 3 * 15
+    loss = CausalLMTask(model, chunk=7)(**batch)["loss_sum"]
+    loss.backward()
+    torch.testing.assert_close(loss, reference(input_ids=ids, labels=ids).loss.detach() * 45, rtol=1e-5, atol=0)
+    assert max(widest) == 7 and len(widest) == 2 * 7  # 45 rows: 7 chunks, each run again in the backward
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        relative = float((p.grad - q.grad).norm() / q.grad.norm().clamp(min=1e-30))
+        assert relative <= 1e-5, f"{name}: {relative:.1e}"
+
+
+def test_chunked_cross_entropy_without_autograd_matches_one_pass():
+    hidden, head = torch.randn(10, 8), torch.nn.Linear(8, 13)
+    targets = torch.randint(0, 13, (10,))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+        torch.testing.assert_close(chunked_cross_entropy(hidden, head, targets, 3), expected)
+
+
+@pytest.mark.parametrize("model_type, config", [
+    ("llama", dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, max_position_embeddings=32)),
+    ("mamba", dict(hidden_size=16, num_hidden_layers=1, state_size=4)),  # no position ids at all
+])
+def test_other_causal_lm_architectures_give_their_own_loss(model_type, config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=VOCAB, **config)).eval()
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    batch = collate(ids.numpy(), packed=False)
+    count = batch.pop("num_loss_items")
+    with torch.no_grad():
+        loss = CausalLMTask(model, chunk=5)(**batch)["loss_sum"]
+        torch.testing.assert_close(loss, model(input_ids=ids, labels=ids).loss * count, rtol=1e-5, atol=1e-5)
