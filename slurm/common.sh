@@ -1,11 +1,13 @@
 # Shared by every slurm/*.sbatch script (sourced, not run): arguments check, environment, torchrun launch on one
 # node or through `srun` on many (c10d rendezvous), and the stop -> checkpoint -> requeue -> resume cycle.
 #
-# An sbatch script sets TRAINER_HOME, TRAINER_MODULE (the Python module to run) and optionally TRAINER_EXTRA_ARGS
-# (arguments put before the user's), sources this file, and calls `trainer_main single|multi "$@"`. Its usage text
-# is its header comment. Everything below can be changed from the environment
+# An sbatch script sets TRAINER_HOME and optionally TRAINER_EXTRA_ARGS (arguments put before the user's) and
+# TRAINER_JOB (its default job), sources this file, and calls `trainer_main single|multi "$@"`. Its usage text
+# is its header comment. The job (the module `trainer.<job>`) is the first argument `--job NAME` if given, else
+# TRAINER_JOB, else mlm. Everything below can be changed from the environment
 # (`VAR=value sbatch ...`; the scripts rely on sbatch's default --export=ALL):
 #
+#   TRAINER_JOB             mlm (default), clm or classify: the job when the arguments do not start with --job
 #   TRAINER_HOME            repository root: where slurm/ and ds_configs/ are (default: found from the script path)
 #   TRAINER_VENV            Python environment to activate (default: $TRAINER_HOME/.venv; skipped if it does not
 #                           exist, e.g. when the package is installed in the Python already on PATH)
@@ -18,6 +20,7 @@
 #   OMP_NUM_THREADS         default: the node's CPUs / processes per node
 #   NCCL_*                  passed through unchanged; see slurm/README.md
 
+TRAINER_JOBS=(mlm clm classify)  # the modules trainer.<job> that train through the engine
 TRAINER_REQUEUE_SIGNAL=USR2   # what `#SBATCH --signal=B:USR2@120` sends to this batch shell
 # torchrun forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers unless told otherwise; USR2 is added so
 # that the stop reaches the workers through torchrun (and through srun, which would turn a SIGTERM into SIGKILL).
@@ -35,6 +38,14 @@ trainer_die_with_usage() {
 }
 
 # ------------------------------------------------------------------------------------------ arguments
+# TRAINER_MODULE for a job name (`clm` or `trainer.clm`); an unknown name is refused before anything starts.
+trainer_select_job() {
+    local job=${1#trainer.}
+    [[ " ${TRAINER_JOBS[*]} " == *" $job "* ]] ||
+        trainer_die_with_usage "unknown job '$1': choose one of ${TRAINER_JOBS[*]} (--job NAME or TRAINER_JOB=NAME)"
+    TRAINER_MODULE=trainer.$job
+}
+
 # The value of `--flag X` or `--flag=X` in the remaining arguments; empty if absent.
 trainer_arg_value() {
     local flag=$1
@@ -216,8 +227,16 @@ trainer_requeue_if_stopped() {
 # ------------------------------------------------------------------------------------------ main
 trainer_main() {
     TRAINER_EXTRA_ARGS=("${TRAINER_EXTRA_ARGS[@]}")  # an empty array unless the sbatch script set one
-    local mode=$1
+    local mode=$1 job=${TRAINER_JOB:-mlm}
     shift
+    case ${1:-} in
+        --job) (($# >= 2)) || trainer_die_with_usage "--job needs a name: one of ${TRAINER_JOBS[*]}"
+               job=$2
+               shift 2 ;;
+        --job=*) job=${1#--job=}
+                 shift ;;
+    esac
+    trainer_select_job "$job"
     trainer_activate_python
     trainer_check_arguments "$@"
     trainer_setup_environment

@@ -65,15 +65,25 @@ def job_env(tmp_path_factory) -> dict:
     return env
 
 
+@pytest.fixture(scope="session")
+def two_process_resume_run(corpus, tokenizer_dir, job_env, tmp_path_factory):
+    """resume_helpers' job, uninterrupted, on 2 processes under torchrun (DDP): (output dir, sample log). The
+    reference of the two-process resume tests and the DDP side of every ZeRO and FSDP2 comparison."""
+    from resume_helpers import uninterrupted_run
+
+    return uninterrupted_run(corpus, tokenizer_dir, job_env, tmp_path_factory.mktemp("resume-ddp"), 2)
+
+
 def run_job(module: str, args: list[str], env: dict, nproc: int = 1, check: bool = True,
             timeout: float = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m module args` (or torchrun with `nproc` processes on gloo, or under `launcher`, a command
-    prefix such as `accelerate_launch(yaml)`) and return the result."""
+    prefix such as `accelerate_launch(yaml)` or `deepspeed_launch()`) and return the result."""
     if launcher is None:
         launcher = [sys.executable] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
             str(free_port())]
-    command = [*launcher, "-m", module, *args]
+    # The deepspeed launcher names a module with `--module NAME`, the others with `-m NAME`.
+    command = [*launcher, *([] if launcher[-1] == "--module" else ["-m"]), module, *args]
     result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n--- stdout\n{result.stdout[-6000:]}"
@@ -85,6 +95,12 @@ def accelerate_launch(yaml: str) -> list[str]:
     """`accelerate launch` with one of the shipped YAMLs (launch/accelerate/), as a launcher for `run_job`."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             os.path.join(REPO_ROOT, "launch", "accelerate", yaml), "--main_process_port", str(free_port())]
+
+
+def deepspeed_launch(nproc: int = 2) -> list[str]:
+    """DeepSpeed's own launcher (`deepspeed --num_gpus N --module ...`; on the CPU too), for `run_job`."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+            str(free_port()), "--module"]
 
 
 def free_port() -> int:

@@ -1,4 +1,8 @@
-"""Shared by the checkpoint, resume and signal tests: one small run configuration and ways to compare runs."""
+"""Shared by the checkpoint, resume and signal tests: one small run configuration and ways to compare runs.
+
+The configuration exists for each language-model job (`module`: trainer.mlm, the default, or trainer.clm, with the
+byte-level BPE tokenizer of clm_helpers.bpe_tokenizer_dir): the same data, batches, steps and checkpoints, the job's
+own tiny model with dropout on."""
 from __future__ import annotations
 
 import json
@@ -13,20 +17,34 @@ from conftest import REPO_ROOT, accelerate_launch, free_port, load_parameters, r
 
 # 48 sequences, 8 per optimizer step (4 x accumulation 2 on one process, 2 x 2 ranks x 2 on two): 6 steps per
 # epoch, 12 steps in all; windows of 3 steps; checkpoints every 4. Dropout is ON (0.1, the BERT default):
-# exactness then also needs every rank's RNG state back.
+# exactness then also needs every rank's RNG state back. Weight decay and a warmup step make the same runs the
+# ZeRO/FSDP-against-DDP comparisons (the engine's parameter groups and schedule under every backend).
 STEPS, STEPS_PER_EPOCH = 12, 6
 DROPOUT_BERT = ["--model_type", "bert", "--config_overrides",
                 "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
                 "max_position_embeddings=128"]
+DROPOUT_GPT2 = ["--model_type", "gpt2", "--config_overrides", "n_embd=32,n_layer=2,n_head=2,n_positions=64"]
+# What each job's command line says for its model, its 32-token sequences and its (disabled) probes.
+JOB_ARGS = {"trainer.mlm": [*DROPOUT_BERT, "--max_seq_length", "32", "--probe_sentences", ""],
+            "trainer.clm": [*DROPOUT_GPT2, "--block_size", "32", "--probe_prompts", ""]}
 
 
-def resume_args(corpus, tokenizer_dir, output_dir, nproc: int = 1, *extra) -> list[str]:
+def resume_args(corpus, tokenizer_dir, output_dir, nproc: int = 1, *extra, module: str = "trainer.mlm") -> list[str]:
     return ["--train_file", corpus["train"], "--validation_file", corpus["validation"],
-            "--tokenizer_name", tokenizer_dir, *DROPOUT_BERT, "--max_seq_length", "32",
+            "--tokenizer_name", tokenizer_dir, *JOB_ARGS[module],
             "--output_dir", str(output_dir), "--learning_rate", "5e-3", "--logging_steps", "3",
-            "--report_to", "none", "--probe_sentences", "", "--max_train_samples", "48",
+            "--report_to", "none", "--max_train_samples", "48",
             "--max_eval_samples", "16", "--per_device_train_batch_size", str(4 // nproc),
-            "--gradient_accumulation_steps", "2", "--num_train_epochs", "2", "--save_steps", "4", *extra]
+            "--gradient_accumulation_steps", "2", "--num_train_epochs", "2", "--save_steps", "4",
+            "--weight_decay", "0.01", "--warmup_steps", "1", *extra]
+
+
+def uninterrupted_run(corpus, tokenizer_dir, job_env, directory, nproc: int, module: str = "trainer.mlm"):
+    """The resume tests' job run to the end on `nproc` processes, logging its samples: (output dir, sample log)."""
+    out, samples = directory / "run", directory / "samples"
+    run_job(module, resume_args(corpus, tokenizer_dir, out, nproc, module=module),
+            with_env(job_env, TRAINER_DEBUG_SAMPLE_LOG=samples), nproc=nproc)
+    return out, samples
 
 
 def with_env(env: dict, **variables) -> dict:
@@ -69,14 +87,16 @@ def assert_same_run(expected_dir, actual_dir) -> None:
 
 
 def run_two_process_resume_job(corpus, tokenizer_dir, job_env, output_dir, extra=(), yaml: str | None = None,
-                               check: bool = True):
-    """The resume tests' job on 2 processes: under torchrun, or under `accelerate launch` with `yaml`."""
-    return run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, output_dir, 2, *extra), job_env, nproc=2,
-                   check=check, launcher=accelerate_launch(yaml) if yaml else None)
+                               check: bool = True, module: str = "trainer.mlm", launcher: list[str] | None = None):
+    """The resume tests' job on 2 processes: under torchrun, under `accelerate launch` with `yaml`, or under
+    another `launcher` (conftest.deepspeed_launch())."""
+    return run_job(module, resume_args(corpus, tokenizer_dir, output_dir, 2, *extra, module=module), job_env,
+                   nproc=2, check=check, launcher=accelerate_launch(yaml) if yaml else launcher)
 
 
 def assert_sharded_stop_and_resume_is_exact(corpus, tokenizer_dir, job_env, tmp_path, sharded_dir: str, extra=(),
-                                            yaml: str | None = None, uninterrupted=None) -> None:
+                                            yaml: str | None = None, uninterrupted=None,
+                                            module: str = "trainer.mlm") -> None:
     """A 2-process run stopped in step 6 and resumed from checkpoint-6 ends bit-identical to an uninterrupted one
     (`uninterrupted`: the output directory of one already run with the same `extra` and `yaml`).
 
@@ -84,7 +104,7 @@ def assert_sharded_stop_and_resume_is_exact(corpus, tokenizer_dir, job_env, tmp_
     "fsdp") instead of rank 0's optimizer.pt. `yaml`: run under `accelerate launch` with it instead of torchrun.
     """
     def run(output_dir, env, check=True):
-        return run_two_process_resume_job(corpus, tokenizer_dir, env, output_dir, extra, yaml, check)
+        return run_two_process_resume_job(corpus, tokenizer_dir, env, output_dir, extra, yaml, check, module)
 
     if uninterrupted is None:
         uninterrupted = tmp_path / "uninterrupted"

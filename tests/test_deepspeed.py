@@ -1,22 +1,21 @@
 """DeepSpeed ZeRO under the shared engine: same mathematics as DDP, exportable, checkpointable; bad configs refused.
 
-Real DeepSpeed on the CPU (its CPU accelerator, gloo), 2 processes. Tolerance for ZeRO vs DDP parameters: global
-relative difference (norm of the difference over the norm of the parameters) <= 1e-5 in fp32 — the runs differ
-only in the order of floating-point reductions (observed ~2e-7).
+Real DeepSpeed on the CPU (its CPU accelerator, gloo), 2 processes. The runs are the resume tests' job
+(resume_helpers: 12 steps, accumulation 2, dropout on, weight decay, warmup), so the DDP side is the session's
+two-process run of it (conftest.two_process_resume_run) and the ZeRO-3 run is also the reference of the ZeRO-3
+resume test. Tolerance for ZeRO vs DDP parameters: global relative difference (norm of the difference over the norm
+of the parameters) <= 1e-5 in fp32 — the runs differ only in the order of floating-point reductions (observed ~2e-7).
 """
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import (REPO_ROOT, assert_export_reproduces_eval_perplexity, free_port, load_parameters, mlm_args,
-                      read_history, relative_difference, run_job)
+from conftest import (REPO_ROOT, assert_export_reproduces_eval_perplexity, deepspeed_launch, load_parameters,
+                      mlm_args, read_history, relative_difference, run_job)
+from resume_helpers import assert_sharded_stop_and_resume_is_exact, resume_args, run_two_process_resume_job
 
-STEPS = ["--max_steps", "4", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-         "--warmup_steps", "1", "--weight_decay", "0.01", "--seed", "7", "--per_device_eval_batch_size", "16"]
 TOLERANCE = 1e-5
 
 
@@ -25,15 +24,19 @@ def ds_config(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(corpus, tokenizer_dir, job_env, tmp_path_factory):
-    """A 2-process DDP reference and ZeRO-2/3 runs of the same job (ZeRO-1 runs in the round-trip test); ZeRO-3
-    with optimizer and parameters offloaded to the CPU steps with DeepSpeedCPUAdam (accelerate swaps it in)."""
+def runs(corpus, tokenizer_dir, job_env, tmp_path_factory, two_process_resume_run):
+    """The 2-process DDP reference and ZeRO-2/3 runs of the same job. ZeRO-2 is started by DeepSpeed's own launcher
+    (`deepspeed --num_gpus 2 --module ...`, which works on the CPU too) and round-trips its sharded checkpoint after
+    training (tests/deepspeed_roundtrip.py); ZeRO-3 with optimizer and parameters offloaded to the CPU steps with
+    DeepSpeedCPUAdam (accelerate swaps it in). ZeRO-1 is ZeRO-2's optimizer without gradient partitioning: only
+    its config is checked here."""
     root = tmp_path_factory.mktemp("zero")
-    outputs = {}
-    for name in ("ddp", "zero2", "zero3", "zero3_offload"):
+    outputs = {"ddp": two_process_resume_run[0], "zero2": root / "zero2"}
+    run_job("tests.deepspeed_roundtrip", resume_args(corpus, tokenizer_dir, outputs["zero2"], 2, "--deepspeed",
+                                                     ds_config("zero2")), job_env, launcher=deepspeed_launch())
+    for name in ("zero3", "zero3_offload"):
         outputs[name] = root / name
-        extra = [] if name == "ddp" else ["--deepspeed", ds_config(name)]
-        run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, outputs[name], *STEPS, *extra), job_env, nproc=2)
+        run_two_process_resume_job(corpus, tokenizer_dir, job_env, outputs[name], ["--deepspeed", ds_config(name)])
     return outputs
 
 
@@ -50,24 +53,24 @@ def test_zero_parameters_and_losses_match_ddp(runs, stage):
 
 @pytest.mark.slow
 def test_zero3_export_reloads_and_reproduces_eval_perplexity(runs, corpus, tokenizer_dir, job_env, tmp_path):
-    assert_export_reproduces_eval_perplexity(runs["zero3"], corpus, tokenizer_dir, job_env, tmp_path)
+    assert_export_reproduces_eval_perplexity(runs["zero3"], corpus, tokenizer_dir, job_env, tmp_path,
+                                             "--max_eval_samples", "16")
 
 
 @pytest.mark.slow
-def test_zero1_matches_ddp_and_sharded_checkpoint_round_trips(runs, corpus, tokenizer_dir, job_env, tmp_path):
-    """Started by DeepSpeed's own launcher (`deepspeed --num_gpus 2 --module ...`, which works on the CPU too)."""
-    out = tmp_path / "zero1"
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-               "--module", "tests.deepspeed_roundtrip",
-               *mlm_args(corpus, tokenizer_dir, out, *STEPS, "--deepspeed", ds_config("zero1"))]
-    result = subprocess.run(command, env=job_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    difference = relative_difference(load_parameters(runs["ddp"]), load_parameters(out))
-    assert difference <= TOLERANCE, f"zero1 differs from DDP by {difference:.2e}"
-    with open(out / "roundtrip.json") as handle:
+def test_zero3_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(runs, corpus, tokenizer_dir, job_env,
+                                                                             tmp_path):
+    """Every rank writes its shard of model and optimizer state into the checkpoint and reads it back."""
+    assert_sharded_stop_and_resume_is_exact(corpus, tokenizer_dir, job_env, tmp_path, "deepspeed",
+                                            extra=["--deepspeed", ds_config("zero3")], uninterrupted=runs["zero3"])
+
+
+@pytest.mark.slow
+def test_zero2_sharded_checkpoint_round_trips(runs):
+    """Saved after training, weights perturbed, loaded back: the same weights; every rank wrote its optimizer shard."""
+    with open(runs["zero2"] / "roundtrip.json") as handle:
         report = json.load(handle)
     assert report["perturbed"] and report["restored"]
-    # Every rank wrote its own optimizer shard.
     assert sum("optim_states" in name for name in report["rank_files"]) == 2
 
 

@@ -1,10 +1,12 @@
 """FSDP2 under the shared engine, for real on the CPU: 2 processes on gloo under `accelerate launch` with
-launch/accelerate/cpu_fsdp2.yaml (one FSDP unit per BertLayer plus the root, which holds the embeddings and
-the tied MLM head). Same mathematics as DDP, an export that loads, exact resume from sharded checkpoints;
-bf16 under FSDP2 is tested in test_launch.py. FSDP that cannot run on the CPU is refused, not run as DDP.
+launch/accelerate/cpu_fsdp2.yaml (one FSDP unit per BertLayer, the block class the job names for accelerate, plus
+the root, which holds the embeddings and the tied MLM head). Same mathematics as DDP, an export that loads, exact
+resume from sharded checkpoints; bf16 under FSDP2 is tested in test_launch.py. FSDP that cannot run on the CPU
+is refused, not run as DDP.
 
 The runs are the resume tests' job (resume_helpers: 12 steps, accumulation 2, dropout on): one uninterrupted
-FSDP run serves as the DDP comparison, the export and the resume reference. Tolerance against DDP as in
+FSDP run serves as the DDP comparison (against the session's two-process DDP run, conftest.two_process_resume_run),
+the export and the resume reference. Tolerance against DDP as in
 test_deepspeed.py: global relative difference <= 1e-5 in fp32 (only the order of reductions differs).
 """
 import os
@@ -20,14 +22,11 @@ YAML = "cpu_fsdp2.yaml"
 
 
 @pytest.fixture(scope="module")
-def runs(corpus, tokenizer_dir, job_env, tmp_path_factory) -> dict:
-    """{name: (output directory, the job's output)}: a 2-process DDP reference and the same job under FSDP2."""
-    root = tmp_path_factory.mktemp("fsdp")
-    outputs = {}
-    for name, yaml in (("ddp", None), ("fsdp", YAML)):
-        result = run_two_process_resume_job(corpus, tokenizer_dir, job_env, root / name, yaml=yaml)
-        outputs[name] = root / name, result.stdout + result.stderr
-    return outputs
+def runs(corpus, tokenizer_dir, job_env, tmp_path_factory, two_process_resume_run) -> dict:
+    """{name: (output directory, the job's output)}: the 2-process DDP reference and the same job under FSDP2."""
+    out = tmp_path_factory.mktemp("fsdp") / "fsdp"
+    result = run_two_process_resume_job(corpus, tokenizer_dir, job_env, out, yaml=YAML)
+    return {"ddp": (two_process_resume_run[0], None), "fsdp": (out, result.stdout + result.stderr)}
 
 
 @pytest.mark.slow
@@ -71,3 +70,27 @@ def test_fsdp_on_cpu_that_cannot_run_is_refused_not_run_as_something_else(corpus
     env = with_env(job_env, ACCELERATE_USE_FSDP="true", FSDP_VERSION=version)
     result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, tmp_path / "out"), env, check=False)
     assert result.returncode == 2 and result.stderr.strip() == message
+
+
+@pytest.mark.parametrize("model_class, config, expected", [
+    ("BertForMaskedLM", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                         "intermediate_size": 64}, ["BertLayer"]),  # not BertEmbeddings (tied to the decoder)
+    ("GPT2LMHeadModel", {"n_embd": 32, "n_layer": 2, "n_head": 2}, ["GPT2Block"]),
+])
+def test_fsdp_wraps_the_model_own_blocks_when_the_yaml_names_none(model_class, config, expected):
+    """The shipped FSDP YAMLs name no fsdp_transformer_layer_cls_to_wrap: one YAML serves every model."""
+    from types import SimpleNamespace
+
+    import transformers
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from trainer.distributed import name_fsdp_blocks
+
+    cls = getattr(transformers, model_class)
+    model = cls(cls.config_class(vocab_size=100, **config))
+    plugin = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=None)
+    name_fsdp_blocks(plugin, model)
+    assert plugin.transformer_cls_names_to_wrap == expected
+    named = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=["X"])
+    name_fsdp_blocks(named, model)  # a class the YAML names wins
+    assert named.transformer_cls_names_to_wrap == ["X"]

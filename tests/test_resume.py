@@ -7,25 +7,18 @@ import signal
 import pytest
 
 from conftest import read_results, run_job
-from resume_helpers import (STEPS, assert_same_run, assert_sharded_stop_and_resume_is_exact, resume_args,
-                            samples_per_step, start_job, wait_for_path, with_env)
-
-
-def baseline(corpus, tokenizer_dir, job_env, directory, nproc):
-    out, samples = directory / "run", directory / "samples"
-    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, out, nproc), with_env(job_env, TRAINER_DEBUG_SAMPLE_LOG=
-                                                                                    samples), nproc=nproc)
-    return out, samples
+from resume_helpers import (STEPS, assert_same_run, resume_args, samples_per_step, start_job, uninterrupted_run,
+                            wait_for_path, with_env)
 
 
 @pytest.fixture(scope="module")
 def single_process_baseline(corpus, tokenizer_dir, job_env, tmp_path_factory):
-    return baseline(corpus, tokenizer_dir, job_env, tmp_path_factory.mktemp("baseline1"), 1)
+    return uninterrupted_run(corpus, tokenizer_dir, job_env, tmp_path_factory.mktemp("baseline1"), 1)
 
 
 @pytest.fixture(scope="module")
-def two_process_baseline(corpus, tokenizer_dir, job_env, tmp_path_factory):
-    return baseline(corpus, tokenizer_dir, job_env, tmp_path_factory.mktemp("baseline2"), 2)
+def two_process_baseline(two_process_resume_run):
+    return two_process_resume_run
 
 
 def trainer_state(checkpoint) -> dict:
@@ -133,13 +126,3 @@ def test_torchrun_restarts_killed_worker_and_resumes_to_the_same_parameters(
     assert job.returncode == 0, output[-4000:]
     assert "resuming from the newest complete one" in output
     assert_same_run(two_process_baseline[0], out)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero3"])
-def test_deepspeed_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(stage, corpus, tokenizer_dir,
-                                                                                 job_env, tmp_path):
-    """Under ZeRO every rank writes its shard of model and optimizer state into the checkpoint and reads it back."""
-    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", f"{stage}.json")
-    assert_sharded_stop_and_resume_is_exact(corpus, tokenizer_dir, job_env, tmp_path, "deepspeed",
-                                            extra=["--deepspeed", config])

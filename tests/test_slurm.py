@@ -1,9 +1,10 @@
 """The sbatch scripts in slurm/, run on a real single-node Slurm cluster that tests/slurm/cluster.sh brings up.
 
 CPU variant (TRAINER_DEVICE=cpu: gloo, no GPU requested), 2 processes per node on the cluster's 2 CPUs, one job at
-a time. All training runs share one configuration, so every run with 2 processes must end with the same
+a time. All trainer.mlm runs share one configuration, so every run with 2 processes must end with the same
 parameters: the single-node job is the reference for the pre-empted multi-node job and for two torchrun agents
-meeting through the scripts' rendezvous code outside Slurm.
+meeting through the scripts' rendezvous code outside Slurm. The DeepSpeed script runs trainer.clm (`--job clm`):
+the scripts take the job as a parameter.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 import pytest
 
 from classify_helpers import sentiment  # noqa: F401 (a fixture)
+from clm_helpers import bpe_tokenizer_dir, clm_args  # noqa: F401 (a fixture)
 from conftest import REPO_ROOT, TINY_BERT, mlm_args, read_results
 from resume_helpers import assert_same_parameters, wait_for_path
 
@@ -23,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 CLUSTER_SCRIPT = os.path.join(REPO_ROOT, "tests", "slurm", "cluster.sh")
 SCRIPTS = {name: os.path.join(REPO_ROOT, "slurm", f"{name}.sbatch")
-           for name in ("mlm_single_node", "mlm_multi_node", "mlm_deepspeed", "classify")}
+           for name in ("single_node", "multi_node", "deepspeed", "classify",
+                        "mlm_single_node", "mlm_multi_node", "mlm_deepspeed")}  # the last three: the old names
 STEPS, SAVE_STEPS = 20, 10
 
 
@@ -69,10 +72,10 @@ def run_sbatch(script: str, args: list[str], env: dict, workdir, *options: str) 
     return text
 
 
-def assert_loadable_model(output_dir) -> None:
-    from transformers import AutoModelForMaskedLM
+def assert_loadable_model(output_dir, job: str = "mlm") -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    model = AutoModelForMaskedLM.from_pretrained(str(output_dir))
+    model = (AutoModelForMaskedLM if job == "mlm" else AutoModelForCausalLM).from_pretrained(str(output_dir))
     assert model.config.hidden_size == 32
     results = read_results(output_dir)
     assert results["eval_perplexity"] < results["init_eval_perplexity"]
@@ -83,7 +86,7 @@ def single_node_run(corpus, tokenizer_dir, slurm_env, tmp_path_factory):
     """The reference: an uninterrupted single-node job with 2 processes."""
     workdir = tmp_path_factory.mktemp("single-node")
     output_dir = workdir / "out"
-    log = run_sbatch("mlm_single_node", training_args(corpus, tokenizer_dir, output_dir), slurm_env, workdir)
+    log = run_sbatch("single_node", training_args(corpus, tokenizer_dir, output_dir), slurm_env, workdir)
     return output_dir, log
 
 
@@ -99,13 +102,13 @@ def test_multi_node_script_is_preempted_requeued_and_resumes_to_the_uninterrupte
     output_dir = tmp_path / "out"
     # Each save pauses 2 s, so the job is certainly still training when the signal arrives during the first one.
     env = {**slurm_env, "TRAINER_FAULT_SLEEP_IN_SAVE": "2"}
-    command = sbatch_command("mlm_multi_node", training_args(corpus, tokenizer_dir, output_dir))
+    command = sbatch_command("multi_node", training_args(corpus, tokenizer_dir, output_dir))
     job = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job_id = job.stdout.readline().strip()
     wait_for_path(output_dir / f"checkpoint-{SAVE_STEPS}.tmp", job)
     subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], env=env, check=True, timeout=60)
     _, stderr = job.communicate(timeout=600)
-    text = (tmp_path / f"mlm-multi-node-{job_id}.out").read_text()  # both runs append to the script's log
+    text = (tmp_path / f"trainer-multi-node-{job_id}.out").read_text()  # both runs append to the script's log
     assert job.returncode == 0, f"sbatch exited {job.returncode}: {stderr}\n--- job log\n{text[-6000:]}"
 
     # Slurm -> batch shell -> srun -> torchrun -> both workers: all stop and save the same step, then requeue.
@@ -147,7 +150,7 @@ def test_rendezvous_of_the_scripts_joins_two_torchrun_agents_on_localhost(
             'exec python3 -m torch.distributed.run "${TRAINER_TORCHRUN[@]}" -m trainer.mlm "$@"')
     env = {**job_env, "SLURM_JOB_ID": str(free_rendezvous_job_id()), "SLURM_JOB_NUM_NODES": "2",
            "TRAINER_RDZV_HOST": "127.0.0.1", "TRAINER_DEVICE": "cpu", "TRAINER_NPROC_PER_NODE": "1"}
-    agents = [subprocess.Popen(["bash", "-c", node, SCRIPTS["mlm_multi_node"],
+    agents = [subprocess.Popen(["bash", "-c", node, SCRIPTS["multi_node"],
                                 *training_args(corpus, tokenizer_dir, output_dir)],
                                env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for _ in range(2)]
@@ -159,14 +162,15 @@ def test_rendezvous_of_the_scripts_joins_two_torchrun_agents_on_localhost(
     assert_same_parameters(output_dir, single_node_run[0])  # 2 agents x 1 process == 1 node x 2 processes
 
 
-def test_deepspeed_script_trains_zero2_and_leaves_a_loadable_model(corpus, tokenizer_dir, slurm_env, tmp_path):
+def test_deepspeed_script_trains_clm_with_zero2_and_leaves_a_loadable_model(corpus, bpe_tokenizer_dir, slurm_env,
+                                                                             tmp_path):
     output_dir = tmp_path / "out"
-    log = run_sbatch("mlm_deepspeed", mlm_args(corpus, tokenizer_dir, output_dir, "--max_steps", "4",
-                                               "--per_device_train_batch_size", "4"), slurm_env, tmp_path)
-    assert re.search(r"--rdzv_backend=c10d .* -m trainer.mlm --deepspeed \S+/ds_configs/zero2.json ", log), log[:3000]
+    args = clm_args(corpus, bpe_tokenizer_dir, output_dir, "--max_steps", "4", "--per_device_train_batch_size", "4")
+    log = run_sbatch("deepspeed", ["--job", "clm", *args], slurm_env, tmp_path)
+    assert re.search(r"--rdzv_backend=c10d .* -m trainer.clm --deepspeed \S+/ds_configs/zero2.json ", log), log[:3000]
     assert "deepspeed_shm_comm_op" in log  # DeepSpeed's own communication ran
     assert read_results(output_dir)["train_steps"] == 4
-    assert_loadable_model(output_dir)
+    assert_loadable_model(output_dir, "clm")
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -176,6 +180,10 @@ BAD_INPUT = {
     "no training data": (["--output_dir", "out"], {}, "give the training data"),
     "GPU wanted, none allocated": (["--train_file", "train.txt", "--output_dir", "out"], {"TRAINER_DEVICE": "gpu"},
                                    "no GPUs allocated"),
+    "unknown job": (["--job", "gpt", "--train_file", "train.txt", "--output_dir", "out"], {},
+                    "unknown job 'gpt': choose one of mlm clm classify"),
+    "unknown job from the environment": (["--train_file", "train.txt", "--output_dir", "out"],
+                                         {"TRAINER_JOB": "trainer.gpt"}, "unknown job 'trainer.gpt'"),
 }
 
 
@@ -199,6 +207,7 @@ def test_bad_input_prints_usage_and_exits_2_before_starting_anything(script, cas
 
 def test_bad_input_fails_the_submitted_job_with_the_usage_in_its_log(slurm_env, tmp_path):
     log = tmp_path / "bad.log"
+    # Submitted under its old name (a link to single_node.sbatch): existing commands keep working.
     result = subprocess.run(sbatch_command("mlm_single_node", ["--train_file", "train.txt"], log), env=slurm_env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

@@ -220,11 +220,30 @@ def describe_parallelism(accelerator) -> str:
     return f"{kind} ({dist.get_backend()})"
 
 
-def prepare_deepspeed_for_model(accelerator, hf_config) -> None:
-    """Fill the config values that depend on the model (bucket sizes) before `accelerator.prepare`."""
-    hidden_size = getattr(hf_config, "hidden_size", None)
+def prepare_for_model(accelerator, hf_model) -> None:
+    """Fill what DeepSpeed and FSDP need to know of the model before `accelerator.prepare`: DeepSpeed's bucket
+    sizes (from the width), FSDP's transformer block classes (one FSDP unit each)."""
+    hidden_size = getattr(hf_model.config, "hidden_size", None)
     if uses_deepspeed(accelerator) and hidden_size:
         fill_hidden_size_values(accelerator.deepspeed_plugin.deepspeed_config, hidden_size)
+    if uses_fsdp(accelerator):
+        name_fsdp_blocks(accelerator.state.fsdp_plugin, hf_model)
+
+
+def name_fsdp_blocks(plugin, hf_model) -> None:
+    """With TRANSFORMER_BASED_WRAP and no `fsdp_transformer_layer_cls_to_wrap`, accelerate wraps the classes in
+    `_no_split_modules` of the module it prepares, which is the job's task wrapper and has none: the model would
+    be one FSDP unit. Name the Hugging Face model's blocks instead: the class of its longest layer list (BertLayer,
+    GPT2Block, LlamaDecoderLayer), so one YAML serves every model. Not the model's own `_no_split_modules`: BERT's
+    also holds BertEmbeddings, whose word embeddings are tied to the MLM decoder in the root unit."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+    if policy is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap:
+        return
+    layer_lists = [module for module in hf_model.modules() if isinstance(module, torch.nn.ModuleList) and len(module)]
+    names = [type(max(layer_lists, key=len)[0]).__name__] if layer_lists else []
+    plugin.transformer_cls_names_to_wrap = names or list(getattr(hf_model, "_no_split_modules", None) or [])
 
 
 def parameters_sharded(accelerator) -> bool:

@@ -23,7 +23,7 @@ from trainer.data import EpochBatches, loader_workers, make_loader
 from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward, clip_gradients,
                                  describe_parallelism, describe_threads, full_state_dict, host_sum,
                                  parameters_sharded,
-                                 prepare_deepspeed_for_model, set_gradient_sync, shard_for_evaluation,
+                                 prepare_for_model, set_gradient_sync, shard_for_evaluation,
                                  sharded_checkpoint_functions)
 from trainer.errors import JobStopped, require
 from trainer.fault_injection import FaultInjection
@@ -105,7 +105,7 @@ class Engine:
         if args.torch_compile:
             compile_blocks(task.hf_model, args.torch_compile_backend, args.torch_compile_mode, task.eager_modules)
         optimizer = build_optimizer(task.model, args)
-        prepare_deepspeed_for_model(accelerator, task.hf_model.config)
+        prepare_for_model(accelerator, task.hf_model)
         self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
         self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
