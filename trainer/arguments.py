@@ -285,7 +285,7 @@ def job_parser(dataclass_types, default_config: str | None):
 
     class Parser(HfArgumentParser):
         def error(self, message):  # argparse prints the whole usage and exits 2; we want one line
-            message = re.sub(r"^argument (--\w+)/--[\w-]+:", r"\1:", message).rstrip(". ")
+            message = re.sub(r"^argument (--\w+)(?:/--[\w-]+)*:", r"\1:", message).rstrip(". ")
             raise UsageError(f"{message}; see {self.prog} --help")
 
     prog = f"python -m {job_module(dataclass_types)}"

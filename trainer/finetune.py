@@ -33,7 +33,7 @@ STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "gradual_unfreeze")
 class FinetuneArguments:
     """Which parameters train; shared by every job that fine-tunes (classify, clm)."""
 
-    finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + ".",
+    finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + " (alias: --strategy).",
                                  choices=list(STRATEGIES), aliases=["--strategy"])
     freeze_layers: int = arg(0, "freeze: number of lowest encoder layers frozen (the embeddings always are).")
     unfreeze_every: int = arg(1, "gradual_unfreeze: open one more layer every this many --unfreeze_unit.")
