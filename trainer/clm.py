@@ -254,8 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process and ft_args.merge_adapters:
         export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
     finish_job(engine, metrics, data_args, {"task": "causal language modelling", "pipeline_tag": "text-generation"},
-               f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}; model saved "
-               f"to {training_args.output_dir}")
+               f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}")
     return metrics
 
 
