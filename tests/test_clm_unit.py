@@ -57,21 +57,24 @@ def test_packed_block_loss_equals_the_sum_of_its_documents_losses(chunk, attenti
     assert not torch.isclose(crossing, packed_loss, rtol=1e-3)
 
 
-def test_chunked_loss_and_gradients_equal_the_plain_model():
-    """Output layer + cross-entropy in checkpointed chunks (7 rows; not dividing the row count) give the HF model's
-    own loss and gradients, without ever computing more than 7 rows of logits."""
+def test_chunked_loss_and_gradients_equal_the_plain_model(monkeypatch):
+    """Output layer + cross-entropy in fused chunks (7 rows; not dividing the row count) give the HF model's own
+    loss and gradients, computing each chunk's logits once and never more than 7 rows of them."""
+    import trainer.fused_loss
+
     ids = torch.randint(1, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
     reference = tiny_gpt2(VOCAB).train()
     (reference(input_ids=ids, labels=ids).loss * 3 * 15).backward()
     model = tiny_gpt2(VOCAB).train()
     widest = []
-    model.lm_head.register_forward_hook(lambda module, args, out: widest.append(out.shape[0]))
+    linear = trainer.fused_loss.linear
+    monkeypatch.setattr(trainer.fused_loss, "linear", lambda *a: widest.append(a[0].shape[0]) or linear(*a))
     batch = collate(ids.numpy(), packed=False)
     assert batch.pop("num_loss_items") == 3 * 15
     loss = CausalLMTask(model, chunk=7)(**batch)["loss_sum"]
     loss.backward()
     torch.testing.assert_close(loss, reference(input_ids=ids, labels=ids).loss.detach() * 45, rtol=1e-5, atol=0)
-    assert max(widest) == 7 and len(widest) == 2 * 7  # 45 rows: 7 chunks, each run again in the backward
+    assert max(widest) == 7 and len(widest) == 7  # 45 rows: 7 chunks, none run again in the backward
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         relative = float((p.grad - q.grad).norm() / q.grad.norm().clamp(min=1e-30))
         assert relative <= 1e-5, f"{name}: {relative:.1e}"
@@ -84,6 +87,21 @@ def test_chunked_cross_entropy_matches_one_pass_for_any_chunk():
         expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
         for chunk in (3, 10, 64):  # several chunks, exactly one, fewer rows than one
             torch.testing.assert_close(chunked_cross_entropy(hidden, head, targets, chunk), expected)
+
+
+@pytest.mark.parametrize("bias, frozen_head", [(True, False), (False, True)])
+def test_fused_loss_gives_the_plain_loss_and_gradients_for_any_chunk(bias, frozen_head):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 13, bias=bias).requires_grad_(not frozen_head)
+    hidden, targets = torch.randn(10, 8, requires_grad=True), torch.randint(0, 13, (10,))
+    wanted = [hidden] + ([] if frozen_head else list(head.parameters()))
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    expected_grads = torch.autograd.grad(expected * 0.7, wanted)
+    for chunk in (3, 10, 64):  # several chunks, exactly one, fewer rows than one
+        loss = chunked_cross_entropy(hidden, head, targets, chunk)
+        torch.testing.assert_close(loss, expected)
+        for got, want in zip(torch.autograd.grad(loss * 0.7, wanted), expected_grads):
+            torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("model_type, config", [
