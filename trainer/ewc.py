@@ -135,7 +135,8 @@ class ElasticWeightConsolidation:
         self.strength = strength
         parameters = dict(task_model.named_parameters())
         missing = [name for name in self.fisher if name not in parameters]
-        require(not missing, f"--ewc_from {directory}: {len(missing)} of its {len(self.fisher)} parameters are not in "
+        if missing:
+            raise UsageError(f"--ewc_from {directory}: {len(missing)} of its {len(self.fisher)} parameters are not in "
                              f"this model (e.g. {missing[0]}); give the output directory of a run of the same model "
                              f"and job")
         for name, value in self.fisher.items():

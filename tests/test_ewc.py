@@ -1,0 +1,260 @@
+"""EWC in the engine (trainer.ewc): the penalty's gradient by value, once per optimizer step, exact resume, bad
+input; and under real processes the Fisher summed exactly over ranks and the penalty on ZeRO-3 and FSDP2 shards.
+
+The in-process tests build trainer.mlm's engine (the tests' tiny BERT without dropout) and read the gradient the
+update uses at `optimizer.step`. The EWC file they load is made up (a random positive Fisher, an anchor away from
+the initial weights), so the penalty's gradient is as large as the data's and cannot hide in a tolerance.
+"""
+import copy
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY_BERT, accelerate_launch, fails_cleanly, mlm_args, read_history, run_job
+from test_gpu_step import engine_for
+from trainer.ewc import ANCHOR, FISHER, FISHER_FILE
+
+STRENGTH = 0.25  # the penalty's gradient then about as large as the data's (norms ~1.7 and ~1.7)
+
+
+@pytest.fixture
+def in_process(job_env, monkeypatch):
+    for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(key, job_env[key])
+
+
+@pytest.fixture(scope="module")
+def made_up_fisher(corpus, tokenizer_dir, job_env, tmp_path_factory) -> str:
+    """A directory holding FISHER_FILE for the tiny BERT of `mlm_args`: F ~ U(0, 1), theta* = theta_0 + 0.05 N(0, 1)."""
+    directory = tmp_path_factory.mktemp("made-up-fisher")
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
+            patch.setenv(key, job_env[key])
+        engine = engine_for(mlm_args(corpus, tokenizer_dir, directory / "unused", "--max_steps", "1",
+                                     "--peak_tflops", "1"))
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, parameter in engine.accelerator.unwrap_model(engine.model).named_parameters():
+        tensors[FISHER + name] = torch.rand(parameter.shape, generator=generator)
+        tensors[ANCHOR + name] = parameter.detach() + 0.05 * torch.randn(parameter.shape, generator=generator)
+    save_file(tensors, str(directory / FISHER_FILE))
+    return str(directory)
+
+
+def ewc_engine(corpus, tokenizer_dir, fisher_dir, output_dir, *extra):
+    return engine_for(mlm_args(corpus, tokenizer_dir, output_dir, "--max_steps", "4", "--max_grad_norm", "0",
+                               "--peak_tflops", "1", "--max_eval_samples", "8",
+                               "--ewc_from", fisher_dir, "--ewc_lambda", str(STRENGTH), *extra))
+
+
+def one_step(engine):
+    """The gradients the update of one optimizer step uses ({name: tensor}), and the step's logging window."""
+    from trainer.engine import Window
+
+    named = list(engine.accelerator.unwrap_model(engine.model).named_parameters())
+    seen = {}
+
+    def read_gradients(*_):
+        seen.update({name: parameter.grad.clone() for name, parameter in named if parameter.grad is not None})
+
+    engine.optimizer.optimizer.register_step_pre_hook(read_gradients)
+    batches, window = engine.micro_batches(), Window(engine.accelerator.device)
+    engine.optimizer_step([next(batches) for _ in range(engine.args.gradient_accumulation_steps)], window)
+    return seen, window
+
+
+def test_penalty_gradient_is_the_autograd_gradient_of_the_penalty(corpus, tokenizer_dir, made_up_fisher, tmp_path,
+                                                                  in_process):
+    engine = ewc_engine(corpus, tokenizer_dir, made_up_fisher, tmp_path / "run", "--per_device_train_batch_size", "8")
+    model = engine.accelerator.unwrap_model(engine.model)
+    named = dict(model.named_parameters())
+    batch = next(engine.micro_batches())
+    # By hand, on the parameters before the step: d(mean data loss) + d((L/2) sum F (theta - theta*)^2).
+    items = batch["num_loss_items"]
+    inputs = {k: v for k, v in copy.deepcopy(batch).items() if k not in ("num_loss_items", "sample_id")}
+    data = torch.autograd.grad(model(**inputs)["loss_sum"] / items, list(named.values()))
+    saved = load_file(os.path.join(made_up_fisher, FISHER_FILE))
+    thetas = {name: p.detach().clone().requires_grad_() for name, p in named.items()}
+    penalty = STRENGTH / 2 * sum((saved[FISHER + n] * (t - saved[ANCHOR + n]) ** 2).sum() for n, t in thetas.items())
+    by_hand = dict(zip(thetas, torch.autograd.grad(penalty, list(thetas.values()))))
+    engine.micro_batches = lambda: iter([batch])
+    gradients, window = one_step(engine)
+    assert gradients.keys() == named.keys()
+    for (name, expected_data), expected_penalty in zip(zip(named, data), by_hand.values()):
+        torch.testing.assert_close(gradients[name], expected_data + expected_penalty, rtol=1e-5, atol=1e-7)
+    assert window.ewc_penalty.item() == pytest.approx(penalty.item(), rel=1e-6)  # (by hand: a float32 sum)
+    penalty_norm = sum(float(g.norm() ** 2) for g in by_hand.values()) ** 0.5
+    data_norm = sum(float(g.norm() ** 2) for g in data) ** 0.5
+    assert penalty_norm > 0.3 * data_norm  # the penalty's part is no rounding error
+
+
+def test_penalty_is_added_once_per_optimizer_step_not_per_micro_batch(corpus, tokenizer_dir, made_up_fisher,
+                                                                      tmp_path, in_process):
+    """One optimizer step of 8 samples: batch 8 x accumulation 1 and batch 2 x accumulation 4 use one gradient."""
+    whole, _ = one_step(ewc_engine(corpus, tokenizer_dir, made_up_fisher, tmp_path / "whole",
+                                   "--per_device_train_batch_size", "8"))
+    split, window = one_step(ewc_engine(corpus, tokenizer_dir, made_up_fisher, tmp_path / "split",
+                                        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"))
+    assert whole.keys() == split.keys()
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7)
+    assert window.ewc_penalty.item() > 0
+
+
+def test_resume_with_ewc_is_bit_exact_and_logs_the_same_penalties(corpus, tokenizer_dir, made_up_fisher, tmp_path,
+                                                                  in_process):
+    """Stopped at step 2 inside a 3-step logging window: the checkpoint carries the window's penalty sum."""
+    from conftest import load_parameters
+
+    extra = ("--logging_steps", "3", "--save_steps", "2", "--per_device_train_batch_size", "4")
+    uninterrupted = tmp_path / "uninterrupted"
+    ewc_engine(corpus, tokenizer_dir, made_up_fisher, uninterrupted, *extra).train()
+    resumed = tmp_path / "resumed"
+    ewc_engine(corpus, tokenizer_dir, made_up_fisher, resumed, *extra, "--resume_from_checkpoint",
+               str(uninterrupted / "checkpoint-2")).train()
+    expected, actual = load_parameters(uninterrupted), load_parameters(resumed)
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+    def penalties(directory):
+        return [(r["step"], r["train_ewc_penalty"]) for r in read_history(directory) if "train_ewc_penalty" in r]
+
+    assert penalties(resumed)[-1] == penalties(uninterrupted)[-1] and penalties(uninterrupted)[-1][0] == 4
+    assert penalties(uninterrupted)[0][1] > 0
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("flags, message", [
+    (["--ewc_from", "{missing}", "--ewc_lambda", "1"], "error: --ewc_from {missing}: no such directory"),
+    (["--ewc_from", "{empty}", "--ewc_lambda", "1"],
+     f"error: --ewc_from {{empty}} holds no {FISHER_FILE}; train the earlier task with --save_fisher"),
+    (["--ewc_from", "{fisher}", "--ewc_lambda", "-1"], "error: --ewc_lambda must be a number >= 0, got -1.0"),
+    (["--ewc_from", "{fisher}", "--ewc_lambda", "nan"], "error: --ewc_lambda must be a number >= 0, got nan"),
+    (["--ewc_from", "{fisher}"], "error: --ewc_from DIR and --ewc_lambda L go together: give both (EWC) or neither"),
+    (["--ewc_lambda", "1"], "error: --ewc_from DIR and --ewc_lambda L go together: give both (EWC) or neither"),
+    (["--save_fisher", "--fisher_samples", "0"], "error: --fisher_samples must be positive, got 0"),
+], ids=["missing_dir", "no_file", "negative_lambda", "nan_lambda", "no_lambda", "lambda_alone", "no_samples"])
+def test_bad_ewc_arguments_are_refused_before_anything_is_written(corpus, tokenizer_dir, made_up_fisher, tmp_path,
+                                                                  capsys, in_process, flags, message):
+    from trainer.mlm import main
+
+    paths = {"missing": str(tmp_path / "missing"), "empty": str(tmp_path), "fisher": made_up_fisher}
+    out = tmp_path / "out"
+    argv = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1") + [flag.format(**paths) for flag in flags]
+    assert fails_cleanly(main, argv, capsys) == message.format(**paths)
+    assert not out.exists()
+
+
+def edited_fisher(source: str, directory, edit) -> str:
+    """A copy of `source`'s FISHER_FILE in `directory`, its tensors changed by `edit(dict)`."""
+    tensors = load_file(os.path.join(source, FISHER_FILE))
+    edit(tensors)
+    directory.mkdir()
+    save_file(tensors, str(directory / FISHER_FILE))
+    return str(directory)
+
+
+def renamed(tensors):
+    for prefix in (FISHER, ANCHOR):
+        tensors[prefix + "hf_model.bert.no_such.weight"] = tensors.pop(prefix + "hf_model.bert.embeddings.LayerNorm.bias")
+
+
+def reshaped(tensors):
+    for prefix in (FISHER, ANCHOR):
+        tensors[prefix + "hf_model.cls.predictions.bias"] = torch.zeros(7)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (renamed, "parameters are not in this model (e.g. hf_model.bert.no_such.weight); give the output directory of a "
+              "run of the same model and job"),
+    (reshaped, "hf_model.cls.predictions.bias has shape (7,) there but (1024,) in this model (e.g. another label set "
+               "or vocabulary); EWC needs the same architecture"),
+    (None, "cannot read"),
+], ids=["unknown_name", "other_shape", "not_safetensors"])
+def test_an_ewc_file_that_does_not_fit_the_model_is_refused(corpus, tokenizer_dir, made_up_fisher, tmp_path, capsys,
+                                                           in_process, edit, message):
+    from trainer.mlm import main
+
+    if edit is None:
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / FISHER_FILE).write_text("not a safetensors file")
+        directory = str(tmp_path / "bad")
+    else:
+        directory = edited_fisher(made_up_fisher, tmp_path / "bad", edit)
+    out = tmp_path / "out"
+    argv = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1", "--ewc_from", directory, "--ewc_lambda", "1")
+    line = fails_cleanly(main, argv, capsys)
+    assert line.startswith(f"error: --ewc_from {directory}") and message in line, line
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- real processes
+SHARDED_RUN = ("--max_steps", "4", "--gradient_accumulation_steps", "2", "--save_fisher", "--fisher_samples", "12")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(corpus, tokenizer_dir, job_env, made_up_fisher, tmp_path_factory) -> dict:
+    """{name: output dir}: one job with EWC (the made-up file) and --save_fisher under ZeRO-3 and under FSDP2 (2
+    processes each, batch 2 per device x accumulation 2), and in this process on one (batch 4 x accumulation 2)."""
+    from conftest import REPO_ROOT
+
+    root = tmp_path_factory.mktemp("ewc-sharded")
+
+    def args(name, per_device):
+        return mlm_args(corpus, tokenizer_dir, root / name, *SHARDED_RUN, "--per_device_train_batch_size",
+                        str(per_device), "--ewc_from", made_up_fisher, "--ewc_lambda", str(STRENGTH))
+
+    run_job("trainer.mlm", [*args("zero3", 2), "--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")],
+            job_env, nproc=2)
+    run_job("trainer.mlm", args("fsdp2", 2), job_env, launcher=accelerate_launch("cpu_fsdp2.yaml"))
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
+            patch.setenv(key, job_env[key])
+        engine_for(args("single", 4)).train()
+    return {name: root / name for name in ("single", "zero3", "fsdp2")}
+
+
+def fisher_of_model(corpus, tokenizer_dir, model_dir, output_dir) -> dict:
+    """The Fisher of `model_dir`'s weights on the same 12 training samples, in this process (world size 1)."""
+    args = [a for a in mlm_args(corpus, tokenizer_dir, output_dir, *SHARDED_RUN) if a not in TINY_BERT]
+    engine = engine_for([*args, "--model_name_or_path", str(model_dir)])
+    os.makedirs(output_dir, exist_ok=True)
+    engine.save_fisher(str(output_dir))
+    return load_file(os.path.join(output_dir, FISHER_FILE))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_ewc_on_sharded_parameters_matches_one_process(sharded_runs, name):
+    """ZeRO-3 partitions and FSDP2 shards: the same penalties logged and the same trained weights as one process."""
+    from conftest import load_parameters, relative_difference
+
+    def penalties(directory):
+        return [r["train_ewc_penalty"] for r in read_history(directory) if "train_ewc_penalty" in r]
+
+    reference = penalties(sharded_runs["single"])
+    assert len(reference) == 4 and reference[-1] > 0
+    assert penalties(sharded_runs[name]) == pytest.approx(reference, rel=1e-5)
+    difference = relative_difference(load_parameters(sharded_runs["single"]), load_parameters(sharded_runs[name]))
+    assert difference <= 1e-5, f"{name} differs from one process by {difference:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
+def test_fisher_of_two_processes_equals_one_process_by_value(sharded_runs, corpus, tokenizer_dir, tmp_path,
+                                                            in_process, name):
+    """The Fisher the 2-process run wrote (each rank 6 of the 12 samples, summed in float64) against the Fisher of
+    the same saved weights in one process; its anchors are the saved weights."""
+    from conftest import load_parameters
+
+    written = load_file(os.path.join(sharded_runs[name], FISHER_FILE))
+    alone = fisher_of_model(corpus, tokenizer_dir, sharded_runs[name], tmp_path / "alone")
+    assert written.keys() == alone.keys()
+    for key in written:
+        torch.testing.assert_close(written[key], alone[key], rtol=1e-5, atol=1e-12)
+    weights = load_parameters(sharded_runs[name])
+    assert torch.equal(written[ANCHOR + "hf_model.bert.embeddings.word_embeddings.weight"],
+                       weights["bert.embeddings.word_embeddings.weight"])
+    fisher = [value for key, value in written.items() if key.startswith(FISHER)]
+    assert all((value >= 0).all() for value in fisher) and sum(float(value.sum()) for value in fisher) > 0
