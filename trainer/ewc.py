@@ -116,7 +116,8 @@ def read_fisher(directory: str) -> tuple[dict, dict]:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"--ewc_from: cannot read {path} ({message}); write it again with --save_fisher") from None
+        raise UsageError(f"--ewc_from {directory}: cannot read its {FISHER_FILE} ({message}); write it again with "
+                         f"--save_fisher") from None
     fisher = {key[len(FISHER):]: value for key, value in tensors.items() if key.startswith(FISHER)}
     anchors = {key[len(ANCHOR):]: value for key, value in tensors.items() if key.startswith(ANCHOR)}
     require(fisher and fisher.keys() == anchors.keys(),
