@@ -1,9 +1,10 @@
-"""EWC in the engine (trainer.ewc): the penalty's gradient by value, once per optimizer step, exact resume, bad
-input; and under real processes the Fisher summed exactly over ranks and the penalty on ZeRO-3 and FSDP2 shards.
+"""EWC in the engine (trainer.ewc), in this process: the penalty's gradient by value, once per optimizer step,
+exact resume, bad input. trainer.mlm's engine (the tests' tiny BERT without dropout) with a made-up EWC file
+(ewc_helpers); the gradient the update uses is read at the optimizer's step.
 
-The in-process tests build trainer.mlm's engine (the tests' tiny BERT without dropout) and read the gradient the
-update uses at `optimizer.step`. The EWC file they load is made up (a random positive Fisher, an anchor away from
-the initial weights), so the penalty's gradient is as large as the data's and cannot hide in a tolerance.
+Under real processes (test_clm_launch.py, whose DDP, ZeRO-3 and FSDP2 runs train with EWC and --save_fisher): the
+penalty on ZeRO-3 partitions and FSDP2 shards matches DDP, an FSDP2 run with EWC resumes bit-exactly, and the
+Fisher of 2 processes equals that of one by value.
 """
 import copy
 import os
@@ -12,41 +13,30 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_BERT, accelerate_launch, fails_cleanly, mlm_args, read_history, run_job
+from conftest import fails_cleanly, load_parameters, mlm_args, read_history
+from ewc_helpers import STRENGTH, ewc_flags, job_environment, write_made_up_fisher
 from test_gpu_step import engine_for
 from trainer.ewc import ANCHOR, FISHER, FISHER_FILE
-
-STRENGTH = 0.25  # the penalty's gradient then about as large as the data's (norms ~1.7 and ~1.7)
 
 
 @pytest.fixture
 def in_process(job_env, monkeypatch):
-    for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(key, job_env[key])
+    job_environment(monkeypatch, job_env)
 
 
 @pytest.fixture(scope="module")
 def made_up_fisher(corpus, tokenizer_dir, job_env, tmp_path_factory) -> str:
-    """A directory holding FISHER_FILE for the tiny BERT of `mlm_args`: F ~ U(0, 1), theta* = theta_0 + 0.05 N(0, 1)."""
     directory = tmp_path_factory.mktemp("made-up-fisher")
     with pytest.MonkeyPatch.context() as patch:
-        for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
-            patch.setenv(key, job_env[key])
+        job_environment(patch, job_env)
         engine = engine_for(mlm_args(corpus, tokenizer_dir, directory / "unused", "--max_steps", "1",
                                      "--peak_tflops", "1"))
-    generator = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, parameter in engine.accelerator.unwrap_model(engine.model).named_parameters():
-        tensors[FISHER + name] = torch.rand(parameter.shape, generator=generator)
-        tensors[ANCHOR + name] = parameter.detach() + 0.05 * torch.randn(parameter.shape, generator=generator)
-    save_file(tensors, str(directory / FISHER_FILE))
-    return str(directory)
+    return write_made_up_fisher(engine, directory)
 
 
 def ewc_engine(corpus, tokenizer_dir, fisher_dir, output_dir, *extra):
     return engine_for(mlm_args(corpus, tokenizer_dir, output_dir, "--max_steps", "4", "--max_grad_norm", "0",
-                               "--peak_tflops", "1", "--max_eval_samples", "8",
-                               "--ewc_from", fisher_dir, "--ewc_lambda", str(STRENGTH), *extra))
+                               "--peak_tflops", "1", "--max_eval_samples", "8", *ewc_flags(fisher_dir), *extra))
 
 
 def one_step(engine):
@@ -106,8 +96,6 @@ def test_penalty_is_added_once_per_optimizer_step_not_per_micro_batch(corpus, to
 def test_resume_with_ewc_is_bit_exact_and_logs_the_same_penalties(corpus, tokenizer_dir, made_up_fisher, tmp_path,
                                                                   in_process):
     """Stopped at step 2 inside a 3-step logging window: the checkpoint carries the window's penalty sum."""
-    from conftest import load_parameters
-
     extra = ("--logging_steps", "3", "--save_steps", "2", "--per_device_train_batch_size", "4")
     uninterrupted = tmp_path / "uninterrupted"
     ewc_engine(corpus, tokenizer_dir, made_up_fisher, uninterrupted, *extra).train()
@@ -187,74 +175,3 @@ def test_an_ewc_file_that_does_not_fit_the_model_is_refused(corpus, tokenizer_di
     line = fails_cleanly(main, argv, capsys)
     assert line.startswith(f"error: --ewc_from {directory}") and message in line, line
     assert not out.exists()
-
-
-# ------------------------------------------------------------------------------------------- real processes
-SHARDED_RUN = ("--max_steps", "4", "--gradient_accumulation_steps", "2", "--save_fisher", "--fisher_samples", "12")
-
-
-@pytest.fixture(scope="module")
-def sharded_runs(corpus, tokenizer_dir, job_env, made_up_fisher, tmp_path_factory) -> dict:
-    """{name: output dir}: one job with EWC (the made-up file) and --save_fisher under ZeRO-3 and under FSDP2 (2
-    processes each, batch 2 per device x accumulation 2), and in this process on one (batch 4 x accumulation 2)."""
-    from conftest import REPO_ROOT
-
-    root = tmp_path_factory.mktemp("ewc-sharded")
-
-    def args(name, per_device):
-        return mlm_args(corpus, tokenizer_dir, root / name, *SHARDED_RUN, "--per_device_train_batch_size",
-                        str(per_device), "--ewc_from", made_up_fisher, "--ewc_lambda", str(STRENGTH))
-
-    run_job("trainer.mlm", [*args("zero3", 2), "--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")],
-            job_env, nproc=2)
-    run_job("trainer.mlm", args("fsdp2", 2), job_env, launcher=accelerate_launch("cpu_fsdp2.yaml"))
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
-            patch.setenv(key, job_env[key])
-        engine_for(args("single", 4)).train()
-    return {name: root / name for name in ("single", "zero3", "fsdp2")}
-
-
-def fisher_of_model(corpus, tokenizer_dir, model_dir, output_dir) -> dict:
-    """The Fisher of `model_dir`'s weights on the same 12 training samples, in this process (world size 1)."""
-    args = [a for a in mlm_args(corpus, tokenizer_dir, output_dir, *SHARDED_RUN) if a not in TINY_BERT]
-    engine = engine_for([*args, "--model_name_or_path", str(model_dir)])
-    os.makedirs(output_dir, exist_ok=True)
-    engine.save_fisher(str(output_dir))
-    return load_file(os.path.join(output_dir, FISHER_FILE))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
-def test_ewc_on_sharded_parameters_matches_one_process(sharded_runs, name):
-    """ZeRO-3 partitions and FSDP2 shards: the same penalties logged and the same trained weights as one process."""
-    from conftest import load_parameters, relative_difference
-
-    def penalties(directory):
-        return [r["train_ewc_penalty"] for r in read_history(directory) if "train_ewc_penalty" in r]
-
-    reference = penalties(sharded_runs["single"])
-    assert len(reference) == 4 and reference[-1] > 0
-    assert penalties(sharded_runs[name]) == pytest.approx(reference, rel=1e-5)
-    difference = relative_difference(load_parameters(sharded_runs["single"]), load_parameters(sharded_runs[name]))
-    assert difference <= 1e-5, f"{name} differs from one process by {difference:.2e}"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["zero3", "fsdp2"])
-def test_fisher_of_two_processes_equals_one_process_by_value(sharded_runs, corpus, tokenizer_dir, tmp_path,
-                                                            in_process, name):
-    """The Fisher the 2-process run wrote (each rank 6 of the 12 samples, summed in float64) against the Fisher of
-    the same saved weights in one process; its anchors are the saved weights."""
-    from conftest import load_parameters
-
-    written = load_file(os.path.join(sharded_runs[name], FISHER_FILE))
-    alone = fisher_of_model(corpus, tokenizer_dir, sharded_runs[name], tmp_path / "alone")
-    assert written.keys() == alone.keys()
-    for key in written:
-        torch.testing.assert_close(written[key], alone[key], rtol=1e-5, atol=1e-12)
-    weights = load_parameters(sharded_runs[name])
-    assert torch.equal(written[ANCHOR + "hf_model.bert.embeddings.word_embeddings.weight"],
-                       weights["bert.embeddings.word_embeddings.weight"])
-    fisher = [value for key, value in written.items() if key.startswith(FISHER)]
-    assert all((value >= 0).all() for value in fisher) and sum(float(value.sum()) for value in fisher) > 0

@@ -54,8 +54,11 @@ class FisherPass:
     def __init__(self, task_model: torch.nn.Module, accelerator, samples: int):
         self.accelerator = accelerator
         self.samples = samples
-        # The teacher of a distillation job sits outside the module tree: shared by the copy, not duplicated.
-        shared = {id(value): value for value in vars(task_model).values() if isinstance(value, torch.nn.Module)}
+        # Modules held outside the module tree (a distillation teacher) are shared by the copy, not duplicated;
+        # aliases of the tree's own modules (e.g. clm's `inner`) are copied with it.
+        tree = {id(module) for module in task_model.modules()}
+        shared = {id(value): value for value in vars(task_model).values()
+                  if isinstance(value, torch.nn.Module) and id(value) not in tree}
         self.copy = copy.deepcopy(task_model, memo=shared) if sharded_state_name(accelerator) else None
 
     def compute(self, prepared_model, dataset, columns, collator, make_loader) -> tuple[dict, dict, int]:
