@@ -411,10 +411,9 @@ def clip_gradients(accelerator, model, max_norm: float):
 # needs this (`require_parameter_access`).
 def require_parameter_access(accelerator, what: str) -> None:
     """Refuse, with one line, a launcher whose parameters and gradients the helpers below cannot reach."""
-    require(not (uses_deepspeed(accelerator) and accelerator.deepspeed_plugin.zero_stage in (1, 2)),
-            f"{what} works under DDP, FSDP2 and DeepSpeed ZeRO-3, not yet under ZeRO-"
-            f"{accelerator.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else '?'}; use "
-            f"ds_configs/zero3.json or an FSDP2/DDP launch")
+    stage = accelerator.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
+    require(stage not in (0, 1, 2), f"{what} works under DDP, FSDP2 and DeepSpeed ZeRO-3, not yet under DeepSpeed "
+                                    f"ZeRO-{stage}; use ds_configs/zero3.json, an FSDP2 or a DDP launch")
 
 
 def zero3_partitioned(accelerator) -> bool:
