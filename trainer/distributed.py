@@ -412,7 +412,7 @@ def clip_gradients(accelerator, model, max_norm: float):
 def require_parameter_access(accelerator, what: str) -> None:
     """Refuse, with one line, a launcher whose parameters and gradients the helpers below cannot reach."""
     stage = accelerator.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
-    require(stage not in (0, 1, 2), f"{what} works under DDP, FSDP2 and DeepSpeed ZeRO-3, not yet under DeepSpeed "
+    require(stage not in (0,), f"{what} works under DDP, FSDP2 and DeepSpeed ZeRO-3, not yet under DeepSpeed "
                                     f"ZeRO-{stage}; use ds_configs/zero3.json, an FSDP2 or a DDP launch")
 
 
@@ -461,6 +461,13 @@ def add_to_local_gradient(accelerator, parameter: torch.nn.Parameter, delta: tor
         gradient = safe_get_local_grad(parameter) if parameter.requires_grad else None
         if gradient is not None:
             safe_set_local_grad(parameter, gradient + delta.to(gradient.dtype))
+        return gradient is not None
+    if uses_deepspeed(accelerator):  # ZeRO-1/2: whole parameters, gradients in the optimizer's partitions
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        gradient = safe_get_full_grad(parameter) if parameter.requires_grad else None
+        if gradient is not None:
+            safe_set_full_grad(parameter, gradient + delta.to(gradient.dtype))
         return gradient is not None
     if parameter.grad is None:
         return False
