@@ -406,27 +406,22 @@ def clip_gradients(accelerator, model, max_norm: float):
 # - one process, DDP: the whole parameter and its (synced) `.grad`;
 # - FSDP2: a DTensor whose local shard (`to_local`) is this rank's piece, and a DTensor gradient sharded alike;
 # - DeepSpeed ZeRO-3: a flat fp32 partition of the padded, flattened parameter (the optimizer's master copy), read
-#   and written through deepspeed.utils' local API (safe_get_local_fp32_param, safe_get/set_local_grad).
-# DeepSpeed ZeRO-1/2 keep gradients in the optimizer's own flat partitions too; they are refused by the code that
-# needs this (`require_parameter_access`).
-def require_parameter_access(accelerator, what: str) -> None:
-    """Refuse, with one line, a launcher whose parameters and gradients the helpers below cannot reach."""
-    stage = accelerator.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
-    require(stage not in (0,), f"{what} works under DDP, FSDP2 and DeepSpeed ZeRO-3, not yet under DeepSpeed "
-                                    f"ZeRO-{stage}; use ds_configs/zero3.json, an FSDP2 or a DDP launch")
-
-
+#   and written through deepspeed.utils' local API (safe_get_local_fp32_param, safe_get/set_local_grad);
+# - DeepSpeed ZeRO-1/2: the whole parameter, but the reduced gradient lives in the optimizer's flat partitions:
+#   deepspeed.utils' safe_get_full_grad assembles it (an all-reduce per parameter) and safe_set_full_grad writes
+#   back each rank's own fragment.
 def zero3_partitioned(accelerator) -> bool:
     return uses_deepspeed(accelerator) and accelerator.deepspeed_plugin.zero_stage == 3
 
 
 def parameters_whole_on_every_rank(accelerator) -> bool:
-    """One process or DDP: every rank holds every parameter whole (and identical), not a shard of it."""
+    """One process, DDP, ZeRO-1/2: every rank holds every parameter whole (and identical), not a shard of it."""
     return not (zero3_partitioned(accelerator) or uses_fsdp(accelerator))
 
 
 def local_values(accelerator, parameter: torch.nn.Parameter) -> torch.Tensor:
-    """This rank's piece of `parameter`, detached: all of it, its FSDP2 shard or its ZeRO-3 fp32 partition."""
+    """This rank's piece of `parameter`, detached: all of it, its FSDP2 shard or its ZeRO-3 fp32 partition (under
+    ZeRO-1/2 with bf16 the module's bf16 copy: the fp32 master weights are partitioned)."""
     if zero3_partitioned(accelerator):
         from deepspeed.utils import safe_get_local_fp32_param
 

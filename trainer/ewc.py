@@ -22,7 +22,7 @@ import os
 import torch
 
 from trainer.distributed import (add_to_local_gradient, all_reduce_sum, gather_full_parameters, local_part,
-                                 local_values, parameters_whole_on_every_rank, require_parameter_access,
+                                 local_values, parameters_whole_on_every_rank,
                                  shard_for_evaluation, sharded_state_name)
 from trainer.errors import UsageError, require
 
@@ -153,7 +153,6 @@ class ElasticWeightConsolidation:
 
     def place(self, accelerator, prepared_model) -> None:
         """Cut F and theta* to what this rank holds of each prepared parameter, on its device."""
-        require_parameter_access(accelerator, "--ewc_from")
         parameters = dict(trainable_parameters(accelerator.unwrap_model(prepared_model)))
         for name in sorted(self.fisher.keys() & parameters.keys()):
             parameter = parameters[name]
