@@ -190,9 +190,9 @@ class TrainingArguments:
                                         f"with --save_fisher ({FISHER_FILE} inside). Adds (L/2) sum_i F_i (theta_i - "
                                         f"theta*_i)^2 to the loss, once per optimizer step; logged as "
                                         f"train_ewc_penalty. Needs --ewc_lambda.")
-    ewc_lambda: Optional[float] = arg(None, "L, the EWC penalty's strength with --ewc_from (>= 0; 0 logs the penalty "
-                                            "without applying it). Larger keeps the earlier task better and learns "
-                                            "the new one less; try powers of ten against the two tasks' metrics.")
+    ewc_lambda: Optional[float] = arg(None, "L, the EWC penalty's strength with --ewc_from (>= 0; no default: it "
+                                            "depends on the Fisher's scale). Larger keeps the earlier task better and "
+                                            "learns the new one less; try powers of ten against both tasks' metrics.")
 
     def __post_init__(self):
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

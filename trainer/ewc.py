@@ -22,8 +22,8 @@ import os
 import torch
 
 from trainer.distributed import (add_to_local_gradient, all_reduce_sum, gather_full_parameters, local_part,
-                                 local_values, parameters_whole_on_every_rank,
-                                 shard_for_evaluation, sharded_state_name)
+                                 local_values, parameters_whole_on_every_rank, shard_for_evaluation,
+                                 sharded_state_name)
 from trainer.errors import UsageError, require
 
 FISHER_FILE = "ewc_fisher.safetensors"  # in the output directory: "fisher/<name>" and "anchor/<name>" tensors
