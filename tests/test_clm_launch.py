@@ -6,15 +6,23 @@ under `accelerate launch` match it (global relative parameter difference <= 1e-5
 test_fsdp.py) and export a model that loads with the weights tied, as DDP's does; an FSDP2 run stopped by a
 signal and resumed ends bit-identical. bf16 under `accelerate launch` with ZeRO-2 is in test_launch.py, torchrun
 with ZeRO-2 in test_slurm.py.
+
+Every run trains with EWC (a made-up file, ewc_helpers) and ends with --save_fisher, so the same comparisons show
+the penalty on ZeRO-3 partitions and FSDP2 shards matching DDP, the resume exact with it, and the Fisher summed
+exactly over ranks (2 processes against 1, by value).
 """
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from clm_helpers import bpe_tokenizer_dir  # noqa: F401 (a fixture)
 from conftest import REPO_ROOT, deepspeed_launch, load_parameters, read_history, relative_difference
-from resume_helpers import assert_sharded_stop_and_resume_is_exact, run_two_process_resume_job
+from ewc_helpers import clm_engine, ewc_flags, job_environment, write_made_up_fisher
+from resume_helpers import DROPOUT_GPT2, assert_sharded_stop_and_resume_is_exact, resume_args, \
+    run_two_process_resume_job
+from trainer.ewc import ANCHOR, FISHER, FISHER_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +31,29 @@ TOLERANCE = 1e-5
 FSDP_YAML = "cpu_fsdp2.yaml"
 ZERO3 = ["--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")]
 PARALLELISM = {"ddp": "DDP", "zero3": "DeepSpeed ZeRO-3", "fsdp": "FSDP2"}
+FISHER_RUN = ["--save_fisher", "--fisher_samples", "12"]
 
 
 @pytest.fixture(scope="module")
-def runs(corpus, bpe_tokenizer_dir, job_env, tmp_path_factory) -> dict:
+def ewc(corpus, bpe_tokenizer_dir, job_env, tmp_path_factory) -> list[str]:
+    """The EWC flags every run here trains with: a made-up file for the job's tiny GPT-2, and --save_fisher."""
+    directory = tmp_path_factory.mktemp("clm-ewc")
+    with pytest.MonkeyPatch.context() as patch:
+        job_environment(patch, job_env)
+        engine = clm_engine(resume_args(corpus, bpe_tokenizer_dir, directory / "unused", 1, "--peak_tflops", "1",
+                                        module=CLM))
+    return [*ewc_flags(write_made_up_fisher(engine, directory)), *FISHER_RUN]
+
+
+@pytest.fixture(scope="module")
+def runs(corpus, bpe_tokenizer_dir, job_env, tmp_path_factory, ewc) -> dict:
     """{name: (output directory, the job's output)} for DDP, ZeRO-3 (deepspeed launcher) and FSDP2."""
     root = tmp_path_factory.mktemp("clm-launch")
-    launches = {"ddp": {"yaml": "cpu_ddp.yaml"}, "zero3": {"extra": ZERO3, "launcher": deepspeed_launch()},
+    launches = {"ddp": {"yaml": "cpu_ddp.yaml"}, "zero3": {"extra": ZERO3 + ewc, "launcher": deepspeed_launch()},
                 "fsdp": {"yaml": FSDP_YAML}}
     outputs = {}
     for name, launch in launches.items():
+        launch = {"extra": ewc, **launch}
         result = run_two_process_resume_job(corpus, bpe_tokenizer_dir, job_env, root / name, module=CLM, **launch)
         outputs[name] = root / name, result.stdout + result.stderr
     return outputs
@@ -52,12 +73,42 @@ def test_clm_parameters_and_losses_match_ddp_and_the_export_keeps_the_tied_head(
     losses = {run: [r["train_loss"] for r in read_history(runs[run][0]) if "train_loss" in r] for run in ("ddp", name)}
     assert losses[name] == pytest.approx(losses["ddp"], rel=1e-5)
     assert losses["ddp"][-1] < losses["ddp"][0]  # training moved: the comparison is not vacuous
+    penalties = {run: [r["train_ewc_penalty"] for r in read_history(runs[run][0]) if "train_ewc_penalty" in r]
+                 for run in ("ddp", name)}
+    assert penalties[name] == pytest.approx(penalties["ddp"], rel=1e-5) and min(penalties["ddp"]) > 0
     model = AutoModelForCausalLM.from_pretrained(str(sharded))
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     assert torch.equal(model.transformer.wte.weight, exported["transformer.wte.weight"])
 
 
 def test_clm_fsdp_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(runs, corpus, bpe_tokenizer_dir,
-                                                                                job_env, tmp_path):
-    assert_sharded_stop_and_resume_is_exact(corpus, bpe_tokenizer_dir, job_env, tmp_path, "fsdp", yaml=FSDP_YAML,
-                                            uninterrupted=runs["fsdp"][0], module=CLM)
+                                                                                job_env, tmp_path, ewc):
+    assert_sharded_stop_and_resume_is_exact(corpus, bpe_tokenizer_dir, job_env, tmp_path, "fsdp", extra=ewc,
+                                            yaml=FSDP_YAML, uninterrupted=runs["fsdp"][0], module=CLM)
+
+
+def test_fisher_of_two_processes_equals_one_process_by_value_under_every_launcher(runs, corpus, bpe_tokenizer_dir,
+                                                                                  job_env, tmp_path, monkeypatch):
+    """DDP's Fisher (each rank 6 of the 12 samples, float64 sums all-reduced) against the Fisher of its saved
+    weights in this process; ZeRO-3's and FSDP2's (the whole model gathered on each rank) against DDP's, whose
+    weights they match to 1e-5. The anchors are the saved weights."""
+    job_environment(monkeypatch, job_env)
+    written = {name: load_file(os.path.join(runs[name][0], FISHER_FILE)) for name in runs}
+    args = [a for a in resume_args(corpus, bpe_tokenizer_dir, tmp_path / "alone", 1, *FISHER_RUN, module=CLM)
+            if a not in DROPOUT_GPT2]
+    engine = clm_engine([*args, "--model_name_or_path", str(runs["ddp"][0]), "--peak_tflops", "1"])
+    os.makedirs(tmp_path / "alone")
+    engine.save_fisher(str(tmp_path / "alone"))
+    alone = load_file(os.path.join(tmp_path / "alone", FISHER_FILE))
+    assert alone.keys() == written["ddp"].keys()
+    for key in alone:
+        torch.testing.assert_close(written["ddp"][key], alone[key], rtol=1e-5, atol=1e-12)
+    fisher = [value for key, value in alone.items() if key.startswith(FISHER)]
+    assert all((value >= 0).all() for value in fisher) and sum(float(value.sum()) for value in fisher) > 0
+    for name in ("zero3", "fsdp"):
+        assert written[name].keys() == alone.keys()
+        difference = relative_difference(written["ddp"], written[name])
+        assert difference <= 1e-4, f"{name}'s Fisher differs from DDP's by {difference:.2e}"
+    for name, (directory, _) in runs.items():
+        weights = load_parameters(directory)
+        assert torch.equal(written[name][ANCHOR + "hf_model.transformer.wte.weight"], weights["transformer.wte.weight"])

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from trainer.errors import UsageError, require
+from trainer.ewc import FISHER_FILE
 
 DATA_FILE_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -179,6 +180,19 @@ class TrainingArguments:
                               "LOCAL_RANK environment variable it also sets is what counts).")
     deepspeed: Optional[str] = arg(None, "DeepSpeed config JSON (e.g. ds_configs/zero2.json): train with DeepSpeed "
                                          "ZeRO. Its \"auto\" values are filled from these arguments.")
+    # continual learning: EWC
+    save_fisher: bool = arg(False, f"After training, write {FISHER_FILE} beside the model: the diagonal empirical "
+                                   "Fisher information of the trainable parameters over --fisher_samples training "
+                                   "samples and the final weights as the anchor, for a later run's --ewc_from.")
+    fisher_samples: int = arg(512, "Training samples (the first N in dataset order, each rank a shard) whose squared "
+                                   "per-sample gradients average into the Fisher information of --save_fisher.")
+    ewc_from: Optional[str] = arg(None, f"Elastic Weight Consolidation: the output directory of an earlier task's run "
+                                        f"with --save_fisher ({FISHER_FILE} inside). Adds (L/2) sum_i F_i (theta_i - "
+                                        f"theta*_i)^2 to the loss, once per optimizer step; logged as "
+                                        f"train_ewc_penalty. Needs --ewc_lambda.")
+    ewc_lambda: Optional[float] = arg(None, "L, the EWC penalty's strength with --ewc_from (>= 0; no default: it "
+                                            "depends on the Fisher's scale). Larger keeps the earlier task better and "
+                                            "learns the new one less; try powers of ten against both tasks' metrics.")
 
     def __post_init__(self):
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -212,6 +226,19 @@ class TrainingArguments:
                 f"--resume_from_checkpoint {self.resume_from_checkpoint}: no such directory (give a checkpoint "
                 f"directory or 'latest')")
         require(self.deepspeed is None or os.path.isfile(self.deepspeed), f"--deepspeed {self.deepspeed}: no such file")
+        self.check_ewc()
+
+    def check_ewc(self) -> None:
+        require(self.fisher_samples > 0, f"--fisher_samples must be positive, got {self.fisher_samples}")
+        require((self.ewc_from is None) == (self.ewc_lambda is None),
+                "--ewc_from DIR and --ewc_lambda L go together: give both (EWC) or neither")
+        if self.ewc_from is None:
+            return
+        require(math.isfinite(self.ewc_lambda) and self.ewc_lambda >= 0,
+                f"--ewc_lambda must be a number >= 0, got {self.ewc_lambda}")
+        require(os.path.isdir(self.ewc_from), f"--ewc_from {self.ewc_from}: no such directory")
+        require(os.path.isfile(os.path.join(self.ewc_from, FISHER_FILE)),
+                f"--ewc_from {self.ewc_from} holds no {FISHER_FILE}; train the earlier task with --save_fisher")
 
     def choose_best_metric(self, job_default: str) -> None:
         """Fill --metric_for_best_model with the job's main metric and infer its direction when not given."""

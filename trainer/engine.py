@@ -24,8 +24,9 @@ from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_red
                                  describe_parallelism, describe_threads, full_state_dict, host_sum,
                                  parameters_sharded,
                                  prepare_for_model, set_gradient_sync, shard_for_evaluation,
-                                 sharded_checkpoint_functions)
+                                 sharded_checkpoint_functions, step_deepspeed_engine)
 from trainer.errors import JobStopped, require
+from trainer.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
 from trainer.fault_injection import FaultInjection
 from trainer.hub_push import HubPusher
 from trainer.metrics import MetricsLogger, logger, show_progress_bars
@@ -102,11 +103,17 @@ class Engine:
                 f"or a smaller batch")
         self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * self.sampler.steps_per_epoch)
+        # Both read or copy the task model before `prepare` shards it; a refused --ewc_from has written nothing.
+        self.ewc = (ElasticWeightConsolidation(args.ewc_from, args.ewc_lambda, task.model) if args.ewc_from
+                    else None)
+        self.fisher_pass = FisherPass(task.model, accelerator, args.fisher_samples) if args.save_fisher else None
         if args.torch_compile:
             compile_blocks(task.hf_model, args.torch_compile_backend, args.torch_compile_mode, task.eager_modules)
         optimizer = build_optimizer(task.model, args)
         prepare_for_model(accelerator, task.hf_model)
         self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
+        if self.ewc is not None:
+            self.ewc.place(accelerator, self.model)
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
         self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
         self.checkpointer = Checkpointer(self)
@@ -164,6 +171,8 @@ class Engine:
             self.save_checkpoint(window)
         self.checkpointer.restore_best_model()
         self.save_model(args.output_dir)
+        if self.fisher_pass is not None:
+            self.save_fisher(args.output_dir)
         self.metrics.close()
         return state.metrics
 
@@ -192,6 +201,9 @@ class Engine:
         window.items += local_items
         if self.task.before_optimizer_step is not None:
             self.task.before_optimizer_step(self.state)
+        if self.ewc is not None:  # once per step, on the reduced gradients: the accumulation split cannot change it
+            window.ewc_penalty += self.ewc.add_gradient()
+        step_deepspeed_engine(self.accelerator)  # DeepSpeed clips and updates here; elsewhere a no-op
         if self.args.max_grad_norm > 0:  # under DeepSpeed, clipping happened in its step; this reads the norm
             window.grad_norm = clip_gradients(self.accelerator, self.model, self.args.max_grad_norm)
         self.optimizer.step()
@@ -211,7 +223,8 @@ class Engine:
         reading = time.perf_counter()
         counts = torch.tensor([window.items, window.tokens, window.samples], dtype=torch.float64,
                               device=window.loss_sum.device)
-        loss_sum, items, tokens, samples = all_reduce_sum(torch.cat([window.loss_sum.view(1), counts])).tolist()
+        sums = torch.cat([window.loss_sum.view(1), window.ewc_penalty.view(1), counts])
+        loss_sum, ewc_penalty, items, tokens, samples = all_reduce_sum(sums).tolist()
         # The steps only queue work on a GPU: the wait for the device to finish the window's queue is training time.
         window.seconds += time.perf_counter() - reading
         self.stop_if_diverged(loss_sum, window)
@@ -227,6 +240,8 @@ class Engine:
             record["mfu_dense_equivalent"] = tokens / seconds * self.dense_flops_per_token(tokens / samples) / peak
         if window.grad_norm is not None:
             record["grad_norm"] = float(window.grad_norm)
+        if self.ewc is not None:  # the mean over the window's steps, at each step's parameters before its update
+            record["ewc_penalty"] = ewc_penalty / (self.state.step - window.first_step + 1)
         self.metrics.log(self.state.step, record, prefix="train_")
         # train_loss in the results: the run's mean loss per loss item (masked token, sample), the sums of every
         # window kept in the train state, so a resumed run reports the same number as one that never stopped.
@@ -349,6 +364,21 @@ class Engine:
                            self.loader_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     # ------------------------------------------------------------------------------------------------- saving
+    def save_fisher(self, directory: str) -> None:
+        """--save_fisher: the Fisher information and anchor of the model just saved, beside it (see trainer.ewc)."""
+        def loader(dataset, columns, index_batches, collator):
+            return make_loader(dataset, columns, index_batches, collator, 0, pin_memory=False)
+
+        with evaluation_stance(self.args.torch_compile):
+            fisher, anchors, samples = self.fisher_pass.compute(self.model, self.task.train_dataset,
+                                                                self.task.columns, self.task.train_collator, loader)
+        writes = Writes(directory)
+        if self.accelerator.is_main_process:
+            save_fisher(directory, fisher, anchors, samples, writes.run)
+            logger.info("EWC: wrote the diagonal Fisher information of %d training samples and the anchor "
+                        "weights to %s", samples, directory)
+        self.checkpointer.stop_if_any_write_failed(writes)
+
     def save_model(self, directory: str) -> None:
         """A plain `save_pretrained` directory (safetensors + tokenizer) that `from_pretrained` loads."""
         self.accelerator.wait_for_everyone()
@@ -381,6 +411,7 @@ class Window:
     seconds: float = 0.0  # time in training steps (waiting for data included; evaluation and saving not)
     data_wait: float = 0.0  # of which waiting for the data loader
     grad_norm: Optional[torch.Tensor] = None
+    ewc_penalty: torch.Tensor = None  # this rank's share of the EWC penalty, summed over the window's steps
     first_step: int = 1  # the first optimizer step the window covers
 
     def __post_init__(self):
@@ -388,6 +419,7 @@ class Window:
 
     def reset(self, step: int = 0) -> None:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.ewc_penalty = torch.zeros((), dtype=torch.float64, device=self.device)
         self.items = self.tokens = self.samples = 0
         self.seconds = self.data_wait = 0.0
         self.grad_norm = None
@@ -396,7 +428,7 @@ class Window:
     def state_dict(self) -> dict:
         """This rank's sums; a checkpoint keeps them so that a resumed run logs the same window losses."""
         return {"loss_sum": self.loss_sum.cpu(), "items": self.items, "tokens": self.tokens,
-                "samples": self.samples, "first_step": self.first_step}
+                "samples": self.samples, "first_step": self.first_step, "ewc_penalty": self.ewc_penalty.cpu()}
 
     def load_state_dict(self, saved: dict) -> None:
         self.reset()
@@ -407,4 +439,6 @@ class Window:
         self.items += saved["items"]
         self.tokens += saved["tokens"]
         self.samples += saved.get("samples", 0)
+        if "ewc_penalty" in saved:  # (checkpoints written before EWC existed have none)
+            self.ewc_penalty += saved["ewc_penalty"].to(self.device)
         self.first_step = saved["first_step"]
