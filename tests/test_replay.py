@@ -1,13 +1,12 @@
 """Experience replay (trainer.replay): the same replay share in every global batch, the same samples at any world
 size and accumulation, a seeded replay stream that cycles on its own, exact resume, and bad input refused."""
-import itertools
 import json
-import os
 
 import datasets
 import pytest
 import torch
 
+from classify_helpers import classify_args, sentiment  # noqa: F401 (fixture)
 from conftest import fails_cleanly, mlm_args, read_history, read_results
 from resume_helpers import assert_same_parameters, samples_per_step
 from trainer.data import EpochBatches
@@ -143,29 +142,79 @@ def in_process(job_env, monkeypatch):
 
 def test_mlm_with_replay_resumes_bit_exactly_and_every_step_holds_its_replay_share(
         corpus, tokenizer_dir, in_process, tmp_path):
-    """resume_helpers' run (dropout on; 48 sequences, 4 x accumulation 2) with a quarter of every step replayed:
-    2 replay + 6 new sequences a step, 8 steps an epoch, 10 steps. Stopped in step 5 and resumed across the epoch
+    """resume_helpers' run (dropout on; 4 x accumulation 2) on 24 sequences with a quarter of every step replayed:
+    2 replay + 6 new sequences a step, 4 steps an epoch, 6 steps. Stopped in step 3 and resumed across the epoch
     boundary, it ends bit-identical to the run that never stopped, having trained on the same samples in every
     step."""
     from resume_helpers import logged_losses, resume_args
     from trainer.mlm import main
 
     def args(out):
-        return resume_args(corpus, tokenizer_dir, out, 1, "--replay_file", corpus["validation"],
-                           "--replay_ratio", "0.25", "--max_steps", "10")
+        return resume_args(corpus, tokenizer_dir, out, 1, "--replay_file", corpus["validation"], "--replay_ratio",
+                           "0.25", "--max_train_samples", "24", "--max_steps", "6", "--peak_tflops", "1")
 
     expected, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     in_process(main, args(expected), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "expected")
     in_process(main, args(resumed), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "resumed",
-               TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=9)
-    with open(resumed / "checkpoint-5" / "trainer_state.json") as handle:
+               TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=5)
+    with open(resumed / "checkpoint-3" / "trainer_state.json") as handle:
         state = json.load(handle)
-    assert (state["step"], state["epoch"], state["samples_in_epoch"], state["replay_position"]) == (5, 0, 30, 10)
+    assert (state["step"], state["epoch"], state["samples_in_epoch"], state["replay_position"]) == (3, 0, 18, 6)
     in_process(main, args(resumed), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "resumed")
     assert_same_parameters(expected, resumed)
     assert logged_losses(resumed) == logged_losses(expected)
     assert read_results(resumed)["train_loss"] == read_results(expected)["train_loss"]
     steps = samples_per_step(tmp_path / "expected")
-    assert samples_per_step(tmp_path / "resumed") == steps and len(steps) == 10 == read_results(expected)["train_steps"]
-    assert all(len(ids) == 8 and sum(i >= 48 for i in ids) == 2 for ids in steps.values())
-    assert [r["train_epoch"] for r in read_history(expected) if "train_loss" in r] == [0, 0, 1, 1]
+    assert samples_per_step(tmp_path / "resumed") == steps and len(steps) == 6 == read_results(expected)["train_steps"]
+    assert all(len(ids) == 8 and sum(i >= 24 for i in ids) == 2 for ids in steps.values())
+    assert [r["train_epoch"] for r in read_history(expected) if "train_loss" in r] == [0, 1]
+
+
+# ----------------------------------------------------------------------------------------------------- bad input
+def write_rows(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--replay_file", "nowhere.txt", "--replay_ratio", "0.2"], "--replay_file nowhere.txt: no such file"),
+    (["--replay_ratio", "0.2"], "--replay_file and --replay_ratio go together"),
+    (["--replay_file", "CORPUS"], "--replay_file and --replay_ratio go together"),
+    (["--replay_file", "CORPUS", "--replay_ratio", "0"], "--replay_ratio must be between 0 and 1 (exclusive), got 0"),
+    (["--replay_file", "CORPUS", "--replay_ratio", "1"], "--replay_ratio must be between 0 and 1"),
+    (["--replay_file", "CORPUS", "--replay_ratio", "nan"], "--replay_ratio must be between 0 and 1"),
+    # A global batch of 4 holds round(0.1 x 4) = 0 replay samples: refused at start-up, before data preparation.
+    (["--replay_file", "CORPUS", "--replay_ratio", "0.1", "--per_device_train_batch_size", "4"],
+     "--replay_ratio 0.1 of a global batch of 4 sequences (per-device batch x processes x accumulation) gives 0 "
+     "replay samples per step; use a --replay_ratio from 0.125 to below 0.875, or a larger batch"),
+    (["--replay_file", "ROWS", "--replay_ratio", "0.25"], "--replay_file ROWS has no column 'text' (its columns: "
+                                                          "sentence, label); the replay data needs the training "
+                                                          "data's columns (text)"),
+])
+def test_bad_replay_input_to_mlm_is_one_line_exit_2_and_writes_nothing(flags, expected, corpus, tokenizer_dir,
+                                                                        in_process, tmp_path, capsys):
+    from trainer.mlm import main
+
+    rows = write_rows(tmp_path / "rows.jsonl", [{"sentence": "a film .", "label": "positive"}])
+    flags = [{"CORPUS": corpus["validation"], "ROWS": rows}.get(flag, flag) for flag in flags]
+    out = tmp_path / "out"
+    message = in_process(lambda argv: fails_cleanly(main, argv, capsys),
+                         mlm_args(corpus, tokenizer_dir, out, "--max_steps", "2", *flags))
+    assert expected.replace("ROWS", rows) in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("replay_rows, expected", [
+    ([{"sentence": "a film ."}], "has no column 'label' (its columns: sentence); the replay data needs the training "
+                                 "data's columns (sentence, label)"),
+    ([{"sentence": "a film .", "label": "neutral"}], "the replay data has labels never seen in training: neutral"),
+])
+def test_bad_replay_input_to_classify_is_one_line_exit_2_and_writes_nothing(replay_rows, expected, sentiment,
+                                                                             in_process, tmp_path, capsys):
+    from trainer.classify import main
+
+    out = tmp_path / "out"
+    argv = classify_args(sentiment, out, "--max_steps", "2", "--replay_file",
+                         write_rows(tmp_path / "old.jsonl", replay_rows), "--replay_ratio", "0.25")
+    assert expected in in_process(lambda args: fails_cleanly(main, args, capsys), argv)
+    assert not out.exists()

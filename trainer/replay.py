@@ -43,6 +43,13 @@ def replay_count(ratio: float, global_batch_size: int) -> int:
     return count
 
 
+def check_replay_ratio(data_args, training_args, world_size: int) -> None:
+    """At start-up, before any data is prepared: --replay_ratio leaves samples of both kinds in a global batch."""
+    if data_args.replay_ratio is not None:
+        replay_count(data_args.replay_ratio, training_args.per_device_train_batch_size * world_size
+                     * training_args.gradient_accumulation_steps)
+
+
 def replay_slots(global_batch_size: int, count: int) -> torch.Tensor:
     """The positions of the `count` replay samples in a global batch: the centres of `count` equal parts of it.
 
