@@ -77,14 +77,14 @@ class CorpusArguments:
     max_eval_samples: Optional[int] = arg(None, "Keep only this many evaluation sequences (debugging).")
     # continual learning: replay
     replay_file: Optional[str] = arg(
-        None, "Experience replay: an earlier task's training data (same formats and columns as --train_file), "
-        "prepared exactly as the training data and mixed into every global batch at --replay_ratio. The replay "
-        "samples follow their own seeded order, cycling over the file, the same at any world size; a checkpoint "
-        "keeps its position.")
+        None, "Experience replay: an earlier task's training data (same formats and columns as --train_file; for "
+        "classify, labels among the training data's), prepared exactly as the training data and mixed into every "
+        "global batch at --replay_ratio. The replay samples follow their own seeded order, cycling over the file, "
+        "the same at any world size; checkpoints keep its position.")
     replay_ratio: Optional[float] = arg(
         None, "With --replay_file: the fraction R of every global batch of G sequences (per-device batch x processes "
-        "x accumulation) taken from it: round(R x G) replay and the rest new samples per step (at least one of "
-        "each). An epoch is a pass over the new data alone.")
+        "x accumulation) taken from it: round(R x G) replay samples per step, halves up, and the rest new ones (at "
+        "least one of each). An epoch is a pass over the new data alone.")
 
     def __post_init__(self):
         require(not (self.dataset_name and self.train_file), "give either --dataset_name or --train_file, not both")

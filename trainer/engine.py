@@ -55,7 +55,8 @@ class Task:
     main_metric: str = "eval_loss"  # the default --metric_for_best_model
     # Training FLOPs per token at a given sequence length, for MFU (default: every head position computed).
     flops_per_token: Optional[Callable[[float], float]] = None
-    train_lengths: Optional[list[int]] = None  # per training sample, then replay sample; given: length-grouped batches
+    # Per training sample, then per replay sample; given: length-grouped batches.
+    train_lengths: Optional[list[int]] = None
     # Called on every rank after the backward passes of a step, before clipping and the update (which skips
     # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
     before_optimizer_step: Optional[Callable[["TrainState"], None]] = None
@@ -106,9 +107,10 @@ class Engine:
                                           args.gradient_accumulation_steps, args.seed, lengths=task.train_lengths,
                                           replay=replay)
         require(self.sampler.steps_per_epoch > 0,
-                f"the training set has {len(task.train_dataset)} sequences, fewer than the "
-                f"{self.sampler.new_per_step} new ones of one global batch of {self.sampler.global_batch_size} "
-                f"(per-device batch x processes x accumulation, less replay); use more data or a smaller batch")
+                f"the training set has {len(task.train_dataset)} sequences, fewer than one global batch of "
+                f"{self.sampler.global_batch_size} (per-device batch x processes x accumulation"
+                f"{f' less {self.sampler.replay_per_step} replayed' if replay else ''}); use more data or a smaller "
+                f"batch")
         self.train_data = training_data(task.train_dataset, task.replay_dataset, task.columns)
         self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * self.sampler.steps_per_epoch)
@@ -183,7 +185,8 @@ class Engine:
     def micro_batches(self):
         """Micro-batches forever, epoch after epoch, starting where the train state says: one loader iterator,
         whose workers live across epochs."""
-        sampler = EpochBatches(self.sampler, self.state.epoch, self.state.samples_in_epoch, self.state.replay_position)
+        state = self.state
+        sampler = EpochBatches(self.sampler, state.epoch, state.samples_in_epoch, state.replay_position)
         return iter(make_loader(self.train_data, self.task.columns, sampler, self.task.train_collator,
                                 self.loader_workers, pin_memory=self.accelerator.device.type == "cuda"))
 

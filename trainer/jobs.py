@@ -14,8 +14,8 @@ from trainer.models import cache_dir
 
 def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_name: str, check_arguments=None):
     """Every job's first steps: parse the arguments, check them together (`check_arguments(*parsed)`) and the
-    output directory, start the processes, check --replay_ratio against the global batch, set up logging, fall back to the embedded demo data, seed. Returns
-    the parsed arguments and the accelerator."""
+    output directory, start the processes, check --replay_ratio against the global batch, set up logging, fall
+    back to the embedded demo data, seed. Returns the parsed arguments and the accelerator."""
     from accelerate.utils import set_seed
 
     from trainer.arguments import CorpusArguments, TrainingArguments, parse_arguments
