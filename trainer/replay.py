@@ -16,8 +16,9 @@ without replay) and r replay samples from a `ReplayStream`:
   the samples of every optimizer step are the same at any world size and accumulation.
 - Epochs and steps per epoch count the new data only: an epoch is N // (G - r) steps.
 
-Hand-written rather than a torch/datasets sampler: neither has a mixing sampler whose order is fixed per global
-batch (independent of ranks and micro-steps) and whose position can be saved and restored exactly.
+Hand-written: `datasets.interleave_datasets` mixes by probability (the share varies from batch to batch) and
+torch has no mixing sampler; neither gives a fixed share per global batch, an order independent of ranks and
+micro-steps, and a position that a checkpoint saves and restores exactly.
 """
 from __future__ import annotations
 
