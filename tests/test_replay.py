@@ -41,7 +41,7 @@ def test_every_global_batch_is_the_same_at_any_world_size_and_accumulation():
     reference = global_batches(1, 16, 1, steps=10)
     for world_size, batch, accumulation in [(1, 8, 2), (2, 8, 1), (2, 4, 2)]:
         assert global_batches(world_size, batch, accumulation, steps=10) == reference
-    # 10 steps cross two epochs of the new data (40 // 12 = 3 steps each) and five passes over the replay set.
+    # 10 steps cross three epoch boundaries (40 // 12 = 3 steps an epoch) and five passes over the replay set.
     assert len({sample for step in reference for sample in step if sample >= NEW}) == REPLAY
 
 
