@@ -76,10 +76,20 @@ class CorpusArguments:
     overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
     max_train_samples: Optional[int] = arg(None, "Keep only this many training sequences (debugging).")
     max_eval_samples: Optional[int] = arg(None, "Keep only this many evaluation sequences (debugging).")
+    # continual learning: replay
+    replay_file: Optional[str] = arg(
+        None, "Experience replay: an earlier task's training data (same formats and columns as --train_file; for "
+        "classify, labels among the training data's), prepared exactly as the training data and mixed into every "
+        "global batch at --replay_ratio. The replay samples follow their own seeded order, cycling over the file, "
+        "the same at any world size; checkpoints keep its position.")
+    replay_ratio: Optional[float] = arg(
+        None, "With --replay_file: the fraction R of every global batch of G sequences (per-device batch x processes "
+        "x accumulation) taken from it: round(R x G) replay samples per step, halves up, and the rest new ones (at "
+        "least one of each). An epoch is a pass over the new data alone.")
 
     def __post_init__(self):
         require(not (self.dataset_name and self.train_file), "give either --dataset_name or --train_file, not both")
-        for flag in ("train_file", "validation_file"):
+        for flag in ("train_file", "validation_file", "replay_file"):
             path = getattr(self, flag)
             if path is not None:
                 check_data_file(path, flag)
@@ -87,6 +97,10 @@ class CorpusArguments:
         for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):
             value = getattr(self, flag)
             require(value is None or value > 0, f"--{flag} must be positive, got {value}")
+        require((self.replay_file is None) == (self.replay_ratio is None),
+                "--replay_file and --replay_ratio go together: give both (e.g. --replay_ratio 0.25) or neither")
+        require(self.replay_ratio is None or 0 < self.replay_ratio < 1,
+                f"--replay_ratio must be between 0 and 1 (exclusive), got {self.replay_ratio}")
 
 
 @dataclass

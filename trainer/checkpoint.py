@@ -9,7 +9,8 @@
 - `rank-<r>.pt` for EVERY rank: its python/numpy/torch/cuda RNG states (dropout draws from them) and its share
   of the open logging window (loss/item/token sums since the last log line, so a run resumed mid-window logs
   the same losses as one that never stopped),
-- `trainer_state.json`: step, data position (epoch, samples consumed in the epoch's global order), tokens seen,
+- `trainer_state.json`: step, data position (epoch, samples consumed in the epoch's global order, replay samples
+  drawn), tokens seen,
   metrics so far, the best checkpoint, the world size and the (token-redacted) arguments,
 - `checkpoint_complete`, written last.
 
@@ -259,6 +260,7 @@ class Checkpointer:
             torch.save(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
         write_json(os.path.join(directory, STATE_FILE), {
             "step": state.step, "epoch": state.epoch, "samples_in_epoch": state.samples_in_epoch,
+            "replay_position": state.replay_position,
             "tokens_seen": state.tokens_seen, "metrics": state.metrics, "world_size": engine.world_size,
             "loss_sum": state.loss_sum, "loss_items": state.loss_items,
             "best_metric": self.best_metric, "best_checkpoint": self.best_checkpoint,
@@ -320,6 +322,7 @@ class Checkpointer:
             self.accelerator.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt")))
         state = engine.state
         state.step, state.epoch, state.samples_in_epoch = saved["step"], saved["epoch"], saved["samples_in_epoch"]
+        state.replay_position = saved.get("replay_position", 0)  # absent in checkpoints from before replay
         state.tokens_seen, state.metrics = saved["tokens_seen"], saved["metrics"]
         state.loss_sum, state.loss_items = saved.get("loss_sum", 0.0), saved.get("loss_items", 0)
         self.best_metric, self.best_checkpoint = saved["best_metric"], saved["best_checkpoint"]

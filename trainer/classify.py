@@ -29,6 +29,7 @@ from trainer.finetune import (FinetuneArguments, apply_strategy, check_finetunin
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
+from trainer.replay import load_replay_file
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
 LOCAL_METRICS = os.path.join(os.path.dirname(__file__), "metrics_modules")
@@ -131,6 +132,11 @@ def tokenize(dataset, columns: list[str], tokenizer, max_length: int, labels: Op
                 f"the {desc} data has empty or non-text values in column '{column}'")
     processed = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {desc}")
     return processed.add_column("labels", labels) if labels is not None else processed
+
+
+def training_lengths(train_set, replay_set) -> list[int]:
+    """Sequence lengths for length-grouped batches: the training samples', then the replay samples'."""
+    return list(train_set["length"]) + (list(replay_set["length"]) if replay_set is not None else [])
 
 
 @dataclass
@@ -257,6 +263,9 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
         labels = LabelMapping.from_training_data(raw["train"], cls_args.label_column)
         train_labels = labels.ids(raw["train"], cls_args.label_column, "training")
         eval_labels = labels.ids(raw["validation"], cls_args.label_column, "validation")
+        # Replay labels must be classes of the new training data: the head is that data's (see docs/continual.md).
+        replay_raw = load_replay_file(data_args, [*columns, cls_args.label_column])
+        replay_labels = labels.ids(replay_raw, cls_args.label_column, "replay") if replay_raw is not None else None
         test_raw = load_file(cls_args.test_file, "test_file") if cls_args.do_predict else None
         if test_raw is not None:
             input_columns(test_raw, data_args, cls_args, "test")
@@ -270,6 +279,8 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
         train_set = tokenize(raw["train"], columns, tokenizer, length, train_labels, "training")
         eval_set = tokenize(raw["validation"], columns, tokenizer, length, eval_labels, "validation")
         test_set = tokenize(test_raw, columns, tokenizer, length, None, "test") if test_raw is not None else None
+        replay_set = (tokenize(replay_raw, columns, tokenizer, length, replay_labels, "replay")
+                      if replay_raw is not None else None)
         train_set, eval_set = first_samples(train_set, eval_set, data_args)
         metric_modules = load_metrics(cls_args.metrics)
     logger.info("%d classes: %s", len(labels.values), ", ".join(labels.id2label.values()))
@@ -280,7 +291,8 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
         train_dataset=train_set, eval_dataset=eval_set, train_collator=collator, eval_collator=collator,
         compute_metrics=classification_metrics(metric_modules, np.asarray(eval_set["labels"]), labels.id2label),
         hf_model=trained_model, tokenizer=tokenizer,
-        train_lengths=list(train_set["length"]) if cls_args.group_by_length else None,
+        train_lengths=training_lengths(train_set, replay_set) if cls_args.group_by_length else None,
+        replay_dataset=replay_set, replay_ratio=data_args.replay_ratio,
         before_optimizer_step=before_optimizer_step,
         main_metric=f"eval_{os.path.basename(cls_args.metrics[0]).removesuffix('.py')}",  # the first metric asked for
     )

@@ -29,6 +29,7 @@ from trainer.fused_loss import fused_linear_cross_entropy
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer, max_positions
+from trainer.replay import replay_split
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clm_demo.yaml")
 RUN_CLM_MAX_BLOCK = 1024  # run_clm.py's cap on the default block size
@@ -229,6 +230,7 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
                                     f"more text or a smaller --block_size")
         require(len(eval_set) > 0, f"the evaluation text is too short for one block of {block_size} tokens; use "
                                    f"more validation text or a smaller --block_size")
+        replay_set = replay_split(blocks, data_args)
     trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="CAUSAL_LM")
     # Blocks are full: padding never happens; a tokenizer without a pad token (GPT-2's) is fine.
     pad_token_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
@@ -236,6 +238,7 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
     return Task(
         model=CausalLMTask(trained_model, clm_args.loss_chunk_tokens),
         train_dataset=train_set, eval_dataset=eval_set,
+        replay_dataset=replay_set, replay_ratio=data_args.replay_ratio,
         train_collator=collator, eval_collator=collator, compute_metrics=perplexity_metrics("predicted_tokens"),
         hf_model=trained_model, tokenizer=tokenizer, columns=["input_ids"],
         after_evaluation=generation_probes(tokenizer, clm_args.probe_prompts, clm_args.probe_new_tokens),

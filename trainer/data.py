@@ -10,6 +10,7 @@ import torch
 from trainer.arguments import DATA_FILE_EXTENSIONS
 from trainer.errors import UsageError, require
 from trainer.hub import check_loadable
+from trainer.replay import load_replay_file
 
 
 def load_raw_splits(data_args, columns_needed=None, keep_linebreaks: bool = False):
@@ -82,16 +83,23 @@ def resolve_text_column(dataset, requested: str | None, flag: str = "--text_colu
 
 
 def load_text_splits(data_args, keep_linebreaks: bool = False):
-    """(train/validation DatasetDict, the text column): the column checked to hold text in every split."""
+    """(train/validation DatasetDict, the text column): the column checked to hold text in every split. With
+    --replay_file, its data is a third split, "replay", for the job to prepare with the others."""
     raw = load_raw_splits(data_args, keep_linebreaks=keep_linebreaks)
     text_column = resolve_text_column(raw["train"], data_args.text_column)
+    replay = load_replay_file(data_args, [text_column], keep_linebreaks)
+    if replay is not None:  # prepared with the training split, exactly as it
+        raw["replay"] = replay
     for split, dataset in raw.items():
         check_text_column(dataset, text_column, data_source(data_args, split))
-    return raw, text_column
+    # The text alone goes on, so that every split (the replay file's too) has the same columns to drop.
+    return raw.select_columns([text_column]), text_column
 
 
 def data_source(data_args, split: str) -> str:
     """The flag and name a split comes from, for error messages."""
+    if split == "replay":
+        return f"--replay_file {data_args.replay_file}"
     if data_args.dataset_name:
         return f"--dataset_name {data_args.dataset_name} ({split})"
     if split == "validation" and data_args.validation_file:
@@ -190,22 +198,25 @@ class EpochIndices(list):
 
 
 class EpochBatches:
-    """A batch sampler over the whole run: `sampler`'s micro-batches of epoch `epoch` from `start_sample`, then of
-    every following epoch, each tagged with its epoch.
+    """A batch sampler over the whole run: `sampler`'s micro-batches of epoch `epoch` from `start_sample` (and of
+    its replay stream from `replay_position`, see trainer.replay), then of every following epoch, each tagged with
+    its epoch.
 
     One DataLoader iterator then serves every epoch: its workers (and their prefetched batches) live across epoch
     boundaries instead of being re-spawned for each epoch, and the order is exactly the per-epoch order the sampler
-    defines, so a resumed run continues where the train state says.
+    defines, so a resumed run continues where the train state says. The replay stream runs on across epochs.
     """
 
-    def __init__(self, sampler, epoch: int, start_sample: int):
+    def __init__(self, sampler, epoch: int, start_sample: int, replay_position: int = 0):
         self.sampler, self.epoch, self.start_sample = sampler, epoch, start_sample
+        self.replay_position = replay_position
 
     def __iter__(self):
-        epoch, start = self.epoch, self.start_sample
+        epoch, start, replay_position = self.epoch, self.start_sample, self.replay_position
         while True:
-            for indices in self.sampler.batches(epoch, start):
+            for indices in self.sampler.batches(epoch, start, replay_position):
                 yield EpochIndices(indices, epoch)
+            replay_position += self.sampler.remaining_steps(start) * self.sampler.replay_per_step
             epoch, start = epoch + 1, 0
 
 

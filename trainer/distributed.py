@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from trainer.deepspeed_config import fill_hidden_size_values, load_deepspeed_config, resolve_deepspeed_config
 from trainer.errors import UsageError, require
+from trainer.replay import mixed_global_batch, replay_count
 
 
 def make_accelerator(training_args, **plugins):
@@ -597,10 +598,14 @@ class GlobalBatchSampler:
 
     With `lengths` (one per sample), batches are length-grouped: see `group_by_length`. The grouping works on
     the global order alone, so it keeps every property above.
+
+    With `replay` (trainer.replay), each global batch holds `replay_per_step` samples of the replay stream (indices
+    after the dataset's) and `new_per_step` of the epoch's order, which then advances by `new_per_step` a step;
+    the global batch is composed before it is sharded, so the properties above hold with replay too.
     """
 
     def __init__(self, dataset_size: int, per_device_batch_size: int, world_size: int, rank: int,
-                 accumulation_steps: int, seed: int, shuffle: bool = True, lengths=None):
+                 accumulation_steps: int, seed: int, shuffle: bool = True, lengths=None, replay=None):
         self.dataset_size = dataset_size
         self.per_device_batch_size = per_device_batch_size
         self.world_size = world_size
@@ -608,7 +613,9 @@ class GlobalBatchSampler:
         self.accumulation_steps = accumulation_steps
         self.seed = seed
         self.shuffle = shuffle
-        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)  # replay samples' lengths after
+        self.replay = replay
+        self.replay_per_step = 0 if replay is None else replay_count(replay.ratio, self.global_batch_size)
         self.epoch = 0
         self.start_sample = 0  # position in the epoch's global order where iteration starts
 
@@ -617,33 +624,47 @@ class GlobalBatchSampler:
         return self.per_device_batch_size * self.world_size * self.accumulation_steps
 
     @property
+    def new_per_step(self) -> int:
+        """Samples of the dataset (not of the replay stream) in each global batch."""
+        return self.global_batch_size - self.replay_per_step
+
+    @property
     def steps_per_epoch(self) -> int:
-        return self.dataset_size // self.global_batch_size
+        return self.dataset_size // self.new_per_step
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.dataset_size)
         order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + epoch))
         if self.lengths is not None:
-            order = group_by_length(order, self.lengths, self.global_batch_size, seed=self.seed + epoch)
+            order = group_by_length(order, self.lengths, self.new_per_step, seed=self.seed + epoch)
         return order
+
+    def remaining_steps(self, start_sample: int) -> int:
+        """Optimizer steps left in an epoch from position `start_sample` of its order."""
+        return (self.steps_per_epoch * self.new_per_step - start_sample) // self.new_per_step
 
     def __len__(self) -> int:
         """Micro-batches this rank yields in the current epoch."""
-        remaining_steps = (self.steps_per_epoch * self.global_batch_size - self.start_sample) // self.global_batch_size
-        return remaining_steps * self.accumulation_steps
+        return self.remaining_steps(self.start_sample) * self.accumulation_steps
 
     def __iter__(self):
         return self.batches(self.epoch, self.start_sample)
 
-    def batches(self, epoch: int, start_sample: int = 0):
-        """This rank's micro-batches (index lists) of `epoch`, from position `start_sample` of its global order."""
+    def batches(self, epoch: int, start_sample: int = 0, replay_position: int = 0):
+        """This rank's micro-batches (index lists) of `epoch`, from position `start_sample` of its global order
+        (and `replay_position` of the replay stream)."""
         order = self.epoch_order(epoch)
-        micro = self.per_device_batch_size
-        for step_start in range(start_sample, self.steps_per_epoch * self.global_batch_size, self.global_batch_size):
+        micro, new = self.per_device_batch_size, self.new_per_step
+        for step in range(self.remaining_steps(start_sample)):
+            step_start = start_sample + step * new
+            batch = order[step_start:step_start + new]
+            if self.replay is not None:
+                replayed = self.replay.indices(replay_position + step * self.replay_per_step, self.replay_per_step)
+                batch = mixed_global_batch(batch, replayed, self.lengths)
             for micro_step in range(self.accumulation_steps):
-                start = step_start + (micro_step * self.world_size + self.rank) * micro
-                yield order[start:start + micro].tolist()
+                start = (micro_step * self.world_size + self.rank) * micro
+                yield batch[start:start + micro].tolist()
 
 
 def group_by_length(order: torch.Tensor, lengths: torch.Tensor, global_batch_size: int, seed: int,

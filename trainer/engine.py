@@ -31,6 +31,7 @@ from trainer.fault_injection import FaultInjection
 from trainer.hub_push import HubPusher
 from trainer.metrics import MetricsLogger, logger, show_progress_bars
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.replay import ReplayStream, describe_replay, training_data
 from trainer.signals import STOPPED_EXIT_CODE, StopSignals
 from trainer.throughput import device_peak, precision_name, training_flops_per_token
 
@@ -55,13 +56,18 @@ class Task:
     main_metric: str = "eval_loss"  # the default --metric_for_best_model
     # Training FLOPs per token at a given sequence length, for MFU (default: every head position computed).
     flops_per_token: Optional[Callable[[float], float]] = None
-    train_lengths: Optional[list[int]] = None  # per training sample; given: length-grouped batches
+    # Per training sample, then per replay sample; given: length-grouped batches.
+    train_lengths: Optional[list[int]] = None
     # Called on every rank after the backward passes of a step, before clipping and the update (which skips
     # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
     before_optimizer_step: Optional[Callable[["TrainState"], None]] = None
     # Modules whose tensor shapes follow the data (e.g. mlm's last layer on the masked rows): --torch_compile leaves
     # them eager, so that the compiled blocks never see a new shape.
     eager_modules: list = field(default_factory=list)
+    # Experience replay (trainer.replay): an earlier task's data, prepared exactly as `train_dataset` (same
+    # columns), of which `replay_ratio` of every global batch is made.
+    replay_dataset: object = None
+    replay_ratio: Optional[float] = None
 
 
 @dataclass
@@ -80,6 +86,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     samples_in_epoch: int = 0  # position in the epoch's global sample order
+    replay_position: int = 0  # replay samples drawn so far: the position in the replay stream (trainer.replay)
     tokens_seen: int = 0  # input tokens over all ranks
     loss_sum: float = 0.0  # training loss summed over every loss item of the run so far, all ranks
     loss_items: int = 0
@@ -94,13 +101,18 @@ class Engine:
         self.accelerator = accelerator
         self.state = TrainState()
         self.world_size = accelerator.num_processes
+        replay = None if task.replay_dataset is None else ReplayStream(
+            len(task.train_dataset), len(task.replay_dataset), task.replay_ratio, args.seed)
         self.sampler = GlobalBatchSampler(len(task.train_dataset), args.per_device_train_batch_size,
                                           self.world_size, accelerator.process_index,
-                                          args.gradient_accumulation_steps, args.seed, lengths=task.train_lengths)
+                                          args.gradient_accumulation_steps, args.seed, lengths=task.train_lengths,
+                                          replay=replay)
         require(self.sampler.steps_per_epoch > 0,
                 f"the training set has {len(task.train_dataset)} sequences, fewer than one global batch of "
-                f"{self.sampler.global_batch_size} (per-device batch x processes x accumulation); use more data "
-                f"or a smaller batch")
+                f"{self.sampler.global_batch_size} (per-device batch x processes x accumulation"
+                f"{f' less {self.sampler.replay_per_step} replayed' if replay else ''}); use more data or a smaller "
+                f"batch")
+        self.train_data = training_data(task.train_dataset, task.replay_dataset, task.columns)
         self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
             args.num_train_epochs * self.sampler.steps_per_epoch)
         # Both read or copy the task model before `prepare` shards it; a refused --ewc_from has written nothing.
@@ -142,6 +154,9 @@ class Engine:
                     self.sampler.global_batch_size,
                     args.per_device_train_batch_size, self.world_size, args.gradient_accumulation_steps,
                     self.sampler.steps_per_epoch, describe_threads())
+        if self.sampler.replay is not None:
+            logger.info(describe_replay(self.sampler.replay, self.sampler.replay_per_step,
+                                        self.sampler.global_batch_size))
         window = Window(self.accelerator.device)
         if self.checkpointer.resume(window):
             self.check_best_model_metric(state.metrics)
@@ -179,8 +194,9 @@ class Engine:
     def micro_batches(self):
         """Micro-batches forever, epoch after epoch, starting where the train state says: one loader iterator,
         whose workers live across epochs."""
-        sampler = EpochBatches(self.sampler, self.state.epoch, self.state.samples_in_epoch)
-        return iter(make_loader(self.task.train_dataset, self.task.columns, sampler, self.task.train_collator,
+        state = self.state
+        sampler = EpochBatches(self.sampler, state.epoch, state.samples_in_epoch, state.replay_position)
+        return iter(make_loader(self.train_data, self.task.columns, sampler, self.task.train_collator,
                                 self.loader_workers, pin_memory=self.accelerator.device.type == "cuda"))
 
     def optimizer_step(self, micro_batches: list[dict], window: "Window") -> None:
@@ -214,8 +230,9 @@ class Engine:
     def advance_state(self) -> None:
         state = self.state
         state.step += 1
-        state.samples_in_epoch += self.sampler.global_batch_size
-        if state.samples_in_epoch >= self.sampler.steps_per_epoch * self.sampler.global_batch_size:
+        state.samples_in_epoch += self.sampler.new_per_step
+        state.replay_position += self.sampler.replay_per_step
+        if state.samples_in_epoch >= self.sampler.steps_per_epoch * self.sampler.new_per_step:
             state.epoch, state.samples_in_epoch = state.epoch + 1, 0
 
     def log_window(self, window: "Window") -> None:

@@ -14,13 +14,14 @@ from trainer.models import cache_dir
 
 def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_name: str, check_arguments=None):
     """Every job's first steps: parse the arguments, check them together (`check_arguments(*parsed)`) and the
-    output directory, start the processes, set up logging, fall back to the embedded demo data, seed. Returns
-    the parsed arguments and the accelerator."""
+    output directory, start the processes, check --replay_ratio against the global batch, set up logging, fall
+    back to the embedded demo data, seed. Returns the parsed arguments and the accelerator."""
     from accelerate.utils import set_seed
 
     from trainer.arguments import CorpusArguments, TrainingArguments, parse_arguments
     from trainer.distributed import make_accelerator
     from trainer.metrics import setup_logging
+    from trainer.replay import check_replay_ratio
 
     parsed = parse_arguments(dataclass_types, argv, default_config=default_config)
     training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
@@ -29,6 +30,7 @@ def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_
         check_arguments(*parsed)
     check_output_dir(training_args)
     accelerator = make_accelerator(training_args)
+    check_replay_ratio(data_args, training_args, accelerator.num_processes)
     setup_logging(accelerator.is_main_process)
     embedded_corpus_if_no_data(data_args, accelerator, write_demo_data, demo_name)
     set_seed(training_args.seed)

@@ -26,6 +26,7 @@ from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.jobs import finish_job, start_job
 from trainer.metrics import logger, perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer
+from trainer.replay import replay_split
 from trainer.sparse_mlm import (IGNORE, SPARSE_HEAD_TYPES, MaskedRows, can_sparsify_last_layer,
                                 install_sparse_last_layer, last_encoder_layer, last_layer_row_parameters,
                                 masked_row_tensors, prediction_head)
@@ -273,12 +274,14 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
         require(len(eval_set) > 0, "the evaluation text is too short for one block; use more validation text or a "
                                    "smaller --max_seq_length")
         eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
+        replay_set = replay_split(processed, data_args)
     padded = mlm_args.line_by_line
     task_model = MaskedLMTask(model)
     head_fraction = mlm_args.mlm_probability if task_model.sparse_head else 1.0
     row_parameters = last_layer_row_parameters(model) if task_model.sparse_last_layer else 0
     return Task(
         model=task_model, train_dataset=train_set, eval_dataset=eval_set,
+        replay_dataset=replay_set, replay_ratio=data_args.replay_ratio,
         train_collator=TrainCollator(masker, tokenizer.pad_token_id, padded),
         eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics("masked_tokens"),
         hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),
