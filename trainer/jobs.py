@@ -35,6 +35,28 @@ def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_
     return parsed, accelerator
 
 
+def run_job(task, parsed, accelerator, model_card: dict, headline, after_training=None) -> dict:
+    """What every job does once its task is built: train it on the engine; the job's own after-steps,
+    `after_training(engine)` (on every rank: e.g. predictions on a test set; a dict it returns joins the final
+    metrics); with --merge_adapters, the LoRA-merged copy in output_dir/merged; then `finish_job`, whose closing
+    line is `headline(metrics)`. Returns the final metrics."""
+    from trainer.arguments import CorpusArguments, TrainingArguments
+    from trainer.engine import Engine
+    from trainer.finetune import FinetuneArguments, export_merged
+
+    training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
+    engine = Engine(training_args, task, accelerator)
+    metrics = engine.train()
+    if after_training is not None:
+        metrics = {**metrics, **(after_training(engine) or {})}
+    ft_args = next((a for a in parsed if isinstance(a, FinetuneArguments)), None)
+    if accelerator.is_main_process and ft_args is not None and ft_args.merge_adapters:
+        export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
+    data_args = next(a for a in parsed if isinstance(a, CorpusArguments))
+    finish_job(engine, metrics, data_args, model_card, headline(metrics))
+    return metrics
+
+
 def finish_job(engine, metrics: dict, data_args, model_card: dict, summary: str) -> None:
     """Rank 0: all_results.json, the model card and Hub push (when asked), and the closing summary: `summary` (the
     job's headline, e.g. perplexity before -> after), where the model is, final metrics, how to load it and view

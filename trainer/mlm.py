@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg
 from trainer.data import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed import main_process_first
-from trainer.engine import Engine, Task
+from trainer.engine import Task
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.jobs import finish_job, start_job
+from trainer.jobs import run_job, start_job
 from trainer.metrics import logger, perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 from trainer.sparse_mlm import (IGNORE, SPARSE_HEAD_TYPES, MaskedRows, can_sparsify_last_layer,
@@ -290,21 +290,22 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
     )
 
 
+def headline(metrics: dict) -> str:
+    return (f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f} (smoothed "
+            f"unigram baseline {metrics['eval_unigram_perplexity']:.2f})")
+
+
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    (model_args, data_args, training_args, mlm_args), accelerator = start_job(
+    parsed, accelerator = start_job(
         (ModelArguments, DataArguments, TrainingArguments, MLMArguments), argv, DEMO_CONFIG, write_mlm_corpus,
         "movie-review corpus")
-    task = build_task(model_args, data_args, training_args, mlm_args, accelerator)
+    task = build_task(*parsed, accelerator)
     unigram = unigram_perplexity(task.train_dataset, task.eval_dataset, len(task.tokenizer))
     logger.info("baseline to beat: an add-one smoothed unigram model of the training tokens has perplexity %.2f on "
                 "the evaluation masks", unigram)
-    engine = Engine(training_args, task, accelerator)
-    metrics = {**engine.train(), "eval_unigram_perplexity": unigram}
-    finish_job(engine, metrics, data_args, {"task": "masked-language modelling", "pipeline_tag": "fill-mask"},
-               f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f} (smoothed "
-               f"unigram baseline {unigram:.2f})")
-    return metrics
+    return run_job(task, parsed, accelerator, {"task": "masked-language modelling", "pipeline_tag": "fill-mask"},
+                   headline, after_training=lambda engine: {"eval_unigram_perplexity": unigram})
 
 
 if __name__ == "__main__":
