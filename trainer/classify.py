@@ -27,7 +27,7 @@ from trainer.engine import EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune import (FinetuneArguments, apply_strategy, check_finetuning, distillation_loss,
                               load_teacher)
-from trainer.jobs import run_job, start_job
+from trainer.jobs import JobSpec, run_job, start_job
 from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 
@@ -300,15 +300,19 @@ def headline(metrics: dict) -> str:
             f"{metrics.get('eval_accuracy', float('nan')):.4f}")
 
 
+CLASSIFY_JOB = JobSpec(
+    arguments=(ModelArguments, DataArguments, TrainingArguments, FinetuneArguments, ClassifyArguments),
+    demo_config=DEMO_CONFIG, write_demo_data=write_sentiment_dataset, demo_name="sentiment dataset",
+    model_card_task="text classification", pipeline_tag="text-classification", headline=headline,
+    check_arguments=check_finetuning)
+
+
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    parsed, accelerator = start_job(
-        (ModelArguments, DataArguments, TrainingArguments, FinetuneArguments, ClassifyArguments), argv, DEMO_CONFIG,
-        write_sentiment_dataset, "sentiment dataset", check_finetuning)
+    parsed, accelerator = start_job(CLASSIFY_JOB, argv)
     task, test_set, labels = build_task(*parsed, accelerator)
     predictions = functools.partial(predict_test_set, test_set, labels) if test_set is not None else None
-    return run_job(task, parsed, accelerator, {"task": "text classification", "pipeline_tag": "text-classification"},
-                   headline, after_training=predictions)
+    return run_job(CLASSIFY_JOB, task, parsed, accelerator, after_training=predictions)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from trainer.default_data import tiny_gpt2_config, train_byte_level_bpe_tokenize
 from trainer.engine import Task
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.finetune import FinetuneArguments, apply_strategy, check_finetuning
-from trainer.jobs import run_job, start_job
+from trainer.jobs import JobSpec, run_job, start_job
 from trainer.metrics import perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer, max_positions
 
@@ -247,14 +247,18 @@ def headline(metrics: dict) -> str:
     return f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}"
 
 
+CLM_JOB = JobSpec(
+    arguments=(ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments),
+    demo_config=DEMO_CONFIG, write_demo_data=write_mlm_corpus, demo_name="movie-review corpus",
+    model_card_task="causal language modelling", pipeline_tag="text-generation", headline=headline,
+    check_arguments=check_finetuning)
+
+
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    parsed, accelerator = start_job(
-        (ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments), argv, DEMO_CONFIG,
-        write_mlm_corpus, "movie-review corpus", check_finetuning)
+    parsed, accelerator = start_job(CLM_JOB, argv)
     task = build_task(*parsed, accelerator)
-    return run_job(task, parsed, accelerator, {"task": "causal language modelling", "pipeline_tag": "text-generation"},
-                   headline)
+    return run_job(CLM_JOB, task, parsed, accelerator)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from trainer.data import first_samples, group_into_blocks, load_text_splits, pad
 from trainer.distributed import main_process_first
 from trainer.engine import Task
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.jobs import run_job, start_job
+from trainer.jobs import JobSpec, run_job, start_job
 from trainer.metrics import logger, perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 from trainer.sparse_mlm import (IGNORE, SPARSE_HEAD_TYPES, MaskedRows, can_sparsify_last_layer,
@@ -295,17 +295,21 @@ def headline(metrics: dict) -> str:
             f"unigram baseline {metrics['eval_unigram_perplexity']:.2f})")
 
 
+MLM_JOB = JobSpec(
+    arguments=(ModelArguments, DataArguments, TrainingArguments, MLMArguments), demo_config=DEMO_CONFIG,
+    write_demo_data=write_mlm_corpus, demo_name="movie-review corpus", model_card_task="masked-language modelling",
+    pipeline_tag="fill-mask", headline=headline)
+
+
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    parsed, accelerator = start_job(
-        (ModelArguments, DataArguments, TrainingArguments, MLMArguments), argv, DEMO_CONFIG, write_mlm_corpus,
-        "movie-review corpus")
+    parsed, accelerator = start_job(MLM_JOB, argv)
     task = build_task(*parsed, accelerator)
     unigram = unigram_perplexity(task.train_dataset, task.eval_dataset, len(task.tokenizer))
     logger.info("baseline to beat: an add-one smoothed unigram model of the training tokens has perplexity %.2f on "
                 "the evaluation masks", unigram)
-    return run_job(task, parsed, accelerator, {"task": "masked-language modelling", "pipeline_tag": "fill-mask"},
-                   headline, after_training=lambda engine: {"eval_unigram_perplexity": unigram})
+    return run_job(MLM_JOB, task, parsed, accelerator,
+                   after_training=lambda engine: {"eval_unigram_perplexity": unigram})
 
 
 if __name__ == "__main__":
