@@ -414,6 +414,32 @@ def test_help_folds_the_negated_twin_of_a_true_flag_into_its_entry(capsys):
     assert parser.parse_args(["--no_fused"]).fused is False  # still accepted
 
 
+@pytest.mark.parametrize("content, fused", [("no_fused: true", False), ("no_fused: false", True),
+                                            ("fused: false", False), ('{"no-fused": true}', False),
+                                            ("no_fused: 3", "no_fused takes true or false, got 3")])
+def test_config_file_turns_a_true_flag_off_by_its_negated_twin(content, fused, tmp_path):
+    from trainer.arguments import parse_arguments
+    from trainer.errors import UsageError
+
+    config = tmp_path / ("run.json" if content.startswith("{") else "run.yaml")
+    config.write_text(content)
+    if isinstance(fused, str):
+        with pytest.raises(UsageError, match=fused):
+            parse_arguments((WithTrueFlag,), [str(config)])
+    else:
+        assert parse_arguments((WithTrueFlag,), [str(config)])[0].fused is fused
+
+
+def test_clm_config_file_with_no_keep_linebreaks(tmp_path):
+    from trainer.arguments import parse_arguments
+    from trainer.clm import CLM_JOB
+
+    config = tmp_path / "run.yaml"
+    config.write_text("no_keep_linebreaks: true\nblock_size: 16\n")
+    *_, clm_args = parse_arguments(CLM_JOB.arguments, [str(config)])
+    assert (clm_args.keep_linebreaks, clm_args.block_size) == (False, 16)
+
+
 # ------------------------------------------------------------------------------------------------- classify
 def classify_case(case: str, sentiment, directory) -> tuple[list[str], str]:
     """(extra arguments, expected) for trainer.classify; the case's files are written into `directory`."""
