@@ -288,7 +288,7 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
     return task, test_set, labels
 
 
-def predict_test_set(test_set, labels: "LabelMapping", engine) -> None:
+def predict_test_set(test_set, labels: LabelMapping, engine) -> None:
     """After training, on every rank: the test set's class probabilities, written by rank 0."""
     probabilities = engine.predict(test_set, "probabilities", drop=("labels",))
     if engine.accelerator.is_main_process:

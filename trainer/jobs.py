@@ -1,17 +1,22 @@
-"""Steps every job's `main` takes around the engine: output-directory checks, demo data, results."""
+"""Steps every job's `main` takes around the engine, given the job's `JobSpec`: `start_job` (arguments, output
+directory, processes, demo data) before its task is built, `run_job` (train, the job's after-steps, results)
+after."""
 from __future__ import annotations
 
 import json
 import os
 import shlex
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from trainer.checkpoint import PREFIX
 from trainer.distributed import main_process_first
 from trainer.errors import require
 from trainer.metrics import format_number, logger
 from trainer.models import cache_dir
+
+if TYPE_CHECKING:
+    from trainer.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,8 @@ def start_job(job: JobSpec, argv: list[str] | None):
     return parsed, accelerator
 
 
-def run_job(job: JobSpec, task, parsed, accelerator, after_training=None) -> dict:
+def run_job(job: JobSpec, task, parsed, accelerator,
+            after_training: Optional[Callable[[Engine], Optional[dict]]] = None) -> dict:
     """What every job does once its task is built: train it on the engine; the job's own after-steps,
     `after_training(engine)` (on every rank: e.g. predictions on a test set; a dict it returns joins the final
     metrics); with --merge_adapters, the LoRA-merged copy in output_dir/merged; then `finish_job`, with the job's
