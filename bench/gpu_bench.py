@@ -81,11 +81,9 @@ def result(clock: StepClock, opts, flops_per_token: float, dense_flops_per_token
 # ----------------------------------------------------------------------------------------------------- this engine
 def run_engine(directory: str, opts, compiled: bool, deepspeed: bool) -> dict:
     """trainer.mlm's task and engine, stepped by hand the way Engine.train steps (no evaluation, no saving)."""
-    from trainer.arguments import DataArguments, ModelArguments, TrainingArguments
-    from trainer.default_data import write_mlm_corpus
     from trainer.engine import Engine, Window
     from trainer.jobs import start_job
-    from trainer.mlm import DEMO_CONFIG, MLMArguments, build_task
+    from trainer.mlm import MLM_JOB, build_task
 
     corpus = os.path.join(directory, "corpus")
     argv = ["--model_name_or_path", os.path.join(directory, "model"), "--train_file", os.path.join(corpus, "train.txt"),
@@ -98,8 +96,7 @@ def run_engine(directory: str, opts, compiled: bool, deepspeed: bool) -> dict:
     argv += ["--torch_compile", "--torch_compile_backend", opts.compile_backend,
              "--torch_compile_mode", opts.compile_mode] if compiled else []
     argv += ["--deepspeed", ZERO2] if deepspeed else []
-    parsed, accelerator = start_job((ModelArguments, DataArguments, TrainingArguments, MLMArguments), argv,
-                                    DEMO_CONFIG, write_mlm_corpus, "corpus")
+    parsed, accelerator = start_job(MLM_JOB, argv)
     model_args, data_args, training_args, mlm_args = parsed
     task = build_task(model_args, data_args, training_args, mlm_args, accelerator)
     engine = Engine(training_args, task, accelerator)

@@ -27,12 +27,12 @@ def main(argv):
 
     saved = weights()
     checkpoint = os.path.join(training_args.output_dir, "sharded")
-    engine.save_sharded_state(checkpoint)
+    engine.checkpointer.save_sharded_state(checkpoint)
     with torch.no_grad():
         for parameter in engine.model.parameters():
             parameter.add_(1.0)
     perturbed = weights()
-    engine.load_sharded_state(checkpoint)
+    engine.checkpointer.load_sharded_state(checkpoint)
     restored = weights()
     if accelerator.is_main_process:
         report = {"perturbed": any(not torch.equal(saved[k], perturbed[k]) for k in saved),

@@ -109,3 +109,55 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(size, steps, fail
         assert complete_checkpoints(out) == [(1, os.path.join(out, "checkpoint-1"))]
         assert read_trainer_state(os.path.join(out, "checkpoint-1"))["step"] == 1
         assert load_file(os.path.join(out, "checkpoint-1", "model.safetensors"))  # whole and loadable
+
+
+def test_the_checkpointer_restores_exactly_the_parts_it_is_given_without_an_engine(tokenizer_dir, tmp_path):
+    """The checkpointer is given the stateful parts and callbacks (no engine): a save, then a resume into fresh
+    parts, gives back the same weights, optimizer and scheduler state, train state and logging window."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from trainer.arguments import TrainingArguments
+    from trainer.checkpoint import Checkpointer
+    from trainer.engine import TrainState, Window
+    from trainer.optim import build_optimizer, build_scheduler
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    accelerator, calls = Accelerator(cpu=True), []
+
+    def parts(seed: int):
+        torch.manual_seed(seed)
+        model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=32))
+        optimizer = build_optimizer(model, args)
+        scheduler = build_scheduler(optimizer, args, total_steps=10)
+        state = TrainState()
+        return model, optimizer, scheduler, state, Checkpointer(
+            args, accelerator, model=model, optimizer=optimizer, scheduler=scheduler, train_state=state,
+            hf_model=model, tokenizer=tokenizer, inside_save=lambda: calls.append("inside_save"),
+            on_saved=lambda path: calls.append(("saved", path)), on_resumed=lambda step: calls.append(("resumed", step)))
+
+    model, optimizer, scheduler, state, checkpointer = parts(seed=0)
+    model(input_ids=torch.tensor([[2, 5, 7, 3]]), labels=torch.tensor([[2, 5, 7, 3]])).loss.backward()
+    optimizer.step()
+    scheduler.step()
+    state.step, state.epoch, state.samples_in_epoch, state.tokens_seen = 3, 1, 8, 96
+    state.loss_sum, state.loss_items, state.metrics = 2.5, 10, {"eval_loss": 1.25}
+    window = Window(torch.device("cpu"))
+    window.loss_sum += 0.75
+    window.items, window.tokens, window.first_step = 4, 32, 3
+    path = checkpointer.save(window)
+    assert calls == ["inside_save", ("saved", path)] and path.endswith("checkpoint-3")
+
+    fresh_model, fresh_optimizer, fresh_scheduler, fresh_state, fresh_checkpointer = parts(seed=1)
+    fresh_window = Window(torch.device("cpu"))
+    assert fresh_checkpointer.resume(fresh_window) and calls[-1] == ("resumed", 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()))
+    saved_moments = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
+    restored_moments = [s["exp_avg"] for s in fresh_optimizer.state_dict()["state"].values()]
+    assert len(restored_moments) == len(saved_moments) > 0
+    assert all(torch.equal(a, b) for a, b in zip(saved_moments, restored_moments))
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert fresh_state == state and fresh_window.state_dict() == {**window.state_dict(), "loss_sum": 0.75}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from classify_helpers import classify_args, sentiment  # noqa: F401
+from clm_helpers import TINY_GPT2_FLAGS, bpe_tokenizer_dir, clm_args, gpt2_checkpoint  # noqa: F401
 from conftest import TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
 from trainer.arguments import arg
 
@@ -413,6 +414,32 @@ def test_help_folds_the_negated_twin_of_a_true_flag_into_its_entry(capsys):
     assert parser.parse_args(["--no_fused"]).fused is False  # still accepted
 
 
+@pytest.mark.parametrize("content, fused", [("no_fused: true", False), ("no_fused: false", True),
+                                            ("fused: false", False), ('{"no-fused": true}', False),
+                                            ("no_fused: 3", "no_fused takes true or false, got 3")])
+def test_config_file_turns_a_true_flag_off_by_its_negated_twin(content, fused, tmp_path):
+    from trainer.arguments import parse_arguments
+    from trainer.errors import UsageError
+
+    config = tmp_path / ("run.json" if content.startswith("{") else "run.yaml")
+    config.write_text(content)
+    if isinstance(fused, str):
+        with pytest.raises(UsageError, match=fused):
+            parse_arguments((WithTrueFlag,), [str(config)])
+    else:
+        assert parse_arguments((WithTrueFlag,), [str(config)])[0].fused is fused
+
+
+def test_clm_config_file_with_no_keep_linebreaks(tmp_path):
+    from trainer.arguments import parse_arguments
+    from trainer.clm import CLM_JOB
+
+    config = tmp_path / "run.yaml"
+    config.write_text("no_keep_linebreaks: true\nblock_size: 16\n")
+    *_, clm_args = parse_arguments(CLM_JOB.arguments, [str(config)])
+    assert (clm_args.keep_linebreaks, clm_args.block_size) == (False, 16)
+
+
 # ------------------------------------------------------------------------------------------------- classify
 def classify_case(case: str, sentiment, directory) -> tuple[list[str], str]:
     """(extra arguments, expected) for trainer.classify; the case's files are written into `directory`."""
@@ -453,6 +480,74 @@ def test_classify_inputs(case, sentiment, tokenizer_dir, tmp_path, env, capsys):
         del argv[argv.index("--validation_file"):argv.index("--validation_file") + 2]
         extra = [*extra, "--validation_file", extra[1]]  # the odd file is both splits
     check_outcome(main, [*argv, *extra], out, expected, capsys)
+
+
+# ------------------------------------------------------------------------------------------------------ clm
+def clm_case(case: str, corpus, directory, gpt2_checkpoint) -> tuple[list[str], str]:  # noqa: F811
+    """(extra arguments, expected) for trainer.clm; a data case's file (written into `directory`) is both splits."""
+    def data(name):
+        return ["--train_file", make_data_file(name, directory, corpus_lines(corpus))]
+
+    a_file = write_bytes(directory / "a_file", b"precious")
+    pretrained = ["--model_name_or_path", gpt2_checkpoint]
+    cases = {
+        # data
+        "crlf": (data("crlf"), "ok"),
+        "jsonl_other_name": (data("jsonl_other_name"), "ok"),
+        "empty": (data("empty"), "is empty"),
+        "random_bytes": (data("random_bytes"), "could not be read as text"),
+        "jsonl_object_text": (data("jsonl_object_text"), "not text"),
+        "one_short_line": (["--train_file", write_bytes(directory / "short.txt", b"a short film .\n" * 2)],
+                           "too short for one block of 32 tokens"),
+        # flags
+        "block_size_not_a_number": (["--block_size", "x"], "--block_size: invalid int value: 'x'"),
+        "packing_choice": (["--packing", "zigzag"], "--packing: invalid choice: 'zigzag'"),
+        "keep_linebreaks_value": (["--keep_linebreaks", "maybe"], "--keep_linebreaks: Truthy value expected"),
+        "probe_new_tokens": (["--probe_new_tokens", "0"], "--probe_new_tokens must be positive"),
+        "mlm_length_flag": (["--max_seq_length", "64"], "unknown option --max_seq_length"),
+        "mlm_flag": (["--mlm_probability", "0.2"], "unknown option --mlm_probability"),
+        "not_a_causal_lm": (["--model_type", "t5"], "--model_type t5"),
+        "prefix_tuning_with_document_packing": ([*pretrained, "--finetune_strategy", "prefix", "--packing",
+                                                 "documents"], "--packing documents restarts position ids"),
+        # paths
+        "output_dir_is_file": (["--output_dir", a_file], f"--output_dir {a_file} is a file"),
+        "validation_file_missing": (["--validation_file", str(directory / "missing.txt")], "no such file"),
+        "tokenizer_empty_dir": (["--tokenizer_name", str(mkdir(directory / "empty_tokenizer"))], "not a tokenizer"),
+        "model_empty_dir": (["--model_name_or_path", str(mkdir(directory / "empty_model"))], "not a model"),
+        # config files
+        "config_bad_value": ([write_bytes(directory / "bad.yaml", b"block_size: lots\n")],
+                             "--block_size: invalid int value: 'lots'"),
+        "config_mlm_key": ([write_bytes(directory / "mlm.yaml", b"line_by_line: true\n")],
+                           "unknown option --line_by_line"),
+    }
+    return cases[case]
+
+
+CLM_CASES = ["crlf", "jsonl_other_name", "empty", "random_bytes", "jsonl_object_text", "one_short_line",
+             "block_size_not_a_number", "packing_choice", "keep_linebreaks_value", "probe_new_tokens",
+             "mlm_length_flag", "mlm_flag", "not_a_causal_lm", "prefix_tuning_with_document_packing",
+             "output_dir_is_file", "validation_file_missing", "tokenizer_empty_dir", "model_empty_dir",
+             "config_bad_value", "config_mlm_key"]
+
+
+@pytest.mark.parametrize("case", CLM_CASES)
+def test_clm_inputs(case, corpus, bpe_tokenizer_dir, gpt2_checkpoint, tmp_path, env, capsys):  # noqa: F811
+    from trainer.clm import main
+
+    extra, expected = clm_case(case, corpus, tmp_path, gpt2_checkpoint)
+    out = extra[extra.index("--output_dir") + 1] if "--output_dir" in extra else str(tmp_path / "out")
+    argv = clm_args(corpus, bpe_tokenizer_dir, out, "--max_steps", "1", "--max_eval_samples", "4",
+                    "--peak_tflops", "1")
+    if "--train_file" in extra:
+        del argv[argv.index("--validation_file"):argv.index("--validation_file") + 2]
+        extra = [*extra, "--validation_file", extra[1]]
+    for flag in {f for f in extra if f.startswith("--")} & set(argv):  # the case's value replaces the default one
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    if "--model_name_or_path" in extra or "--model_type" in extra:
+        argv = [a for a in argv if a not in TINY_GPT2_FLAGS]
+    if extra[0].endswith(".yaml"):  # a config file comes first
+        argv, extra = [extra[0], *argv], []
+    check_outcome(main, [*argv, *extra], out, expected, capsys, snapshot(out))
 
 
 # ----------------------------------------------------------------------------------------- real processes

@@ -12,14 +12,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def engine_for(argv):
-    from trainer.arguments import DataArguments, ModelArguments, TrainingArguments
-    from trainer.default_data import write_mlm_corpus
     from trainer.engine import Engine
     from trainer.jobs import start_job
-    from trainer.mlm import DEMO_CONFIG, MLMArguments, build_task
+    from trainer.mlm import MLM_JOB, build_task
 
-    parsed, accelerator = start_job((ModelArguments, DataArguments, TrainingArguments, MLMArguments), argv,
-                                    DEMO_CONFIG, write_mlm_corpus, "corpus")
+    parsed, accelerator = start_job(MLM_JOB, argv)
     return Engine(parsed[2], build_task(*parsed, accelerator), accelerator)
 
 

@@ -279,9 +279,9 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None, default_conf
     parser = job_parser(dataclass_types, default_config)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0].endswith(CONFIG_EXTENSIONS):
-        argv = config_file_as_argv(argv[0]) + argv[1:]
+        argv = config_file_as_argv(argv[0], parser) + argv[1:]
     elif default_config and not names_data(argv) and "-h" not in argv and "--help" not in argv:
-        argv = demo_config_as_argv(default_config, argv) + argv
+        argv = demo_config_as_argv(default_config, argv, parser) + argv
     _, unknown = parser.parse_known_args(argv)  # unknown flags first: a typo must not surface as another error
     if unknown:
         raise UsageError(unknown_arguments_message(parser, unknown))
@@ -296,10 +296,10 @@ def names_flag(argv: list[str], flag: str) -> bool:
     return any(a.split("=")[0] in (f"--{flag}", f"--{flag.replace('_', '-')}") for a in argv)
 
 
-def demo_config_as_argv(path: str, overrides: list[str]) -> list[str]:
+def demo_config_as_argv(path: str, overrides: list[str], parser) -> list[str]:
     """The demo config as flags. Its `overwrite_output_dir` is meant for its own output directory only: an
     --output_dir given on the command line is protected like any other (a non-empty one is refused)."""
-    argv = config_file_as_argv(path)
+    argv = config_file_as_argv(path, parser)
     if names_flag(overrides, "output_dir") and "--overwrite_output_dir" in argv:
         index = argv.index("--overwrite_output_dir")
         del argv[index:index + 2]
@@ -382,9 +382,11 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: {default.replace('%', '%%')})"
 
 
-def config_file_as_argv(path: str) -> list[str]:
+def config_file_as_argv(path: str, parser) -> list[str]:
     """A config file's keys as command-line flags, so argparse converts and checks them exactly as it does flags
-    (HfArgumentParser.parse_yaml_file would pass YAML strings such as '5e-5' through unconverted)."""
+    (HfArgumentParser.parse_yaml_file would pass YAML strings such as '5e-5' through unconverted). A flag that
+    takes no value (the `--no_<flag>` twin of a bool defaulting to True) stands bare when its key is true and
+    is left out when false."""
     import json
 
     import yaml
@@ -396,9 +398,14 @@ def config_file_as_argv(path: str) -> list[str]:
     except (ValueError, yaml.YAMLError) as error:
         raise UsageError(f"config file {path} is not valid: {str(error).splitlines()[0]}") from None
     require(isinstance(config, dict), f"config file {path} must hold a mapping of argument names to values")
+    takes_no_value = {option for action in parser._actions if action.nargs == 0 for option in action.option_strings}
     argv = []
     for key, value in config.items():
         if value is None:
+            continue
+        if f"--{key}" in takes_no_value:
+            require(isinstance(value, bool), f"config file {path}: {key} takes true or false, got {value!r}")
+            argv += [f"--{key}"] if value else []
             continue
         values = value if isinstance(value, list) else [value]
         argv += [f"--{key}", *(str(v) for v in values)]

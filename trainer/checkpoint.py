@@ -27,13 +27,14 @@ import os
 import random
 import re
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from trainer.arguments import as_dict
-from trainer.distributed import all_gather_objects, full_state_dict, sharded_state_name
+from trainer.distributed import (all_gather_objects, full_state_dict, sharded_checkpoint_functions,
+                                 sharded_state_name)
 from trainer.errors import JobStopped, require
 from trainer.metrics import logger
 
@@ -184,12 +185,25 @@ def describe_write_failure(error: Exception, directory: str) -> str:
 
 # ------------------------------------------------------------------------------------------- checkpointer
 class Checkpointer:
-    """Saves, rotates and restores the engine's checkpoints. Every method is called on every rank."""
+    """Saves, rotates and restores checkpoints of the stateful parts it is given (as torchtitan's checkpointer:
+    it never reaches into the trainer). Every method is called on every rank.
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.args = engine.args
-        self.accelerator = engine.accelerator
+    `model` is the prepared model (DDP, DeepSpeed or FSDP: it holds the shards) and `hf_model` the transformers
+    model inside it, written with `save_pretrained` beside `tokenizer`; `optimizer`, `scheduler` and `train_state`
+    have `state_dict`/`load_state_dict`. Callbacks: `inside_save()` on every rank while a save is under way (fault
+    injection), `on_saved(path)` on rank 0 after a checkpoint is published (Hub push), `on_resumed(step)` on every
+    rank after a resume (the metrics log forgets what came later)."""
+
+    def __init__(self, args, accelerator, *, model, optimizer, scheduler, train_state, hf_model, tokenizer,
+                 inside_save: Callable[[], None], on_saved: Callable[[str], None],
+                 on_resumed: Callable[[int], None]):
+        self.args = args
+        self.accelerator = accelerator
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_state = train_state
+        self.hf_model, self.tokenizer = hf_model, tokenizer
+        self.inside_save, self.on_saved, self.on_resumed = inside_save, on_saved, on_resumed
+        self.world_size = accelerator.num_processes
         self.best_metric: Optional[float] = None
         self.best_checkpoint: Optional[str] = None
         self.last_saved_step: Optional[int] = None
@@ -199,23 +213,23 @@ class Checkpointer:
         """Write checkpoint-<step> atomically. A write that fails (disk full, quota, permissions) stops the run
         on every rank with one line naming the last good checkpoint, after removing the partial directory;
         the previous checkpoints stay as they were (rotation only runs after a complete save)."""
-        engine, state, accelerator = self.engine, self.engine.state, self.accelerator
+        state, accelerator = self.train_state, self.accelerator
         final = os.path.join(self.args.output_dir, f"{PREFIX}{state.step}")
         temporary = final + ".tmp"
         writes = Writes(temporary)
         if accelerator.is_main_process:
             writes.run(fresh_directory, temporary)
         accelerator.wait_for_everyone()
-        writes.run(torch.save, {"rng": rng_states(), "window": window.state_dict(), "world_size": engine.world_size},
+        writes.run(torch.save, {"rng": rng_states(), "window": window.state_dict(), "world_size": self.world_size},
                    os.path.join(temporary, f"rank-{accelerator.process_index}.pt"))
         # Under DeepSpeed and FSDP every rank takes part: the weight gather (ZeRO-3, FSDP) and the sharded save.
-        model_state = full_state_dict(accelerator, engine.model, engine.task.hf_model)
+        model_state = full_state_dict(accelerator, self.model, self.hf_model)
         if self.sharded:
-            engine.save_sharded_state(os.path.join(temporary, self.sharded))
+            self.save_sharded_state(os.path.join(temporary, self.sharded))
         if accelerator.is_main_process:
             self.track_best(os.path.basename(final))
             writes.run(self.write_shared_files, temporary, model_state)
-        engine.faults.inside_save()
+        self.inside_save()
         self.stop_if_any_write_failed(writes, temporary)  # the barrier before publishing
         if accelerator.is_main_process:
             writes.run(publish, temporary, final, state.step)
@@ -223,7 +237,7 @@ class Checkpointer:
         if accelerator.is_main_process:
             logger.info("saved checkpoint %s", final)
             self.rotate()
-            self.engine.hub.push_checkpoint(final)
+            self.on_saved(final)
         accelerator.wait_for_everyone()
         self.last_saved_step = state.step
         return final
@@ -249,27 +263,32 @@ class Checkpointer:
         """The subdirectory of the sharded model + optimizer state ("deepspeed", "fsdp"); None under DDP."""
         return sharded_state_name(self.accelerator)
 
+    def save_sharded_state(self, directory: str) -> None:
+        """Under DeepSpeed or FSDP: a sharded checkpoint of model and optimizer, every rank writing its shards."""
+        save, _ = sharded_checkpoint_functions(self.accelerator)
+        save(self.model, self.optimizer, directory)
+
+    def load_sharded_state(self, directory: str) -> None:
+        _, load = sharded_checkpoint_functions(self.accelerator)
+        load(self.model, self.optimizer, directory)
+
     def write_shared_files(self, directory: str, model_state: Optional[dict]) -> None:
-        engine, state = self.engine, self.engine.state
-        engine.task.hf_model.save_pretrained(directory, state_dict=model_state)
-        engine.task.tokenizer.save_pretrained(directory)
+        self.hf_model.save_pretrained(directory, state_dict=model_state)
+        self.tokenizer.save_pretrained(directory)
         if not self.sharded:  # otherwise the optimizer state is in the sharded checkpoint
-            torch.save(engine.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-        torch.save(engine.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+            torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+        torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
         if self.accelerator.scaler is not None:
             torch.save(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
         write_json(os.path.join(directory, STATE_FILE), {
-            "step": state.step, "epoch": state.epoch, "samples_in_epoch": state.samples_in_epoch,
-            "replay_position": state.replay_position,
-            "tokens_seen": state.tokens_seen, "metrics": state.metrics, "world_size": engine.world_size,
-            "loss_sum": state.loss_sum, "loss_items": state.loss_items,
+            **self.train_state.state_dict(), "world_size": self.world_size,
             "best_metric": self.best_metric, "best_checkpoint": self.best_checkpoint,
             "metric_for_best_model": self.args.metric_for_best_model, "args": as_dict(self.args)})
 
     def track_best(self, name: str) -> None:
         if not self.args.load_best_model_at_end:
             return
-        value = self.engine.state.metrics[self.args.metric_for_best_model]
+        value = self.train_state.metrics[self.args.metric_for_best_model]
         better = (self.best_metric is None or (value > self.best_metric if self.args.greater_is_better
                                                else value < self.best_metric))
         if better:
@@ -306,29 +325,25 @@ class Checkpointer:
         return requested
 
     def resume(self, window) -> bool:
-        """Restore the newest (or requested) checkpoint into the engine; False when starting fresh."""
+        """Restore the newest (or requested) checkpoint into the stateful parts; False when starting fresh."""
         path = self.checkpoint_to_resume()
         if path is None:
             return False
-        engine = self.engine
         saved = read_trainer_state(path)
         if self.sharded:
-            engine.load_sharded_state(os.path.join(path, self.sharded))
+            self.load_sharded_state(os.path.join(path, self.sharded))
         else:
             self.load_model_weights(path)
-            engine.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
-        engine.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
+            self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
+        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
         if self.accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
             self.accelerator.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt")))
-        state = engine.state
-        state.step, state.epoch, state.samples_in_epoch = saved["step"], saved["epoch"], saved["samples_in_epoch"]
-        state.replay_position = saved.get("replay_position", 0)  # absent in checkpoints from before replay
-        state.tokens_seen, state.metrics = saved["tokens_seen"], saved["metrics"]
-        state.loss_sum, state.loss_items = saved.get("loss_sum", 0.0), saved.get("loss_items", 0)
+        state = self.train_state
+        state.load_state_dict(saved)
         self.best_metric, self.best_checkpoint = saved["best_metric"], saved["best_checkpoint"]
         self.last_saved_step = state.step
         self.restore_rank_state(path, saved["world_size"], window)
-        engine.metrics.forget_after(state.step)
+        self.on_resumed(state.step)
         logger.info("resumed from %s: step %d, epoch %d, %d samples into the epoch", path, state.step, state.epoch,
                     state.samples_in_epoch)
         return True
@@ -340,7 +355,7 @@ class Checkpointer:
         of all saved ranks go to rank 0 so that the next logged loss still covers the whole window.
         """
         rank = self.accelerator.process_index
-        if saved_world_size == self.engine.world_size:
+        if saved_world_size == self.world_size:
             rank_state = torch.load(os.path.join(path, f"rank-{rank}.pt"), weights_only=False)
             set_rng_states(rank_state["rng"])
             window.load_state_dict(rank_state["window"])
@@ -352,7 +367,7 @@ class Checkpointer:
     def load_model_weights(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        model = self.engine.task.hf_model
+        model = self.hf_model
         weights = load_file(os.path.join(path, "model.safetensors"))  # load_state_dict copies to the device
         missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = set(model.get_expanded_tied_weights_keys())  # save_pretrained stores tied weights once
@@ -366,9 +381,9 @@ class Checkpointer:
             return
         best = os.path.join(self.args.output_dir, self.best_checkpoint)
         if self.sharded:
-            self.engine.load_sharded_state(os.path.join(best, self.sharded))
+            self.load_sharded_state(os.path.join(best, self.sharded))
         else:
             self.load_model_weights(best)
-        self.engine.state.metrics.update(best_model_checkpoint=self.best_checkpoint, best_metric=self.best_metric)
+        self.train_state.metrics.update(best_model_checkpoint=self.best_checkpoint, best_metric=self.best_metric)
         logger.info("loaded the best model, %s (%s = %.6g)", self.best_checkpoint, self.args.metric_for_best_model,
                     self.best_metric)

@@ -8,6 +8,7 @@ per-sample loss, metrics and predictions. Training is the shared engine's; strat
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ from trainer.data import (check_text_column, first_samples, load_file, load_raw_
                           resolve_text_column)
 from trainer.default_data import write_sentiment_dataset
 from trainer.distributed import main_process_first
-from trainer.engine import Engine, EvalOutput, Task
+from trainer.engine import EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
-from trainer.finetune import (FinetuneArguments, apply_strategy, check_finetuning, distillation_loss, export_merged,
+from trainer.finetune import (FinetuneArguments, apply_strategy, check_finetuning, distillation_loss,
                               load_teacher)
-from trainer.jobs import finish_job, start_job
+from trainer.jobs import JobSpec, run_job, start_job
 from trainer.metrics import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 from trainer.replay import load_replay_file
@@ -299,25 +300,31 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
     return task, test_set, labels
 
 
+def predict_test_set(test_set, labels: LabelMapping, engine) -> None:
+    """After training, on every rank: the test set's class probabilities, written by rank 0."""
+    probabilities = engine.predict(test_set, "probabilities", drop=("labels",))
+    if engine.accelerator.is_main_process:
+        write_predictions(os.path.join(engine.args.output_dir, "predictions.jsonl"), probabilities, labels.id2label)
+
+
+def headline(metrics: dict) -> str:
+    return (f"accuracy {metrics.get('init_eval_accuracy', float('nan')):.4f} -> "
+            f"{metrics.get('eval_accuracy', float('nan')):.4f}")
+
+
+CLASSIFY_JOB = JobSpec(
+    arguments=(ModelArguments, DataArguments, TrainingArguments, FinetuneArguments, ClassifyArguments),
+    demo_config=DEMO_CONFIG, write_demo_data=write_sentiment_dataset, demo_name="sentiment dataset",
+    model_card_task="text classification", pipeline_tag="text-classification", headline=headline,
+    check_arguments=check_finetuning)
+
+
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    (model_args, data_args, training_args, ft_args, cls_args), accelerator = start_job(
-        (ModelArguments, DataArguments, TrainingArguments, FinetuneArguments, ClassifyArguments), argv, DEMO_CONFIG,
-        write_sentiment_dataset, "sentiment dataset", check_finetuning)
-    task, test_set, labels = build_task(model_args, data_args, training_args, ft_args, cls_args, accelerator)
-    engine = Engine(training_args, task, accelerator)
-    metrics = engine.train()
-    if test_set is not None:
-        probabilities = engine.predict(test_set, "probabilities", drop=("labels",))
-        if accelerator.is_main_process:
-            write_predictions(os.path.join(training_args.output_dir, "predictions.jsonl"), probabilities,
-                              labels.id2label)
-    if accelerator.is_main_process and ft_args.merge_adapters:
-        export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
-    finish_job(engine, metrics, data_args, {"task": "text classification", "pipeline_tag": "text-classification"},
-               f"accuracy {metrics.get('init_eval_accuracy', float('nan')):.4f} -> "
-               f"{metrics.get('eval_accuracy', float('nan')):.4f}")
-    return metrics
+    parsed, accelerator = start_job(CLASSIFY_JOB, argv)
+    task, test_set, labels = build_task(*parsed, accelerator)
+    predictions = functools.partial(predict_test_set, test_set, labels) if test_set is not None else None
+    return run_job(CLASSIFY_JOB, task, parsed, accelerator, after_training=predictions)
 
 
 if __name__ == "__main__":

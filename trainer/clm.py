@@ -22,11 +22,11 @@ from trainer.arguments import CorpusArguments, ModelArguments, TrainingArguments
 from trainer.data import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed import main_process_first
 from trainer.default_data import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
-from trainer.engine import Engine, Task
+from trainer.engine import Task
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.finetune import FinetuneArguments, apply_strategy, check_finetuning, export_merged
+from trainer.finetune import FinetuneArguments, apply_strategy, check_finetuning
 from trainer.fused_loss import fused_linear_cross_entropy
-from trainer.jobs import finish_job, start_job
+from trainer.jobs import JobSpec, run_job, start_job
 from trainer.metrics import perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer, max_positions
 from trainer.replay import replay_split
@@ -246,19 +246,22 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
     )
 
 
+def headline(metrics: dict) -> str:
+    return f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}"
+
+
+CLM_JOB = JobSpec(
+    arguments=(ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments),
+    demo_config=DEMO_CONFIG, write_demo_data=write_mlm_corpus, demo_name="movie-review corpus",
+    model_card_task="causal language modelling", pipeline_tag="text-generation", headline=headline,
+    check_arguments=check_finetuning)
+
+
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    (model_args, data_args, training_args, ft_args, clm_args), accelerator = start_job(
-        (ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments), argv, DEMO_CONFIG,
-        write_mlm_corpus, "movie-review corpus", check_finetuning)
-    task = build_task(model_args, data_args, training_args, ft_args, clm_args, accelerator)
-    engine = Engine(training_args, task, accelerator)
-    metrics = engine.train()
-    if accelerator.is_main_process and ft_args.merge_adapters:
-        export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
-    finish_job(engine, metrics, data_args, {"task": "causal language modelling", "pipeline_tag": "text-generation"},
-               f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}")
-    return metrics
+    parsed, accelerator = start_job(CLM_JOB, argv)
+    task = build_task(*parsed, accelerator)
+    return run_job(CLM_JOB, task, parsed, accelerator)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -24,7 +24,7 @@ from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_red
                                  describe_parallelism, describe_threads, full_state_dict, host_sum,
                                  parameters_sharded,
                                  prepare_for_model, set_gradient_sync, shard_for_evaluation,
-                                 sharded_checkpoint_functions, step_deepspeed_engine)
+                                 step_deepspeed_engine)
 from trainer.errors import JobStopped, require
 from trainer.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
 from trainer.fault_injection import FaultInjection
@@ -92,6 +92,14 @@ class TrainState:
     loss_items: int = 0
     metrics: dict = field(default_factory=dict)
 
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, saved: dict) -> None:
+        """From a checkpoint's trainer state; a field the checkpoint predates keeps its starting value."""
+        for name, start in asdict(TrainState()).items():
+            setattr(self, name, saved.get(name, start))
+
 
 class Engine:
     def __init__(self, args, task: Task, accelerator):
@@ -128,10 +136,14 @@ class Engine:
             self.ewc.place(accelerator, self.model)
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
         self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
-        self.checkpointer = Checkpointer(self)
         self.hub = HubPusher(args, accelerator.is_main_process)
         self.stop_signals = StopSignals(args.stop_signals)
         self.faults = FaultInjection(self)
+        self.checkpointer = Checkpointer(
+            args, accelerator, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            train_state=self.state, hf_model=task.hf_model, tokenizer=task.tokenizer,
+            inside_save=self.faults.inside_save, on_saved=self.hub.push_checkpoint,
+            on_resumed=self.metrics.forget_after)
         # Every position through every layer and the head: what other trainers count, for comparable MFU figures.
         self.dense_flops_per_token = functools.partial(training_flops_per_token, task.hf_model)
         self.flops_per_token = task.flops_per_token or self.dense_flops_per_token
@@ -405,15 +417,6 @@ class Engine:
             writes.run(self.task.hf_model.save_pretrained, directory, state_dict=state_dict)
             writes.run(self.task.tokenizer.save_pretrained, directory)
         self.checkpointer.stop_if_any_write_failed(writes)
-
-    def save_sharded_state(self, directory: str) -> None:
-        """Under DeepSpeed or FSDP: a sharded checkpoint of model and optimizer, every rank writing its shards."""
-        save, _ = sharded_checkpoint_functions(self.accelerator)
-        save(self.model, self.optimizer, directory)
-
-    def load_sharded_state(self, directory: str) -> None:
-        _, load = sharded_checkpoint_functions(self.accelerator)
-        load(self.model, self.optimizer, directory)
 
 
 @dataclass

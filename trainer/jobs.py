@@ -1,9 +1,13 @@
-"""Steps every job's `main` takes around the engine: output-directory checks, demo data, results."""
+"""Steps every job's `main` takes around the engine, given the job's `JobSpec`: `start_job` (arguments, output
+directory, processes, demo data) before its task is built, `run_job` (train, the job's after-steps, results)
+after."""
 from __future__ import annotations
 
 import json
 import os
 import shlex
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
 
 from trainer.checkpoint import PREFIX
 from trainer.distributed import main_process_first
@@ -11,11 +15,29 @@ from trainer.errors import require
 from trainer.metrics import format_number, logger
 from trainer.models import cache_dir
 
+if TYPE_CHECKING:
+    from trainer.engine import Engine
 
-def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_name: str, check_arguments=None):
-    """Every job's first steps: parse the arguments, check them together (`check_arguments(*parsed)`) and the
-    output directory, start the processes, check --replay_ratio against the global batch, set up logging, fall
-    back to the embedded demo data, seed. Returns the parsed arguments and the accelerator."""
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What sets a job apart in the steps every job takes around the engine (`start_job`, `run_job`): defined once
+    in each job module."""
+
+    arguments: tuple[type, ...]  # the argument dataclasses, parsed in this order; the job's own last (see job_module)
+    demo_config: str  # the packaged config run when no data is named
+    write_demo_data: Callable[[str], tuple[str, str]]  # writes the embedded data into a directory: (train, validation)
+    demo_name: str  # what the log calls that data, e.g. "movie-review corpus"
+    model_card_task: str  # the model card's task, e.g. "causal language modelling"
+    pipeline_tag: str  # the `pipeline` that loads the output, e.g. "text-generation"
+    headline: Callable[[dict], str]  # the closing summary's first line, from the final metrics
+    check_arguments: Optional[Callable[..., None]] = None  # a check across the parsed arguments, given all of them
+
+
+def start_job(job: JobSpec, argv: list[str] | None):
+    """Every job's first steps: parse the arguments, check them together (`job.check_arguments(*parsed)`) and the
+    output directory, start the processes, check --replay_ratio against the global batch, set up logging, fall back to the embedded demo data, seed. Returns
+    the parsed arguments and the accelerator."""
     from accelerate.utils import set_seed
 
     from trainer.arguments import CorpusArguments, TrainingArguments, parse_arguments
@@ -23,18 +45,42 @@ def start_job(dataclass_types, argv, default_config: str, write_demo_data, demo_
     from trainer.metrics import setup_logging
     from trainer.replay import check_replay_ratio
 
-    parsed = parse_arguments(dataclass_types, argv, default_config=default_config)
+    parsed = parse_arguments(job.arguments, argv, default_config=job.demo_config)
     training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
     data_args = next(a for a in parsed if isinstance(a, CorpusArguments))
-    if check_arguments is not None:
-        check_arguments(*parsed)
+    if job.check_arguments is not None:
+        job.check_arguments(*parsed)
     check_output_dir(training_args)
     accelerator = make_accelerator(training_args)
     check_replay_ratio(data_args, training_args, accelerator.num_processes)
     setup_logging(accelerator.is_main_process)
-    embedded_corpus_if_no_data(data_args, accelerator, write_demo_data, demo_name)
+    embedded_corpus_if_no_data(data_args, accelerator, job.write_demo_data, job.demo_name)
     set_seed(training_args.seed)
     return parsed, accelerator
+
+
+def run_job(job: JobSpec, task, parsed, accelerator,
+            after_training: Optional[Callable[[Engine], Optional[dict]]] = None) -> dict:
+    """What every job does once its task is built: train it on the engine; the job's own after-steps,
+    `after_training(engine)` (on every rank: e.g. predictions on a test set; a dict it returns joins the final
+    metrics); with --merge_adapters, the LoRA-merged copy in output_dir/merged; then `finish_job`, with the job's
+    model card and headline. Returns the final metrics."""
+    from trainer.arguments import CorpusArguments, TrainingArguments
+    from trainer.engine import Engine
+    from trainer.finetune import FinetuneArguments, export_merged
+
+    training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
+    engine = Engine(training_args, task, accelerator)
+    metrics = engine.train()
+    if after_training is not None:
+        metrics = {**metrics, **(after_training(engine) or {})}
+    ft_args = next((a for a in parsed if isinstance(a, FinetuneArguments)), None)
+    if accelerator.is_main_process and ft_args is not None and ft_args.merge_adapters:
+        export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
+    data_args = next(a for a in parsed if isinstance(a, CorpusArguments))
+    finish_job(engine, metrics, data_args, {"task": job.model_card_task, "pipeline_tag": job.pipeline_tag},
+               job.headline(metrics))
+    return metrics
 
 
 def finish_job(engine, metrics: dict, data_args, model_card: dict, summary: str) -> None:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg
 from trainer.data import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed import main_process_first
-from trainer.engine import Engine, Task
+from trainer.engine import Task
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.jobs import finish_job, start_job
+from trainer.jobs import JobSpec, run_job, start_job
 from trainer.metrics import logger, perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 from trainer.replay import replay_split
@@ -293,21 +293,26 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
     )
 
 
+def headline(metrics: dict) -> str:
+    return (f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f} (smoothed "
+            f"unigram baseline {metrics['eval_unigram_perplexity']:.2f})")
+
+
+MLM_JOB = JobSpec(
+    arguments=(ModelArguments, DataArguments, TrainingArguments, MLMArguments), demo_config=DEMO_CONFIG,
+    write_demo_data=write_mlm_corpus, demo_name="movie-review corpus", model_card_task="masked-language modelling",
+    pipeline_tag="fill-mask", headline=headline)
+
+
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    (model_args, data_args, training_args, mlm_args), accelerator = start_job(
-        (ModelArguments, DataArguments, TrainingArguments, MLMArguments), argv, DEMO_CONFIG, write_mlm_corpus,
-        "movie-review corpus")
-    task = build_task(model_args, data_args, training_args, mlm_args, accelerator)
+    parsed, accelerator = start_job(MLM_JOB, argv)
+    task = build_task(*parsed, accelerator)
     unigram = unigram_perplexity(task.train_dataset, task.eval_dataset, len(task.tokenizer))
     logger.info("baseline to beat: an add-one smoothed unigram model of the training tokens has perplexity %.2f on "
                 "the evaluation masks", unigram)
-    engine = Engine(training_args, task, accelerator)
-    metrics = {**engine.train(), "eval_unigram_perplexity": unigram}
-    finish_job(engine, metrics, data_args, {"task": "masked-language modelling", "pipeline_tag": "fill-mask"},
-               f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f} (smoothed "
-               f"unigram baseline {unigram:.2f})")
-    return metrics
+    return run_job(MLM_JOB, task, parsed, accelerator,
+                   after_training=lambda engine: {"eval_unigram_perplexity": unigram})
 
 
 if __name__ == "__main__":

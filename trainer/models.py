@@ -86,6 +86,11 @@ def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
         log_loading_report(loading_info)
         return model
     config = new_model_config(model_args, AutoConfig, preset)
+    # from_config would raise a ValueError listing every architecture that has this job's head.
+    source = (f"--config_name {model_args.config_name}" if model_args.config_name
+              else f"--model_type {model_args.model_type}")
+    require(type(config) in auto_class._model_mapping, f"{source}: transformers has no {auto_class.__name__} for a "
+                                                       f"{config.model_type} model; choose an architecture that has one")
     # New models get a vocabulary padded to a multiple of 64: faster matrix products, same tokenizer.
     config.vocab_size = 64 * math.ceil(len(tokenizer) / 64)
     config.pad_token_id = tokenizer.pad_token_id
