@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.adapters import loading_code
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
 from trainer.data import (check_text_column, first_samples, load_file, load_raw_splits, pad_rows,
                           resolve_text_column)
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
         export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
     finish_job(engine, metrics, data_args, {"task": "text classification", "pipeline_tag": "text-classification"},
                f"accuracy {metrics.get('init_eval_accuracy', float('nan')):.4f} -> "
-               f"{metrics.get('eval_accuracy', float('nan')):.4f}")
+               f"{metrics.get('eval_accuracy', float('nan')):.4f}",
+               loading_code(training_args.output_dir) if ft_args.finetune_strategy == "adapter" else None)
     return metrics
 
 
