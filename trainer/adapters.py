@@ -295,7 +295,7 @@ def save_adapters(model, directory: str, state_dict: Optional[dict] = None) -> N
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(directory, MANIFEST_FILE), "w") as handle:
-        json.dump(manifest, handle, indent=2, sort_keys=True)
+        json.dump(manifest, handle, indent=2)  # adapters in the order they were added
 
 
 def config_without_labels(config) -> dict:
