@@ -4,7 +4,6 @@ first bit-identical, exact resume, bad input. In-process runs (`trainer.classify
 (ZeRO-3, FSDP2) are in test_classify.py."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from classify_helpers import TINY, classify_args, mlm_checkpoint, read_predictions, save_tiny, sentiment  # noqa: F401
-from conftest import load_parameters
+from classify_helpers import (adapter_manifest as manifest, base_parameters_sha256, classify_args,  # noqa: F401
+                              mlm_checkpoint, read_predictions, sentiment)
 from trainer.adapters import (MANIFEST_FILE, WEIGHTS_FILE, AdapterSlot, add_adapter, load_adapter_model,
                               set_active_adapter)
 from trainer.classify import main
@@ -95,22 +94,6 @@ def two_tasks(sentiment, mlm_checkpoint, tmp_path_factory) -> dict:
     main(classify_args(b_data, b, "--model_name_or_path", str(a), *STEPS, "--strategy", "adapter",
                        "--adapter_config", "pfeiffer", "--adapter_name", "length"))
     return {"a": a, "b": b, "a_weights": frozen_a, "b_data": b_data}
-
-
-def base_parameters_sha256(mlm_checkpoint) -> str:
-    """The fingerprint of the MLM checkpoint's encoder, computed here from its file (as trainer.adapters does:
-    names and bytes, sorted by name)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(load_parameters(mlm_checkpoint).items()):
-        if name.startswith("bert."):
-            digest.update(name.encode())
-            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def manifest(directory) -> dict:
-    with open(os.path.join(directory, MANIFEST_FILE)) as handle:
-        return json.load(handle)
 
 
 def test_only_the_adapter_and_head_train_and_only_they_are_saved(two_tasks, mlm_checkpoint):

@@ -52,9 +52,9 @@ class FinetuneArguments:
                                          "layer) or pfeiffer (after the feed-forward block only).",
                               choices=list(ADAPTER_CONFIGS))
     adapter_reduction_factor: int = arg(16, "adapter: the bottleneck is hidden size / this factor wide.")
-    adapter_name: str = arg("default", "adapter: the task's name. With --model_name_or_path a directory that already "
-                                       "holds adapters, a new name adds this task beside them (they stay frozen) and "
-                                       "the output holds all of them.")
+    adapter_name: str = arg("default", "adapter: the task's name (letters, digits, _ and -). With "
+                                       "--model_name_or_path a directory that already holds adapters, a new name adds "
+                                       "this task beside them (they stay frozen) and the output holds all of them.")
 
     def __post_init__(self):
         require(self.freeze_layers >= 0, "--freeze_layers must be >= 0")
