@@ -24,18 +24,22 @@ TASK_B_LABELS = ["few", "some", "many"]
 
 
 def tiny_models():
-    from transformers import (BertConfig, BertForSequenceClassification, ModernBertConfig,
+    from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                              DistilBertForSequenceClassification, ModernBertConfig,
                               ModernBertForSequenceClassification)
 
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=3)
     return {"bert": lambda: BertForSequenceClassification(BertConfig(vocab_size=60, **common)),
             "modernbert": lambda: ModernBertForSequenceClassification(ModernBertConfig(  # the mlm demo's architecture
                 vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
-                **common))}
+                **common)),
+            "distilbert": lambda: DistilBertForSequenceClassification(DistilBertConfig(
+                vocab_size=60, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=3))}
 
 
-@pytest.mark.parametrize("architecture", ["bert", "modernbert"])
-@pytest.mark.parametrize("config, per_layer", [("houlsby", 2), ("pfeiffer", 1)])
+@pytest.mark.parametrize("architecture, config, per_layer", [
+    ("bert", "houlsby", 2), ("bert", "pfeiffer", 1), ("modernbert", "houlsby", 2), ("modernbert", "pfeiffer", 1),
+    ("distilbert", "houlsby", 2)])
 def test_adapters_start_as_the_identity_and_then_change_the_logits(architecture, config, per_layer):
     torch.manual_seed(0)
     model = tiny_models()[architecture]().eval()

@@ -186,7 +186,7 @@ def fresh_head(switch: HeadSwitch, num_labels: int) -> torch.nn.Module:
     head = copy.deepcopy(switch.template)
     if num_labels == switch.template_labels:
         return head
-    for name, module in [("", head), *head.named_modules()]:
+    for name, module in head.named_modules():  # the head itself first ("")
         if isinstance(module, torch.nn.Linear) and module.out_features == switch.template_labels:
             resized = torch.nn.Linear(module.in_features, num_labels, bias=module.bias is not None,
                                       device=module.weight.device, dtype=module.weight.dtype)
