@@ -86,13 +86,13 @@ def task_b_files(sentiment, directory) -> dict:
 
 @pytest.fixture(scope="module")
 def two_tasks(sentiment, mlm_checkpoint, tmp_path_factory) -> dict:
-    """Adapter A (Houlsby, sentiment; checkpoints at steps 2 and 4) on the MLM checkpoint, then adapter B
-    (Pfeiffer, three length labels) added to A's output directory."""
+    """Adapter A (Houlsby, sentiment; checkpoints at steps 2 and 4, the best one's adapter kept) on the MLM
+    checkpoint, then adapter B (Pfeiffer, three length labels) added to A's output directory."""
     root = tmp_path_factory.mktemp("adapters")
     a, b = root / "a", root / "b"
     main(classify_args(sentiment, a, "--model_name_or_path", mlm_checkpoint, *STEPS, "--finetune_strategy", "adapter",
                        "--adapter_reduction_factor", "8", "--adapter_name", "sentiment", "--save_steps", "2",
-                       "--do_predict", "--test_file", sentiment["validation"]))
+                       "--load_best_model_at_end", "--do_predict", "--test_file", sentiment["validation"]))
     frozen_a = {name: tensor.clone() for name, tensor in load_file(os.path.join(a, WEIGHTS_FILE)).items()}
     b_data = task_b_files(sentiment, root)
     main(classify_args(b_data, b, "--model_name_or_path", str(a), *STEPS, "--strategy", "adapter",
@@ -166,7 +166,7 @@ def test_a_checkpoint_resumes_to_the_same_adapter_bit_for_bit(two_tasks, sentime
     shutil.copytree(a / "checkpoint-2", resumed / "checkpoint-2")
     main(classify_args(sentiment, resumed, "--model_name_or_path", mlm_checkpoint, *STEPS, "--finetune_strategy",
                        "adapter", "--adapter_reduction_factor", "8", "--adapter_name", "sentiment", "--save_steps",
-                       "2"))
+                       "2", "--load_best_model_at_end"))
     expected, got = two_tasks["a_weights"], load_file(os.path.join(resumed, WEIGHTS_FILE))
     assert got.keys() == expected.keys() and all(torch.equal(got[name], expected[name]) for name in expected)
     assert not os.path.exists(a / "checkpoint-2" / "model.safetensors")  # checkpoints hold the adapters only too

@@ -30,6 +30,7 @@ rebuilds a plain transformers model from them for `pipeline("text-classification
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -341,7 +342,7 @@ def load_base_with_adapters(directory: str, id2label: Optional[dict] = None):
     config.label2id = {label: i for i, label in config.id2label.items()}
     flag = f"the base model of {directory}"
     check_loadable(base, "model", flag)
-    with loading(flag, base, "model"):
+    with loading(flag, base, "model"), quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(base, config=config)
     model.__dict__["bottleneck_adapter_base"] = base
     for name, adapter in saved.items():
@@ -353,6 +354,20 @@ def load_base_with_adapters(directory: str, id2label: Optional[dict] = None):
             f"the base model {base} is not the one the adapters in {directory} were trained on (its parameters "
             f"changed since); restore that base model")
     return model
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Without transformers' load report, which would call the heads newly initialised: they are, until the saved
+    heads are loaded into them a moment later."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def load_adapter_weights(model, directory: str) -> None:
