@@ -192,9 +192,21 @@ def test_a_changed_base_model_is_refused(two_tasks, mlm_checkpoint, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- bad input
-def bad_adapter_inputs(two_tasks, mlm_checkpoint, tokenizer_dir) -> dict:
+def corrupted_copy(two_tasks, directory, name: str, content: bytes) -> str:
+    shutil.copytree(two_tasks["a"], directory, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    (directory / name).write_bytes(content)
+    return str(directory)
+
+
+def bad_adapter_inputs(two_tasks, mlm_checkpoint, tokenizer_dir, directory) -> dict:
     adapter = ["--model_name_or_path", mlm_checkpoint, "--finetune_strategy", "adapter"]
     return {
+        "corrupt manifest": (["--model_name_or_path", corrupted_copy(two_tasks, directory / "m", MANIFEST_FILE, b"{"),
+                              "--finetune_strategy", "adapter", "--adapter_name", "new"],
+                             f"{MANIFEST_FILE} is unreadable"),
+        "truncated weights": (["--model_name_or_path", corrupted_copy(two_tasks, directory / "w", WEIGHTS_FILE,
+                                                                      b"\x10\x00"), "--finetune_strategy", "adapter",
+                               "--adapter_name", "new"], f"{WEIGHTS_FILE} cannot be read"),
         "reduction factor zero": ([*adapter, "--adapter_reduction_factor", "0"],
                                   "--adapter_reduction_factor must be positive"),
         "reduction factor above the width": ([*adapter, "--adapter_reduction_factor", "64"],
@@ -212,12 +224,12 @@ def bad_adapter_inputs(two_tasks, mlm_checkpoint, tokenizer_dir) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["reduction factor zero", "reduction factor above the width", "unknown config",
+@pytest.mark.parametrize("case", ["corrupt manifest", "truncated weights", "reduction factor zero", "reduction factor above the width", "unknown config",
                                   "bad name", "reserved name", "name clash", "merge", "from scratch",
                                   "adapters under another strategy"])
 def test_bad_adapter_input_is_one_line_exit_2_and_writes_nothing(case, two_tasks, sentiment, mlm_checkpoint,
                                                                  tokenizer_dir, tmp_path, capsys):
-    argv, expected = bad_adapter_inputs(two_tasks, mlm_checkpoint, tokenizer_dir)[case]
+    argv, expected = bad_adapter_inputs(two_tasks, mlm_checkpoint, tokenizer_dir, tmp_path)[case]
     out = tmp_path / "out"
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:

@@ -314,9 +314,14 @@ def read_manifest(directory: str) -> dict:
     try:
         with open(os.path.join(directory, MANIFEST_FILE)) as handle:
             manifest = json.load(handle)
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
         require(manifest.get("format") == FORMAT, f"unknown format {manifest.get('format')!r}")
         for name, settings in manifest["adapters"].items():
             settings["id2label"] = {int(i): label for i, label in settings["id2label"].items()}
+        require(manifest["active_adapter"] in manifest["adapters"], "its active adapter is not among its adapters")
+        require(isinstance(manifest["base_model"], str) and manifest["base_config"]["model_type"] in CONFIG_MAPPING,
+                "no base model, or a base model type this transformers version does not know")
         return manifest
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError) as error:
         raise UsageError(f"{directory}: {MANIFEST_FILE} is unreadable ({str(error).splitlines()[0] or type(error).__name__}"
@@ -372,9 +377,14 @@ def quiet_transformers():
 
 def load_adapter_weights(model, directory: str) -> None:
     """Load `directory`'s adapter and head weights into a model that holds the same adapters."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights = load_file(os.path.join(directory, WEIGHTS_FILE))
+    try:
+        weights = load_file(os.path.join(directory, WEIGHTS_FILE))
+    except (OSError, SafetensorError) as error:
+        raise UsageError(f"{directory}/{WEIGHTS_FILE} cannot be read ({str(error).splitlines()[0]}); give a "
+                         f"directory written by --finetune_strategy adapter") from None
     expected = {key for keys in task_tensor_names(model, model.state_dict()).values() for key in keys}
     require(set(weights) == expected, f"{directory}/{WEIGHTS_FILE} does not fit the model: missing "
                                       f"{sorted(expected - set(weights))[:3]}, unexpected "

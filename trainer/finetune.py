@@ -36,7 +36,8 @@ STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "adapter", "gradual_
 class FinetuneArguments:
     """Which parameters train; shared by every job that fine-tunes (classify, clm)."""
 
-    finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + " (alias: --strategy).",
+    finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + " (alias: --strategy; "
+                                         "adapter: trainer.classify only).",
                                  choices=list(STRATEGIES), aliases=["--strategy"])
     freeze_layers: int = arg(0, "freeze: number of lowest encoder layers frozen (the embeddings always are).")
     unfreeze_every: int = arg(1, "gradual_unfreeze: open one more layer every this many --unfreeze_unit.")
@@ -67,7 +68,6 @@ class FinetuneArguments:
                 "and cannot be folded into the base weights; drop --merge_adapters")
         require(not self.merge_adapters or self.finetune_strategy == "lora",
                 "--merge_adapters only applies to --finetune_strategy lora (prefix and prompt tokens cannot merge)")
-
         if self.finetune_strategy == "adapter":
             check_adapter_name(self.adapter_name)
 
