@@ -57,4 +57,29 @@ def read_predictions(output_dir) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
-__all__ = ["REPO_ROOT", "TINY", "sentiment", "mlm_checkpoint", "save_tiny", "classify_args", "read_predictions"]
+def base_parameters_sha256(mlm_checkpoint) -> str:
+    """The fingerprint of the MLM checkpoint's encoder, computed here from its file (as trainer.adapters does:
+    names and bytes, sorted by name)."""
+    import hashlib
+
+    import torch
+
+    from conftest import load_parameters
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_parameters(mlm_checkpoint).items()):
+        if name.startswith("bert."):
+            digest.update(name.encode())
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def adapter_manifest(directory) -> dict:
+    from trainer.adapters import MANIFEST_FILE
+
+    with open(os.path.join(directory, MANIFEST_FILE)) as handle:
+        return json.load(handle)
+
+
+__all__ = ["REPO_ROOT", "TINY", "sentiment", "mlm_checkpoint", "save_tiny", "classify_args", "read_predictions",
+           "base_parameters_sha256", "adapter_manifest"]

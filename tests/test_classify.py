@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from classify_helpers import TINY, classify_args, mlm_checkpoint, read_predictions, save_tiny, sentiment  # noqa: F401
-from conftest import REPO_ROOT, load_parameters, read_results, run_job
+from conftest import REPO_ROOT, accelerate_launch, load_parameters, read_results, relative_difference, run_job
 from trainer.distributed import GlobalBatchSampler
 
 
@@ -67,21 +67,41 @@ def test_one_and_two_processes_report_identical_metrics(sentiment, mlm_checkpoin
 
 
 @pytest.mark.slow
-def test_zero3_predictions_match_a_single_process(sentiment, mlm_checkpoint, job_env, tmp_path):
-    """Under ZeRO-3 every rank holds a shard of each weight, so prediction must run on all ranks together."""
+def test_adapters_under_zero3_and_fsdp2_predict_and_train_as_one_process_does(sentiment, mlm_checkpoint, job_env,
+                                                                              tmp_path):
+    """Under ZeRO-3 and FSDP2 every rank holds a shard of each weight, so prediction must run on all ranks together.
+    Bottleneck adapters (test_adapters.py) there: the same adapter and head weights and predictions as one process,
+    and the base encoder bit-identical (the saved fingerprint of the final weights is the MLM checkpoint's)."""
+    from safetensors.torch import load_file
+
+    from classify_helpers import adapter_manifest as manifest, base_parameters_sha256
+    from trainer.adapters import WEIGHTS_FILE
+
     common = ["--model_name_or_path", mlm_checkpoint, "--max_steps", "4", "--do_predict", "--test_file",
-              sentiment["validation"]]
-    one, zero3 = tmp_path / "one", tmp_path / "zero3"
+              sentiment["validation"], "--finetune_strategy", "adapter", "--adapter_reduction_factor", "8",
+              "--learning_rate", "1e-2"]
+    one, zero3, fsdp = tmp_path / "one", tmp_path / "zero3", tmp_path / "fsdp"
     run_job("trainer.classify", classify_args(sentiment, one, *common), job_env)
-    run_job("trainer.classify", classify_args(sentiment, zero3, *common, "--per_device_train_batch_size", "4",
-                                              "--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")),
-            job_env, nproc=2)
-    assert read_results(zero3)["eval_accuracy"] == read_results(one)["eval_accuracy"]
-    expected, predicted = read_predictions(one), read_predictions(zero3)
-    assert [row["id"] for row in predicted] == list(range(100))
-    for mine, theirs in zip(predicted, expected):
-        assert mine["label"] == theirs["label"]
-        assert list(mine["probabilities"].values()) == pytest.approx(list(theirs["probabilities"].values()), abs=1e-5)
+    sharded = [*common, "--per_device_train_batch_size", "4"]
+    run_job("trainer.classify", classify_args(sentiment, zero3, *sharded, "--deepspeed", os.path.join(
+        REPO_ROOT, "ds_configs", "zero3.json")), job_env, nproc=2)
+    result = run_job("trainer.classify", classify_args(sentiment, fsdp, *sharded), job_env, nproc=2,
+                     launcher=accelerate_launch("cpu_fsdp2.yaml"))
+    assert "with FSDP2 (gloo): 8 sequences/step" in result.stdout + result.stderr
+    assert manifest(one)["base_parameters_sha256"] == base_parameters_sha256(mlm_checkpoint)
+    reference = load_file(os.path.join(one, WEIGHTS_FILE))
+    assert all(torch.count_nonzero(t) > 0 for name, t in reference.items() if ".up.weight" in name)  # trained
+    expected = read_predictions(one)
+    for run in (zero3, fsdp):
+        assert manifest(run)["base_parameters_sha256"] == manifest(one)["base_parameters_sha256"], run
+        assert read_results(run)["eval_accuracy"] == read_results(one)["eval_accuracy"]
+        assert relative_difference(reference, load_file(os.path.join(run, WEIGHTS_FILE))) <= 1e-5, run
+        predicted = read_predictions(run)
+        assert [row["id"] for row in predicted] == list(range(100))
+        for mine, theirs in zip(predicted, expected):
+            assert mine["label"] == theirs["label"]
+            assert list(mine["probabilities"].values()) == pytest.approx(list(theirs["probabilities"].values()),
+                                                                         abs=1e-5)
 
 
 def global_steps(world_size: int, per_device: int, lengths, epoch: int) -> list[list[int]]:

@@ -77,3 +77,10 @@ def test_gradual_unfreezing_refused_under_deepspeed(job, capsys):
     argv = job("--finetune_strategy", "gradual_unfreeze", "--deepspeed", os.path.join(REPO_ROOT, "ds_configs",
                                                                                         "zero2.json"))
     assert "run it without DeepSpeed" in fails_cleanly(argv, capsys)
+
+
+def test_bottleneck_adapters_are_for_classification(job, gpt2_checkpoint, capsys):  # noqa: F811
+    argv = job("--finetune_strategy", "adapter", "--model_name_or_path", gpt2_checkpoint)
+    overrides = argv.index("--model_type")
+    del argv[overrides:overrides + 4]
+    assert "--finetune_strategy adapter is for trainer.classify" in fails_cleanly(argv, capsys)

@@ -368,6 +368,9 @@ class Checkpointer:
         from safetensors.torch import load_file
 
         model = self.hf_model
+        if hasattr(model, "load_saved_weights"):  # saves only part of itself (bottleneck adapters): reads it back
+            model.load_saved_weights(path)
+            return
         weights = load_file(os.path.join(path, "model.safetensors"))  # load_state_dict copies to the device
         missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = set(model.get_expanded_tied_weights_keys())  # save_pretrained stores tied weights once

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.adapters import loading_code
 from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
 from trainer.data import (check_text_column, first_samples, load_file, load_raw_splits, pad_rows,
                           resolve_text_column)
@@ -324,7 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
     parsed, accelerator = start_job(CLASSIFY_JOB, argv)
     task, test_set, labels = build_task(*parsed, accelerator)
     predictions = functools.partial(predict_test_set, test_set, labels) if test_set is not None else None
-    return run_job(CLASSIFY_JOB, task, parsed, accelerator, after_training=predictions)
+    _, _, training_args, ft_args, _ = parsed
+    load_code = loading_code(training_args.output_dir) if ft_args.finetune_strategy == "adapter" else None
+    return run_job(CLASSIFY_JOB, task, parsed, accelerator, after_training=predictions, load_code=load_code)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     bitfit            only bias terms and the task head train (a causal LM's head is tied to the embeddings: biases
                       only)
     lora|prefix|prompt  adapters from the `peft` library (the base model stays frozen)
+    adapter           bottleneck adapters (Houlsby or Pfeiffer, trainer.adapters): only the adapter and the task
+                      head train; several tasks' adapters can sit in one model (classify only)
     gradual_unfreeze  head + top layer first, one more layer (embeddings last) every --unfreeze_every steps/epochs
 
 Frozen parameters normally get `requires_grad=False` before the engine builds the optimizer and DDP, so neither
@@ -21,19 +23,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trainer.adapters import ADAPTER_CONFIGS, check_adapter_name, is_adapter_directory, prepare_adapter_training
 from trainer.arguments import arg
 from trainer.errors import UsageError, require
 from trainer.metrics import logger
 
 PEFT_STRATEGIES = ("lora", "prefix", "prompt")
-STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "gradual_unfreeze")
+STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "adapter", "gradual_unfreeze")
 
 
 @dataclass
 class FinetuneArguments:
     """Which parameters train; shared by every job that fine-tunes (classify, clm)."""
 
-    finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + " (alias: --strategy).",
+    finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + " (alias: --strategy; "
+                                         "adapter: trainer.classify only).",
                                  choices=list(STRATEGIES), aliases=["--strategy"])
     freeze_layers: int = arg(0, "freeze: number of lowest encoder layers frozen (the embeddings always are).")
     unfreeze_every: int = arg(1, "gradual_unfreeze: open one more layer every this many --unfreeze_unit.")
@@ -45,23 +49,41 @@ class FinetuneArguments:
                                              "architecture).", nargs="*")
     num_virtual_tokens: int = arg(10, "prefix/prompt: number of virtual tokens learnt.")
     merge_adapters: bool = arg(False, "lora: also export the adapters merged into the base model to output_dir/merged.")
+    adapter_config: str = arg("houlsby", "adapter: houlsby (after the attention and the feed-forward block of every "
+                                         "layer) or pfeiffer (after the feed-forward block only).",
+                              choices=list(ADAPTER_CONFIGS))
+    adapter_reduction_factor: int = arg(16, "adapter: the bottleneck is hidden size / this factor wide.")
+    adapter_name: str = arg("default", "adapter: the task's name (letters, digits, _ and -). With "
+                                       "--model_name_or_path a directory that already holds adapters, a new name adds "
+                                       "this task beside them (they stay frozen) and the output holds all of them.")
 
     def __post_init__(self):
         require(self.freeze_layers >= 0, "--freeze_layers must be >= 0")
         require(self.unfreeze_every > 0, "--unfreeze_every must be positive")
         require(self.lora_r > 0 and self.num_virtual_tokens > 0, "--lora_r and --num_virtual_tokens must be positive")
+        require(self.adapter_reduction_factor > 0, f"--adapter_reduction_factor must be positive, got "
+                                                   f"{self.adapter_reduction_factor}")
+        require(not (self.merge_adapters and self.finetune_strategy == "adapter"),
+                "--merge_adapters does not apply to --finetune_strategy adapter: a bottleneck adapter is not linear "
+                "and cannot be folded into the base weights; drop --merge_adapters")
         require(not self.merge_adapters or self.finetune_strategy == "lora",
                 "--merge_adapters only applies to --finetune_strategy lora (prefix and prompt tokens cannot merge)")
+        if self.finetune_strategy == "adapter":
+            check_adapter_name(self.adapter_name)
 
     @property
     def uses_adapters(self) -> bool:
-        return self.finetune_strategy in PEFT_STRATEGIES
+        return self.finetune_strategy in (*PEFT_STRATEGIES, "adapter")
 
     def check_model(self, model_args, starting_point: str) -> None:
-        """Adapters train on a pretrained model: refuse them on one trained from scratch."""
+        """Adapters train on a pretrained model: refuse them on one trained from scratch. A directory of bottleneck
+        adapters only continues as one (another strategy would lose the adapters or train the base under them)."""
         require(not self.uses_adapters or model_args.model_name_or_path,
                 f"--finetune_strategy {self.finetune_strategy} trains adapters on a pretrained model; give "
                 f"--model_name_or_path (e.g. {starting_point})")
+        require(self.finetune_strategy == "adapter" or not is_adapter_directory(model_args.model_name_or_path),
+                f"--model_name_or_path {model_args.model_name_or_path} holds bottleneck adapters, not a whole model; "
+                f"add a task to it with --finetune_strategy adapter --adapter_name NEW_NAME, or give the base model")
 
 
 def check_finetuning(*parsed_arguments) -> None:
@@ -96,6 +118,10 @@ def apply_strategy(model, args: FinetuneArguments, task_type: str = "SEQ_CLS"):
                 f"choose lora or freeze")
     elif strategy in PEFT_STRATEGIES:
         model = wrap_with_adapters(model, args, task_type)
+    elif strategy == "adapter":
+        require(task_type == "SEQ_CLS", "--finetune_strategy adapter is for trainer.classify (a causal LM's head is "
+                                        "its tied embeddings, not a per-task head); use lora or prefix")
+        model = prepare_adapter_training(model, args.adapter_name, args.adapter_config, args.adapter_reduction_factor)
     elif strategy == "gradual_unfreeze":
         hook = GradualUnfreezing(model, args.unfreeze_every, args.unfreeze_unit)
     log_trainable_parameters(model, strategy)

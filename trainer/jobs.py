@@ -60,11 +60,12 @@ def start_job(job: JobSpec, argv: list[str] | None):
 
 
 def run_job(job: JobSpec, task, parsed, accelerator,
-            after_training: Optional[Callable[[Engine], Optional[dict]]] = None) -> dict:
+            after_training: Optional[Callable[[Engine], Optional[dict]]] = None, load_code: Optional[str] = None) -> dict:
     """What every job does once its task is built: train it on the engine; the job's own after-steps,
     `after_training(engine)` (on every rank: e.g. predictions on a test set; a dict it returns joins the final
     metrics); with --merge_adapters, the LoRA-merged copy in output_dir/merged; then `finish_job`, with the job's
-    model card and headline. Returns the final metrics."""
+    model card, headline and `load_code` (how to load the output, default a `pipeline` line). Returns the final
+    metrics."""
     from trainer.arguments import CorpusArguments, TrainingArguments
     from trainer.engine import Engine
     from trainer.finetune import FinetuneArguments, export_merged
@@ -79,38 +80,41 @@ def run_job(job: JobSpec, task, parsed, accelerator,
         export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
     data_args = next(a for a in parsed if isinstance(a, CorpusArguments))
     finish_job(engine, metrics, data_args, {"task": job.model_card_task, "pipeline_tag": job.pipeline_tag},
-               job.headline(metrics))
+               job.headline(metrics), load_code)
     return metrics
 
 
-def finish_job(engine, metrics: dict, data_args, model_card: dict, summary: str) -> None:
+def finish_job(engine, metrics: dict, data_args, model_card: dict, summary: str, load_code: str | None = None) -> None:
     """Rank 0: all_results.json, the model card and Hub push (when asked), and the closing summary: `summary` (the
-    job's headline, e.g. perplexity before -> after), where the model is, final metrics, how to load it and view
-    its curves; then every rank leaves the process group."""
+    job's headline, e.g. perplexity before -> after), where the model is, final metrics, how to load it (`load_code`,
+    default a `pipeline` line) and view its curves; then every rank leaves the process group."""
     from trainer.distributed import end_processes
 
     if engine.accelerator.is_main_process:
         write_results(engine.args.output_dir, metrics)
         engine.hub.push_final({**model_card, "data": data_args.dataset_name or data_args.train_file}, metrics)
         for line in closing_summary(summary, engine.args.output_dir, metrics, model_card["pipeline_tag"],
-                                    engine.metrics.tensorboard_dir):
+                                    engine.metrics.tensorboard_dir, load_code):
             logger.info(line)
     end_processes()
 
 
 def closing_summary(headline: str, output_dir: str, metrics: dict, pipeline_tag: str,
-                    tensorboard_dir: str | None) -> list[str]:
+                    tensorboard_dir: str | None, load_code: str | None = None) -> list[str]:
     """The lines that end every job's log."""
     final = {key: value for key, value in metrics.items()
              if (key.startswith("eval_") or key == "train_loss") and isinstance(value, (int, float))}
     lines = [f"done: {headline}",
              f"  model:   {os.path.abspath(output_dir)} (all_results.json and log_history.jsonl inside)",
              f"  final:   {'  '.join(f'{key}={format_number(value)}' for key, value in sorted(final.items()))}",
-             f"  load it: from transformers import pipeline; pipe = pipeline({pipeline_tag!r}, "
-             f"model={os.path.abspath(output_dir)!r})"]
+             f"  load it: {load_code or pipeline_loading(pipeline_tag, output_dir)}"]
     if tensorboard_dir:
         lines.append(f"  curves:  tensorboard --logdir {shlex.quote(os.path.abspath(tensorboard_dir))}")
     return lines
+
+
+def pipeline_loading(pipeline_tag: str, output_dir: str) -> str:
+    return f"from transformers import pipeline; pipe = pipeline({pipeline_tag!r}, model={os.path.abspath(output_dir)!r})"
 
 
 def check_output_dir(training_args) -> None:

@@ -79,6 +79,13 @@ def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
 
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
+        from trainer.adapters import is_adapter_directory, load_base_with_adapters
+
+        if is_adapter_directory(model_args.model_name_or_path):  # its base model, with the tasks' adapters inside
+            require(auto_class.__name__ == "AutoModelForSequenceClassification",
+                    f"--model_name_or_path {model_args.model_name_or_path} holds bottleneck adapters for sequence "
+                    f"classification; use it with trainer.classify, or give a whole model")
+            return load_base_with_adapters(model_args.model_name_or_path, config_kwargs.get("id2label"))
         check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
         with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
             model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path,
