@@ -102,6 +102,22 @@ def test_lora_trains_adapters_only_reloads_and_merges(sentiment, mlm_checkpoint,
     assert_reloaded_model_reproduces_predictions(merged_model, out, sentiment)
 
 
+def test_lora_resumes_from_its_checkpoint_to_the_same_adapters(sentiment, mlm_checkpoint, tmp_path):
+    """A peft checkpoint holds the adapters only (adapter_model.safetensors): resume reads them back."""
+    import shutil
+
+    lora = ["--finetune_strategy", "lora", "--save_steps", "2"]
+    straight = run(sentiment, mlm_checkpoint, tmp_path / "straight", *lora)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    run(sentiment, mlm_checkpoint, resumed, *lora)
+    expected, got = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (straight, resumed))
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
+    assert any(not torch.equal(got[n], load_file(os.path.join(straight, "checkpoint-2", "adapter_model.safetensors"))[n])
+               for n in got)  # the resumed run trained on
+
+
 def test_prompt_tuning_trains_virtual_tokens_and_reloads(sentiment, mlm_checkpoint, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification

@@ -41,6 +41,7 @@ from trainer.metrics import logger
 PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
 STATE_FILE = "trainer_state.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX}(\d+)$")
 SAVE_FAILED_EXIT_CODE = 2  # the environment (disk space, quota, permissions), like any other bad input
 
@@ -370,6 +371,13 @@ class Checkpointer:
         model = self.hf_model
         if hasattr(model, "load_saved_weights"):  # saves only part of itself (bottleneck adapters): reads it back
             model.load_saved_weights(path)
+            return
+        if hasattr(model, "peft_config"):  # a peft model saves its adapters (and trained head) only
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(model, load_file(os.path.join(path, PEFT_WEIGHTS_FILE)))
+            require(not result.unexpected_keys, f"checkpoint {path} does not fit the model's adapters: unexpected "
+                                                f"{sorted(result.unexpected_keys)[:5]}")
             return
         weights = load_file(os.path.join(path, "model.safetensors"))  # load_state_dict copies to the device
         missing, unexpected = model.load_state_dict(weights, strict=False)
