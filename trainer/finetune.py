@@ -266,15 +266,19 @@ def load_teacher(path: str, id2label: dict, device):
 
 
 def shared_labels(path: str, teacher_labels: dict, id2label: dict) -> SharedLabels:
+    """The labels (by name) of the student's `id2label` that the teacher's also has; at least two."""
     teacher_ids = {label: i for i, label in teacher_labels.items()}
     pairs = [(i, teacher_ids[label]) for i, label in sorted(id2label.items()) if label in teacher_ids]
-    names = lambda labels: ", ".join(labels[i] for i in sorted(labels))  # noqa: E731
     require(len(pairs) >= 2,
-            f"--teacher {path} predicts the labels {names(teacher_labels)}, the training data has "
-            f"{names(id2label)}: {len(pairs)} label(s) in common; distillation needs a teacher that shares at least "
-            f"two labels (by name) with the training data")
+            f"--teacher {path} predicts the labels {label_names(teacher_labels)}, the training data has "
+            f"{label_names(id2label)}: {len(pairs)} label(s) in common; distillation needs a teacher that shares at "
+            f"least two labels (by name) with the training data")
     logger.info("the teacher's labels differ from the training data's: distilling on the %d shared labels (%s) "
                 "only; student labels without a teacher counterpart: %s", len(pairs),
                 ", ".join(id2label[i] for i, _ in pairs),
                 ", ".join(id2label[i] for i in sorted(id2label) if id2label[i] not in teacher_ids) or "none")
     return SharedLabels([i for i, _ in pairs], [j for _, j in pairs])
+
+
+def label_names(id2label: dict) -> str:
+    return ", ".join(id2label[i] for i in sorted(id2label))
