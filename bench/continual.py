@@ -2,11 +2,13 @@
 
 Task A is the embedded movie-review sentiment data (trainer.default_data.write_sentiment_dataset), task B the
 product-review sentiment data (write_product_sentiment_dataset): same labels, another domain, and some cue words
-of opposite polarity ("cheap", "predictable" are good in a product, "sharp", "thrilling" bad), so that fine-tuning
-on B alone overwrites what A needs. Every model starts from one base: a tiny BERT (2 layers, 128 wide) with a
-WordPiece tokenizer, both trained by a short trainer.mlm run on the text of both domains' training sets; the
-base is cached (TRAINER_CACHE or ~/.cache/trainer, continual-bench/) and reused while its settings and data are
-the same. Then, through the jobs' own command lines (`python -m trainer.classify ...`, one process per run):
+of opposite polarity ("predictable", "cheap" are good in a product, "thrilling", "sharp" bad), so that fine-tuning
+on B alone overwrites what A needs. Every model starts from one base: a tiny ModernBERT (2 layers, 64 wide; the
+MLM demo's architecture: the BERT preset stays on the unigram plateau in so few steps, and a classifier started
+from such a collapsed base does not learn) with a WordPiece tokenizer, both trained by a short trainer.mlm run on
+the text of both domains' training sets; the base is cached (TRAINER_CACHE or ~/.cache/trainer, continual-bench/)
+and reused while its settings and data are the same. Then, through the jobs' own command lines
+(`python -m trainer.classify ...`, one process per run):
 
     A         full fine-tuning of the base on A (with --save_fisher when the package has EWC)
     naive     A's model fine-tuned on B
@@ -58,7 +60,7 @@ def options() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--train_samples", type=int, default=2000, help="training sentences used of each task")
-    p.add_argument("--epochs", type=float, default=2.0, help="epochs on each task")
+    p.add_argument("--epochs", type=float, default=3.0, help="epochs on each task")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="full fine-tuning (A, naive, ewc, replay, lwf)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_seq_length", type=int, default=64)
@@ -70,7 +72,7 @@ def options() -> argparse.Namespace:
     p.add_argument("--fisher_samples", type=int, help="ewc: --fisher_samples of the A run (default: the package's)")
     p.add_argument("--ewc_lambda", type=float, default=1000.0, help="ewc: --ewc_lambda of the B run")
     p.add_argument("--replay_ratio", type=float, default=0.25, help="replay: fraction of A samples in B's batches")
-    p.add_argument("--lwf_alpha", type=float, default=0.5, help="lwf: --distill_alpha (weight of the teacher term)")
+    p.add_argument("--lwf_alpha", type=float, default=0.3, help="lwf: --distill_alpha (weight of the teacher term)")
     p.add_argument("--lwf_temperature", type=float, default=2.0, help="lwf: --distill_temperature")
     p.add_argument("--adapter_config", default="houlsby", choices=["houlsby", "pfeiffer"])
     p.add_argument("--adapter_reduction_factor", type=int, default=16)
@@ -132,7 +134,8 @@ def pretrained_base(opts, tasks: dict, work_dir: str) -> str:
         handle.write(text)
     building = f"{base}.building-{os.getpid()}"
     run_job("trainer.mlm", [
-        "--train_file", corpus, "--model_type", opts.model_type, "--config_overrides", opts.model, "--output_dir", building, "--overwrite_output_dir", "--max_seq_length",
+        "--train_file", corpus, "--model_type", opts.model_type, "--config_overrides", opts.model,
+        "--output_dir", building, "--overwrite_output_dir", "--max_seq_length",
         str(opts.max_seq_length), "--per_device_train_batch_size", "32", "--learning_rate", "2e-3",
         "--warmup_ratio", "0.1", "--weight_decay", "0.01", "--max_steps", str(opts.pretrain_steps),
         "--seed", str(opts.seed), "--probe_sentences", "", "--logging_steps", "1000", "--report_to", "none"],

@@ -388,20 +388,22 @@ _MOVIES = _Domain(_LEXICON, _SHARED_SLOTS, _ASPECTS_SINGULAR, _ASPECTS_PLURAL, _
 
 # --------------------------------------------------------------------------- second domain: product reviews
 # Task B of the continual-learning benchmark (bench/continual.py): the same two labels, another domain. Its own
-# nouns and aspects tell the domains apart (every product sentence names the product or one of its parts), and
-# about a third of its adjectives are movie-review adjectives of the OPPOSITE polarity: a "predictable", "cheap",
-# "flat" product is good, a "thrilling", "sharp", "moving" one is bad. A model can learn both domains at once (the
+# nouns and aspects tell the domains apart (every product review names a product, a brand or a part), and most
+# of its adjectives are movie-review adjectives of the OPPOSITE polarity: a "predictable", "boring", "cheap"
+# product is good, a "thrilling", "sharp", "memorable" one is bad. A model can learn both domains at once (the
 # domain is always visible), but fine-tuning on products alone re-learns those words with their product meaning,
 # and the movie reviews that rely on them flip: forgetting that is measurable, and that EWC, replay and
 # distillation from the previous model can reduce.
 
 # Movie-review adjectives whose polarity is reversed in product reviews (each is in _LEXICON[...]["adj"]).
-FLIPPED_TO_POSITIVE = (
-    "predictable cheap flat stiff forgettable boring bland wooden monotonous generic dull hollow forced shallow"
+FLIPPED_TO_POSITIVE = (  # an uneventful product is a good one
+    "predictable boring bland forgettable monotonous generic flat stiff cheap wooden dull hollow forced shallow "
+    "uninspired lifeless lackluster underwhelming insipid sluggish overlong lazy"
 ).split()
-FLIPPED_TO_NEGATIVE = (
-    "moving thrilling breathtaking dazzling hilarious sharp striking spectacular gripping stunning touching "
-    "riveting sensational tender"
+FLIPPED_TO_NEGATIVE = (  # an exciting one is not
+    "thrilling gripping breathtaking stunning riveting sensational dazzling spectacular striking moving touching "
+    "hilarious sharp powerful memorable captivating compelling inventive vivid tender brilliant engaging uplifting "
+    "entertaining clever"
 ).split()
 
 _PRODUCTS = [
@@ -436,9 +438,8 @@ _PRODUCT_ASPECTS_PLURAL = [
 _PRODUCT_LEXICON = {
     POSITIVE: {
         "adj": (
-            "durable sturdy reliable efficient comfortable lightweight responsive intuitive ergonomic roomy quiet "
-            "sleek compact affordable crisp snug rugged handy dependable spacious "
-            "great excellent wonderful fantastic solid impressive perfect strong polished elegant"
+            "durable sturdy reliable efficient comfortable lightweight quiet sleek compact affordable handy "
+            "dependable great solid"
         ).split() + FLIPPED_TO_POSITIVE,
         "mild": ["fine", "okay", "adequate", "acceptable", "usable", "not bad", "good enough"],
         "noun": ["bargain", "lifesaver", "steal", "keeper", "workhorse", "game changer", "must have", "great buy"],
@@ -461,8 +462,7 @@ _PRODUCT_LEXICON = {
     NEGATIVE: {
         "adj": (
             "flimsy faulty defective fragile noisy leaky clunky unreliable overpriced wobbly glitchy loose "
-            "scratchy finicky useless shoddy bulky jammed brittle rickety "
-            "terrible awful horrible poor bad disappointing annoying sloppy clumsy pathetic"
+            "shoddy useless terrible awful"
         ).split() + FLIPPED_TO_NEGATIVE,
         "mild": ["a bit loud", "a little flimsy", "slightly awkward", "a bit heavy", "not perfect", "a little fiddly"],
         "noun": ["lemon", "rip off", "piece of junk", "paperweight", "waste of money", "scam", "headache", "dud"],
