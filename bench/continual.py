@@ -223,6 +223,8 @@ def main() -> None:
         print(f"skipping {method}: {why}", flush=True)
     methods = [m for m in opts.methods if m not in skipped]
     start = time.perf_counter()
+    if not methods:
+        return report([], skipped, opts, 0.0)
     with tempfile.TemporaryDirectory() as temporary:
         work_dir = opts.work_dir or temporary
         os.makedirs(work_dir, exist_ok=True)
