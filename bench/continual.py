@@ -67,8 +67,10 @@ def options() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain_steps", type=int, default=300, help="trainer.mlm steps of the cached base model")
     p.add_argument("--model_type", default="modernbert", help="architecture of the base model")
+    # Mean pooling: a frozen base's [CLS] output carries too little for adapters (an MLM never trains it).
     p.add_argument("--model", default="hidden_size=64,num_hidden_layers=2,num_attention_heads=2,intermediate_size=128,"
-                                      "max_position_embeddings=128", help="--config_overrides of the base model")
+                                      "max_position_embeddings=128,classifier_pooling=mean",
+                   help="--config_overrides of the base model")
     p.add_argument("--fisher_samples", type=int, help="ewc: --fisher_samples of the A run (default: the package's)")
     p.add_argument("--ewc_lambda", type=float, default=1000.0, help="ewc: --ewc_lambda of the B run")
     p.add_argument("--replay_ratio", type=float, default=0.25, help="replay: fraction of A samples in B's batches")
@@ -76,7 +78,7 @@ def options() -> argparse.Namespace:
     p.add_argument("--lwf_temperature", type=float, default=2.0, help="lwf: --distill_temperature")
     p.add_argument("--adapter_config", default="houlsby", choices=["houlsby", "pfeiffer"])
     p.add_argument("--adapter_reduction_factor", type=int, default=16)
-    p.add_argument("--adapter_learning_rate", type=float, default=3e-3, help="adapters train faster than a full model")
+    p.add_argument("--adapter_learning_rate", type=float, default=1e-2, help="adapters train faster than a full model")
     p.add_argument("--work_dir", help="keep the runs' output directories here (default: a temporary directory)")
     p.add_argument("--json", default="continual_results.json", help="where the table is written as JSON")
     return p.parse_args()
