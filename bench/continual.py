@@ -5,7 +5,8 @@ product-review sentiment data (write_product_sentiment_dataset): same labels, an
 of opposite polarity ("predictable", "cheap" are good in a product, "thrilling", "sharp" bad), so that fine-tuning
 on B alone overwrites what A needs. Every model starts from one base: a tiny ModernBERT (2 layers, 64 wide; the
 MLM demo's architecture: the BERT preset stays on the unigram plateau in so few steps, and a classifier started
-from such a collapsed base does not learn) with a WordPiece tokenizer, both trained by a short trainer.mlm run on
+from such a collapsed base does not learn; mean pooling: an MLM never trains the [CLS] output that a frozen base
+would otherwise give adapters) with a WordPiece tokenizer, both trained by a short trainer.mlm run on
 the text of both domains' training sets; the base is cached (TRAINER_CACHE or ~/.cache/trainer, continual-bench/)
 and reused while its settings and data are the same. Then, through the jobs' own command lines
 (`python -m trainer.classify ...`, one process per run):
