@@ -66,7 +66,7 @@ def options() -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_seq_length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrain_steps", type=int, default=300, help="trainer.mlm steps of the cached base model")
+    p.add_argument("--pretrain_steps", type=int, default=1000, help="trainer.mlm steps of the cached base model")
     p.add_argument("--model_type", default="modernbert", help="architecture of the base model")
     # Mean pooling: a frozen base's [CLS] output carries too little for adapters (an MLM never trains it).
     p.add_argument("--model", default="hidden_size=64,num_hidden_layers=2,num_attention_heads=2,intermediate_size=128,"
@@ -79,7 +79,7 @@ def options() -> argparse.Namespace:
     p.add_argument("--lwf_temperature", type=float, default=2.0, help="lwf: --distill_temperature")
     p.add_argument("--adapter_config", default="houlsby", choices=["houlsby", "pfeiffer"])
     p.add_argument("--adapter_reduction_factor", type=int, default=16)
-    p.add_argument("--adapter_learning_rate", type=float, default=1e-2, help="adapters train faster than a full model")
+    p.add_argument("--adapter_learning_rate", type=float, default=3e-3, help="adapters train faster than a full model")
     p.add_argument("--work_dir", help="keep the runs' output directories here (default: a temporary directory)")
     p.add_argument("--json", default="continual_results.json", help="where the table is written as JSON")
     return p.parse_args()
