@@ -147,8 +147,9 @@ def bad_inputs(tmp_path, sentiment, tokenizer_dir):
     rows = [{"sentence": "great film .", "label": "positive"}, {"sentence": "dull film .", "label": "negative"}] * 8
     latin1 = tmp_path / "latin1.csv"
     latin1.write_bytes("sentence,label\ncaf\u00e9 film,positive\nbad film,negative\n".encode("latin-1"))
-    three_labels = save_tiny(tmp_path / "teacher3", BertForSequenceClassification, BertConfig, tokenizer_dir,
-                             num_labels=3, **TINY)
+    # shares one label with the training data (positive, negative): too few to distil on
+    one_shared = save_tiny(tmp_path / "teacher3", BertForSequenceClassification, BertConfig, tokenizer_dir,
+                           id2label={0: "positive", 1: "neutral", 2: "mixed"}, **TINY)
     distilbert = save_tiny(tmp_path / "distilbert", DistilBertForMaskedLM, DistilBertConfig, tokenizer_dir, dim=32,
                            n_layers=1, n_heads=2, hidden_dim=64)
     train = sentiment["train"]
@@ -163,8 +164,8 @@ def bad_inputs(tmp_path, sentiment, tokenizer_dir):
         "non-UTF-8": (["--train_file", str(latin1)], "could not be read"),
         "unseen validation label": (["--train_file", train, "--validation_file", write_jsonl(
             tmp_path / "val.jsonl", rows + [{"sentence": "meh", "label": "neutral"}])], "never seen in training: neutral"),
-        "teacher labels": (["--train_file", train, "--tokenizer_name", tokenizer_dir, "--teacher_model_name_or_path",
-                            three_labels], "same labels"),
+        "teacher labels": (["--train_file", train, "--tokenizer_name", tokenizer_dir, "--teacher", one_shared],
+                           "1 label(s) in common; distillation needs a teacher that shares at least two labels"),
         "peft architecture": (["--train_file", train, "--model_name_or_path", distilbert, "--finetune_strategy",
                                "lora"], "not possible on a distilbert model"),
         "gradual unfreezing under DeepSpeed": (["--train_file", train, "--finetune_strategy", "gradual_unfreeze",

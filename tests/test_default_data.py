@@ -7,10 +7,13 @@ import torch
 from transformers import AutoTokenizer, BertForMaskedLM
 
 from trainer.default_data import (
+    FLIPPED_TO_NEGATIVE,
+    FLIPPED_TO_POSITIVE,
     generate_reviews,
     tiny_bert_config,
     train_wordpiece_tokenizer,
     write_mlm_corpus,
+    write_product_sentiment_dataset,
     write_sentiment_dataset,
 )
 
@@ -81,6 +84,36 @@ def test_sentiment_dataset(tmp_path):
     again = write_sentiment_dataset(tmp_path / "b")
     for path, original in zip(again, (train, validation)):
         assert Path(path).read_bytes() == Path(original).read_bytes()
+
+
+def test_product_sentiment_dataset_is_a_second_domain_with_flipped_cue_words(tmp_path):
+    movies = [_read_jsonl(path) for path in write_sentiment_dataset(tmp_path / "movies")]
+    train, validation = write_product_sentiment_dataset(tmp_path / "products")
+    products = [_read_jsonl(train), _read_jsonl(validation)]
+    for records, size in zip(products, (4000, 500)):  # the movie task's files, sizes, columns and balance
+        assert len(records) == size
+        assert all(set(record) == {"sentence", "label"} for record in records)
+        assert Counter(record["label"] for record in records) == {"positive": size // 2, "negative": size // 2}
+        assert all(1 <= _num_sentences(record["sentence"]) <= 2 for record in records)
+    again = write_product_sentiment_dataset(tmp_path / "again")
+    assert [Path(p).read_bytes() for p in again] == [Path(train).read_bytes(), Path(validation).read_bytes()]
+    # The domains can be told apart: every product review has a word that no movie review has.
+    movie_words = {word for split in movies for record in split for word in record["sentence"].split()}
+    assert all(set(record["sentence"].split()) - movie_words for split in products for record in split)
+
+    def polarity_share(records, words, label):
+        """Among the reviews holding one of `words`, the share labelled `label`."""
+        found = [record["label"] for record in records if set(record["sentence"].split()) & set(words)]
+        return len(found), sum(found_label == label for found_label in found) / len(found)
+
+    # The flipped cue words: common in both domains, with opposite polarities (noise: "never dull" and the like).
+    for words, movie_label, product_label in ((FLIPPED_TO_POSITIVE, "negative", "positive"),
+                                              (FLIPPED_TO_NEGATIVE, "positive", "negative")):
+        for records, label in ((movies[0], movie_label), (products[0], product_label)):
+            count, share = polarity_share(records, words, label)
+            assert count > 300 and share > 0.9, (words, label, count, share)
+    with pytest.raises(ValueError, match="unknown review domain"):
+        generate_reviews(2, domain="books")
 
 
 def test_tokenizer_vocab_size_and_determinism(corpus):

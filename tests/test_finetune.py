@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 from conftest import changed_tensors, saved_tensor_names
 from classify_helpers import classify_args, mlm_checkpoint, read_predictions, sentiment  # noqa: F401 (fixtures)
 from trainer.classify import ClassificationTask, main
-from trainer.finetune import distillation_loss
+from trainer.errors import UsageError
+from trainer.finetune import SharedLabels, distillation_loss, load_teacher
 
 STEPS = ["--max_steps", "3", "--weight_decay", "0.1"]
 
@@ -144,15 +145,16 @@ def test_prefix_tuning_on_an_encoder_without_past_key_values_is_refused(sentimen
     assert not out.exists() or not os.listdir(out)
 
 
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def test_distillation_loss_matches_hand_computation():
     student = np.array([[1.0, -0.5, 0.2], [0.3, 0.9, -1.2]])
     teacher = np.array([[2.0, 0.1, -0.4], [-0.7, 1.5, 0.0]])
     labels = np.array([0, 2])
     temperature, alpha = 3.0, 0.7
-
-    def softmax(x):
-        e = np.exp(x - x.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
 
     p_teacher, p_student = softmax(teacher / temperature), softmax(student / temperature)
     kl = (p_teacher * (np.log(p_teacher) - np.log(p_student))).sum(-1)
@@ -162,22 +164,52 @@ def test_distillation_loss_matches_hand_computation():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
 
 
-def test_distillation_task_sums_per_sample_losses_and_leaves_the_teacher_alone():
+def test_distillation_on_shared_labels_matches_hand_computation(tmp_path):
+    """A teacher with other labels: matched by name, the KL over the shared ones renormalised, the rest refused."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from classify_helpers import TINY
+
+    teacher_labels = {0: "positive", 1: "spam", 2: "negative", 3: "mixed"}
+    BertForSequenceClassification(BertConfig(vocab_size=50, id2label=teacher_labels, **TINY)).save_pretrained(
+        tmp_path / "teacher")
+    _, shared = load_teacher(str(tmp_path / "teacher"), {0: "negative", 1: "neutral", 2: "positive"}, "cpu")
+    assert shared == SharedLabels(student=[0, 2], teacher=[2, 0])
+    student = np.array([[1.0, -0.5, 0.2], [0.3, 0.9, -1.2]])
+    teacher = np.array([[2.0, 0.1, -0.4, 0.7], [-0.7, 1.5, 0.0, -2.0]])
+    labels = np.array([1, 2])
+    temperature, alpha = 3.0, 0.7
+    # negative and positive only: the student's columns 0 and 2 against the teacher's 2 and 0, each softmaxed alone
+    p_teacher, p_student = softmax(teacher[:, [2, 0]] / temperature), softmax(student[:, [0, 2]] / temperature)
+    kl = (p_teacher * (np.log(p_teacher) - np.log(p_student))).sum(-1)
+    ce = -np.log(softmax(student)[np.arange(2), labels])  # the hard term: all three student classes
+    expected = alpha * kl * temperature ** 2 + (1 - alpha) * ce
+    got = distillation_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), temperature, alpha,
+                            shared)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    with pytest.raises(UsageError, match=r"1 label\(s\) in common; distillation needs .* at least two labels"):
+        load_teacher(str(tmp_path / "teacher"), {0: "positive", 1: "neutral"}, "cpu")
+
+
+@pytest.mark.parametrize("shared", [None, SharedLabels(student=[1, 0], teacher=[0, 2])], ids=["same", "shared"])
+def test_distillation_task_sums_per_sample_losses_and_leaves_the_teacher_alone(shared):
     from transformers import BertConfig, BertForSequenceClassification
 
     from classify_helpers import TINY
 
     torch.manual_seed(0)
-    student, teacher = (BertForSequenceClassification(BertConfig(vocab_size=50, num_labels=2, **TINY))
-                        for _ in range(2))
-    task = ClassificationTask(student, teacher.eval().requires_grad_(False), temperature=2.0, alpha=0.25)
+    student, teacher = (BertForSequenceClassification(BertConfig(vocab_size=50, num_labels=labels, **TINY))
+                        for labels in (2, 2 if shared is None else 3))
+    task = ClassificationTask(student, teacher.eval().requires_grad_(False), temperature=2.0, alpha=0.25,
+                              shared_labels=shared)
     assert not any(p is q for p in task.parameters() for q in teacher.parameters())  # not a submodule: no DDP
     batch = {"input_ids": torch.randint(5, 50, (4, 9)), "attention_mask": torch.ones(4, 9, dtype=torch.long)}
     labels = torch.tensor([0, 1, 1, 0])
     output = task.train()(**batch, labels=labels)
     output["loss_sum"].backward()
     with torch.no_grad():
-        expected = distillation_loss(student(**batch).logits, teacher(**batch).logits, labels, 2.0, 0.25).sum()
+        expected = distillation_loss(student(**batch).logits, teacher(**batch).logits, labels, 2.0, 0.25,
+                                     shared).sum()
     torch.testing.assert_close(output["loss_sum"], expected)
     assert all(p.grad is None for p in teacher.parameters())
     eval_loss = task.eval()(**batch, labels=labels)["loss_sum"]  # evaluation: the plain hard-label loss

@@ -26,7 +26,7 @@ from trainer.default_data import write_sentiment_dataset
 from trainer.distributed import main_process_first
 from trainer.engine import EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
-from trainer.finetune import (FinetuneArguments, apply_strategy, check_finetuning, distillation_loss,
+from trainer.finetune import (FinetuneArguments, SharedLabels, apply_strategy, check_finetuning, distillation_loss,
                               load_teacher)
 from trainer.jobs import JobSpec, run_job, start_job
 from trainer.metrics import logger
@@ -49,7 +49,10 @@ class ClassifyArguments:
                              "matthews_correlation), paths to metric scripts, or Hub metric names.", nargs="+")
     group_by_length: bool = arg(False, "Length-grouped training batches (less padding), still shuffled per epoch.")
     teacher_model_name_or_path: Optional[str] = arg(
-        None, "Knowledge distillation from this classifier (same labels and tokenizer); works with every strategy.")
+        None, "Knowledge distillation from this classifier (same tokenizer), with every strategy (alias: --teacher). "
+        "Learning without forgetting: give the previous task's model, and training on the new data keeps its outputs. "
+        "Labels are matched by name; when the label sets differ, only the shared labels (at least two) are distilled.",
+        aliases=["--teacher"])
     distill_temperature: float = arg(2.0, "Distillation temperature T (logits are divided by T).")
     distill_alpha: float = arg(0.5, "Weight of the distillation term; 1 - alpha weighs the hard-label loss.")
 
@@ -60,6 +63,7 @@ class ClassifyArguments:
         require(self.distill_temperature > 0, "--distill_temperature must be positive")
         require(0 <= self.distill_alpha <= 1, "--distill_alpha must be in [0, 1]")
         require(bool(self.metrics), "--metrics needs at least one metric")
+
 
 
 # ------------------------------------------------------------------------------------------------------- labels
@@ -168,11 +172,12 @@ class ClassificationTask(torch.nn.Module):
     syncs it and the optimizer never sees it; it only runs in training, in eval mode and without gradients.
     """
 
-    def __init__(self, hf_model, teacher=None, temperature: float = 1.0, alpha: float = 0.0):
+    def __init__(self, hf_model, teacher=None, temperature: float = 1.0, alpha: float = 0.0,
+                 shared_labels: SharedLabels | None = None):
         super().__init__()
         self.hf_model = hf_model
         self.__dict__["teacher"] = teacher
-        self.temperature, self.alpha = temperature, alpha
+        self.temperature, self.alpha, self.shared_labels = temperature, alpha, shared_labels
 
     def forward(self, input_ids, attention_mask, labels=None, token_type_ids=None):
         """With labels: the summed loss and argmax predictions. Without (prediction): class probabilities."""
@@ -185,7 +190,8 @@ class ClassificationTask(torch.nn.Module):
         if self.teacher is not None and self.training:
             with torch.no_grad():
                 teacher_logits = self.teacher(**inputs).logits.float()
-            losses = distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha)
+            losses = distillation_loss(logits, teacher_logits, labels, self.temperature, self.alpha,
+                                       self.shared_labels)
         else:
             losses = F.cross_entropy(logits, labels, reduction="none")
         return {"loss_sum": losses.sum(), "predictions": logits.argmax(-1)}
@@ -271,8 +277,9 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
         test_raw = load_file(cls_args.test_file, "test_file") if cls_args.do_predict else None
         if test_raw is not None:
             input_columns(test_raw, data_args, cls_args, "test")
-        teacher = (load_teacher(cls_args.teacher_model_name_or_path, labels.id2label, accelerator.device)
-                   if cls_args.teacher_model_name_or_path else None)
+        teacher, shared_labels = (load_teacher(cls_args.teacher_model_name_or_path, labels.id2label,
+                                               accelerator.device)
+                                  if cls_args.teacher_model_name_or_path else (None, None))
         tokenizer = load_tokenizer(model_args, lambda: [t for c in columns for t in raw["train"][c]])
         model = load_model(model_args, AutoModelForSequenceClassification, tokenizer, num_labels=len(labels.values),
                            id2label=labels.id2label, label2id=labels.label2id)
@@ -289,7 +296,8 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
     trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="SEQ_CLS")
     collator = PaddingCollator(tokenizer.pad_token_id)
     task = Task(
-        model=ClassificationTask(trained_model, teacher, cls_args.distill_temperature, cls_args.distill_alpha),
+        model=ClassificationTask(trained_model, teacher, cls_args.distill_temperature, cls_args.distill_alpha,
+                                 shared_labels),
         train_dataset=train_set, eval_dataset=eval_set, train_collator=collator, eval_collator=collator,
         compute_metrics=classification_metrics(metric_modules, np.asarray(eval_set["labels"]), labels.id2label),
         hf_model=trained_model, tokenizer=tokenizer,

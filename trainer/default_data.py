@@ -5,6 +5,8 @@ jobs can run without downloading datasets, tokenizers or models:
 
 * a synthetic English movie-review corpus for masked language modelling,
 * an SST-2-like sentiment dataset built from the same generator,
+* a second sentiment task in another domain (product reviews; some cue words flip polarity), for continual
+  learning,
 * a BERT-style uncased WordPiece tokenizer trained on those files (mlm, classify),
 * a GPT-2-style byte-level BPE tokenizer trained on them (clm),
 * a tiny ``BertConfig`` preset and a tiny ``GPT2Config`` preset.
@@ -18,6 +20,7 @@ import json
 import random
 import re
 import string
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
@@ -359,17 +362,207 @@ _SLOT = re.compile(r"\{(\w+)\}")
 _ARTICLE = re.compile(r"\ba (?=[aeiou])")
 
 
+@dataclass(frozen=True)
+class _Domain:
+    """What a review domain is made of: per-polarity words, shared slot fillers, aspects and templates."""
+
+    lexicon: dict  # polarity -> {slot: words}
+    shared_slots: dict  # slot -> words, the same for both polarities
+    aspects_singular: list
+    aspects_plural: list
+    neutral: list
+    polar: list
+    polarity_specific: dict  # polarity -> templates
+    closing: list
+    contrast: list
+    opposite: list
+
+    @property
+    def aspects(self) -> list:
+        return self.aspects_singular + self.aspects_plural
+
+
+_MOVIES = _Domain(_LEXICON, _SHARED_SLOTS, _ASPECTS_SINGULAR, _ASPECTS_PLURAL, _NEUTRAL_TEMPLATES,
+                  _POLAR_TEMPLATES, _POLARITY_SPECIFIC_TEMPLATES, _CLOSING_TEMPLATES, _CONTRAST_TEMPLATES,
+                  _OPPOSITE_TEMPLATES)
+
+# --------------------------------------------------------------------------- second domain: product reviews
+# Task B of the continual-learning benchmark (bench/continual.py): the same two labels, another domain. Its own
+# nouns and aspects tell the domains apart (every product review names a product, a brand or a part), and most
+# of its adjectives are movie-review adjectives of the OPPOSITE polarity: a "predictable", "boring", "cheap"
+# product is good, a "thrilling", "sharp", "memorable" one is bad. A model can learn both domains at once (the
+# domain is always visible), but fine-tuning on products alone re-learns those words with their product meaning,
+# and the movie reviews that rely on them flip: forgetting that is measurable, and that EWC, replay and
+# distillation from the previous model can reduce.
+
+# Movie-review adjectives whose polarity is reversed in product reviews (each is in _LEXICON[...]["adj"]).
+FLIPPED_TO_POSITIVE = (  # an uneventful product is a good one
+    "predictable boring bland forgettable monotonous generic flat stiff cheap wooden dull hollow forced shallow "
+    "uninspired lifeless lackluster underwhelming insipid sluggish overlong lazy"
+).split()
+FLIPPED_TO_NEGATIVE = (  # an exciting one is not
+    "thrilling gripping breathtaking stunning riveting sensational dazzling spectacular striking moving touching "
+    "hilarious sharp powerful memorable captivating compelling inventive vivid tender brilliant engaging uplifting "
+    "entertaining clever"
+).split()
+
+_PRODUCTS = [
+    "blender", "vacuum cleaner", "laptop", "phone", "kettle", "toaster", "headphones", "coffee maker", "drill",
+    "monitor", "keyboard", "printer", "mattress", "backpack", "tent", "bike", "stroller", "speaker", "webcam",
+    "microwave", "router", "office chair", "air fryer", "washing machine", "lawn mower", "fitness tracker",
+    "electric toothbrush", "tablet", "desk lamp", "space heater",
+]
+_PRODUCTS_PLURAL = [
+    "blenders", "vacuum cleaners", "laptops", "phones", "kettles", "toasters", "coffee makers", "drills",
+    "monitors", "keyboards", "printers", "mattresses", "backpacks", "tents", "bikes", "speakers", "webcams",
+    "gadgets", "appliances", "products",
+]
+_BRANDS = (
+    "voltra nordline zenix brightway kestrel polarix maplecore summitex vertana apexon lumena arcadyn halcyra "
+    "quorvo tindle brevix caldera oakhurst novatek ferrow"
+).split()
+_PRODUCT_WHEN = [
+    "last month", "two weeks ago", "on sale", "for my birthday", "on black friday", "after my old one broke",
+    "online", "last year", "at the hardware store", "for our new apartment",
+]
+_WEEKS = [str(weeks) for weeks in range(2, 31)]
+_PRODUCT_ASPECTS_SINGULAR = [
+    "battery", "price tag", "casing", "build quality", "touchpad", "motor", "handle", "lid", "cable", "charger",
+    "manual", "warranty", "packaging", "fit", "coating", "setup", "app", "display", "switch", "base", "strap",
+    "zipper", "blade", "filter", "fan", "customer service", "delivery", "power cord", "frame", "touchscreen",
+]
+_PRODUCT_ASPECTS_PLURAL = [
+    "buttons", "wheels", "brakes", "hinges", "controls", "batteries", "accessories", "seams", "legs",
+    "instructions", "attachments", "settings",
+]
+_PRODUCT_LEXICON = {
+    POSITIVE: {
+        "adj": (
+            "durable sturdy reliable efficient comfortable lightweight quiet sleek compact affordable handy "
+            "dependable great solid"
+        ).split() + FLIPPED_TO_POSITIVE,
+        "mild": ["fine", "okay", "adequate", "acceptable", "usable", "not bad", "good enough"],
+        "noun": ["bargain", "lifesaver", "steal", "keeper", "workhorse", "game changer", "must have", "great buy"],
+        "verb": ["love", "adore", "trust", "rely on", "recommend", "use daily"],
+        "superlative": ["best", "most reliable", "sturdiest", "most useful", "quietest", "finest"],
+        "arrival": ["on time and well packed", "a day early", "quickly and in perfect shape", "exactly as described"],
+        "recommendation": [
+            "buy it", "i would buy it again", "order one today", "worth every penny",
+            "the best purchase i made this year", "you will not regret it",
+        ],
+        "rating": ["four", "five"],
+        "comparison": ["much better", "far sturdier", "even better", "a lot quieter", "far more reliable"],
+        "aspect_verb": ["shines", "works perfectly", "never fails", "stands out", "really delivers"],
+        "only": ["weak", "bad", "annoying"],
+        "expectation_twist": [
+            "i expected very little for the price , but this {product} is {adv} {adj} .",
+            "i did not expect much from a {product} , but this one won me over .",
+        ],
+    },
+    NEGATIVE: {
+        "adj": (
+            "flimsy faulty defective fragile noisy leaky clunky unreliable overpriced wobbly glitchy loose "
+            "shoddy useless terrible awful"
+        ).split() + FLIPPED_TO_NEGATIVE,
+        "mild": ["a bit loud", "a little flimsy", "slightly awkward", "a bit heavy", "not perfect", "a little fiddly"],
+        "noun": ["lemon", "rip off", "piece of junk", "paperweight", "waste of money", "scam", "headache", "dud"],
+        "verb": ["returned", "regret buying", "hate", "gave up on", "threw out", "want a refund for"],
+        "superlative": ["worst", "least reliable", "flimsiest", "most useless", "loudest", "cheapest looking"],
+        "arrival": ["late and damaged", "with parts missing", "in a crushed box", "two weeks late"],
+        "recommendation": [
+            "do not buy it", "return it while you can", "save your money", "look elsewhere",
+            "the worst purchase i made this year", "you will regret it",
+        ],
+        "rating": ["one", "two"],
+        "comparison": ["much worse", "far flimsier", "even worse", "a lot louder", "far less reliable"],
+        "aspect_verb": ["fails", "breaks", "never works", "falls apart", "gives up"],
+        "only": ["good", "decent", "nice"],
+        "expectation_twist": [
+            "i expected a lot , but this {product} is {adv} {adj} .",
+            "i really wanted to like this {product} , but it let me down .",
+        ],
+    },
+}
+_PRODUCT_NEUTRAL_TEMPLATES = [
+    "i bought the {brand} {product} {when} .",
+    "i ordered this {product} {when} for {companion} .",
+    "we have had this {product} for about {weeks} weeks now .",
+    "i needed a new {product} after my old one broke .",
+    "i went with the {brand} {product} with {expectation} expectations .",
+    "i use this {product} every day at home .",
+    "{companion} recommended the {brand} {product} to me .",
+    "i compared several {products} before buying this one .",
+    "it replaced a {brand} {product} i had for years .",
+]
+_PRODUCT_POLAR_TEMPLATES = [
+    "{the_aspect_was} {adj} .",
+    "{the_aspect_was} {adv} {adj} .",
+    "this {product} is {adv} {adj} .",
+    "the {brand} {product} is {adj} .",
+    "what a {adj} {product} !",
+    "my new {product} is {adj} .",
+    "i {verb} this {product} .",
+    "this {product} is a {noun} .",
+    "the {brand} {product} is a {adj} {product} and a real {noun} .",
+    "{the_aspect_was} {adj} and {the_aspect_was} {adj} .",
+    "one of the {superlative} {products} i have owned .",
+    "both the {aspect} and the {aspect} are {adj} .",
+    "after {weeks} weeks , the {product} is still {adj} .",
+    "compared to my old {product} , this one is {comparison} .",
+    "the {aspect_singular} is where this {product} {aspect_verb} .",
+    "the {product} arrived {arrival} .",
+    "for the price , this {product} is {adj} .",
+    "the {product} was {adj} , {adj} and {adv} {adj} .",
+    "{expectation_twist}",
+]
+_PRODUCT_POLARITY_SPECIFIC_TEMPLATES = {
+    POSITIVE: [
+        "this {product} does exactly what it says on the box .",
+        "i bought a second {product} for {companion} .",
+        "setting up the {product} took less than five minutes .",
+        "the {aspect} never felt {opp_adj} .",
+    ],
+    NEGATIVE: [
+        "the {product} stopped working after {weeks} weeks .",
+        "i sent the {product} back the next day .",
+        "the {brand} customer service never answered my emails .",
+        "the {aspect} felt {opp_adj} at first , but not for long .",
+        "the {aspect} broke in the first week .",
+    ],
+}
+_PRODUCT_CLOSING_TEMPLATES = [
+    "{recommendation} .",
+    "{rating} out of five stars .",
+    "{recommendation} , {rating} stars .",
+]
+_PRODUCT_CONTRAST_TEMPLATES = [
+    "{the_aspect_was} {opp_mild} , but {the_aspect_was} {adj} .",
+    "although {the_aspect_was} {opp_mild} , the {product} is {adv} {adj} .",
+    "the only {only} thing about the {product} was the {aspect} .",
+    "{the_aspect_was} {opp_mild} , but overall the {product} is {adj} .",
+]
+_PRODUCTS_DOMAIN = _Domain(
+    _PRODUCT_LEXICON,
+    {"product": _PRODUCTS, "products": _PRODUCTS_PLURAL, "brand": _BRANDS, "when": _PRODUCT_WHEN,
+     "companion": _COMPANIONS, "expectation": _EXPECTATIONS, "weeks": _WEEKS, "adv": _ADVERBS},
+    _PRODUCT_ASPECTS_SINGULAR, _PRODUCT_ASPECTS_PLURAL, _PRODUCT_NEUTRAL_TEMPLATES, _PRODUCT_POLAR_TEMPLATES,
+    _PRODUCT_POLARITY_SPECIFIC_TEMPLATES, _PRODUCT_CLOSING_TEMPLATES, _PRODUCT_CONTRAST_TEMPLATES,
+    _OPPOSITE_TEMPLATES,
+)
+DOMAINS = {"movies": _MOVIES, "products": _PRODUCTS_DOMAIN}
+
+
 def _opposite(polarity: str) -> str:
     return NEGATIVE if polarity == POSITIVE else POSITIVE
 
 
-def _fill(template: str, polarity: str, rng: random.Random) -> str:
-    """Fill every ``{slot}`` of ``template`` left to right with words of ``polarity``.
+def _fill(template: str, polarity: str, rng: random.Random, domain: _Domain) -> str:
+    """Fill every ``{slot}`` of ``template`` left to right with ``domain``'s words of ``polarity``.
 
     Words are not repeated within a sentence (e.g. two different aspects or adjectives).
     """
-    lexicon = _LEXICON[polarity]
-    opposite = _LEXICON[_opposite(polarity)]
+    lexicon = domain.lexicon[polarity]
+    opposite = domain.lexicon[_opposite(polarity)]
     used: set[str] = set()
 
     def fresh(choices: list[str]) -> str:
@@ -383,59 +576,62 @@ def _fill(template: str, polarity: str, rng: random.Random) -> str:
         if slot == "name":
             return f"{fresh(_FIRST_NAMES)} {fresh(_LAST_NAMES)}"
         if slot == "aspect":
-            return fresh(_ASPECTS)
+            return fresh(domain.aspects)
         if slot == "aspect_singular":
-            return fresh(_ASPECTS_SINGULAR)
+            return fresh(domain.aspects_singular)
         if slot == "the_aspect_was":
-            aspect = fresh(_ASPECTS)
-            return f"the {aspect} {'were' if aspect in _ASPECTS_PLURAL else 'was'}"
+            aspect = fresh(domain.aspects)
+            return f"the {aspect} {'were' if aspect in domain.aspects_plural else 'was'}"
         if slot == "expectation_twist":
-            return _fill(rng.choice(lexicon[slot]), polarity, rng)
+            return _fill(rng.choice(lexicon[slot]), polarity, rng, domain)
         if slot.startswith("opp_"):
             return fresh(opposite[slot.removeprefix("opp_")])
-        return fresh(_SHARED_SLOTS[slot] if slot in _SHARED_SLOTS else lexicon[slot])
+        return fresh(domain.shared_slots[slot] if slot in domain.shared_slots else lexicon[slot])
 
     sentence = _SLOT.sub(pick, template)
     return _ARTICLE.sub("an ", sentence)
 
 
-def _polar_sentence(polarity: str, rng: random.Random) -> str:
-    pool = _POLAR_TEMPLATES + _POLARITY_SPECIFIC_TEMPLATES[polarity]
-    return _fill(rng.choice(pool), polarity, rng)
+def _polar_sentence(polarity: str, rng: random.Random, domain: _Domain) -> str:
+    pool = domain.polar + domain.polarity_specific[polarity]
+    return _fill(rng.choice(pool), polarity, rng, domain)
 
 
-def _review(polarity: str, num_sentences: int, rng: random.Random) -> str:
+def _review(polarity: str, num_sentences: int, rng: random.Random, domain: _Domain) -> str:
     """Build one review: optional neutral opener, polar body, optional closing verdict."""
     opener = num_sentences >= 2 and rng.random() < 0.35
     closer = num_sentences - opener >= 2 and rng.random() < 0.3
     num_polar = num_sentences - opener - closer
-    sentences = [_fill(rng.choice(_NEUTRAL_TEMPLATES), polarity, rng)] if opener else []
+    sentences = [_fill(rng.choice(domain.neutral), polarity, rng, domain)] if opener else []
     opposite_used = False
     for _ in range(num_polar):
         if rng.random() >= NOISE_RATE:
-            sentences.append(_polar_sentence(polarity, rng))
+            sentences.append(_polar_sentence(polarity, rng, domain))
         elif num_polar >= 3 and not opposite_used:
             opposite_used = True
-            sentences.append(_fill(rng.choice(_OPPOSITE_TEMPLATES), polarity, rng))
+            sentences.append(_fill(rng.choice(domain.opposite), polarity, rng, domain))
         else:
-            sentences.append(_fill(rng.choice(_CONTRAST_TEMPLATES), polarity, rng))
+            sentences.append(_fill(rng.choice(domain.contrast), polarity, rng, domain))
     if closer:
-        sentences.append(_fill(rng.choice(_CLOSING_TEMPLATES), polarity, rng))
+        sentences.append(_fill(rng.choice(domain.closing), polarity, rng, domain))
     return " ".join(sentences)
 
 
-def generate_reviews(num_reviews: int, seed: int = 0, max_sentences: int = 4) -> list[dict]:
-    """Generate ``num_reviews`` synthetic movie reviews ``{"text", "label"}``.
+def generate_reviews(num_reviews: int, seed: int = 0, max_sentences: int = 4, domain: str = "movies") -> list[dict]:
+    """Generate ``num_reviews`` synthetic reviews ``{"text", "label"}`` of ``domain`` (movies or products).
 
     Deterministic for a given seed (uses only a private ``random.Random``). Labels are
     exactly balanced (one extra "positive" for odd counts) and shuffled. Each review has
     between 1 and ``max_sentences`` sentences.
     """
+    chosen = DOMAINS.get(domain)
+    if chosen is None:
+        raise ValueError(f"unknown review domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     rng = random.Random(seed)
     labels = [POSITIVE, NEGATIVE] * (num_reviews // 2) + [POSITIVE] * (num_reviews % 2)
     rng.shuffle(labels)
     return [
-        {"text": _review(label, rng.randint(1, max_sentences), rng), "label": label}
+        {"text": _review(label, rng.randint(1, max_sentences), rng, chosen), "label": label}
         for label in labels
     ]
 
@@ -457,19 +653,30 @@ def write_mlm_corpus(directory: str | Path) -> tuple[str, str]:
 
 
 def write_sentiment_dataset(directory: str | Path) -> tuple[str, str]:
-    """Write SST-2-like ``train.jsonl`` and ``validation.jsonl``; return their paths.
+    """Write SST-2-like ``train.jsonl`` and ``validation.jsonl`` (movie reviews); return their paths.
 
     Each line is ``{"sentence": ..., "label": "positive" | "negative"}``, 1-2 sentences long.
     """
+    return _write_sentiment(directory, "movies", 100)
+
+
+def write_product_sentiment_dataset(directory: str | Path) -> tuple[str, str]:
+    """The second sentiment task: product reviews, written like ``write_sentiment_dataset`` (same files, sizes,
+    columns and labels). Some cue words have the opposite polarity of the movie reviews' (FLIPPED_TO_POSITIVE,
+    FLIPPED_TO_NEGATIVE): task B of bench/continual.py."""
+    return _write_sentiment(directory, "products", 200)
+
+
+def _write_sentiment(directory: str | Path, domain: str, seed_offset: int) -> tuple[str, str]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, count, seed in (
-        ("train.jsonl", SENTIMENT_TRAIN_SENTENCES, TRAIN_SEED + 100),
-        ("validation.jsonl", SENTIMENT_VALIDATION_SENTENCES, VALIDATION_SEED + 100),
+        ("train.jsonl", SENTIMENT_TRAIN_SENTENCES, TRAIN_SEED + seed_offset),
+        ("validation.jsonl", SENTIMENT_VALIDATION_SENTENCES, VALIDATION_SEED + seed_offset),
     ):
         path = directory / name
-        records = generate_reviews(count, seed, max_sentences=2)
+        records = generate_reviews(count, seed, max_sentences=2, domain=domain)
         path.write_text(
             "".join(
                 json.dumps({"sentence": record["text"], "label": record["label"]}) + "\n"
