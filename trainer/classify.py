@@ -65,7 +65,6 @@ class ClassifyArguments:
         require(bool(self.metrics), "--metrics needs at least one metric")
 
 
-
 # ------------------------------------------------------------------------------------------------------- labels
 @dataclass
 class LabelMapping:
