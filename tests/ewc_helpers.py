@@ -27,15 +27,11 @@ def job_environment(patch, job_env: dict) -> None:
 
 def clm_engine(argv: list[str]):
     """trainer.clm's engine for `argv`, built as its `main` builds it, without training."""
-    from trainer.arguments import CorpusArguments, ModelArguments, TrainingArguments
-    from trainer.clm import DEMO_CONFIG, ClmArguments, build_task, check_finetuning
-    from trainer.default_data import write_mlm_corpus
+    from trainer.clm import CLM_JOB, build_task
     from trainer.engine import Engine
-    from trainer.finetune import FinetuneArguments
     from trainer.jobs import start_job
 
-    parsed, accelerator = start_job((ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments,
-                                     ClmArguments), argv, DEMO_CONFIG, write_mlm_corpus, "corpus", check_finetuning)
+    parsed, accelerator = start_job(CLM_JOB, argv)
     return Engine(parsed[2], build_task(*parsed, accelerator), accelerator)
 
 
