@@ -171,10 +171,10 @@ class ElasticWeightConsolidation:
         logged, never read here)."""
         penalty = None
         for parameter, fisher, anchor in self.terms:
-            values = local_values(self.accelerator, parameter)
-            weighted = fisher * (values.float() - anchor)
+            difference = local_values(self.accelerator, parameter).float() - anchor
+            weighted = fisher * difference
             if add_to_local_gradient(self.accelerator, parameter, self.strength * weighted):
-                term = (weighted * (values.float() - anchor)).sum(dtype=torch.float64)
+                term = (weighted * difference).sum(dtype=torch.float64)
                 penalty = term if penalty is None else penalty + term
         if penalty is None:
             return torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
