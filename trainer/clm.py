@@ -25,7 +25,7 @@ from trainer.default_data import tiny_gpt2_config, train_byte_level_bpe_tokenize
 from trainer.engine import Task
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.finetune import FinetuneArguments, apply_strategy, check_finetuning
-from trainer.fused_loss import fused_linear_cross_entropy
+from trainer.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
 from trainer.jobs import JobSpec, run_job, start_job
 from trainer.metrics import perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer, max_positions
@@ -159,7 +159,10 @@ class CausalLMTask(torch.nn.Module):
 
 
 def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    logits = head(hidden).float()
+    if torch.is_grad_enabled():  # recomputed in the backward (ZeRO-3): autograd needs the logits as they were
+        return F.cross_entropy(logits, targets, reduction="sum")
+    return cross_entropy_in_place(logits, targets)[0]  # evaluation: one chunk-sized buffer, not two
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor,

@@ -29,6 +29,7 @@ from trainer.errors import JobStopped, require
 from trainer.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
 from trainer.fault_injection import FaultInjection
 from trainer.hub_push import HubPusher
+from trainer.kernels import fuse_activations
 from trainer.metrics import MetricsLogger, logger, show_progress_bars
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.replay import ReplayStream, describe_replay, training_data
@@ -127,6 +128,7 @@ class Engine:
         self.ewc = (ElasticWeightConsolidation(args.ewc_from, args.ewc_lambda, task.model) if args.ewc_from
                     else None)
         self.fisher_pass = FisherPass(task.model, accelerator, args.fisher_samples) if args.save_fisher else None
+        fuse_activations(task.hf_model)
         if args.torch_compile:
             compile_blocks(task.hf_model, args.torch_compile_backend, args.torch_compile_mode, task.eager_modules)
         optimizer = build_optimizer(task.model, args)

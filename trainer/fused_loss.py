@@ -4,8 +4,8 @@ Why by hand: torch has no fused linear + cross-entropy (Liger's is Triton, so GP
 The usual path materialises [rows, vocabulary] logits, then a float32 copy, log-softmax and, in the backward, as
 many again; with a large vocabulary those logits are most of a causal LM's activation memory, and every pass over
 them is memory-bound. Here each chunk's logits live for one chunk only and stay small enough to be reused from
-the CPU's cache (or the GPU's L2) by the few passes that follow the matmul: logsumexp, softmax minus the one-hot
-target, and the two gradient matmuls. No recomputation: the backward only scales the stored gradients by the
+the CPU's cache (or the GPU's L2) by the few passes that follow the matmul: the row maximum, the softmax in place, minus
+the one-hot target, and the two gradient matmuls. No recomputation: the backward only scales the stored gradients by the
 incoming gradient of the summed loss (a scalar).
 """
 from __future__ import annotations
@@ -14,6 +14,17 @@ from typing import Optional
 
 import torch
 from torch.nn.functional import linear
+
+
+def cross_entropy_in_place(logits: torch.Tensor, targets: torch.Tensor):
+    """The summed cross-entropy of float32 `logits` [rows, vocabulary], whose storage then holds exp(logits - row
+    maximum), and the row sums of those: (loss, exponentials, row sums). In place because logsumexp or log_softmax
+    would allocate a second buffer the size of the logits."""
+    picked = logits.gather(1, targets[:, None])
+    row_max = logits.amax(dim=1, keepdim=True)
+    exponentials = logits.sub_(row_max).exp_()
+    row_sum = exponentials.sum(dim=1, keepdim=True)
+    return (row_max + row_sum.log() - picked).sum(), exponentials, row_sum
 
 
 class FusedLinearCrossEntropy(torch.autograd.Function):
@@ -34,12 +45,10 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                          else hidden.dtype)
         for start in range(0, hidden.shape[0], chunk):
             rows, target = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = linear(rows, weight, bias).float()
-            log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
-            picked = logits.gather(1, target[:, None])
-            total += (log_normaliser - picked).sum()
-            # d CE / d logits = softmax - one_hot(target), computed in place over the chunk's logits.
-            grad_logits = logits.sub_(log_normaliser).exp_()
+            loss, exponentials, row_sum = cross_entropy_in_place(linear(rows, weight, bias).float(), target)
+            total += loss
+            # d CE / d logits = softmax - one_hot(target).
+            grad_logits = exponentials.div_(row_sum)
             grad_logits.scatter_add_(1, target[:, None], grad_logits.new_full((len(target), 1), -1.0))
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[start:start + chunk] = grad_logits @ weight
