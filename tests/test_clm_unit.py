@@ -1,4 +1,6 @@
 """Causal-LM mathematics in-process: packed documents, exact token counts, the chunked loss against the plain model."""
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,85 @@ def test_fused_tanh_gelu_gives_the_models_loss_and_gradients_and_saves_the_model
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.config.activation_function == "gelu_new"
     assert type(reloaded.transformer.h[0].mlp.act) is NewGELUActivation
+
+
+def test_packed_blocks_reach_flash_attention_as_one_row_and_keep_their_documents_apart():
+    """transformers' FlashAttention takes its variable-length path (attention per document, from the position ids) only
+    for a batch of one row; CausalLMTask lays a batch of packed blocks end to end for it. Here a stand-in for
+    FlashAttention (its name says "flash", as transformers checks) requires one row and attends by sdpa with the
+    per-document mask: three packed blocks give each block's own summed loss, as with sdpa on three rows."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    rows_seen = []
+
+    def one_row_attention(module, query, *args, **kwargs):
+        rows_seen.append(query.shape[0])
+        return sdpa_attention_forward(module, query, *args, **kwargs)
+
+    AttentionInterface.register("flash_stand_in", one_row_attention)
+    AttentionMaskInterface.register("flash_stand_in", sdpa_mask)
+    # The second block ends inside a document (no EOS): only the third block's own position 0 separates them.
+    blocks = np.array([sum(documents(lengths, seed), [])[:24] for seed, lengths in enumerate([(7, 12, 5), (20, 9),
+                                                                                                (24,)])])
+    assert blocks[1, -1] != EOS
+    batch = collate(blocks, packed=True)
+    batch.pop("num_loss_items")
+    model = tiny_gpt2(VOCAB)
+    with torch.no_grad():
+        by_rows = CausalLMTask(model, chunk=4)(**batch)["loss_sum"]
+        model.config._attn_implementation = "flash_stand_in"  # set_attn_implementation would look for the kernel
+        one_row = CausalLMTask(model, chunk=4)(**batch)["loss_sum"]
+    assert rows_seen == [1, 1]  # both layers, one row each
+    torch.testing.assert_close(one_row, by_rows, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="needs a CUDA GPU and the flash-attn package")
+def test_packed_blocks_under_flash_attention_2_give_the_sdpa_loss():
+    blocks = np.array([sum(documents(lengths, seed), [])[:24] for seed, lengths in enumerate([(7, 12, 5), (20, 9)])])
+    batch = {k: v.cuda() for k, v in collate(blocks, packed=True).items() if k != "num_loss_items"}
+    model = tiny_gpt2(VOCAB).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        sdpa = CausalLMTask(model, chunk=4)(**batch)["loss_sum"]
+        model.set_attn_implementation("flash_attention_2")
+        flash = CausalLMTask(model, chunk=4)(**batch)["loss_sum"]
+    torch.testing.assert_close(flash, sdpa, rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("from_checkpoint", [False, True])
+def test_a_bert_trained_as_causal_lm_attends_causally_and_gets_its_own_heads_loss(from_checkpoint, tmp_path):
+    """BERT as AutoModelForCausalLM attends both ways unless `is_decoder`: the job sets it, from scratch and for an
+    MLM checkpoint. Its head transforms the hidden state before the output layer, so the loss comes from the model's
+    own logits (not the chunked head), and equals transformers' own causal loss."""
+    from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
+
+    from trainer.arguments import ModelArguments
+    from trainer.models import load_model
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=64)
+    class Tokenizer(list):  # what load_model reads of a tokenizer: its length and special token ids
+        pad_token_id = bos_token_id = eos_token_id = cls_token_id = sep_token_id = EOS
+
+    tokenizer = Tokenizer([None] * VOCAB)
+    if from_checkpoint:
+        torch.manual_seed(0)
+        BertForMaskedLM(BertConfig(vocab_size=VOCAB, **shape)).save_pretrained(tmp_path)
+        model_args = ModelArguments(model_name_or_path=str(tmp_path))
+    else:
+        model_args = ModelArguments(model_type="bert", config_overrides=",".join(f"{k}={v}" for k, v in shape.items()))
+    model = load_model(model_args, AutoModelForCausalLM, tokenizer, decoder=True).eval()
+    assert model.config.is_decoder
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % VOCAB
+    with torch.no_grad():  # the last token changed: nothing before it may see that
+        torch.testing.assert_close(model(input_ids=changed).logits[:, :-1], model(input_ids=ids).logits[:, :-1])
+        task = CausalLMTask(model, chunk=5)
+        batch = collate(ids.numpy(), packed=False)
+        count = batch.pop("num_loss_items")
+        assert not task.chunked
+        torch.testing.assert_close(task(**batch)["loss_sum"], model(input_ids=ids, labels=ids).loss * count,
+                                   rtol=1e-5, atol=1e-5)

@@ -124,9 +124,10 @@ class CausalLMTask(torch.nn.Module):
 
     The body runs once; the output layer and the loss run on the predicting rows only, `chunk` rows at a time,
     fused (trainer/fused_loss.py: each chunk's gradients computed in its forward): float32 logits exist for one
-    chunk at a time, never for [batch, block, vocabulary]. Models whose logits are not a plain linear map of the last hidden
-    state (soft-capping, logit scaling) and prefix/prompt tuning (peft inserts virtual tokens in the model's own
-    forward) use the model's full logits instead, as does `chunk` 0.
+    chunk at a time, never for [batch, block, vocabulary]. Models whose logits are not a plain linear map of the last
+    hidden state (a transform before the output layer as in BERT, soft-capping, logit scaling) and prefix/prompt
+    tuning (peft inserts virtual tokens in the model's own forward) use the model's full logits instead, as does
+    `chunk` 0.
     """
 
     def __init__(self, hf_model, chunk: int):
@@ -136,15 +137,25 @@ class CausalLMTask(torch.nn.Module):
         inner = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
         self.virtual_tokens = getattr(getattr(hf_model, "active_peft_config", None), "num_virtual_tokens", None)
         config = inner.config
-        plain_head = (isinstance(inner.get_output_embeddings(), torch.nn.Linear)
+        head = inner.get_output_embeddings()
+        # A head that is the model's own child, applied to the last hidden state (not, e.g., BERT's transform first).
+        plain_head = (isinstance(head, torch.nn.Linear) and any(child is head for child in inner.children())
                       and getattr(config, "final_logit_softcapping", None) is None
                       and getattr(config, "logit_scale", None) is None)
         self.chunked = chunk > 0 and plain_head and self.virtual_tokens is None
+        from transformers.utils.generic import is_flash_attention_requested
+
+        self.flash_attention = is_flash_attention_requested(config)
         self.__dict__["inner"] = inner  # not a second registration of the same module
 
     def forward(self, input_ids, predicting_positions, predicted_tokens, position_ids=None):
         # No cache: with one, transformers would not derive the per-document mask from the position ids.
         # Position ids only when packing: some architectures (e.g. Mamba) take none.
+        if position_ids is not None and self.flash_attention:
+            # transformers takes FlashAttention's variable-length path only for a batch of one row (what its
+            # DataCollatorWithFlattening gives); with more rows it would attend across documents. Every block's
+            # positions start at 0, so its blocks laid end to end in one row stay apart as well.
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
         inputs = {"input_ids": input_ids, "use_cache": False, **({} if position_ids is None else
                                                                 {"position_ids": position_ids})}
         if self.chunked:
@@ -224,7 +235,8 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
                 f"{ft_args.finetune_strategy} tuning does not pass to the model; use --packing stream")
         new_model_ids = {} if model_args.model_name_or_path else {
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        model = load_model(model_args, AutoModelForCausalLM, tokenizer, preset=tiny_gpt2_config, **new_model_ids)
+        model = load_model(model_args, AutoModelForCausalLM, tokenizer, preset=tiny_gpt2_config, decoder=True,
+                           **new_model_ids)
         block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model.config) or RUN_CLM_MAX_BLOCK)
         check_sequence_length(block_size, model.config, "--block_size")
         blocks = group_into_blocks(tokenize_documents(raw, text_column, tokenizer, data_args), block_size, data_args)

@@ -11,19 +11,18 @@ The saved model still names its own activation, so `from_pretrained` gives back 
 from __future__ import annotations
 
 import torch
-from transformers.activations import FastGELUActivation, NewGELUActivation
 
 from trainer.metrics import logger
-
-TANH_GELU_IN_PYTHON = (NewGELUActivation, FastGELUActivation)
 
 
 def fuse_activations(model: torch.nn.Module) -> int:
     """Replace every Python tanh-GELU module inside `model` by torch's kernel; returns how many were replaced."""
+    from transformers.activations import FastGELUActivation, NewGELUActivation
+
     replaced = 0
     for parent in model.modules():
         for name, child in parent.named_children():
-            if type(child) in TANH_GELU_IN_PYTHON:
+            if type(child) in (NewGELUActivation, FastGELUActivation):
                 setattr(parent, name, torch.nn.GELU(approximate="tanh"))
                 replaced += 1
     if replaced:

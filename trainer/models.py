@@ -72,9 +72,10 @@ def train_tokenizer(texts: list[str], vocab_size: int, train_new):
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
+def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = False, **config_kwargs):
     """`auto_class` (e.g. AutoModelForMaskedLM) from a checkpoint, or a new model from a config, a --model_type or
-    `preset(vocab_size)` (default: a tiny BERT)."""
+    `preset(vocab_size)` (default: a tiny BERT). `decoder`: a causal LM, so architectures that attend both ways
+    unless their config says `is_decoder` (BERT, RoBERTa, ...) get it."""
     from transformers import AutoConfig
 
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
@@ -88,6 +89,8 @@ def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
             return load_base_with_adapters(model_args.model_name_or_path, config_kwargs.get("id2label"))
         check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
         with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
+            if decoder:
+                config_kwargs.update(decoder_switch(AutoConfig.from_pretrained(model_args.model_name_or_path)))
             model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path,
                                                              output_loading_info=True, **attention, **config_kwargs)
         log_loading_report(loading_info)
@@ -104,10 +107,20 @@ def load_model(model_args, auto_class, tokenizer, preset=None, **config_kwargs):
     for name in ("bos", "eos", "cls", "sep"):  # ModernBERT's defaults are ids of its own 50k vocabulary
         if getattr(config, f"{name}_token_id", None) is not None:
             setattr(config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
-    for key, value in config_kwargs.items():
+    for key, value in {**config_kwargs, **(decoder_switch(config) if decoder else {})}.items():
         setattr(config, key, value)
     logger.info("training a new %s model from scratch", config.model_type)
     return auto_class.from_config(config, **attention)
+
+
+def decoder_switch(config) -> dict:
+    """{"is_decoder": True} for a config that has the switch and has it off: without it such a model (e.g. BERT
+    loaded as AutoModelForCausalLM) sees the tokens it is asked to predict, and its "perplexity" means nothing."""
+    if getattr(config, "is_decoder", True):
+        return {}
+    logger.info("%s attends both ways unless is_decoder is set: set, so that it attends causally",
+                config.model_type)
+    return {"is_decoder": True}
 
 
 def log_loading_report(loading_info: dict) -> None:
