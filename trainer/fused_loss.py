@@ -47,15 +47,16 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             rows, target = hidden[start:start + chunk], targets[start:start + chunk]
             loss, exponentials, row_sum = cross_entropy_in_place(linear(rows, weight, bias).float(), target)
             total += loss
-            # d CE / d logits = softmax - one_hot(target).
-            grad_logits = exponentials.div_(row_sum)
-            grad_logits.scatter_add_(1, target[:, None], grad_logits.new_full((len(target), 1), -1.0))
-            grad_logits = grad_logits.to(compute_dtype)
+            # d CE / d logits = softmax - one_hot(target), in place.
+            exponentials.div_(row_sum).scatter_add_(1, target[:, None], exponentials.new_full((len(target), 1), -1.0))
+            grad_logits = exponentials.to(compute_dtype)
+            del exponentials  # under autocast, the float32 copy goes before the matmuls
             grad_hidden[start:start + chunk] = grad_logits @ weight
             if grad_weight is not None:
                 grad_weight += grad_logits.t() @ rows
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0, dtype=torch.float32)
+            del grad_logits  # before the next chunk's logits exist: one chunk's buffers at a time, not two
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
         return total
