@@ -1,5 +1,5 @@
-"""Bottleneck adapters (trainer.adapters, `--finetune_strategy adapter`): identity at step 0, only the adapter and
-its head train, adapter-only output that loads into a pipeline, a second task beside the first that leaves the
+"""Bottleneck adapters (trainer.finetune.adapters, `--finetune_strategy adapter`): identity at step 0, only the adapter
+and its head train, adapter-only output that loads into a pipeline, a second task beside the first that leaves the
 first bit-identical, exact resume, bad input. In-process runs (`trainer.classify.main`); the multi-process runs
 (ZeRO-3, FSDP2) are in test_classify.py."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from classify_helpers import (adapter_manifest as manifest, base_parameters_sha256, classify_args,  # noqa: F401
                               mlm_checkpoint, read_predictions, sentiment)
-from trainer.adapters import (MANIFEST_FILE, WEIGHTS_FILE, AdapterSlot, add_adapter, load_adapter_model,
-                              set_active_adapter)
+from trainer.finetune.adapters import (MANIFEST_FILE, WEIGHTS_FILE, AdapterSlot, add_adapter, load_adapter_model,
+                                       set_active_adapter)
 from trainer.classify import main
 from trainer.errors import UsageError
 

@@ -9,7 +9,7 @@ import torch
 
 from classify_helpers import TINY, classify_args, mlm_checkpoint, read_predictions, save_tiny, sentiment  # noqa: F401
 from conftest import REPO_ROOT, accelerate_launch, load_parameters, read_results, relative_difference, run_job
-from trainer.distributed import GlobalBatchSampler
+from trainer.data.samplers import GlobalBatchSampler
 
 
 def test_end_to_end_from_an_mlm_checkpoint_with_predictions(sentiment, mlm_checkpoint, job_env, tmp_path):
@@ -76,7 +76,7 @@ def test_adapters_under_every_launcher_predict_and_train_as_one_process_does(sen
     from safetensors.torch import load_file
 
     from classify_helpers import adapter_manifest as manifest, base_parameters_sha256
-    from trainer.adapters import WEIGHTS_FILE
+    from trainer.finetune.adapters import WEIGHTS_FILE
 
     common = ["--model_name_or_path", mlm_checkpoint, "--max_steps", "4", "--do_predict", "--test_file",
               sentiment["validation"], "--finetune_strategy", "adapter", "--adapter_reduction_factor", "8",

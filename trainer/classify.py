@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 -m trainer.classify --model_name_or_path output/mlm --train_file train.csv ...
 
 This module holds only what is specific to classification: label mapping, tokenization, dynamic padding, the
-per-sample loss, metrics and predictions. Training is the shared engine's; strategies live in trainer.finetune.
+per-sample loss, metrics and predictions. Training is the shared engine's; strategies live in
+trainer.finetune.strategies.
 """
 from __future__ import annotations
 
@@ -18,20 +19,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.adapters import loading_code
-from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
-from trainer.data import (check_text_column, first_samples, load_file, load_raw_splits, pad_rows,
-                          resolve_text_column)
-from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import main_process_first
-from trainer.engine import EvalOutput, Task
+from trainer.finetune.adapters import loading_code
+from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments, check_data_file
+from trainer.config.parsing import arg
+from trainer.data.loading import (check_text_column, first_samples, load_file, load_raw_splits, pad_rows,
+                                  resolve_text_column)
+from trainer.data.demo import write_sentiment_dataset
+from trainer.distributed.collectives import main_process_first
+from trainer.engine.task import EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
-from trainer.finetune import (FinetuneArguments, SharedLabels, apply_strategy, check_finetuning, distillation_loss,
-                              load_teacher)
-from trainer.jobs import JobSpec, run_job, start_job
+from trainer.finetune.strategies import (FinetuneArguments, SharedLabels, apply_strategy, check_finetuning,
+                                         distillation_loss, load_teacher)
+from trainer.engine.jobs import JobSpec, run_job, start_job
 from trainer.metrics import logger
-from trainer.models import check_sequence_length, load_model, load_tokenizer
-from trainer.replay import load_replay_file
+from trainer.models.loading import check_sequence_length, load_model, load_tokenizer
+from trainer.continual.replay import load_replay_file
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
 LOCAL_METRICS = os.path.join(os.path.dirname(__file__), "metrics_modules")
@@ -201,7 +203,7 @@ def load_metrics(names: list[str]) -> list:
     """evaluate modules: the package's offline copies first, then a path, then the Hub (fails fast offline)."""
     import evaluate
 
-    from trainer.hub import hub_is_reachable
+    from trainer.hub.reachability import hub_is_reachable
 
     modules = []
     for name in names:

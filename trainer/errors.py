@@ -2,10 +2,11 @@
 
 The boundary is `exits_cleanly_on_usage_error` around every job's `main`. It catches only UsageError and
 JobStopped: library errors are turned into UsageErrors where they arise, naming the flag or file and the fix
-(argparse and HfArgumentParser in trainer.arguments, output paths in trainer.jobs, data files and columns in
-trainer.data, models and tokenizers in trainer.models, a full disk in trainer.checkpoint). A job prepares its
-data inside `trainer.distributed.main_process_first`, which hands a rank's UsageError to the ranks waiting for
-it. Anything else is a bug in trainer and keeps its traceback (exit code 1).
+(argparse and HfArgumentParser in trainer.config.parsing, output paths in trainer.engine.jobs, data files and columns
+in trainer.data.loading, models and tokenizers in trainer.models.loading, a full disk in
+trainer.checkpoint.checkpointer). A job prepares its data inside `trainer.distributed.collectives.main_process_first`,
+which hands a rank's UsageError to the ranks waiting for it. Anything else is a bug in trainer and keeps its traceback
+(exit code 1).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def exits_cleanly_on_usage_error(main):
         try:
             return main(*args, **kwargs)
         except UsageError as error:
-            from trainer.distributed import leave_together_under_torchrun
+            from trainer.distributed.collectives import leave_together_under_torchrun
 
             leave_together_under_torchrun()
             print(f"error: {error}", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ import os
 import shutil
 
 from trainer.errors import UsageError, require
-from trainer.hub import check_loadable
+from trainer.hub.reachability import check_loadable
 from trainer.metrics import logger
 
 # Architectures whose position ids start after the padding index, leaving fewer usable positions.
@@ -43,7 +43,7 @@ def load_tokenizer(model_args, training_texts, train_new=None):
         check_loadable(name, "tokenizer", flag, cached_file="tokenizer_config.json")
         with loading(flag, name, "tokenizer"):
             return AutoTokenizer.from_pretrained(name)
-    from trainer.default_data import train_wordpiece_tokenizer
+    from trainer.data.demo import train_wordpiece_tokenizer
 
     return train_tokenizer(training_texts(), model_args.tokenizer_vocab_size, train_new or train_wordpiece_tokenizer)
 
@@ -80,7 +80,7 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
 
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
-        from trainer.adapters import is_adapter_directory, load_base_with_adapters
+        from trainer.finetune.adapters import is_adapter_directory, load_base_with_adapters
 
         if is_adapter_directory(model_args.model_name_or_path):  # its base model, with the tasks' adapters inside
             require(auto_class.__name__ == "AutoModelForSequenceClassification",
@@ -137,7 +137,7 @@ def log_loading_report(loading_info: dict) -> None:
 
 
 def new_model_config(model_args, auto_config, preset=None):
-    from trainer.default_data import tiny_bert_config
+    from trainer.data.demo import tiny_bert_config
 
     if model_args.config_name:
         check_loadable(model_args.config_name, "config", "--config_name")

@@ -103,7 +103,7 @@ def mixed_global_batch(new: torch.Tensor, replayed: torch.Tensor, lengths=None) 
 def load_replay_file(data_args, columns: list[str], keep_linebreaks: bool = False):
     """The raw `--replay_file` as a Dataset (None without one), checked to have the training data's `columns`
     (text, text pair, label: what the job reads of a training row)."""
-    from trainer.data import load_file
+    from trainer.data.loading import load_file
 
     path = data_args.replay_file
     if not path:
@@ -118,8 +118,8 @@ def load_replay_file(data_args, columns: list[str], keep_linebreaks: bool = Fals
 
 
 def replay_split(processed, data_args):
-    """The prepared "replay" split of a job's DatasetDict (see trainer.data.load_text_splits), None without replay;
-    a replay file too short for one sequence is a usage error."""
+    """The prepared "replay" split of a job's DatasetDict (see trainer.data.loading.load_text_splits), None without
+    replay; a replay file too short for one sequence is a usage error."""
     if "replay" not in processed:
         return None
     require(len(processed["replay"]) > 0, f"--replay_file {data_args.replay_file} is too short for one training "

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 
-from trainer.arguments import as_dict
+from trainer.config.parsing import as_dict
 from trainer.metrics import logger
 
 SNAPSHOT_DIR = ".hub_snapshot"

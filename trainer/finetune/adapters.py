@@ -121,7 +121,7 @@ def check_adapter_name(name: str) -> None:
 def adapter_sites(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
     """Per encoder layer, (attention output projection, feed-forward output projection) as (parent, Linear)
     pairs flattened: [attn_0, ffn_0, attn_1, ffn_1, ...]. A UsageError for an architecture of unknown layout."""
-    from trainer.finetune import encoder_layers
+    from trainer.finetune.strategies import encoder_layers
 
     layers = encoder_layers(model)
     for paths in LAYOUTS.values():
@@ -335,8 +335,8 @@ def load_base_with_adapters(directory: str, id2label: Optional[dict] = None):
     from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from trainer.hub import check_loadable
-    from trainer.models import loading
+    from trainer.hub.reachability import check_loadable
+    from trainer.models.loading import loading
 
     manifest = read_manifest(directory)
     saved = manifest["adapters"]
@@ -400,7 +400,7 @@ def load_adapter_model(directory: str, adapter_name: Optional[str] = None):
     base the adapters were trained on. Use it as any transformers model:
 
         from transformers import AutoTokenizer, pipeline
-        from trainer.adapters import load_adapter_model, set_active_adapter
+        from trainer.finetune.adapters import load_adapter_model, set_active_adapter
         model = load_adapter_model("out/task-b", "task_a")
         classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("out/task-b"))
         set_active_adapter(model, "task_b")   # the same model, now task B (its head and labels)
@@ -415,7 +415,7 @@ def load_adapter_model(directory: str, adapter_name: Optional[str] = None):
 def loading_code(directory: str) -> str:
     """One line of Python that loads `directory`'s adapters into a pipeline (for the closing summary)."""
     path = os.path.abspath(directory)
-    return (f"from transformers import AutoTokenizer, pipeline; from trainer.adapters import load_adapter_model; "
+    return (f"from transformers import AutoTokenizer, pipeline; from trainer.finetune.adapters import load_adapter_model; "
             f"pipe = pipeline('text-classification', model=load_adapter_model({path!r}), "
             f"tokenizer=AutoTokenizer.from_pretrained({path!r}))")
 

@@ -1,0 +1,17 @@
+"""Every name inside an output directory and its checkpoint directories, defined once.
+
+`python -m trainer.layout` prints them as shell assignments, for `slurm/common.sh` to `eval`.
+"""
+from __future__ import annotations
+
+import re
+
+# ------------------------------------------------------------------------------------------ checkpoint-<n>/
+PREFIX = "checkpoint-"
+CHECKPOINT_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+COMPLETE_MARKER = "checkpoint_complete"
+STATE_FILE = "trainer_state.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # what peft's save_pretrained writes
+
+# ------------------------------------------------------------------------------------------- output_dir/
+FISHER_FILE = "ewc_fisher.safetensors"  # "fisher/<name>" and "anchor/<name>" tensors
