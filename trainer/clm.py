@@ -20,17 +20,17 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.config.arguments import CorpusArguments, ModelArguments, TrainingArguments
 from trainer.config.parsing import arg
+from trainer.continual.replay import replay_split
+from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
 from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed.collectives import main_process_first
-from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
+from trainer.engine.jobs import JobSpec, run_job, start_job
 from trainer.engine.task import Task
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.finetune.strategies import FinetuneArguments, apply_strategy, check_finetuning
-from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
-from trainer.engine.jobs import JobSpec, run_job, start_job
 from trainer.metrics import perplexity_metrics
+from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
 from trainer.models.loading import check_sequence_length, load_model, load_tokenizer, max_positions
-from trainer.continual.replay import replay_split
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clm_demo.yaml")
 RUN_CLM_MAX_BLOCK = 1024  # run_clm.py's cap on the default block size

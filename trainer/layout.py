@@ -15,3 +15,5 @@ PEFT_WEIGHTS_FILE = "adapter_model.safetensors"  # what peft's save_pretrained w
 
 # ------------------------------------------------------------------------------------------- output_dir/
 FISHER_FILE = "ewc_fisher.safetensors"  # "fisher/<name>" and "anchor/<name>" tensors
+ADAPTER_MANIFEST_FILE = "bottleneck_adapters.json"  # bottleneck adapters (trainer/finetune/adapters.py)
+ADAPTER_WEIGHTS_FILE = "bottleneck_adapters.safetensors"

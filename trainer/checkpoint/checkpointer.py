@@ -30,16 +30,16 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from trainer.config.parsing import as_dict
+from trainer.checkpoint.files import (Writes, checkpoint_problem, complete_checkpoints, fresh_directory,
+                                      latest_checkpoint, publish, read_trainer_state, write_json)
 from trainer.checkpoint.sharded import sharded_checkpoint_functions
+from trainer.config.parsing import as_dict
 from trainer.distributed.collectives import all_gather_objects
 from trainer.distributed.launch import sharded_state_name
 from trainer.distributed.parameters import full_state_dict
 from trainer.errors import JobStopped, require
-from trainer.metrics import logger
-from trainer.checkpoint.files import (Writes, checkpoint_problem, complete_checkpoints, fresh_directory,
-                                      latest_checkpoint, publish, read_trainer_state, write_json)
 from trainer.layout import PEFT_WEIGHTS_FILE, PREFIX, STATE_FILE
+from trainer.metrics import logger
 
 SAVE_FAILED_EXIT_CODE = 2  # the environment (disk space, quota, permissions), like any other bad input
 

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from trainer.errors import require
 from trainer.distributed.launch import sharded_state_name
+from trainer.errors import require
 
 
 def save_fsdp_checkpoint(model, optimizer, directory: str) -> None:

@@ -12,9 +12,9 @@ import signal
 from dataclasses import dataclass
 from typing import Optional
 
+from trainer.config.parsing import arg
 from trainer.errors import require
 from trainer.layout import FISHER_FILE
-from trainer.config.parsing import arg
 
 DATA_FILE_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 

@@ -9,9 +9,9 @@ import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
-from trainer.layout import PREFIX
 from trainer.distributed.collectives import main_process_first
 from trainer.errors import require
+from trainer.layout import PREFIX
 from trainer.metrics import format_number, logger
 from trainer.models.loading import cache_dir
 

@@ -19,25 +19,25 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.files import Writes
-from trainer.models.compilation import compile_blocks, evaluation_stance
+from trainer.continual.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
+from trainer.continual.replay import describe_replay, training_data
 from trainer.data.batches import EpochBatches, loader_workers, make_loader
-from trainer.data.samplers import GlobalBatchSampler, shard_for_evaluation
+from trainer.data.samplers import GlobalBatchSampler, ReplayStream, shard_for_evaluation
 from trainer.distributed.collectives import all_gather_objects, all_reduce_sum, host_sum
 from trainer.distributed.launch import describe_parallelism, describe_threads, parameters_sharded, prepare_for_model
 from trainer.distributed.parameters import full_state_dict
 from trainer.distributed.steps import backward, clip_gradients, set_gradient_sync, step_deepspeed_engine
-from trainer.errors import JobStopped, require
-from trainer.continual.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
 from trainer.engine.fault_injection import FaultInjection
-from trainer.hub.push import HubPusher
-from trainer.models.kernels import fuse_activations
-from trainer.metrics import MetricsLogger, logger, show_progress_bars
 from trainer.engine.optim import build_optimizer, build_scheduler
-from trainer.continual.replay import ReplayStream, describe_replay, training_data
 from trainer.engine.signals import STOPPED_EXIT_CODE, StopSignals
-from trainer.engine.throughput import device_peak, precision_name, training_flops_per_token
 from trainer.engine.state import TrainState
 from trainer.engine.task import EvalOutput, Task
+from trainer.engine.throughput import device_peak, precision_name, training_flops_per_token
+from trainer.errors import JobStopped, require
+from trainer.hub.push import HubPusher
+from trainer.metrics import MetricsLogger, logger, show_progress_bars
+from trainer.models.compilation import compile_blocks, evaluation_stance
+from trainer.models.kernels import fuse_activations
 
 DIVERGED_EXIT_CODE = 3
 
