@@ -14,7 +14,7 @@ from typing import Optional
 
 from trainer.config.parsing import arg
 from trainer.errors import require
-from trainer.layout import FISHER_FILE
+from trainer.layout import FISHER_FILE, checkpoint_name
 
 DATA_FILE_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -136,8 +136,8 @@ class TrainingArguments:
     seed: int = arg(42, "Seed for initialisation, shuffling and masking.")
     logging_steps: int = arg(50, "Log loss, learning rate, grad norm and throughput every N optimizer steps.")
     eval_steps: Optional[int] = arg(None, "Evaluate every N optimizer steps (always at the start and the end).")
-    save_steps: Optional[int] = arg(None, "Save a checkpoint (output_dir/checkpoint-<step>) every N optimizer steps; "
-                                          "one is always saved at the end.")
+    save_steps: Optional[int] = arg(None, f"Save a checkpoint (output_dir/{checkpoint_name('<step>')}) every N "
+                                          f"optimizer steps; one is always saved at the end.")
     save_total_limit: Optional[int] = arg(None, "Keep only the newest N checkpoints (plus the best one with "
                                                 "--load_best_model_at_end).")
     load_best_model_at_end: bool = arg(False, "Keep the checkpoint with the best --metric_for_best_model out of the "

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from trainer.distributed.deepspeed_config import (fill_hidden_size_values, load_deepspeed_config,
                                                   resolve_deepspeed_config)
 from trainer.errors import require
+from trainer.layout import DEEPSPEED_STATE_DIR, FSDP_STATE_DIR
 
 
 def make_accelerator(training_args, **plugins):
@@ -270,8 +271,8 @@ def sharded_state_name(accelerator) -> str | None:
     weights), so checkpoints are sharded: "deepspeed" or "fsdp" names the kind (and the checkpoint's
     subdirectory). None under DDP, where rank 0 holds everything."""
     if uses_deepspeed(accelerator):
-        return "deepspeed"
-    return "fsdp" if uses_fsdp(accelerator) else None
+        return DEEPSPEED_STATE_DIR
+    return FSDP_STATE_DIR if uses_fsdp(accelerator) else None
 
 
 def uses_fsdp(accelerator) -> bool:
