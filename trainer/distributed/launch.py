@@ -26,6 +26,7 @@ from trainer.distributed.deepspeed_config import (fill_hidden_size_values, load_
                                                   resolve_deepspeed_config)
 from trainer.errors import require
 from trainer.layout import DEEPSPEED_STATE_DIR, FSDP_STATE_DIR
+from trainer.models.blocks import repeated_blocks
 
 
 def make_accelerator(training_args, **plugins):
@@ -234,16 +235,17 @@ def prepare_for_model(accelerator, hf_model) -> None:
 def name_fsdp_blocks(plugin, hf_model) -> None:
     """With TRANSFORMER_BASED_WRAP and no `fsdp_transformer_layer_cls_to_wrap`, accelerate wraps the classes in
     `_no_split_modules` of the module it prepares, which is the job's task wrapper and has none: the model would
-    be one FSDP unit. Name the Hugging Face model's blocks instead: the class of its longest layer list (BertLayer,
-    GPT2Block, LlamaDecoderLayer), so one YAML serves every model. Not the model's own `_no_split_modules`: BERT's
-    also holds BertEmbeddings, whose word embeddings are tied to the MLM decoder in the root unit."""
+    be one FSDP unit. Name the Hugging Face model's blocks instead: the class of its repeated blocks (BertLayer,
+    GPT2Block, LlamaDecoderLayer: models/blocks.py), so one YAML serves every model. Not the model's own
+    `_no_split_modules`: BERT's also holds BertEmbeddings, whose word embeddings are tied to the MLM decoder in the
+    root unit."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
     if policy is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap:
         return
-    layer_lists = [module for module in hf_model.modules() if isinstance(module, torch.nn.ModuleList) and len(module)]
-    names = [type(max(layer_lists, key=len)[0]).__name__] if layer_lists else []
+    blocks = repeated_blocks(hf_model)
+    names = [type(blocks[0]).__name__] if blocks is not None else []
     plugin.transformer_cls_names_to_wrap = names or list(getattr(hf_model, "_no_split_modules", None) or [])
 
 
