@@ -75,8 +75,13 @@ def quiet_deepspeed_accelerator_warning() -> None:
     DeepSpeed's first `get_accelerator()` logs that warning on every machine without CUDA. The filter sits on
     DeepSpeed's own logger, so it also catches the imports that come later; DeepSpeed runs keep the warning.
     """
-    logging.getLogger("DeepSpeed").addFilter(
-        lambda record: not record.getMessage().startswith("Setting accelerator to CPU"))
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not_the_cpu_accelerator_warning not in deepspeed_logger.filters:  # once, however many jobs a process runs
+        deepspeed_logger.addFilter(not_the_cpu_accelerator_warning)
+
+
+def not_the_cpu_accelerator_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def cpu_threads_per_process(cores: int, local_processes: int) -> int:
