@@ -45,7 +45,8 @@ class ClassifyArguments:
     text_pair_column: Optional[str] = arg(None, "Column with the second sentence of a pair (e.g. GLUE MRPC).")
     label_column: str = arg("label", "Column with the labels: integers or strings.")
     test_file: Optional[str] = arg(None, "Data to predict with --do_predict (labels optional).")
-    do_predict: bool = arg(False, f"After training, write predictions for --test_file to output_dir/{PREDICTIONS_FILE}.")
+    do_predict: bool = arg(False, f"After training, write predictions for --test_file to "
+                                  f"output_dir/{PREDICTIONS_FILE}.")
     metrics: list[str] = arg(["accuracy", "f1", "matthews_correlation"],
                              "evaluate metrics: names of the package's offline modules (accuracy, f1, "
                              "matthews_correlation), paths to metric scripts, or Hub metric names.", nargs="+")

@@ -129,8 +129,8 @@ class Checkpointer:
         if self.accelerator.is_main_process and temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
         last = self.last_saved_step
-        what = (f"{os.path.basename(temporary.removesuffix(TEMPORARY_SUFFIX))} failed: {failures[0]}; removed the partial {temporary}"
-                if temporary is not None else f"the final model into {self.args.output_dir} failed: {failures[0]}")
+        what = (f"{os.path.basename(temporary.removesuffix(TEMPORARY_SUFFIX))} failed: {failures[0]}; removed the "
+                f"partial {temporary}" if temporary is not None else f"the final model into {self.args.output_dir} failed: {failures[0]}")
         raise JobStopped(f"saving {what}. The last good checkpoint is "
                          f"{checkpoint_name(last) if last is not None else 'none (none was saved yet)'} in "
                          f"{self.args.output_dir}; free disk space (or choose another --output_dir) and run the same "
