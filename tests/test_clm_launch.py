@@ -10,6 +10,10 @@ with ZeRO-2 in test_slurm.py.
 Every run trains with EWC (a made-up file, ewc_helpers) and ends with --save_fisher, so the same comparisons show
 the penalty on ZeRO-3 partitions and FSDP2 shards matching DDP, the resume exact with it, and the Fisher summed
 exactly over ranks (2 processes against 1, by value).
+
+Every model family clm's tests use, with its output layer tied (GPT-2) and not (Llama, as Qwen and Mistral), trains
+under ZeRO-3 and FSDP2 on 2 processes to the parameters of 1 process (tiny, no dropout, 3 steps): the fused loss
+meets the head's weight as each backend holds it.
 """
 import os
 
@@ -17,8 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clm_helpers import bpe_tokenizer_dir  # noqa: F401 (a fixture)
-from conftest import REPO_ROOT, deepspeed_launch, load_parameters, read_history, relative_difference
+from clm_helpers import TINY_GPT2_FLAGS, bpe_tokenizer_dir, clm_args  # noqa: F401 (a fixture)
+from conftest import REPO_ROOT, accelerate_launch, deepspeed_launch, load_parameters, read_history, \
+    relative_difference, run_job
 from ewc_helpers import clm_engine, ewc_flags, job_environment, write_made_up_fisher
 from resume_helpers import DROPOUT_GPT2, assert_sharded_stop_and_resume_is_exact, resume_args, \
     run_two_process_resume_job
@@ -33,6 +38,13 @@ FSDP_YAML = "cpu_fsdp2.yaml"
 ZERO3 = ["--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")]
 PARALLELISM = {"ddp": "DDP", "zero3": "DeepSpeed ZeRO-3", "fsdp": "FSDP2"}
 FISHER_RUN = ["--save_fisher", "--fisher_samples", "12"]
+# Each family's model, from scratch, tiny and without dropout: GPT-2's output layer is its token embeddings; Llama's
+# (tie_word_embeddings False, as Qwen's and Mistral's) is a weight of its own.
+HEADS = {"tied-gpt2": TINY_GPT2_FLAGS,
+         "untied-llama": ["--model_type", "llama", "--config_overrides",
+                          "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,"
+                          "num_key_value_heads=1,max_position_embeddings=64"]}
+HEAD_STEPS = ["--max_steps", "3", "--max_eval_samples", "8", "--weight_decay", "0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +125,39 @@ def test_fisher_of_two_processes_equals_one_process_by_value_under_every_launche
     for name, (directory, _) in runs.items():
         weights = load_parameters(directory)
         assert torch.equal(written[name][ANCHOR + "hf_model.transformer.wte.weight"], weights["transformer.wte.weight"])
+
+
+@pytest.fixture(scope="module", params=list(HEADS))
+def head_runs(request, corpus, bpe_tokenizer_dir, job_env, tmp_path_factory) -> tuple[str, dict]:
+    """(family, {"one": 1 process x 4, "zero3": ZeRO-3 (torchrun), "fsdp": FSDP2 (accelerate launch), each 2 x 2:
+    (output directory, the job's output)}), every run exiting 0."""
+    root = tmp_path_factory.mktemp(f"clm-{request.param}")
+    launches = {"one": (1, None, []), "zero3": (2, None, ZERO3), "fsdp": (2, accelerate_launch(FSDP_YAML), [])}
+    outputs = {}
+    for name, (nproc, launcher, extra) in launches.items():
+        args = [a for a in clm_args(corpus, bpe_tokenizer_dir, root / name, *HEAD_STEPS, *extra,
+                                    "--per_device_train_batch_size", str(4 // nproc)) if a not in TINY_GPT2_FLAGS]
+        result = run_job(CLM, [*args, *HEADS[request.param]], job_env, nproc=nproc, launcher=launcher)
+        outputs[name] = root / name, result.stdout + result.stderr
+    return request.param, outputs
+
+
+def without_key_biases(parameters: dict) -> dict:
+    """GPT-2's attention key biases left out: their gradient is zero in exact arithmetic (a key bias adds the same
+    to every score of a query, which the softmax ignores), so what they do is rounding noise that Adam scales up."""
+    return {name: torch.cat([value.chunk(3)[0], value.chunk(3)[2]]) if name.endswith("attn.c_attn.bias") else value
+            for name, value in parameters.items()}
+
+
+@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+def test_tied_and_untied_heads_train_under_zero3_and_fsdp2_to_the_parameters_of_one_process(head_runs, name):
+    family, runs = head_runs
+    (one, _), (sharded, log) = runs["one"], runs[name]
+    assert f"with {PARALLELISM[name]} (gloo): 4 sequences/step (2 per device x 2 processes x 1 accumulation)" in log
+    reference, exported = load_parameters(one), load_parameters(sharded)
+    assert exported.keys() == reference.keys()
+    assert ("lm_head.weight" in reference) == family.startswith("untied")  # a tied head is saved once
+    difference = relative_difference(without_key_biases(reference), without_key_biases(exported))
+    assert difference <= TOLERANCE, f"{family} under {name} differs from 1 process by {difference:.2e}"
+    losses = [r["train_loss"] for r in read_history(one) if "train_loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0]  # training moved: the comparison is not vacuous

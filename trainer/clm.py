@@ -148,6 +148,7 @@ class CausalLMTask(torch.nn.Module):
 
         self.flash_attention = is_flash_attention_requested(config)
         self.__dict__["inner"] = inner  # not a second registration of the same module
+        self.output_loss = OutputLoss(head, chunk)  # before any backend wraps the task: ZeRO-3 hooks it too
 
     def forward(self, input_ids, predicting_positions, predicted_tokens, position_ids=None):
         # No cache: with one, transformers would not derive the per-document mask from the position ids.
@@ -162,17 +163,49 @@ class CausalLMTask(torch.nn.Module):
         if self.chunked:
             hidden = self.inner.base_model(**inputs).last_hidden_state
             rows = hidden.flatten(0, 1).index_select(0, predicting_positions)
-            return {"loss_sum": chunked_cross_entropy(rows, self.inner.get_output_embeddings(), predicted_tokens,
-                                                      self.chunk)}
+            return {"loss_sum": self.output_loss(rows, predicted_tokens)}
         logits = self.hf_model(**inputs).logits
         logits = logits[:, -input_ids.shape[1]:]  # prompt tuning prepends its virtual tokens' positions
         rows = logits.flatten(0, 1).index_select(0, predicting_positions)
         return {"loss_sum": F.cross_entropy(rows.float(), predicted_tokens, reduction="sum")}
 
 
+class OutputLoss(torch.nn.Module):
+    """The output layer + summed cross-entropy of the predicting rows, as a module of its own for ZeRO-3.
+
+    The loss uses the head's parameters outside the head's forward. ZeRO-3 holds a parameter whole only while a
+    module that owns it, or has it registered as an external parameter, runs its forward or backward (DeepSpeed's
+    module hooks gather it there and release it after). DeepSpeed registers a parameter read in another module's
+    forward by itself only when the read finds it partitioned: one already gathered (prefetched along the module
+    trace of the evaluation, where the head ran as a module) stayed unregistered, was released before the backward,
+    and the fused gradient met a size-0 parameter there. (GPT-2 escaped: its tied embedding is gathered
+    again in the backward before the summed gradient lands.) So the head's parameters are registered here: whole in
+    this module's forward, where the loss stays fused, and in its backward, where their gradients land."""
+
+    def __init__(self, head: torch.nn.Linear, chunk: int):
+        super().__init__()
+        self.__dict__["head"] = head  # the model's own module, not registered twice
+        self.chunk = chunk
+
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # Positional: DeepSpeed's backward hooks see only positional tensors. Registered before the call, whose
+        # first pre-forward hook is DeepSpeed's fetch; idempotent, and without reading the parameters through the
+        # module (which under ZeRO-3 gathers them).
+        zero3 = [parameter for parameter in self.head.parameters(recurse=False) if hasattr(parameter, "ds_id")]
+        if zero3:
+            from deepspeed.runtime.zero import register_external_parameter
+
+            for parameter in zero3:
+                register_external_parameter(self, parameter)
+        return super().__call__(hidden, targets)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return chunked_cross_entropy(hidden, self.head, targets, self.chunk)
+
+
 def head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
-    if torch.is_grad_enabled():  # recomputed in the backward (ZeRO-3): autograd needs the logits as they were
+    if torch.is_grad_enabled():  # recomputed in the backward (checkpoint): autograd needs the logits as they were
         return F.cross_entropy(logits, targets, reduction="sum")
     return cross_entropy_in_place(logits, targets)[0]  # evaluation: one chunk-sized buffer, not two
 
@@ -181,9 +214,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, targets: 
                           chunk: int) -> torch.Tensor:
     """sum_i CE(head(hidden_i), target_i), `chunk` rows of logits at a time.
 
-    In training, fused (gradients in the forward, nothing recomputed) when the head's weight is materialised here.
-    Under ZeRO-3 a parameter exists only inside its own module's forward (DeepSpeed gathers it there), so there
-    each chunk goes through `head` itself and is recomputed in the backward (torch.utils.checkpoint)."""
+    In training, fused (gradients in the forward, nothing recomputed) when the head's weight is materialised here,
+    as it is under ZeRO-3 inside `OutputLoss`. A weight that exists only inside its own module's forward instead
+    sends each chunk through `head` itself, recomputed in the backward (torch.utils.checkpoint)."""
     if torch.is_grad_enabled() and head.weight.numel() == head.in_features * head.out_features:
         return fused_linear_cross_entropy(hidden, head, targets, chunk)
     if hidden.shape[0] <= chunk:
