@@ -44,13 +44,6 @@ def replay_count(ratio: float, global_batch_size: int) -> int:
     return count
 
 
-def check_replay_ratio(data_args, training_args, world_size: int) -> None:
-    """At start-up, before any data is prepared: --replay_ratio leaves samples of both kinds in a global batch."""
-    if data_args.replay_ratio is not None:
-        replay_count(data_args.replay_ratio, training_args.per_device_train_batch_size * world_size
-                     * training_args.gradient_accumulation_steps)
-
-
 def replay_slots(global_batch_size: int, count: int) -> torch.Tensor:
     """The positions of the `count` replay samples in a global batch: the centres of `count` equal parts of it.
 
@@ -100,12 +93,11 @@ def mixed_global_batch(new: torch.Tensor, replayed: torch.Tensor, lengths=None) 
 
 
 # ------------------------------------------------------------------------------------------------ the jobs' side
-def load_replay_file(data_args, columns: list[str], keep_linebreaks: bool = False):
-    """The raw `--replay_file` as a Dataset (None without one), checked to have the training data's `columns`
+def load_replay_file(path: str | None, columns: list[str], keep_linebreaks: bool = False):
+    """The raw `--replay_file` `path` as a Dataset (None without one), checked to have the training data's `columns`
     (text, text pair, label: what the job reads of a training row)."""
     from trainer.data.loading import load_file
 
-    path = data_args.replay_file
     if not path:
         return None
     replay = load_file(path, "replay_file", keep_linebreaks=keep_linebreaks)
@@ -117,12 +109,12 @@ def load_replay_file(data_args, columns: list[str], keep_linebreaks: bool = Fals
     return replay
 
 
-def replay_split(processed, data_args):
+def replay_split(processed, path: str | None):
     """The prepared "replay" split of a job's DatasetDict (see trainer.data.loading.load_text_splits), None without
     replay; a replay file too short for one sequence is a usage error."""
     if "replay" not in processed:
         return None
-    require(len(processed["replay"]) > 0, f"--replay_file {data_args.replay_file} is too short for one training "
+    require(len(processed["replay"]) > 0, f"--replay_file {path} is too short for one training "
                                           f"sequence; use more replay text or shorter sequences")
     return processed["replay"]
 
