@@ -10,7 +10,8 @@ without replay) and r replay samples from a `ReplayStream`:
   accumulation; it must leave at least one sample of each kind, so R must lie in [0.5 / G, 1 - 0.5 / G).
 - The replay stream is the replay set in a seeded permutation, a fresh one per pass over it, cycling forever and
   independently of the new data's epochs: position p of the stream is sample `permutation(p // M)[p % M]`.
-  Its position (replay samples drawn so far) is `TrainState.replay_position`, saved in every checkpoint.
+  Its position (replay samples drawn so far) is the data source's `replay_position` (trainer.data.source), saved in
+  every checkpoint.
 - The r replay samples take r evenly spaced slots of the global batch (`replay_slots`), a layout that depends on
   G and r alone; the global batch is then sharded across ranks and micro-steps exactly as without replay, so
   the samples of every optimizer step are the same at any world size and accumulation.
