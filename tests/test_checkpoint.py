@@ -47,8 +47,11 @@ def test_rotation_keeps_the_newest_and_the_best_and_the_best_becomes_the_final_m
     results = read_results(out)
     with open(out / "checkpoint-12" / "trainer_state.json") as handle:
         state = json.load(handle)
-    assert state["best_checkpoint"] == results["best_model_checkpoint"] == "checkpoint-4"
-    assert state["best_metric"] == results["best_metric"] > results["eval_perplexity"]
+    best = state["states"]["best_model"]
+    assert best["checkpoint"] == results["best_model_checkpoint"] == "checkpoint-4"
+    assert best["value"] == results["best_metric"] > results["eval_perplexity"]
+    # The job's main metric picks the best model, and the arguments kept are those given (nothing written back).
+    assert best["metric"] == "eval_perplexity" and state["args"]["metric_for_best_model"] is None
     assert_same_parameters(out / "checkpoint-4", out)
     assert load_parameters(out).keys() == load_parameters(out / "checkpoint-12").keys()
 
