@@ -48,7 +48,8 @@ def blocks(directory: str, opts):
 
     corpus = os.path.join(directory, "corpus")
     files = DataFiles(os.path.join(corpus, "train.txt"), os.path.join(corpus, "validation.txt"))
-    data_args = SimpleNamespace(dataset_name=None, preprocessing_num_workers=None, overwrite_cache=False, validation_split_percentage=5)
+    data_args = SimpleNamespace(dataset_name=None, preprocessing_num_workers=None, overwrite_cache=False,
+                                validation_split_percentage=5)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "model"))
     raw = load_raw_splits(data_args, files, keep_linebreaks=True)
     return tokenizer, group_into_blocks(tokenize_documents(raw, "text", tokenizer, data_args), opts.seq_len,

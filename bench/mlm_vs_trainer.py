@@ -50,7 +50,8 @@ def blocks(directory: str, opts):
     data_args = SimpleNamespace(dataset_name=None, max_seq_length=opts.seq_len,
                                 preprocessing_num_workers=None, overwrite_cache=False, validation_split_percentage=5)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "model"))
-    return tokenizer, tokenize_and_chunk(load_raw_splits(data_args, files), "text", tokenizer, data_args, MLMArguments())
+    raw = load_raw_splits(data_args, files)
+    return tokenizer, tokenize_and_chunk(raw, "text", tokenizer, data_args, MLMArguments())
 
 
 def run_transformers_trainer(directory: str, opts) -> dict:
