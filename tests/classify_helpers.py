@@ -75,9 +75,9 @@ def base_parameters_sha256(mlm_checkpoint) -> str:
 
 
 def adapter_manifest(directory) -> dict:
-    from trainer.finetune.adapters import MANIFEST_FILE
+    from trainer.layout import ADAPTER_MANIFEST_FILE
 
-    with open(os.path.join(directory, MANIFEST_FILE)) as handle:
+    with open(os.path.join(directory, ADAPTER_MANIFEST_FILE)) as handle:
         return json.load(handle)
 
 

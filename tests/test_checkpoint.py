@@ -153,7 +153,7 @@ def test_the_checkpointer_restores_exactly_the_parts_it_is_given_without_an_engi
         checkpointer = Checkpointer(
             checkpointing, accelerator, ModelFiles(model, model, tokenizer, optimizer),
             states={"train_state": state, "counter": counter},
-            tensor_states={"optimizer": optimizer, "scheduler": scheduler},
+            tensor_states={"optimizer.pt": optimizer, "scheduler.pt": scheduler},
             rank_states={"rng": RngStates(), "window": window}, best=BestCheckpoint(None), arguments={},
             inside_save=lambda: calls.append("inside_save"), on_saved=lambda path: calls.append(("saved", path)),
             on_resumed=lambda step: calls.append(("resumed", step)))

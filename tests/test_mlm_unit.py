@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from trainer.data.samplers import GlobalBatchSampler, shard_for_evaluation
-from trainer.mlm import EvalCollator, Masker, MLMArguments, TrainCollator, mask_evaluation_set, tokenize_and_chunk
+from trainer.mlm import EvalCollator, MLMArguments, Masker, TrainCollator, mask_evaluation_set, tokenize_and_chunk
 from trainer.models.sparse_mlm import IGNORE
 
 MASK_ID, VOCAB = 4, 1000

@@ -19,22 +19,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.finetune.adapters import loading_code
 from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
 from trainer.data.arguments import DataArguments, DataFiles, check_data_file
-from trainer.data.loading import (check_text_column, first_samples, load_file, load_raw_splits, pad_rows,
-                                  resolve_text_column)
 from trainer.data.demo import write_sentiment_dataset
+from trainer.data.loading import (check_text_column, first_samples, load_file, load_raw_splits, load_replay_file,
+                                  pad_rows, resolve_text_column)
 from trainer.distributed.collectives import main_process_first
+from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
-from trainer.finetune.strategies import (FinetuneArguments, SharedLabels, apply_strategy,
-                                         distillation_loss, load_teacher)
-from trainer.engine.jobs import JobSpec, run
+from trainer.finetune.adapters import load_base_with_adapters, loading_code
+from trainer.finetune.strategies import (FinetuneArguments, SharedLabels, apply_strategy, distillation_loss,
+                                         load_teacher)
+from trainer.layout import PREDICTIONS_FILE
 from trainer.metrics import logger
-from trainer.models.loading import check_sequence_length, load_model, load_tokenizer
-from trainer.continual.replay import load_replay_file
+from trainer.models.loading import check_sequence_length, is_adapter_directory, load_model, load_tokenizer
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
 LOCAL_METRICS = os.path.join(os.path.dirname(__file__), "metrics_modules")
@@ -48,7 +48,8 @@ class ClassifyArguments:
     text_pair_column: Optional[str] = arg(None, "Column with the second sentence of a pair (e.g. GLUE MRPC).")
     label_column: str = arg("label", "Column with the labels: integers or strings.")
     test_file: Optional[str] = arg(None, "Data to predict with --do_predict (labels optional).")
-    do_predict: bool = arg(False, "After training, write predictions for --test_file to output_dir/predictions.jsonl.")
+    do_predict: bool = arg(False, f"After training, write predictions for --test_file to "
+                                  f"output_dir/{PREDICTIONS_FILE}.")
     metrics: list[str] = arg(["accuracy", "f1", "matthews_correlation"],
                              "evaluate metrics: names of the package's offline modules (accuracy, f1, "
                              "matthews_correlation), paths to metric scripts, or Hub metric names.", nargs="+")
@@ -286,8 +287,11 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
                                                accelerator.device)
                                   if cls_args.teacher_model_name_or_path else (None, None))
         tokenizer = load_tokenizer(model_args, lambda: [t for c in columns for t in raw["train"][c]])
-        model = load_model(model_args, AutoModelForSequenceClassification, tokenizer, num_labels=len(labels.values),
-                           id2label=labels.id2label, label2id=labels.label2id)
+        if is_adapter_directory(model_args.model_name_or_path):  # its base model, with the tasks' adapters inside
+            model = load_base_with_adapters(model_args.model_name_or_path, labels.id2label)
+        else:
+            model = load_model(model_args, AutoModelForSequenceClassification, tokenizer,
+                               num_labels=len(labels.values), id2label=labels.id2label, label2id=labels.label2id)
         check_sequence_length(data_args.max_seq_length, model.config)
         length = data_args.max_seq_length
         train_set = tokenize(raw["train"], columns, tokenizer, length, train_labels, "training")
@@ -318,7 +322,7 @@ def predict_test_set(test_set, labels: LabelMapping, engine) -> None:
     """After training, on every rank: the test set's class probabilities, written by rank 0."""
     probabilities = engine.predict(test_set, "probabilities", drop=("labels",))
     if engine.accelerator.is_main_process:
-        write_predictions(os.path.join(engine.settings.output_dir, "predictions.jsonl"), probabilities, labels.id2label)
+        write_predictions(os.path.join(engine.settings.output_dir, PREDICTIONS_FILE), probabilities, labels.id2label)
 
 
 def headline(metrics: dict) -> str:

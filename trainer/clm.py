@@ -20,18 +20,18 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
+from trainer.continual.replay import replay_split
 from trainer.data.arguments import CorpusArguments, DataFiles
+from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
 from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed.collectives import main_process_first
-from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
+from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import Task
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.finetune.strategies import FinetuneArguments, apply_strategy
-from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
-from trainer.engine.jobs import JobSpec, run
 from trainer.metrics import perplexity_metrics
+from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
 from trainer.models.loading import check_sequence_length, load_model, load_tokenizer, max_positions
-from trainer.continual.replay import replay_split
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clm_demo.yaml")
 RUN_CLM_MAX_BLOCK = 1024  # run_clm.py's cap on the default block size
@@ -75,7 +75,7 @@ def tokenize_documents(raw_splits, text_column: str, tokenizer, data_args):
 
     def tokenize(batch):
         texts = [text for text in batch[text_column] if text and not text.isspace()]
-        encoded = tokenizer(texts, verbose=False)["input_ids"]
+        encoded = tokenizer(texts, verbose=False)["input_ids"] if texts else []  # transformers fails on no texts
         if eos is not None:
             encoded = [ids if ids and ids[-1] == eos else ids + [eos] for ids in encoded]
         return {"input_ids": encoded}

@@ -10,8 +10,12 @@ which hands a rank's UsageError to the ranks waiting for it. Anything else is a 
 """
 from __future__ import annotations
 
+import datetime
 import functools
+import os
+import signal
 import sys
+import time
 
 
 class UsageError(Exception):
@@ -36,8 +40,6 @@ def exits_cleanly_on_usage_error(main):
         try:
             return main(*args, **kwargs)
         except UsageError as error:
-            from trainer.distributed.collectives import leave_together_under_torchrun
-
             leave_together_under_torchrun()
             print(f"error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
@@ -51,3 +53,28 @@ def exits_cleanly_on_usage_error(main):
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise UsageError(message)
+
+
+def leave_together_under_torchrun(wait_seconds: float = 30.0) -> None:
+    """Called by a rank about to exit 2 on bad input. The ranks fail on the same input at about the same time
+    (a bad argument on every rank; a data error shared by `main_process_first`), but torchrun SIGTERMs the
+    others as soon as the first has exited, and a rank still importing or tearing down then reports -15 instead
+    of its own exit code 2 and message. So each failing rank ignores SIGTERM (it is leaving anyway) and waits,
+    at most `wait_seconds`, until every rank has counted itself in torchrun's store: then they all print and
+    exit 2. Best effort: without a reachable store the rank leaves at once."""
+    import torch.distributed as dist  # here: importing the errors must not import torch
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=5))
+        key = f"trainer/leaving_on_usage_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.add(key, 1)
+        deadline = time.monotonic() + wait_seconds
+        while store.add(key, 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, ValueError, KeyError, OSError):  # no store to meet in: leave now
+        return

@@ -7,6 +7,8 @@ import math
 import os
 import sys
 
+from trainer.layout import LOG_HISTORY_FILE, TENSORBOARD_DIR
+
 logger = logging.getLogger("trainer")
 
 
@@ -52,8 +54,8 @@ class MetricsLogger:
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self.output_dir = output_dir
-        self.history_path = os.path.join(output_dir, "log_history.jsonl")
-        self.tensorboard_dir = os.path.join(output_dir, "runs") if tensorboard else None
+        self.history_path = os.path.join(output_dir, LOG_HISTORY_FILE)
+        self.tensorboard_dir = os.path.join(output_dir, TENSORBOARD_DIR) if tensorboard else None
         self.writer = None
         self.purge_step: int | None = None  # on resume: TensorBoard drops the events after the checkpoint
 

@@ -9,6 +9,7 @@ from typing import Optional
 
 from trainer.config.parsing import arg
 from trainer.errors import require
+from trainer.layout import checkpoint_name
 
 
 @dataclass
@@ -17,8 +18,8 @@ class CheckpointArguments:
 
     output_dir: str = arg("output", "Where the model, logs, TensorBoard runs and checkpoints go.")
     overwrite_output_dir: bool = arg(False, "Allow writing into a non-empty --output_dir.")
-    save_steps: Optional[int] = arg(None, "Save a checkpoint (output_dir/checkpoint-<step>) every N optimizer steps; "
-                                          "one is always saved at the end.")
+    save_steps: Optional[int] = arg(None, f"Save a checkpoint (output_dir/{checkpoint_name('<step>')}) every N "
+                                          f"optimizer steps; one is always saved at the end.")
     save_total_limit: Optional[int] = arg(None, "Keep only the newest N checkpoints (plus the best one with "
                                                 "--load_best_model_at_end).")
     resume_from_checkpoint: Optional[str] = arg(

@@ -2,7 +2,7 @@
 
 `output_dir/checkpoint-<step>/` holds everything that decides the rest of the run:
 - `model.safetensors` + config + tokenizer (`save_pretrained`; `from_pretrained` loads the directory as is),
-- `<name>.pt` for each of the `tensor_states` it is given: `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16 loss
+- the file of each of the `tensor_states` it is given: `optimizer.pt`, `scheduler.pt`, `scaler.pt` (fp16 loss
   scaling only); under DeepSpeed and FSDP a sharded model + optimizer checkpoint instead of `optimizer.pt`,
   written by every rank: `deepspeed/` (DeepSpeed's own format) or `fsdp/` (torch.distributed.checkpoint). The
   weights beside it are gathered from the shards, so they load with `from_pretrained` all the same,
@@ -31,16 +31,17 @@ from typing import Callable, Optional, Protocol
 import numpy as np
 import torch
 
+from trainer.checkpoint.files import (Writes, checkpoint_problem, complete_checkpoints, fresh_directory,
+                                      latest_checkpoint, publish, read_trainer_state, write_json)
 from trainer.checkpoint.sharded import sharded_checkpoint_functions
 from trainer.distributed.collectives import all_gather_objects
 from trainer.distributed.launch import sharded_state_name
 from trainer.distributed.parameters import full_state_dict
 from trainer.engine.evaluation import BestMetric
 from trainer.errors import JobStopped, require
+from trainer.layout import (MODEL_WEIGHTS_FILE, PEFT_WEIGHTS_FILE, STATE_FILE, TEMPORARY_SUFFIX, checkpoint_name,
+                            rank_state_file)
 from trainer.metrics import logger
-from trainer.checkpoint.files import (Writes, checkpoint_problem, complete_checkpoints, fresh_directory,
-                                      latest_checkpoint, publish, read_trainer_state, write_json)
-from trainer.layout import PEFT_WEIGHTS_FILE, PREFIX, STATE_FILE
 
 SAVE_FAILED_EXIT_CODE = 2  # the environment (disk space, quota, permissions), like any other bad input
 
@@ -118,7 +119,8 @@ class Checkpointer:
     Besides the model (`ModelFiles`), every part is an entry of one of three mappings of name -> object with
     `state_dict()`/`load_state_dict()`, so that a new stateful part is one more entry:
     - `states`: JSON-serialisable, the same on every rank (train state, data position): trainer_state.json;
-    - `tensor_states`: the same on every rank (optimizer, scheduler, scaler): `<name>.pt`, written by rank 0;
+    - `tensor_states`, by file name (trainer.layout): the same on every rank (optimizer, scheduler, scaler), each
+      `torch.save`d by rank 0;
     - `rank_states`: each rank's own (RNG, logging window): rank-<r>.pt. When the world size changed, rank 0 hands
       every saved rank's state to the parts that can merge them (`merge_state_dicts(list)`); the others start anew.
     The best checkpoint (`BestCheckpoint`) is one of `states`, as "best_model".
@@ -149,15 +151,15 @@ class Checkpointer:
         checkpoint, after removing the partial directory; the previous checkpoints stay as they were (rotation only
         runs after a complete save)."""
         accelerator = self.accelerator
-        final = os.path.join(self.config.output_dir, f"{PREFIX}{step}")
-        temporary = final + ".tmp"
+        final = os.path.join(self.config.output_dir, checkpoint_name(step))
+        temporary = final + TEMPORARY_SUFFIX
         writes = Writes(temporary)
         if accelerator.is_main_process:
             writes.run(fresh_directory, temporary)
         accelerator.wait_for_everyone()
         rank_state = {name: part.state_dict() for name, part in self.rank_states.items()}
         writes.run(torch.save, {**rank_state, "world_size": self.world_size},
-                   os.path.join(temporary, f"rank-{accelerator.process_index}.pt"))
+                   os.path.join(temporary, rank_state_file(accelerator.process_index)))
         # Under DeepSpeed and FSDP every rank takes part: the weight gather (ZeRO-3, FSDP) and the sharded save.
         model_state = full_state_dict(accelerator, self.model.prepared, self.model.hf_model)
         if self.sharded:
@@ -187,10 +189,11 @@ class Checkpointer:
         if self.accelerator.is_main_process and temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
         last, output_dir = self.last_saved_step, self.config.output_dir
-        what = (f"{os.path.basename(temporary[:-4])} failed: {failures[0]}; removed the partial {temporary}"
-                if temporary is not None else f"the final model into {output_dir} failed: {failures[0]}")
+        what = (f"{os.path.basename(temporary.removesuffix(TEMPORARY_SUFFIX))} failed: {failures[0]}; removed the "
+                f"partial {temporary}" if temporary is not None
+                else f"the final model into {output_dir} failed: {failures[0]}")
         raise JobStopped(f"saving {what}. The last good checkpoint is "
-                         f"{f'{PREFIX}{last}' if last is not None else 'none (none was saved yet)'} in "
+                         f"{checkpoint_name(last) if last is not None else 'none (none was saved yet)'} in "
                          f"{output_dir}; free disk space (or choose another --output_dir) and run the same "
                          f"command again to resume", SAVE_FAILED_EXIT_CODE)
 
@@ -211,8 +214,8 @@ class Checkpointer:
     def write_shared_files(self, directory: str, step: int, model_state: Optional[dict]) -> None:
         self.model.hf_model.save_pretrained(directory, state_dict=model_state)
         self.model.tokenizer.save_pretrained(directory)
-        for name, part in self.tensor_states.items():
-            torch.save(part.state_dict(), os.path.join(directory, tensor_state_file(name)))
+        for file_name, part in self.tensor_states.items():
+            torch.save(part.state_dict(), os.path.join(directory, file_name))
         write_json(os.path.join(directory, STATE_FILE), {
             "step": step, "world_size": self.world_size, "args": self.arguments,
             "states": {name: part.state_dict() for name, part in self.states.items()}})
@@ -261,8 +264,8 @@ class Checkpointer:
             self.load_sharded_state(os.path.join(path, self.sharded))
         else:
             self.load_model_weights(path)
-        for name, part in self.tensor_states.items():
-            part.load_state_dict(torch.load(os.path.join(path, tensor_state_file(name)), map_location="cpu"))
+        for file_name, part in self.tensor_states.items():
+            part.load_state_dict(torch.load(os.path.join(path, file_name), map_location="cpu"))
         for name, part in self.states.items():
             part.load_state_dict(saved["states"][name])
         self.last_saved_step = saved["step"]
@@ -275,11 +278,11 @@ class Checkpointer:
         rank's states into the parts that can (see the class docstring)."""
         rank = self.accelerator.process_index
         if saved_world_size == self.world_size:
-            saved = torch.load(os.path.join(path, f"rank-{rank}.pt"), weights_only=False)
+            saved = torch.load(os.path.join(path, rank_state_file(rank)), weights_only=False)
             for name, part in self.rank_states.items():
                 part.load_state_dict(saved[name])
         elif rank == 0:
-            saved = [torch.load(os.path.join(path, f"rank-{r}.pt"), weights_only=False)
+            saved = [torch.load(os.path.join(path, rank_state_file(r)), weights_only=False)
                      for r in range(saved_world_size)]
             for name, part in self.rank_states.items():
                 if hasattr(part, "merge_state_dicts"):
@@ -299,7 +302,7 @@ class Checkpointer:
             require(not result.unexpected_keys, f"checkpoint {path} does not fit the model's adapters: unexpected "
                                                 f"{sorted(result.unexpected_keys)[:5]}")
             return
-        weights = load_file(os.path.join(path, "model.safetensors"))  # load_state_dict copies to the device
+        weights = load_file(os.path.join(path, MODEL_WEIGHTS_FILE))  # load_state_dict copies to the device
         missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = set(model.get_expanded_tied_weights_keys())  # save_pretrained stores tied weights once
         require(not unexpected and set(missing) <= tied,
@@ -320,6 +323,3 @@ class Checkpointer:
                     self.best.value)
         return {"best_model_checkpoint": self.best.checkpoint, "best_metric": self.best.value}
 
-
-def tensor_state_file(name: str) -> str:
-    return f"{name}.pt"

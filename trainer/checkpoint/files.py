@@ -8,8 +8,8 @@ import os
 import shutil
 from typing import Optional
 
-from trainer.metrics import logger
 from trainer.layout import CHECKPOINT_NAME, COMPLETE_MARKER, PREFIX, STATE_FILE
+from trainer.metrics import logger
 
 
 # ------------------------------------------------------------------------------------- finding checkpoints

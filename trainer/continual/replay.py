@@ -20,94 +20,15 @@ without replay) and r replay samples from a `ReplayStream`:
 Hand-written: `datasets.interleave_datasets` mixes by probability (the share varies from batch to batch) and
 torch has no mixing sampler; neither gives a fixed share per global batch, an order independent of ranks and
 micro-steps, and a position that a checkpoint saves and restores exactly.
+
+The stream and the mixing live beside the sampler they feed (trainer/data/samplers.py: `ReplayStream`,
+`replay_slots`, `mixed_global_batch`), the reading of the file with the other loaders (`load_replay_file` in
+trainer/data/loading.py); this module holds what the jobs and the engine call.
 """
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-
-import numpy as np
-import torch
-
+from trainer.data.samplers import ReplayStream
 from trainer.errors import require
-
-REPLAY_SEED_KEY = 0x5E_7A_9  # keeps the replay permutations' random draws apart from every other seeded stream
-
-
-def replay_count(ratio: float, global_batch_size: int) -> int:
-    """Replay samples in a global batch of `global_batch_size`: round(ratio x G), halves up; at least 1, below G."""
-    count = math.floor(ratio * global_batch_size + 0.5)
-    require(0 < count < global_batch_size,
-            f"--replay_ratio {ratio} of a global batch of {global_batch_size} sequences (per-device batch x processes "
-            f"x accumulation) gives {count} replay samples per step; use a --replay_ratio from "
-            f"{0.5 / global_batch_size:.4g} to below {1 - 0.5 / global_batch_size:.4g}, or a larger batch")
-    return count
-
-
-def replay_slots(global_batch_size: int, count: int) -> torch.Tensor:
-    """The positions of the `count` replay samples in a global batch: the centres of `count` equal parts of it.
-
-    Spread out, so that every rank and micro-batch gets its share; the gaps exceed one slot (count < G), so the
-    positions are distinct."""
-    return (torch.arange(count) * 2 + 1) * global_batch_size // (2 * count)
-
-
-@functools.lru_cache(maxsize=2)
-def replay_permutation(size: int, seed: int, replay_pass: int) -> torch.Tensor:
-    """The replay set's order in pass `replay_pass` over it (cached: consecutive steps read the same pass)."""
-    rng = np.random.default_rng([seed, REPLAY_SEED_KEY, replay_pass])
-    return torch.from_numpy(rng.permutation(size))
-
-
-@dataclass(frozen=True)
-class ReplayStream:
-    """The replay samples in their seeded, endlessly cycling order (see the module docstring)."""
-
-    first_index: int  # the replay samples' first index in the engine's training data (= the new samples' count)
-    size: int  # replay samples
-    ratio: float  # --replay_ratio
-    seed: int
-
-    def indices(self, position: int, count: int) -> torch.Tensor:
-        """Training-data indices of stream positions [position, position + count), across passes if need be."""
-        parts = []
-        while count > 0:
-            replay_pass, offset = divmod(position, self.size)
-            taken = min(count, self.size - offset)
-            parts.append(replay_permutation(self.size, self.seed, replay_pass)[offset:offset + taken])
-            position, count = position + taken, count - taken
-        return torch.cat(parts) + self.first_index
-
-
-def mixed_global_batch(new: torch.Tensor, replayed: torch.Tensor, lengths=None) -> torch.Tensor:
-    """One global batch: `new` samples in order, `replayed` in the `replay_slots`. With `lengths` (length-grouped
-    batches), sorted longest first (stable), so that each micro-batch, a contiguous slice, holds similar lengths."""
-    size = len(new) + len(replayed)
-    is_replay = torch.zeros(size, dtype=torch.bool)
-    is_replay[replay_slots(size, len(replayed))] = True
-    batch = torch.empty(size, dtype=new.dtype)
-    batch[is_replay], batch[~is_replay] = replayed, new
-    if lengths is not None:
-        batch = batch[torch.argsort(lengths[batch], descending=True, stable=True)]
-    return batch
-
-
-# ------------------------------------------------------------------------------------------------ the jobs' side
-def load_replay_file(path: str | None, columns: list[str], keep_linebreaks: bool = False):
-    """The raw `--replay_file` `path` as a Dataset (None without one), checked to have the training data's `columns`
-    (text, text pair, label: what the job reads of a training row)."""
-    from trainer.data.loading import load_file
-
-    if not path:
-        return None
-    replay = load_file(path, "replay_file", keep_linebreaks=keep_linebreaks)
-    missing = [column for column in columns if column not in replay.column_names]
-    require(not missing, f"--replay_file {path} has no column {', '.join(repr(c) for c in missing)} (its columns: "
-                         f"{', '.join(replay.column_names)}); the replay data needs the training data's columns "
-                         f"({', '.join(columns)})")
-    require(len(replay) > 0, f"--replay_file {path} has no rows")
-    return replay
 
 
 def replay_split(processed, path: str | None):

@@ -63,6 +63,39 @@ def check_data_file(path: str, flag: str) -> None:
             f"--{flag} {path}: unsupported extension '{extension}'; use one of {', '.join(DATA_FILE_EXTENSIONS)}")
     require(os.access(path, os.R_OK), f"--{flag} {path} is not readable; check its permissions")
     require(os.path.getsize(path) > 0, f"--{flag} {path} is empty")
+    if DATA_FILE_EXTENSIONS[extension] == "text":
+        check_holds_text_lines(path, flag)
+
+
+TEXT_SCAN_CHUNK = 1 << 20
+MAX_FIRST_LINE_BYTES = 64 << 20
+NOT_TEXT = b"\x00 \t\n\r\x0b\x0c"  # NUL and ASCII whitespace
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def check_holds_text_lines(path: str, flag: str) -> None:
+    """A .txt corpus holds some character other than NUL, whitespace and BOMs, and its first line ends within
+    MAX_FIRST_LINE_BYTES. datasets' text loader reads a whole line into memory before anything else happens, so a
+    multi-GB file with no newline (e.g. a sparse file of NULs) would run for minutes in unbounded memory, and a file
+    of only blanks fails deep inside tokenization. The scan stops once it has seen a text byte and a newline, so a
+    real corpus costs one chunk's read."""
+    seen_text = seen_newline = False
+    carried, read = b"", 0  # the start of a BOM cut by the chunk's end
+    with open(path, "rb") as handle:
+        while not (seen_text and seen_newline):
+            chunk = handle.read(TEXT_SCAN_CHUNK)
+            if not chunk:
+                break
+            read += len(chunk)
+            seen_newline = seen_newline or b"\n" in chunk
+            rest = (carried + chunk.translate(None, NOT_TEXT)).replace(UTF8_BOM, b"")
+            carried = rest if UTF8_BOM.startswith(rest) else b""
+            seen_text = seen_text or not UTF8_BOM.startswith(rest)
+            require(seen_newline or read <= MAX_FIRST_LINE_BYTES,
+                    f"--{flag} {path}: its first line is longer than {MAX_FIRST_LINE_BYTES >> 20} MiB (no newline); "
+                    f"a .txt corpus holds one text per line: split it into lines")
+    require(seen_text, f"--{flag} {path} holds no text (only blank lines, NUL bytes or byte-order marks); give a "
+                       f"file with text in it")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Loading raw text data (local files or a Hub dataset) and feeding batches to the engine."""
+"""Loading raw data (local files, a Hub dataset, the replay file) and shaping it for the jobs (blocks, padding)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,6 @@ import numpy as np
 from trainer.data.arguments import DATA_FILE_EXTENSIONS, DataFiles
 from trainer.errors import UsageError, require
 from trainer.hub.reachability import check_loadable
-from trainer.continual.replay import load_replay_file
 
 
 def load_raw_splits(data_args, files: DataFiles, keep_linebreaks: bool = False):
@@ -158,3 +157,15 @@ def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:
     return out
 
 
+def load_replay_file(path: str | None, columns: list[str], keep_linebreaks: bool = False):
+    """The raw `--replay_file` `path` as a Dataset (None without one), checked to have the training data's `columns`
+    (text, text pair, label: what the job reads of a training row)."""
+    if not path:
+        return None
+    replay = load_file(path, "replay_file", keep_linebreaks=keep_linebreaks)
+    missing = [column for column in columns if column not in replay.column_names]
+    require(not missing, f"--replay_file {path} has no column {', '.join(repr(c) for c in missing)} (its columns: "
+                         f"{', '.join(replay.column_names)}); the replay data needs the training data's columns "
+                         f"({', '.join(columns)})")
+    require(len(replay) > 0, f"--replay_file {path} has no rows")
+    return replay

@@ -1,11 +1,17 @@
 """The global sample order, sharded across ranks: the same samples per optimizer step at every world size
-(`GlobalBatchSampler`, `group_by_length`), and the evaluation shards.
+(`GlobalBatchSampler`, `group_by_length`), the replay stream mixed into it (what experience replay is and why it is
+hand-written: trainer/continual/replay.py), and the evaluation shards.
 """
 from __future__ import annotations
 
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from trainer.continual.replay import mixed_global_batch, replay_count
+from trainer.errors import require
 
 
 class GlobalBatchSampler:
@@ -22,7 +28,7 @@ class GlobalBatchSampler:
     With `lengths` (one per sample), batches are length-grouped: see `group_by_length`. The grouping works on
     the global order alone, so it keeps every property above.
 
-    With `replay` (trainer.continual.replay), each global batch holds `replay_per_step` samples of the replay stream
+    With `replay` (a `ReplayStream`), each global batch holds `replay_per_step` samples of the replay stream
     (indices after the dataset's) and `new_per_step` of the epoch's order, which then advances by `new_per_step` a step;
     the global batch is composed before it is sharded, so the properties above hold with replay too.
     """
@@ -118,3 +124,65 @@ def shard_for_evaluation(dataset_size: int, world_size: int, rank: int) -> range
     per_rank, extra = divmod(dataset_size, world_size)
     start = rank * per_rank + min(rank, extra)
     return range(start, start + per_rank + (1 if rank < extra else 0))
+
+
+# ------------------------------------------------------------- experience replay (see trainer/continual/replay.py)
+REPLAY_SEED_KEY = 0x5E_7A_9  # keeps the replay permutations' random draws apart from every other seeded stream
+
+
+def replay_count(ratio: float, global_batch_size: int) -> int:
+    """Replay samples in a global batch of `global_batch_size`: round(ratio x G), halves up; at least 1, below G."""
+    count = math.floor(ratio * global_batch_size + 0.5)
+    require(0 < count < global_batch_size,
+            f"--replay_ratio {ratio} of a global batch of {global_batch_size} sequences (per-device batch x processes "
+            f"x accumulation) gives {count} replay samples per step; use a --replay_ratio from "
+            f"{0.5 / global_batch_size:.4g} to below {1 - 0.5 / global_batch_size:.4g}, or a larger batch")
+    return count
+
+
+def replay_slots(global_batch_size: int, count: int) -> torch.Tensor:
+    """The positions of the `count` replay samples in a global batch: the centres of `count` equal parts of it.
+
+    Spread out, so that every rank and micro-batch gets its share; the gaps exceed one slot (count < G), so the
+    positions are distinct."""
+    return (torch.arange(count) * 2 + 1) * global_batch_size // (2 * count)
+
+
+@functools.lru_cache(maxsize=2)
+def replay_permutation(size: int, seed: int, replay_pass: int) -> torch.Tensor:
+    """The replay set's order in pass `replay_pass` over it (cached: consecutive steps read the same pass)."""
+    rng = np.random.default_rng([seed, REPLAY_SEED_KEY, replay_pass])
+    return torch.from_numpy(rng.permutation(size))
+
+
+@dataclass(frozen=True)
+class ReplayStream:
+    """The replay samples in their seeded, endlessly cycling order (see the module docstring)."""
+
+    first_index: int  # the replay samples' first index in the engine's training data (= the new samples' count)
+    size: int  # replay samples
+    ratio: float  # --replay_ratio
+    seed: int
+
+    def indices(self, position: int, count: int) -> torch.Tensor:
+        """Training-data indices of stream positions [position, position + count), across passes if need be."""
+        parts = []
+        while count > 0:
+            replay_pass, offset = divmod(position, self.size)
+            taken = min(count, self.size - offset)
+            parts.append(replay_permutation(self.size, self.seed, replay_pass)[offset:offset + taken])
+            position, count = position + taken, count - taken
+        return torch.cat(parts) + self.first_index
+
+
+def mixed_global_batch(new: torch.Tensor, replayed: torch.Tensor, lengths=None) -> torch.Tensor:
+    """One global batch: `new` samples in order, `replayed` in the `replay_slots`. With `lengths` (length-grouped
+    batches), sorted longest first (stable), so that each micro-batch, a contiguous slice, holds similar lengths."""
+    size = len(new) + len(replayed)
+    is_replay = torch.zeros(size, dtype=torch.bool)
+    is_replay[replay_slots(size, len(replayed))] = True
+    batch = torch.empty(size, dtype=new.dtype)
+    batch[is_replay], batch[~is_replay] = replayed, new
+    if lengths is not None:
+        batch = batch[torch.argsort(lengths[batch], descending=True, stable=True)]
+    return batch

@@ -14,9 +14,9 @@ import torch
 from trainer.checkpoint.checkpointer import BestCheckpoint, Checkpointer, ModelFiles, RngStates
 from trainer.config.job_config import JobConfig
 from trainer.continual.ewc import ElasticWeightConsolidation, FisherPass
-from trainer.continual.replay import ReplayStream, training_data
+from trainer.continual.replay import training_data
 from trainer.data.batches import loader_workers
-from trainer.data.samplers import GlobalBatchSampler
+from trainer.data.samplers import GlobalBatchSampler, ReplayStream
 from trainer.data.source import TrainingBatches
 from trainer.distributed.launch import prepare_for_model, sharded_state_name
 from trainer.engine.evaluation import BestMetric
@@ -28,6 +28,7 @@ from trainer.engine.state import TrainState
 from trainer.engine.task import Task
 from trainer.engine.throughput import Throughput, device_peak, precision_name, training_flops_per_token
 from trainer.errors import require
+from trainer.layout import OPTIMIZER_FILE, SCALER_FILE, SCHEDULER_FILE
 from trainer.metrics import MetricsLogger, logger
 from trainer.models.compilation import compile_blocks
 from trainer.models.kernels import fuse_activations
@@ -48,11 +49,11 @@ def assemble(config: JobConfig, task: Task, accelerator, on_saved=lambda path: N
     trackers = MetricsLogger(config.checkpointing.output_dir, accelerator.is_main_process,
                              config.tracking.report_to == "tensorboard")
     faults = FaultInjection(accelerator.process_index, task.model, state)
-    tensor_states = {"scheduler": scheduler}
+    tensor_states = {SCHEDULER_FILE: scheduler}
     if sharded_state_name(accelerator) is None:  # otherwise the optimizer state is in the sharded checkpoint
-        tensor_states["optimizer"] = optimizer
+        tensor_states[OPTIMIZER_FILE] = optimizer
     if accelerator.scaler is not None:  # fp16 loss scaling
-        tensor_states["scaler"] = accelerator.scaler
+        tensor_states[SCALER_FILE] = accelerator.scaler
     checkpointer = Checkpointer(
         config.checkpointing, accelerator, ModelFiles(model, task.hf_model, task.tokenizer, optimizer),
         states={"train_state": state, "data": data}, tensor_states=tensor_states,

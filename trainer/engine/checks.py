@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trainer.config.job_config import JobConfig
-from trainer.continual.replay import replay_count
+from trainer.data.samplers import replay_count
 from trainer.distributed.launch import deepspeed_requested
 from trainer.errors import require
 

@@ -19,7 +19,7 @@ from trainer.engine.evaluation import EvalArguments
 from trainer.engine.optim import OptimizationArguments
 from trainer.errors import require
 from trainer.hub.arguments import HubArguments
-from trainer.layout import PREFIX
+from trainer.layout import LOG_HISTORY_FILE, MERGED_DIR, PREFIX, RESULTS_FILE
 from trainer.metrics import format_number, logger
 from trainer.models.arguments import ModelArguments
 from trainer.models.loading import cache_dir
@@ -103,7 +103,7 @@ def run_job(job: JobSpec, config: JobConfig, files: DataFiles, task, accelerator
         metrics = {**metrics, **(task.after_training(engine) or {})}
     finetune = config.get("finetune")
     if accelerator.is_main_process and finetune is not None and finetune.merge_adapters:
-        export_merged(task.hf_model, task.tokenizer, os.path.join(output_dir, "merged"))
+        export_merged(task.hf_model, task.tokenizer, os.path.join(output_dir, MERGED_DIR))
     model_card = {"task": job.model_card_task, "pipeline_tag": job.pipeline_tag,
                   "data": config.data.dataset_name or files.train}
     finish_job(engine, hub, metrics, model_card, job.headline(metrics), job.load_code(config))
@@ -132,7 +132,7 @@ def closing_summary(headline: str, output_dir: str, metrics: dict, pipeline_tag:
     final = {key: value for key, value in metrics.items()
              if (key.startswith("eval_") or key == "train_loss") and isinstance(value, (int, float))}
     lines = [f"done: {headline}",
-             f"  model:   {os.path.abspath(output_dir)} (all_results.json and log_history.jsonl inside)",
+             f"  model:   {os.path.abspath(output_dir)} ({RESULTS_FILE} and {LOG_HISTORY_FILE} inside)",
              f"  final:   {'  '.join(f'{key}={format_number(value)}' for key, value in sorted(final.items()))}",
              f"  load it: {load_code or pipeline_loading(pipeline_tag, output_dir)}"]
     if tensorboard_dir:
@@ -184,5 +184,5 @@ def data_files(config: JobConfig, accelerator, job: JobSpec) -> DataFiles:
 
 
 def write_results(output_dir: str, metrics: dict) -> None:
-    with open(os.path.join(output_dir, "all_results.json"), "w") as handle:
+    with open(os.path.join(output_dir, RESULTS_FILE), "w") as handle:
         json.dump(metrics, handle, indent=2, sort_keys=True)

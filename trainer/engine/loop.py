@@ -36,6 +36,7 @@ from trainer.engine.state import TrainState
 from trainer.engine.task import EvalOutput, Task
 from trainer.engine.throughput import Throughput
 from trainer.errors import JobStopped, require
+from trainer.layout import checkpoint_name
 from trainer.metrics import MetricsLogger, logger, show_progress_bars
 from trainer.models.compilation import evaluation_stance
 
@@ -209,7 +210,7 @@ class Engine:
         last_good = self.checkpointer.last_saved_step
         raise JobStopped(f"non-finite training loss or gradient between optimizer steps {window.first_step} and "
                          f"{self.state.step}; stopping. The last good checkpoint is "
-                         f"{'checkpoint-%d' % last_good if last_good is not None else 'none (none was saved yet)'} "
+                         f"{checkpoint_name(last_good) if last_good is not None else 'none (none was saved yet)'} "
                          f"in {self.settings.output_dir}; lower the learning rate or check the data, then resume",
                          DIVERGED_EXIT_CODE)
 
@@ -224,8 +225,8 @@ class Engine:
         if save_due or stopping:
             self.save_checkpoint(window)
         if stopping:
-            raise JobStopped(f"stop signal received: saved checkpoint-{step} in {settings.output_dir} and stopped; "
-                             f"run the same command again to resume", STOPPED_EXIT_CODE)
+            raise JobStopped(f"stop signal received: saved {checkpoint_name(step)} in {settings.output_dir} and "
+                             f"stopped; run the same command again to resume", STOPPED_EXIT_CODE)
 
     def save_checkpoint(self, window: "Window") -> None:
         reduced_loss_sum = all_reduce_sum(window.loss_sum.clone()).item()

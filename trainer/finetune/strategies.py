@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.finetune.adapters import (ADAPTER_CONFIGS, check_adapter_name, is_adapter_directory,
-                                       prepare_adapter_training)
 from trainer.config.parsing import arg
 from trainer.errors import UsageError, require
+from trainer.finetune.adapters import ADAPTER_CONFIGS, check_adapter_name, prepare_adapter_training
 from trainer.metrics import logger
+from trainer.models.blocks import encoder_layers
+from trainer.models.loading import is_adapter_directory
 
 PEFT_STRATEGIES = ("lora", "prefix", "prompt")
 STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "adapter", "gradual_unfreeze")
@@ -117,16 +118,6 @@ def apply_strategy(model, args: FinetuneArguments, task_type: str = "SEQ_CLS"):
         hook = GradualUnfreezing(model, args.unfreeze_every, args.unfreeze_unit)
     log_trainable_parameters(model, strategy)
     return model, hook
-
-
-def encoder_layers(model) -> torch.nn.ModuleList:
-    """The stack of transformer blocks: the ModuleList in the base model with one entry per hidden layer."""
-    count = model.config.num_hidden_layers
-    for module in model.base_model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
-    raise UsageError(f"cannot find the encoder layers of a {model.config.model_type} model; use "
-                     f"--finetune_strategy full, bitfit or lora")
 
 
 def embeddings(model) -> list[torch.nn.Module]:

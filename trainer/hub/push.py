@@ -12,10 +12,10 @@ import json
 import os
 import shutil
 
+from trainer.layout import HUB_SNAPSHOT_DIR, LOG_HISTORY_FILE, MODEL_CARD_FILE, PREFIX, TORCH_STATE_FILES
 from trainer.metrics import logger
 
-SNAPSHOT_DIR = ".hub_snapshot"
-NOT_PUSHED = ["checkpoint-*", "checkpoint-*/**", f"{SNAPSHOT_DIR}/**", "*.pt"]
+NOT_PUSHED = [f"{PREFIX}*", f"{PREFIX}*/**", f"{HUB_SNAPSHOT_DIR}/**", TORCH_STATE_FILES]
 
 
 class HubPusher:
@@ -41,9 +41,9 @@ class HubPusher:
         """Called after each save: with --hub_strategy every_save, upload its model and tokenizer files."""
         if not self.enabled or self.hub.hub_strategy != "every_save":
             return
-        snapshot = os.path.join(self.output_dir, SNAPSHOT_DIR, os.path.basename(checkpoint_dir))
+        snapshot = os.path.join(self.output_dir, HUB_SNAPSHOT_DIR, os.path.basename(checkpoint_dir))
         shutil.rmtree(snapshot, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, snapshot, copy_function=os.link, ignore=shutil.ignore_patterns("*.pt"))
+        shutil.copytree(checkpoint_dir, snapshot, copy_function=os.link, ignore=shutil.ignore_patterns(TORCH_STATE_FILES))
         self.upload(snapshot, f"Training in progress: {os.path.basename(checkpoint_dir)}")
 
     def push_final(self, job_card: dict, metrics: dict) -> None:
@@ -54,7 +54,7 @@ class HubPusher:
         self.upload(self.output_dir, "End of training")
         for future in self.pending:
             self.report(future)
-        shutil.rmtree(os.path.join(self.output_dir, SNAPSHOT_DIR), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.output_dir, HUB_SNAPSHOT_DIR), ignore_errors=True)
 
     def upload(self, folder: str, message: str) -> None:
         self.pending = [future for future in self.pending if not self.report(future, wait=False)]
@@ -79,7 +79,7 @@ class HubPusher:
 
 def write_model_card(output_dir: str, arguments: dict, job_card: dict, metrics: dict) -> None:
     """README.md: what was trained on what, how, and how it went (final metrics and the logged curve)."""
-    history_path = os.path.join(output_dir, "log_history.jsonl")
+    history_path = os.path.join(output_dir, LOG_HISTORY_FILE)
     curve = []
     if os.path.isfile(history_path):
         with open(history_path) as handle:
@@ -95,5 +95,5 @@ def write_model_card(output_dir: str, arguments: dict, job_card: dict, metrics: 
     lines += ["", "## Training curve", "", "| step | train_loss | eval_loss |", "|---|---|---|"]
     lines += [f"| {r['step']} | {r.get('train_loss', '')} | {r.get('eval_loss', '')} |" for r in curve
               if "train_loss" in r or "eval_loss" in r]
-    with open(os.path.join(output_dir, "README.md"), "w") as handle:
+    with open(os.path.join(output_dir, MODEL_CARD_FILE), "w") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -9,6 +9,7 @@ import shutil
 
 from trainer.errors import UsageError, require
 from trainer.hub.reachability import check_loadable
+from trainer.layout import ADAPTER_MANIFEST_FILE
 from trainer.metrics import logger
 
 # Architectures whose position ids start after the padding index, leaving fewer usable positions.
@@ -30,6 +31,11 @@ def loading(flag: str, name: str, what: str):
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(f"{flag} {name}: not a {what} that transformers can load ({detail}); give a directory "
                          f"written by save_pretrained, or a Hub id") from None
+
+
+def is_adapter_directory(path: str | None) -> bool:
+    """Whether `path` holds bottleneck adapters (trainer.classify's adapter strategy) rather than a whole model."""
+    return bool(path) and os.path.isfile(os.path.join(path, ADAPTER_MANIFEST_FILE))
 
 
 def load_tokenizer(model_args, training_texts, train_new=None):
@@ -80,13 +86,10 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
 
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
-        from trainer.finetune.adapters import is_adapter_directory, load_base_with_adapters
-
-        if is_adapter_directory(model_args.model_name_or_path):  # its base model, with the tasks' adapters inside
-            require(auto_class.__name__ == "AutoModelForSequenceClassification",
-                    f"--model_name_or_path {model_args.model_name_or_path} holds bottleneck adapters for sequence "
-                    f"classification; use it with trainer.classify, or give a whole model")
-            return load_base_with_adapters(model_args.model_name_or_path, config_kwargs.get("id2label"))
+        # trainer.classify loads a directory of bottleneck adapters itself (finetune.adapters.load_base_with_adapters)
+        require(not is_adapter_directory(model_args.model_name_or_path),
+                f"--model_name_or_path {model_args.model_name_or_path} holds bottleneck adapters for sequence "
+                f"classification; use it with trainer.classify, or give a whole model")
         check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
         with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
             if decoder:
