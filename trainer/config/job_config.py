@@ -1,4 +1,5 @@
-"""A job's parsed command line as named sections: `config.optimization.learning_rate`, `config.checkpointing.output_dir`.
+"""A job's parsed command line as named sections: `config.optimization.learning_rate`,
+`config.checkpointing.output_dir`.
 
 Each section is a dataclass defined beside the component that uses it (trainer/models/arguments.py,
 trainer/data/arguments.py, ...); a component is handed its own section(s), never the whole configuration. The

@@ -44,7 +44,7 @@ def resolve_deepspeed_config(config: dict, optimization, parallelism, world_size
     fill = Filler(config, source)
     fill("train_micro_batch_size_per_gpu", optimization.per_device_train_batch_size, "--per_device_train_batch_size")
     fill("gradient_accumulation_steps", optimization.gradient_accumulation_steps, "--gradient_accumulation_steps")
-    fill("train_batch_size", world_size * optimization.per_device_train_batch_size * optimization.gradient_accumulation_steps,
+    fill("train_batch_size", optimization.global_batch_size(world_size),
          "processes x --per_device_train_batch_size x --gradient_accumulation_steps")
     fill("gradient_clipping", optimization.max_grad_norm, "--max_grad_norm")
     fill("bf16.enabled", parallelism.bf16, "--bf16")

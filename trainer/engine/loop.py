@@ -127,8 +127,8 @@ class Engine:
         return state.metrics
 
     def start_or_resume(self) -> None:
-        """Resume from a checkpoint, or evaluate the model before training (checked first: with a --metric_for_best_model
-        that is no metric of the job, a refused run writes nothing)."""
+        """Resume from a checkpoint, or evaluate the model before training (checked before it is logged: with a
+        --metric_for_best_model that is no metric of the job, a refused run writes nothing)."""
         path = self.checkpointer.resume()
         if path is None:
             self.state.metrics.update(self.evaluate(prefix="init_eval_", check=self.check_best_model_metric))
@@ -155,7 +155,8 @@ class Engine:
         window.items += local_items
         if self.task.before_optimizer_step is not None:
             self.task.before_optimizer_step(self.state.step, self.data.epoch)
-        if self.parts.ewc is not None:  # once per step, on the reduced gradients: the accumulation split can't change it
+        # EWC: once per step, on the reduced gradients, so that the accumulation split cannot change it.
+        if self.parts.ewc is not None:
             window.ewc_penalty += self.parts.ewc.add_gradient()
         step_deepspeed_engine(self.accelerator)  # DeepSpeed clips and updates here; elsewhere a no-op
         if self.settings.max_grad_norm > 0:  # under DeepSpeed, clipping happened in its step; this reads the norm
