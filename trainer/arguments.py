@@ -20,7 +20,9 @@ from typing import Optional
 
 from trainer.errors import UsageError, require
 from trainer.ewc import FISHER_FILE
+from trainer.tracking import tracker_names
 
+SECRET_FIELD = re.compile(r"token|key|secret|password")
 DATA_FILE_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -164,8 +166,10 @@ class TrainingArguments:
         "Unset: an --output_dir holding checkpoints resumes from its newest complete one.")
     stop_signals: list[str] = arg(["SIGTERM", "SIGUSR1", "SIGUSR2"], "Signals that make the job save a checkpoint "
                                   "at the next optimizer step and exit with code 0.", nargs="*")
-    report_to: str = arg("tensorboard", "Where metrics go besides the log: tensorboard or none.",
-                         choices=["tensorboard", "none"])
+    report_to: str = arg("tensorboard", "Where metrics go besides the log and log_history.jsonl: a comma list of "
+                         "tensorboard, wandb, mlflow, trackio; all (every one whose package is installed) or none.")
+    run_name: Optional[str] = arg(None, "The run's name in W&B, MLflow and trackio. Unset: the --output_dir folder "
+                                        "name.")
     push_to_hub: bool = arg(False, "Upload the model (and a model card) to the Hugging Face Hub; rank 0 only, in "
                                    "the background.")
     hub_model_id: Optional[str] = arg(None, "Hub repository (user/name). Unset: the --output_dir folder name.")
@@ -209,6 +213,7 @@ class TrainingArguments:
                                             "learns the new one less; try powers of ten against both tasks' metrics.")
 
     def __post_init__(self):
+        tracker_names(self.report_to)
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "ddp_timeout"):
             value = getattr(self, flag)
@@ -413,8 +418,9 @@ def config_file_as_argv(path: str, parser) -> list[str]:
 
 
 def as_dict(*argument_objects) -> dict:
-    """All arguments as one flat dict (for logs and the trainer state), with any token redacted."""
+    """All arguments as one flat dict (for logs, the trainer state, model cards and trackers), with every secret
+    (a field named like a token, key, secret or password) redacted."""
     merged = {}
     for obj in argument_objects:
         merged.update(dataclasses.asdict(obj))
-    return {key: "<redacted>" if "token" in key and value else value for key, value in merged.items()}
+    return {key: "<redacted>" if SECRET_FIELD.search(key) and value else value for key, value in merged.items()}

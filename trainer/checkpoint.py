@@ -36,7 +36,7 @@ from trainer.arguments import as_dict
 from trainer.distributed import (all_gather_objects, full_state_dict, sharded_checkpoint_functions,
                                  sharded_state_name)
 from trainer.errors import JobStopped, require
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 PREFIX = "checkpoint-"
 COMPLETE_MARKER = "checkpoint_complete"
@@ -193,17 +193,19 @@ class Checkpointer:
     model inside it, written with `save_pretrained` beside `tokenizer`; `optimizer`, `scheduler` and `train_state`
     have `state_dict`/`load_state_dict`. Callbacks: `inside_save()` on every rank while a save is under way (fault
     injection), `on_saved(path)` on rank 0 after a checkpoint is published (Hub push), `on_resumed(step)` on every
-    rank after a resume (the metrics log forgets what came later)."""
+    rank after a resume (the metrics log forgets what came later). `json_states`: more stateful parts, kept by
+    name in trainer_state.json (rank 0's; e.g. the trackers' run ids) and given back on resume."""
 
     def __init__(self, args, accelerator, *, model, optimizer, scheduler, train_state, hf_model, tokenizer,
                  inside_save: Callable[[], None], on_saved: Callable[[str], None],
-                 on_resumed: Callable[[int], None]):
+                 on_resumed: Callable[[int], None], json_states: Optional[dict] = None):
         self.args = args
         self.accelerator = accelerator
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_state = train_state
         self.hf_model, self.tokenizer = hf_model, tokenizer
         self.inside_save, self.on_saved, self.on_resumed = inside_save, on_saved, on_resumed
+        self.json_states = json_states or {}
         self.world_size = accelerator.num_processes
         self.best_metric: Optional[float] = None
         self.best_checkpoint: Optional[str] = None
@@ -284,7 +286,8 @@ class Checkpointer:
         write_json(os.path.join(directory, STATE_FILE), {
             **self.train_state.state_dict(), "world_size": self.world_size,
             "best_metric": self.best_metric, "best_checkpoint": self.best_checkpoint,
-            "metric_for_best_model": self.args.metric_for_best_model, "args": as_dict(self.args)})
+            "metric_for_best_model": self.args.metric_for_best_model, "args": as_dict(self.args),
+            **{name: part.state_dict() for name, part in self.json_states.items()}})
 
     def track_best(self, name: str) -> None:
         if not self.args.load_best_model_at_end:
@@ -344,6 +347,8 @@ class Checkpointer:
         self.best_metric, self.best_checkpoint = saved["best_metric"], saved["best_checkpoint"]
         self.last_saved_step = state.step
         self.restore_rank_state(path, saved["world_size"], window)
+        for name, part in self.json_states.items():
+            part.load_state_dict(saved.get(name, {}))
         self.on_resumed(state.step)
         logger.info("resumed from %s: step %d, epoch %d, %d samples into the epoch", path, state.step, state.epoch,
                     state.samples_in_epoch)

@@ -29,7 +29,7 @@ from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune import (FinetuneArguments, SharedLabels, apply_strategy, check_finetuning, distillation_loss,
                               load_teacher)
 from trainer.jobs import JobSpec, run_job, start_job
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 from trainer.replay import load_replay_file
 

@@ -27,7 +27,7 @@ from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.finetune import FinetuneArguments, apply_strategy, check_finetuning
 from trainer.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
 from trainer.jobs import JobSpec, run_job, start_job
-from trainer.metrics import perplexity_metrics
+from trainer.engine import perplexity_metrics
 from trainer.models import check_sequence_length, load_model, load_tokenizer, max_positions
 from trainer.replay import replay_split
 

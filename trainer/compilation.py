@@ -21,7 +21,7 @@ import contextlib
 import torch
 
 from trainer.errors import require
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from trainer.arguments import as_dict
 from trainer.checkpoint import Checkpointer, Writes
 from trainer.compilation import compile_blocks, evaluation_stance
 from trainer.data import EpochBatches, loader_workers, make_loader
@@ -30,11 +32,12 @@ from trainer.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
 from trainer.fault_injection import FaultInjection
 from trainer.hub_push import HubPusher
 from trainer.kernels import fuse_activations
-from trainer.metrics import MetricsLogger, logger, show_progress_bars
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.replay import ReplayStream, describe_replay, training_data
 from trainer.signals import STOPPED_EXIT_CODE, StopSignals
 from trainer.throughput import device_peak, precision_name, training_flops_per_token
+from trainer.tracking import MetricsLog, choose_trackers
+from trainer.tracking.console import logger, show_progress_bars
 
 DIVERGED_EXIT_CODE = 3
 
@@ -80,6 +83,17 @@ class EvalOutput:
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.num_items, 1)
+
+
+def perplexity_metrics(count_name: str):
+    """compute_metrics for a language model: mean loss per predicted token, its perplexity, and how many tokens
+    (`count_name`) the exact float64 sums of the engine's evaluation counted."""
+
+    def compute(output: EvalOutput) -> dict:
+        return {"loss": output.mean_loss, "perplexity": math.exp(min(output.mean_loss, 700.0)),
+                count_name: output.num_items}
+
+    return compute
 
 
 @dataclass
@@ -137,7 +151,9 @@ class Engine:
         if self.ewc is not None:
             self.ewc.place(accelerator, self.model)
         self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
-        self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
+        run_name = args.run_name or os.path.basename(os.path.abspath(args.output_dir))
+        self.metrics = MetricsLog(args.output_dir, accelerator.is_main_process,
+                                  choose_trackers(args.report_to, run_name, args.output_dir), as_dict(args))
         self.hub = HubPusher(args, accelerator.is_main_process)
         self.stop_signals = StopSignals(args.stop_signals)
         self.faults = FaultInjection(self)
@@ -145,7 +161,7 @@ class Engine:
             args, accelerator, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             train_state=self.state, hf_model=task.hf_model, tokenizer=task.tokenizer,
             inside_save=self.faults.inside_save, on_saved=self.hub.push_checkpoint,
-            on_resumed=self.metrics.forget_after)
+            on_resumed=self.metrics.forget_after, json_states={"trackers": self.metrics})
         # Every position through every layer and the head: what other trainers count, for comparable MFU figures.
         self.dense_flops_per_token = functools.partial(training_flops_per_token, task.hf_model)
         self.flops_per_token = task.flops_per_token or self.dense_flops_per_token
@@ -162,6 +178,16 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------- training
     def train(self) -> dict:
+        """Train to the end; the trackers' runs end with it, marked unfinished when the job stops early."""
+        try:
+            metrics = self.train_to_end()
+        except BaseException:
+            self.metrics.close(completed=False)
+            raise
+        self.metrics.close()
+        return metrics
+
+    def train_to_end(self) -> dict:
         args, state = self.args, self.state
         logger.info("training %d optimizer steps with %s: %d sequences/step (%d per device x %d processes x %d "
                     "accumulation), %d steps/epoch; %s", self.total_steps, describe_parallelism(self.accelerator),
@@ -202,7 +228,6 @@ class Engine:
         self.save_model(args.output_dir)
         if self.fisher_pass is not None:
             self.save_fisher(args.output_dir)
-        self.metrics.close()
         return state.metrics
 
     def micro_batches(self):

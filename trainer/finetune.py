@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from trainer.adapters import ADAPTER_CONFIGS, check_adapter_name, is_adapter_directory, prepare_adapter_training
 from trainer.arguments import arg
 from trainer.errors import UsageError, require
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 PEFT_STRATEGIES = ("lora", "prefix", "prompt")
 STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "adapter", "gradual_unfreeze")

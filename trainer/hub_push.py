@@ -13,7 +13,7 @@ import os
 import shutil
 
 from trainer.arguments import as_dict
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 SNAPSHOT_DIR = ".hub_snapshot"
 NOT_PUSHED = ["checkpoint-*", "checkpoint-*/**", f"{SNAPSHOT_DIR}/**", "*.pt"]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 from trainer.checkpoint import PREFIX
 from trainer.distributed import main_process_first
 from trainer.errors import require
-from trainer.metrics import format_number, logger
+from trainer.tracking.console import format_number, logger
 from trainer.models import cache_dir
 
 if TYPE_CHECKING:
@@ -42,7 +42,8 @@ def start_job(job: JobSpec, argv: list[str] | None):
 
     from trainer.arguments import CorpusArguments, TrainingArguments, parse_arguments
     from trainer.distributed import make_accelerator
-    from trainer.metrics import setup_logging
+    from trainer.tracking import choose_trackers
+    from trainer.tracking.console import setup_logging
     from trainer.replay import check_replay_ratio
 
     parsed = parse_arguments(job.arguments, argv, default_config=job.demo_config)
@@ -51,6 +52,7 @@ def start_job(job: JobSpec, argv: list[str] | None):
     if job.check_arguments is not None:
         job.check_arguments(*parsed)
     check_output_dir(training_args)
+    choose_trackers(training_args.report_to, "", training_args.output_dir, check=True)
     accelerator = make_accelerator(training_args)
     check_replay_ratio(data_args, training_args, accelerator.num_processes)
     setup_logging(accelerator.is_main_process)
@@ -94,7 +96,7 @@ def finish_job(engine, metrics: dict, data_args, model_card: dict, summary: str,
         write_results(engine.args.output_dir, metrics)
         engine.hub.push_final({**model_card, "data": data_args.dataset_name or data_args.train_file}, metrics)
         for line in closing_summary(summary, engine.args.output_dir, metrics, model_card["pipeline_tag"],
-                                    engine.metrics.tensorboard_dir, load_code):
+                                    tensorboard_dir(engine), load_code):
             logger.info(line)
     end_processes()
 
@@ -111,6 +113,11 @@ def closing_summary(headline: str, output_dir: str, metrics: dict, pipeline_tag:
     if tensorboard_dir:
         lines.append(f"  curves:  tensorboard --logdir {shlex.quote(os.path.abspath(tensorboard_dir))}")
     return lines
+
+
+def tensorboard_dir(engine) -> str | None:
+    tensorboard = engine.metrics.tracker("tensorboard")
+    return tensorboard.directory if tensorboard is not None else None
 
 
 def pipeline_loading(pipeline_tag: str, output_dir: str) -> str:

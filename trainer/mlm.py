@@ -24,7 +24,8 @@ from trainer.distributed import main_process_first
 from trainer.engine import Task
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.jobs import JobSpec, run_job, start_job
-from trainer.metrics import logger, perplexity_metrics
+from trainer.engine import perplexity_metrics
+from trainer.tracking.console import logger
 from trainer.models import check_sequence_length, load_model, load_tokenizer
 from trainer.replay import replay_split
 from trainer.sparse_mlm import (IGNORE, SPARSE_HEAD_TYPES, MaskedRows, can_sparsify_last_layer,

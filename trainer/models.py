@@ -9,7 +9,7 @@ import shutil
 
 from trainer.errors import UsageError, require
 from trainer.hub import check_loadable
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 # Architectures whose position ids start after the padding index, leaving fewer usable positions.
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
