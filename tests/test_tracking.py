@@ -6,6 +6,8 @@ import glob
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -130,11 +132,11 @@ def test_wandb_offline_run_continues_with_the_same_id(tracked_resumed_run):
 
 
 def test_trackio_run_resumed_in_place(tracked_resumed_run):
-    from trackio import SQLiteStorage
-
     out, env, root, _ = tracked_resumed_run
-    os.environ["TRACKIO_DIR"] = env["TRACKIO_DIR"]
-    logs = SQLiteStorage.get_logs("tracked", "resumed-run")
+    # trackio reads TRACKIO_DIR when it is imported: read its store in a process of its own.
+    read = "import json, trackio; print(json.dumps(trackio.SQLiteStorage.get_logs('tracked', 'resumed-run')))"
+    logs = json.loads(subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True,
+                                     check=True).stdout.splitlines()[-1])
     assert [(r["step"], r["train/loss"]) for r in logs if "train/loss" in r] == train_losses(out)
 
 
@@ -168,5 +170,6 @@ def wandb_history(path: str) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             if record.WhichOneof("record_type") == "history":
-                records.append({item.key: json.loads(item.value_json) for item in record.history.item})
+                records.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                                for item in record.history.item})
     return records
