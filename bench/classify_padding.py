@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/classify_padding.py [--steps 30] [--batch 32]
 
 Length-skewed data (most sentences short, a few long, as in review or QA corpora), a tiny BERT classifier,
-the job's own collator (trainer.classify.PaddingCollator) and sampler (trainer.distributed.GlobalBatchSampler
+the job's own collator (trainer.classify.PaddingCollator) and sampler (trainer.data.samplers.GlobalBatchSampler
 with and without `lengths`). Throughput counts real (non-pad) tokens per second of training
 (forward + backward + AdamW step), so the padding that one setup wastes shows up as lost speed.
 """
@@ -26,7 +26,7 @@ def skewed_lengths(count: int, longest: int, seed: int = 0) -> np.ndarray:
 
 def batches(lengths: np.ndarray, batch_size: int, grouped: bool, steps: int, vocab: int, pad_to: int | None):
     from trainer.classify import PaddingCollator
-    from trainer.distributed import GlobalBatchSampler
+    from trainer.data.samplers import GlobalBatchSampler
 
     rng = np.random.default_rng(1)
     rows = [rng.integers(5, vocab, n) for n in lengths]
@@ -63,7 +63,7 @@ def throughput(model, stream) -> tuple[float, float]:
 def main():
     from transformers import BertForSequenceClassification
 
-    from trainer.default_data import tiny_bert_config
+    from trainer.data.demo import tiny_bert_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=4000)

@@ -22,7 +22,7 @@ import torch
 def build_fixture(directory: str, opts) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from trainer.default_data import train_byte_level_bpe_tokenizer, write_mlm_corpus
+    from trainer.data.demo import train_byte_level_bpe_tokenizer, write_mlm_corpus
 
     train, _ = write_mlm_corpus(os.path.join(directory, "corpus"))
     tokenizer = train_byte_level_bpe_tokenizer([train], vocab_size=opts.vocab_size,
@@ -43,7 +43,7 @@ def blocks(directory: str, opts):
     from transformers import AutoTokenizer
 
     from trainer.clm import tokenize_documents
-    from trainer.data import group_into_blocks, load_raw_splits
+    from trainer.data.loading import group_into_blocks, load_raw_splits
 
     corpus = os.path.join(directory, "corpus")
     data_args = SimpleNamespace(dataset_name=None, train_file=os.path.join(corpus, "train.txt"),

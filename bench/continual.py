@@ -1,6 +1,6 @@
 """Benchmark: learning a second task without forgetting the first (issue #14, docs/continual.md).
 
-Task A is the embedded movie-review sentiment data (trainer.default_data.write_sentiment_dataset), task B the
+Task A is the embedded movie-review sentiment data (trainer.data.demo.write_sentiment_dataset), task B the
 product-review sentiment data (write_product_sentiment_dataset): same labels, another domain, and some cue words
 of opposite polarity ("predictable", "cheap" are good in a product, "thrilling", "sharp" bad), so that fine-tuning
 on B alone overwrites what A needs. Every model starts from one base: a tiny ModernBERT (2 layers, 64 wide; the
@@ -20,7 +20,7 @@ and reused while its settings and data are the same. Then, through the jobs' own
     lwf       learning without forgetting: --teacher A (distillation from the previous model on B's data)
 
 Each model is evaluated here, in one process, on both validation sets with the same code: the model loaded with
-from_pretrained (an adapter with trainer.adapters.load_adapter_model and its name), the base tokenizer, argmax
+from_pretrained (an adapter with trainer.finetune.adapters.load_adapter_model and its name), the base tokenizer, argmax
 over the logits. The table gives A's accuracy before and after B, B's accuracy and the forgetting (A's accuracy
 lost, in points), and is written as JSON. A method whose flags the package does not know (a part of #14 not
 merged yet) is skipped with a message.
@@ -125,7 +125,7 @@ def classify(opts, work_dir: str, name: str, model: str, task: dict, *flags: str
 
 def pretrained_base(opts, tasks: dict, work_dir: str) -> str:
     """The cached MLM base: a tokenizer and a tiny BERT trained on both domains' training text."""
-    from trainer.models import cache_dir
+    from trainer.models.loading import cache_dir
 
     sentences = [json.loads(line)["sentence"] for task in tasks.values() for line in open(task["train"])]
     random.Random(0).shuffle(sentences)
@@ -172,7 +172,7 @@ def accuracy(model, tokenizer, path: str, max_length: int) -> float:
 
 def load_classifier(directory: str, adapter_name: str | None = None):
     if adapter_name is not None:
-        from trainer.adapters import load_adapter_model
+        from trainer.finetune.adapters import load_adapter_model
 
         return load_adapter_model(directory, adapter_name)
     from transformers import AutoModelForSequenceClassification
@@ -184,7 +184,7 @@ def load_classifier(directory: str, adapter_name: str | None = None):
 def known_flags() -> tuple[set, list]:
     """The option strings trainer.classify accepts here, and its fine-tuning strategies."""
     from trainer import classify
-    from trainer.arguments import job_parser
+    from trainer.config.parsing import job_parser
 
     parser = job_parser(classify.CLASSIFY_JOB.arguments, None)
     return set(parser._option_string_actions), list(parser._option_string_actions["--finetune_strategy"].choices)
@@ -221,7 +221,7 @@ def row(method: str, a_before: float, a_after: float, b: float, seconds: float) 
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from trainer.default_data import write_product_sentiment_dataset, write_sentiment_dataset
+    from trainer.data.demo import write_product_sentiment_dataset, write_sentiment_dataset
 
     opts = options()
     flags, strategies = known_flags()

@@ -4,7 +4,7 @@ Every case trains the same randomly initialised BERT (built from a config: no ne
 tokenized once by trainer.mlm's pipeline, with the same batch, sequence length, optimizer and precision, each in
 its own process. Each case is timed over `--steps` optimizer steps after `--warmup` steps (compilation, allocator
 and cache warm-up), with the device synchronised at both clock points. Printed per case: steady-state tokens/s,
-MFU against the device's datasheet dense peak (trainer.throughput; --peak_tflops overrides; on a CPU a measured
+MFU against the device's datasheet dense peak (trainer.engine.throughput; --peak_tflops overrides; on a CPU a measured
 rate), peak device memory (peak RSS on a CPU), and the fraction of the timed wall time spent waiting for batches.
 
     python bench/gpu_bench.py --bf16                       # BERT-base on a GPU: see bench/gpu_bert_base.sh
@@ -81,8 +81,8 @@ def result(clock: StepClock, opts, flops_per_token: float, dense_flops_per_token
 # ----------------------------------------------------------------------------------------------------- this engine
 def run_engine(directory: str, opts, compiled: bool, deepspeed: bool) -> dict:
     """trainer.mlm's task and engine, stepped by hand the way Engine.train steps (no evaluation, no saving)."""
-    from trainer.engine import Engine, Window
-    from trainer.jobs import start_job
+    from trainer.engine.loop import Engine, Window
+    from trainer.engine.jobs import start_job
     from trainer.mlm import MLM_JOB, build_task
 
     corpus = os.path.join(directory, "corpus")
@@ -118,7 +118,7 @@ def run_transformers_trainer(directory: str, opts, compiled: bool, deepspeed: bo
                               TrainingArguments)
 
     from mlm_vs_trainer import blocks
-    from trainer.throughput import training_flops_per_token
+    from trainer.engine.throughput import training_flops_per_token
 
     clock = StepClock(opts.warmup)
 
@@ -158,7 +158,7 @@ def run_transformers_trainer(directory: str, opts, compiled: bool, deepspeed: bo
 
 def zero_stage(accelerator):
     """The ZeRO stage a case really ran with (None: no DeepSpeed), so that a silent fallback cannot pass."""
-    from trainer.distributed import uses_deepspeed
+    from trainer.distributed.launch import uses_deepspeed
 
     return accelerator.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else None
 
@@ -186,7 +186,7 @@ def measure(case: str, directory: str, argv: list[str], log_dir: str) -> dict:
     env = {**os.environ, "PYTHONPATH": REPO, "TRAINER_CACHE": os.path.join(directory, "cache"),
            "HF_HUB_OFFLINE": "1"}
     if case == "trainer_zero2":  # one process, no launcher: the variables DeepSpeed reads (the engine sets its own)
-        from trainer.distributed import free_port
+        from trainer.distributed.launch import free_port
 
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     started = time.perf_counter()
@@ -235,8 +235,8 @@ def main() -> None:
         opts.layers, opts.hidden, opts.vocab_size, opts.seq_len, opts.batch_size = 2, 64, 2000, 32, 8
         opts.warmup, opts.steps, opts.compile_backend = 2, 3, "aot_eager"
     from mlm_vs_trainer import blocks, build_fixture
-    from trainer.data import loader_workers
-    from trainer.throughput import device_peak, precision_name
+    from trainer.data.batches import loader_workers
+    from trainer.engine.throughput import device_peak, precision_name
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = precision_name(opts.bf16, False, tf32=device.type == "cuda")

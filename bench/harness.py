@@ -25,7 +25,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from trainer.throughput import measure_matmul_peak, training_flops_per_token  # noqa: E402
+from trainer.engine.throughput import measure_matmul_peak, training_flops_per_token
 
 SIDES = ("transformers", "ours")
 

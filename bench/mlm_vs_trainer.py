@@ -22,7 +22,7 @@ import torch
 def build_fixture(directory: str, opts) -> None:
     from transformers import BertConfig, BertForMaskedLM
 
-    from trainer.default_data import train_wordpiece_tokenizer, write_mlm_corpus
+    from trainer.data.demo import train_wordpiece_tokenizer, write_mlm_corpus
 
     train, validation = write_mlm_corpus(os.path.join(directory, "corpus"))
     tokenizer = train_wordpiece_tokenizer([train], vocab_size=8000, output_dir=os.path.join(directory, "model"))
@@ -41,7 +41,7 @@ def blocks(directory: str, opts):
 
     from transformers import AutoTokenizer
 
-    from trainer.data import load_raw_splits
+    from trainer.data.loading import load_raw_splits
     from trainer.mlm import MLMArguments, tokenize_and_chunk
 
     corpus = os.path.join(directory, "corpus")

@@ -27,7 +27,7 @@ BLOCK = 128
 
 
 def write_corpus(path: str, megabytes: int) -> int:
-    from trainer.default_data import generate_reviews
+    from trainer.data.demo import generate_reviews
 
     written, seed = 0, 0
     with open(path, "w") as handle:
@@ -55,8 +55,8 @@ def run_size(megabytes: int, workers: int, directory: str) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
-    from trainer.default_data import train_wordpiece_tokenizer
-    from trainer.data import chunk_into_blocks
+    from trainer.data.demo import train_wordpiece_tokenizer
+    from trainer.data.loading import chunk_into_blocks
     from trainer.mlm import MLMArguments, tokenize_and_chunk
 
     datasets.disable_progress_bars()

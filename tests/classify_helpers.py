@@ -18,7 +18,7 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
 @pytest.fixture(scope="session")
 def sentiment(tmp_path_factory) -> dict:
     """400 train / 100 validation sentences of the embedded sentiment data (jsonl: sentence, label strings)."""
-    from trainer.default_data import write_sentiment_dataset
+    from trainer.data.demo import write_sentiment_dataset
 
     directory = tmp_path_factory.mktemp("sentiment")
     return cut_splits(write_sentiment_dataset(str(directory / "full")), directory, ".jsonl", 400, 100)
@@ -58,7 +58,7 @@ def read_predictions(output_dir) -> list[dict]:
 
 
 def base_parameters_sha256(mlm_checkpoint) -> str:
-    """The fingerprint of the MLM checkpoint's encoder, computed here from its file (as trainer.adapters does:
+    """The fingerprint of the MLM checkpoint's encoder, computed here from its file (as trainer.finetune.adapters does:
     names and bytes, sorted by name)."""
     import hashlib
 
@@ -75,9 +75,9 @@ def base_parameters_sha256(mlm_checkpoint) -> str:
 
 
 def adapter_manifest(directory) -> dict:
-    from trainer.adapters import MANIFEST_FILE
+    from trainer.layout import ADAPTER_MANIFEST_FILE
 
-    with open(os.path.join(directory, MANIFEST_FILE)) as handle:
+    with open(os.path.join(directory, ADAPTER_MANIFEST_FILE)) as handle:
         return json.load(handle)
 
 

@@ -16,7 +16,7 @@ TINY_GPT2_FLAGS = ["--model_type", "gpt2", "--config_overrides", ",".join(f"{k}=
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer_dir(tmp_path_factory, corpus) -> str:  # noqa: F811
-    from trainer.default_data import train_byte_level_bpe_tokenizer
+    from trainer.data.demo import train_byte_level_bpe_tokenizer
 
     directory = str(tmp_path_factory.mktemp("bpe-tokenizer"))
     train_byte_level_bpe_tokenizer([corpus["train"]], vocab_size=500, output_dir=directory)

@@ -22,7 +22,7 @@ TINY_BERT = ["--model_type", "bert", "--config_overrides",
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> dict:
     """The embedded movie-review corpus, cut small: {'train': path, 'validation': path}."""
-    from trainer.default_data import write_mlm_corpus
+    from trainer.data.demo import write_mlm_corpus
 
     directory = tmp_path_factory.mktemp("corpus")
     return cut_splits(write_mlm_corpus(str(directory / "full")), directory, ".txt", 1500, 120)
@@ -47,7 +47,7 @@ def write_head(source: str, destination, lines: int) -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus) -> str:
-    from trainer.default_data import train_wordpiece_tokenizer
+    from trainer.data.demo import train_wordpiece_tokenizer
 
     directory = str(tmp_path_factory.mktemp("tokenizer"))
     train_wordpiece_tokenizer([corpus["train"]], vocab_size=1000, output_dir=directory)

@@ -7,9 +7,11 @@ import sys
 import torch
 from accelerate.utils import set_seed
 
-from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
-from trainer.distributed import full_state_dict, make_accelerator
-from trainer.engine import Engine
+from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments
+from trainer.config.parsing import parse_arguments
+from trainer.distributed.launch import make_accelerator
+from trainer.distributed.parameters import full_state_dict
+from trainer.engine.loop import Engine
 from trainer.mlm import MLMArguments, build_task
 
 

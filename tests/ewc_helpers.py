@@ -10,7 +10,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from trainer.ewc import ANCHOR, FISHER, FISHER_FILE
+from trainer.continual.ewc import ANCHOR, FISHER
+from trainer.layout import FISHER_FILE
 
 STRENGTH = 0.25  # --ewc_lambda: the penalty's gradient then about as large as the data's
 
@@ -28,8 +29,8 @@ def job_environment(patch, job_env: dict) -> None:
 def clm_engine(argv: list[str]):
     """trainer.clm's engine for `argv`, built as its `main` builds it, without training."""
     from trainer.clm import CLM_JOB, build_task
-    from trainer.engine import Engine
-    from trainer.jobs import start_job
+    from trainer.engine.loop import Engine
+    from trainer.engine.jobs import start_job
 
     parsed, accelerator = start_job(CLM_JOB, argv)
     return Engine(parsed[2], build_task(*parsed, accelerator), accelerator)

@@ -1,5 +1,5 @@
-"""Bottleneck adapters (trainer.adapters, `--finetune_strategy adapter`): identity at step 0, only the adapter and
-its head train, adapter-only output that loads into a pipeline, a second task beside the first that leaves the
+"""Bottleneck adapters (trainer.finetune.adapters, `--finetune_strategy adapter`): identity at step 0, only the adapter
+and its head train, adapter-only output that loads into a pipeline, a second task beside the first that leaves the
 first bit-identical, exact resume, bad input. In-process runs (`trainer.classify.main`); the multi-process runs
 (ZeRO-3, FSDP2) are in test_classify.py."""
 from __future__ import annotations
@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from classify_helpers import (adapter_manifest as manifest, base_parameters_sha256, classify_args,  # noqa: F401
                               mlm_checkpoint, read_predictions, sentiment)
-from trainer.adapters import (MANIFEST_FILE, WEIGHTS_FILE, AdapterSlot, add_adapter, load_adapter_model,
-                              set_active_adapter)
 from trainer.classify import main
 from trainer.errors import UsageError
+from trainer.finetune.adapters import AdapterSlot, add_adapter, load_adapter_model, set_active_adapter
+from trainer.layout import ADAPTER_MANIFEST_FILE, ADAPTER_WEIGHTS_FILE
 
 STEPS = ["--max_steps", "4", "--weight_decay", "0.1", "--learning_rate", "1e-2"]
 TASK_B_LABELS = ["few", "some", "many"]
@@ -93,7 +93,7 @@ def two_tasks(sentiment, mlm_checkpoint, tmp_path_factory) -> dict:
     main(classify_args(sentiment, a, "--model_name_or_path", mlm_checkpoint, *STEPS, "--finetune_strategy", "adapter",
                        "--adapter_reduction_factor", "8", "--adapter_name", "sentiment", "--save_steps", "2",
                        "--load_best_model_at_end", "--do_predict", "--test_file", sentiment["validation"]))
-    frozen_a = {name: tensor.clone() for name, tensor in load_file(os.path.join(a, WEIGHTS_FILE)).items()}
+    frozen_a = {name: tensor.clone() for name, tensor in load_file(os.path.join(a, ADAPTER_WEIGHTS_FILE)).items()}
     b_data = task_b_files(sentiment, root)
     main(classify_args(b_data, b, "--model_name_or_path", str(a), *STEPS, "--strategy", "adapter",
                        "--adapter_config", "pfeiffer", "--adapter_name", "length"))
@@ -139,7 +139,7 @@ def test_a_second_task_leaves_the_first_bit_identical_and_both_load_by_name(two_
     assert list(saved["adapters"]) == ["sentiment", "length"] and saved["active_adapter"] == "length"
     assert saved["base_model"] == manifest(a)["base_model"]
     assert saved["base_parameters_sha256"] == manifest(a)["base_parameters_sha256"]  # the encoder never moved
-    weights = load_file(os.path.join(b, WEIGHTS_FILE))
+    weights = load_file(os.path.join(b, ADAPTER_WEIGHTS_FILE))
     assert all(torch.equal(weights[name], tensor) for name, tensor in two_tasks["a_weights"].items())
     assert any(".length.up." in name for name in weights) and not any(  # Pfeiffer: feed-forward outputs only
         "attention.output.bottleneck_adapters.length" in name for name in weights)
@@ -167,7 +167,7 @@ def test_a_checkpoint_resumes_to_the_same_adapter_bit_for_bit(two_tasks, sentime
     main(classify_args(sentiment, resumed, "--model_name_or_path", mlm_checkpoint, *STEPS, "--finetune_strategy",
                        "adapter", "--adapter_reduction_factor", "8", "--adapter_name", "sentiment", "--save_steps",
                        "2", "--load_best_model_at_end"))
-    expected, got = two_tasks["a_weights"], load_file(os.path.join(resumed, WEIGHTS_FILE))
+    expected, got = two_tasks["a_weights"], load_file(os.path.join(resumed, ADAPTER_WEIGHTS_FILE))
     assert got.keys() == expected.keys() and all(torch.equal(got[name], expected[name]) for name in expected)
     assert not os.path.exists(a / "checkpoint-2" / "model.safetensors")  # checkpoints hold the adapters only too
 
@@ -181,7 +181,7 @@ def test_a_changed_base_model_is_refused(two_tasks, mlm_checkpoint, tmp_path):
     shutil.copytree(two_tasks["a"], adapters, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
     saved = manifest(adapters)
     saved["base_model"] = str(base)
-    (adapters / MANIFEST_FILE).write_text(json.dumps(saved))
+    (adapters / ADAPTER_MANIFEST_FILE).write_text(json.dumps(saved))
     assert load_adapter_model(str(adapters)) is not None  # the same weights elsewhere: fine
     model = BertForMaskedLM.from_pretrained(base)
     with torch.no_grad():
@@ -201,12 +201,12 @@ def corrupted_copy(two_tasks, directory, name: str, content: bytes) -> str:
 def bad_adapter_inputs(two_tasks, mlm_checkpoint, tokenizer_dir, directory) -> dict:
     adapter = ["--model_name_or_path", mlm_checkpoint, "--finetune_strategy", "adapter"]
     return {
-        "corrupt manifest": (["--model_name_or_path", corrupted_copy(two_tasks, directory / "m", MANIFEST_FILE, b"{"),
+        "corrupt manifest": (["--model_name_or_path", corrupted_copy(two_tasks, directory / "m", ADAPTER_MANIFEST_FILE, b"{"),
                               "--finetune_strategy", "adapter", "--adapter_name", "new"],
-                             f"{MANIFEST_FILE} is unreadable"),
-        "truncated weights": (["--model_name_or_path", corrupted_copy(two_tasks, directory / "w", WEIGHTS_FILE,
+                             f"{ADAPTER_MANIFEST_FILE} is unreadable"),
+        "truncated weights": (["--model_name_or_path", corrupted_copy(two_tasks, directory / "w", ADAPTER_WEIGHTS_FILE,
                                                                       b"\x10\x00"), "--finetune_strategy", "adapter",
-                               "--adapter_name", "new"], f"{WEIGHTS_FILE} cannot be read"),
+                               "--adapter_name", "new"], f"{ADAPTER_WEIGHTS_FILE} cannot be read"),
         "reduction factor zero": ([*adapter, "--adapter_reduction_factor", "0"],
                                   "--adapter_reduction_factor must be positive"),
         "reduction factor above the width": ([*adapter, "--adapter_reduction_factor", "64"],

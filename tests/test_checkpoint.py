@@ -7,7 +7,8 @@ import pytest
 
 from conftest import load_parameters, read_results, run_job
 from resume_helpers import assert_same_parameters, resume_args, with_env
-from trainer.checkpoint import COMPLETE_MARKER, complete_checkpoints
+from trainer.checkpoint.files import complete_checkpoints
+from trainer.layout import COMPLETE_MARKER
 
 
 def make_checkpoint(directory, step, marker=True, state='{"step": %d}'):
@@ -88,7 +89,7 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(size, steps, fail
     from safetensors.torch import load_file
 
     from conftest import mlm_args, mounted_tmpfs
-    from trainer.checkpoint import read_trainer_state
+    from trainer.checkpoint.files import read_trainer_state
     from trainer.mlm import main
 
     for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE"):
@@ -118,10 +119,11 @@ def test_the_checkpointer_restores_exactly_the_parts_it_is_given_without_an_engi
     from accelerate import Accelerator
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    from trainer.arguments import TrainingArguments
-    from trainer.checkpoint import Checkpointer
-    from trainer.engine import TrainState, Window
-    from trainer.optim import build_optimizer, build_scheduler
+    from trainer.config.arguments import TrainingArguments
+    from trainer.checkpoint.checkpointer import Checkpointer
+    from trainer.engine.loop import Window
+    from trainer.engine.state import TrainState
+    from trainer.engine.optim import build_optimizer, build_scheduler
 
     args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -9,7 +9,7 @@ import torch
 
 from classify_helpers import TINY, classify_args, mlm_checkpoint, read_predictions, save_tiny, sentiment  # noqa: F401
 from conftest import REPO_ROOT, accelerate_launch, load_parameters, read_results, relative_difference, run_job
-from trainer.distributed import GlobalBatchSampler
+from trainer.data.samplers import GlobalBatchSampler
 
 
 def test_end_to_end_from_an_mlm_checkpoint_with_predictions(sentiment, mlm_checkpoint, job_env, tmp_path):
@@ -76,7 +76,7 @@ def test_adapters_under_every_launcher_predict_and_train_as_one_process_does(sen
     from safetensors.torch import load_file
 
     from classify_helpers import adapter_manifest as manifest, base_parameters_sha256
-    from trainer.adapters import WEIGHTS_FILE
+    from trainer.layout import ADAPTER_WEIGHTS_FILE
 
     common = ["--model_name_or_path", mlm_checkpoint, "--max_steps", "4", "--do_predict", "--test_file",
               sentiment["validation"], "--finetune_strategy", "adapter", "--adapter_reduction_factor", "8",
@@ -93,13 +93,13 @@ def test_adapters_under_every_launcher_predict_and_train_as_one_process_does(sen
                      launcher=accelerate_launch("cpu_fsdp2.yaml"))
     assert "with FSDP2 (gloo): 8 sequences/step" in result.stdout + result.stderr
     assert manifest(one)["base_parameters_sha256"] == base_parameters_sha256(mlm_checkpoint)
-    reference = load_file(os.path.join(one, WEIGHTS_FILE))
+    reference = load_file(os.path.join(one, ADAPTER_WEIGHTS_FILE))
     assert all(torch.count_nonzero(t) > 0 for name, t in reference.items() if ".up.weight" in name)  # trained
     expected = read_predictions(one)
     for run in (ddp, zero2, zero3, fsdp):
         assert manifest(run)["base_parameters_sha256"] == manifest(one)["base_parameters_sha256"], run
         assert read_results(run)["eval_accuracy"] == read_results(one)["eval_accuracy"]
-        assert relative_difference(reference, load_file(os.path.join(run, WEIGHTS_FILE))) <= 1e-5, run
+        assert relative_difference(reference, load_file(os.path.join(run, ADAPTER_WEIGHTS_FILE))) <= 1e-5, run
         predicted = read_predictions(run)
         assert [row["id"] for row in predicted] == list(range(100))
         for mine, theirs in zip(predicted, expected):

@@ -69,9 +69,10 @@ def test_yaml_config_as_only_argument(corpus, bpe_tokenizer_dir, tmp_path):  # n
                     "--attn_implementation", "eager", "--packing", "documents",
                     "--max_eval_samples", "4")
     path = write_yaml_config(args, tmp_path / "run.yaml", drop=("probe_prompts",))
-    from trainer.arguments import CorpusArguments, ModelArguments, TrainingArguments, parse_arguments
+    from trainer.config.arguments import CorpusArguments, ModelArguments, TrainingArguments
+    from trainer.config.parsing import parse_arguments
     from trainer.clm import ClmArguments
-    from trainer.finetune import FinetuneArguments
+    from trainer.finetune.strategies import FinetuneArguments
 
     *_, clm = parse_arguments((ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments),
                               [path])

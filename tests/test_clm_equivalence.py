@@ -1,6 +1,6 @@
 """trainer.clm: world size, batch split and accumulation do not change the mathematics (fp32, no dropout), and
 perplexity is one number at any world size and evaluation batch size. Documents packed, so the token counts
-include document starts. With experience replay (trainer.replay): a quarter of every global batch is replayed,
+include document starts. With experience replay (trainer.continual.replay): a quarter of every global batch is replayed,
 the same samples at both layouts."""
 import pytest
 import torch

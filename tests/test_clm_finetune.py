@@ -1,6 +1,6 @@
-"""Fine-tuning strategies on a causal LM (trainer.finetune, shared with classify): exactly the intended parameters
-change. In-process runs from a tiny GPT-2 checkpoint; weight decay on, so a frozen parameter that only got a zero
-gradient would still move."""
+"""Fine-tuning strategies on a causal LM (trainer.finetune.strategies, shared with classify): exactly the intended
+parameters change. In-process runs from a tiny GPT-2 checkpoint; weight decay on, so a frozen parameter that only got a
+zero gradient would still move."""
 from __future__ import annotations
 
 import os

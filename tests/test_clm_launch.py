@@ -22,7 +22,8 @@ from conftest import REPO_ROOT, deepspeed_launch, load_parameters, read_history,
 from ewc_helpers import clm_engine, ewc_flags, job_environment, write_made_up_fisher
 from resume_helpers import DROPOUT_GPT2, assert_sharded_stop_and_resume_is_exact, resume_args, \
     run_two_process_resume_job
-from trainer.ewc import ANCHOR, FISHER, FISHER_FILE
+from trainer.continual.ewc import ANCHOR, FISHER
+from trainer.layout import FISHER_FILE
 
 pytestmark = pytest.mark.slow
 

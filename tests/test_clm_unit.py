@@ -62,15 +62,15 @@ def test_packed_block_loss_equals_the_sum_of_its_documents_losses(chunk, attenti
 def test_chunked_loss_and_gradients_equal_the_plain_model(monkeypatch):
     """Output layer + cross-entropy in fused chunks (7 rows; not dividing the row count) give the HF model's own
     loss and gradients, computing each chunk's logits once and never more than 7 rows of them."""
-    import trainer.fused_loss
+    import trainer.models.fused_loss
 
     ids = torch.randint(1, VOCAB, (3, 16), generator=torch.Generator().manual_seed(1))
     reference = tiny_gpt2(VOCAB).train()
     (reference(input_ids=ids, labels=ids).loss * 3 * 15).backward()
     model = tiny_gpt2(VOCAB).train()
     widest = []
-    linear = trainer.fused_loss.linear
-    monkeypatch.setattr(trainer.fused_loss, "linear", lambda *a: widest.append(a[0].shape[0]) or linear(*a))
+    linear = trainer.models.fused_loss.linear
+    monkeypatch.setattr(trainer.models.fused_loss, "linear", lambda *a: widest.append(a[0].shape[0]) or linear(*a))
     batch = collate(ids.numpy(), packed=False)
     assert batch.pop("num_loss_items") == 3 * 15
     loss = CausalLMTask(model, chunk=7)(**batch)["loss_sum"]
@@ -125,13 +125,13 @@ def test_other_causal_lm_architectures_give_their_own_loss(model_type, config):
 
 
 def test_fused_tanh_gelu_gives_the_models_loss_and_gradients_and_saves_the_model_as_it_was(tmp_path):
-    """GPT-2's Python tanh-GELU swapped for torch's kernel (trainer/kernels.py): the same loss and gradients to float
+    """GPT-2's Python tanh-GELU swapped for torch's kernel (trainer/models/kernels.py): the same loss and gradients to float
     rounding, and the saved model still names its own activation. Weights drawn wide (std 0.3) put the FFN inputs
     where the GELU variants differ: the erf GELU misses these bounds by 100x (gradients 9e-4 apart, loss 1e-5)."""
     from transformers import AutoModelForCausalLM
     from transformers.activations import NewGELUActivation
 
-    from trainer.kernels import fuse_activations
+    from trainer.models.kernels import fuse_activations
 
     ids = torch.randint(1, VOCAB, (3, 16), generator=torch.Generator().manual_seed(3))
     reference, fused = (tiny_gpt2(VOCAB, initializer_range=0.3).train() for _ in range(2))
@@ -204,8 +204,8 @@ def test_a_bert_trained_as_causal_lm_attends_causally_and_gets_its_own_heads_los
     own logits (not the chunked head), and equals transformers' own causal loss."""
     from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 
-    from trainer.arguments import ModelArguments
-    from trainer.models import load_model
+    from trainer.config.arguments import ModelArguments
+    from trainer.models.loading import load_model
 
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                  max_position_embeddings=64)

@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 
-from trainer.distributed import (available_cores, cpu_threads_per_process, quiet_deepspeed_accelerator_warning,
-                                 share_cpu_cores)
+from trainer.distributed.launch import (available_cores, cpu_threads_per_process, quiet_deepspeed_accelerator_warning,
+                                        share_cpu_cores)
 from trainer.tracking.base import curve_name
 
 

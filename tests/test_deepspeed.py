@@ -77,8 +77,8 @@ def test_zero2_sharded_checkpoint_round_trips(runs):
 # ------------------------------------------------------------------------------------------------- bad input
 def check(config: dict, tmp_path, world_size: int = 2, **arguments):
     """resolve_deepspeed_config on `config` written to a file, with TrainingArguments built from `arguments`."""
-    from trainer.arguments import TrainingArguments
-    from trainer.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
+    from trainer.config.arguments import TrainingArguments
+    from trainer.distributed.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))

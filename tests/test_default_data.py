@@ -6,16 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertForMaskedLM
 
-from trainer.default_data import (
-    FLIPPED_TO_NEGATIVE,
-    FLIPPED_TO_POSITIVE,
-    generate_reviews,
-    tiny_bert_config,
-    train_wordpiece_tokenizer,
-    write_mlm_corpus,
-    write_product_sentiment_dataset,
-    write_sentiment_dataset,
-)
+from trainer.data.demo import (FLIPPED_TO_NEGATIVE, FLIPPED_TO_POSITIVE, generate_reviews, tiny_bert_config,
+                               train_wordpiece_tokenizer, write_mlm_corpus, write_product_sentiment_dataset,
+                               write_sentiment_dataset)
 
 LABELS = {"positive", "negative"}
 
@@ -173,9 +166,10 @@ def test_tiny_bert_config_runs_with_tokenizer(trained):
 def test_demo_config_builds_a_tiny_modernbert_that_saves_and_reloads(trained, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+    from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments
+    from trainer.config.parsing import parse_arguments
     from trainer.mlm import DEMO_CONFIG, MLMArguments
-    from trainer.models import load_model
+    from trainer.models.loading import load_model
 
     tokenizer, _ = trained
     model_args, *_ = parse_arguments((ModelArguments, DataArguments, TrainingArguments, MLMArguments), [],

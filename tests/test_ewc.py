@@ -1,4 +1,4 @@
-"""EWC in the engine (trainer.ewc), in this process: the penalty's gradient by value, once per optimizer step,
+"""EWC in the engine (trainer.continual.ewc), in this process: the penalty's gradient by value, once per optimizer step,
 exact resume, bad input. trainer.mlm's engine (the tests' tiny BERT without dropout) with a made-up EWC file
 (ewc_helpers); the gradient the update uses is read at the optimizer's step.
 
@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from conftest import fails_cleanly, load_parameters, mlm_args, read_history
 from ewc_helpers import STRENGTH, ewc_flags, job_environment, write_made_up_fisher
 from test_gpu_step import engine_for
-from trainer.ewc import ANCHOR, FISHER, FISHER_FILE
+from trainer.continual.ewc import ANCHOR, FISHER
+from trainer.layout import FISHER_FILE
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def ewc_engine(corpus, tokenizer_dir, fisher_dir, output_dir, *extra):
 
 def one_step(engine):
     """The gradients the update of one optimizer step uses ({name: tensor}), and the step's logging window."""
-    from trainer.engine import Window
+    from trainer.engine.loop import Window
 
     named = list(engine.accelerator.unwrap_model(engine.model).named_parameters())
     seen = {}

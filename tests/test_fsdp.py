@@ -84,7 +84,7 @@ def test_fsdp_wraps_the_model_own_blocks_when_the_yaml_names_none(model_class, c
     import transformers
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    from trainer.distributed import name_fsdp_blocks
+    from trainer.distributed.launch import name_fsdp_blocks
 
     cls = getattr(transformers, model_class)
     model = cls(cls.config_class(vocab_size=100, **config))

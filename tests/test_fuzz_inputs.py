@@ -22,7 +22,7 @@ import pytest
 from classify_helpers import classify_args, sentiment  # noqa: F401
 from clm_helpers import TINY_GPT2_FLAGS, bpe_tokenizer_dir, clm_args, gpt2_checkpoint  # noqa: F401
 from conftest import TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
-from trainer.arguments import arg
+from trainer.config.parsing import arg
 
 KB = 1024
 
@@ -361,7 +361,8 @@ def test_bad_config_file(content, expected, tmp_path, env, capsys):
 def test_demo_config_takes_overrides(corpus):
     """No data named: the demo config, with the command line winning; its overwrite_output_dir stays with its
     own output directory, so an --output_dir given here is protected like any other."""
-    from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, parse_arguments
+    from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments
+    from trainer.config.parsing import parse_arguments
     from trainer.mlm import DEMO_CONFIG, MLMArguments
 
     types = (ModelArguments, DataArguments, TrainingArguments, MLMArguments)
@@ -405,7 +406,7 @@ class WithTrueFlag:
 
 
 def test_help_folds_the_negated_twin_of_a_true_flag_into_its_entry(capsys):
-    from trainer.arguments import job_parser
+    from trainer.config.parsing import job_parser
 
     parser = job_parser((WithTrueFlag,), None)
     parser.print_help()
@@ -419,7 +420,7 @@ def test_help_folds_the_negated_twin_of_a_true_flag_into_its_entry(capsys):
                                             ("fused: false", False), ('{"no-fused": true}', False),
                                             ("no_fused: 3", "no_fused takes true or false, got 3")])
 def test_config_file_turns_a_true_flag_off_by_its_negated_twin(content, fused, tmp_path):
-    from trainer.arguments import parse_arguments
+    from trainer.config.parsing import parse_arguments
     from trainer.errors import UsageError
 
     config = tmp_path / ("run.json" if content.startswith("{") else "run.yaml")
@@ -432,7 +433,7 @@ def test_config_file_turns_a_true_flag_off_by_its_negated_twin(content, fused, t
 
 
 def test_clm_config_file_with_no_keep_linebreaks(tmp_path):
-    from trainer.arguments import parse_arguments
+    from trainer.config.parsing import parse_arguments
     from trainer.clm import CLM_JOB
 
     config = tmp_path / "run.yaml"

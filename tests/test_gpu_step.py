@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def engine_for(argv):
-    from trainer.engine import Engine
-    from trainer.jobs import start_job
+    from trainer.engine.loop import Engine
+    from trainer.engine.jobs import start_job
     from trainer.mlm import MLM_JOB, build_task
 
     parsed, accelerator = start_job(MLM_JOB, argv)
@@ -23,7 +23,7 @@ def engine_for(argv):
 @pytest.mark.parametrize("extra", [["--bf16"], [], ["--bf16", "--gradient_accumulation_steps", "2"],
                                    ["--bf16", "--torch_compile"]], ids=["bf16", "tf32", "accumulation", "compiled"])
 def test_steady_state_steps_do_not_synchronise(corpus, tokenizer_dir, job_env, tmp_path, monkeypatch, extra):
-    from trainer.engine import Window
+    from trainer.engine.loop import Window
 
     for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, job_env[key])

@@ -6,8 +6,8 @@ import datasets
 import pytest
 import torch
 
-from trainer.data import EpochBatches, loader_workers, make_loader
-from trainer.distributed import GlobalBatchSampler
+from trainer.data.batches import EpochBatches, loader_workers, make_loader
+from trainer.data.samplers import GlobalBatchSampler
 
 
 def describe_batch(batch: dict) -> tuple:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from trainer.distributed import GlobalBatchSampler, shard_for_evaluation
-from trainer.mlm import IGNORE, EvalCollator, Masker, MLMArguments, TrainCollator, mask_evaluation_set, \
-    tokenize_and_chunk
+from trainer.data.samplers import GlobalBatchSampler, shard_for_evaluation
+from trainer.mlm import EvalCollator, MLMArguments, Masker, TrainCollator, mask_evaluation_set, tokenize_and_chunk
+from trainer.models.sparse_mlm import IGNORE
 
 MASK_ID, VOCAB = 4, 1000
 

@@ -2,7 +2,7 @@
 import torch.distributed as dist
 
 from conftest import free_port
-from trainer.distributed import any_rank, end_processes, host_sum
+from trainer.distributed.collectives import any_rank, end_processes, host_sum
 
 
 def test_host_sums_need_no_device_and_the_run_leaves_the_process_group():

@@ -1,5 +1,5 @@
-"""Experience replay (trainer.replay): the same replay share in every global batch, the same samples at any world
-size and accumulation, a seeded replay stream that cycles on its own, exact resume, and bad input refused."""
+"""Experience replay (trainer.continual.replay): the same replay share in every global batch, the same samples at any
+world size and accumulation, a seeded replay stream that cycles on its own, exact resume, and bad input refused."""
 import json
 
 import datasets
@@ -9,10 +9,10 @@ import torch
 from classify_helpers import classify_args, sentiment  # noqa: F401 (fixture)
 from conftest import fails_cleanly, mlm_args, read_history, read_results
 from resume_helpers import assert_same_parameters, samples_per_step
-from trainer.data import EpochBatches
-from trainer.distributed import GlobalBatchSampler
+from trainer.continual.replay import training_data
+from trainer.data.batches import EpochBatches
+from trainer.data.samplers import GlobalBatchSampler, ReplayStream, mixed_global_batch, replay_count, replay_slots
 from trainer.errors import UsageError
-from trainer.replay import ReplayStream, mixed_global_batch, replay_count, replay_slots, training_data
 
 NEW, REPLAY = 40, 7  # training samples 0..39, replay samples 40..46: the stream wraps every few steps
 

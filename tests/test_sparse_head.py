@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForMaskedLM
 
 from trainer.mlm import MaskedLMTask
-from trainer.sparse_mlm import IGNORE, masked_row_tensors
+from trainer.models.sparse_mlm import IGNORE, masked_row_tensors
 
 TINY = dict(vocab_size=211, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             max_position_embeddings=80, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from trainer.sparse_mlm import last_layer_row_parameters
-from trainer.throughput import (datasheet_peak, device_peak, measure_matmul_peak, precision_name,
-                                split_parameter_counts, training_flops_per_token)
+from trainer.engine.throughput import (datasheet_peak, device_peak, measure_matmul_peak, precision_name,
+                                       split_parameter_counts, training_flops_per_token)
+from trainer.models.sparse_mlm import last_layer_row_parameters
 
 
 def test_flops_count_body_attention_and_head_as_computed():

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 -m trainer.classify --model_name_or_path output/mlm --train_file train.csv ...
 
 This module holds only what is specific to classification: label mapping, tokenization, dynamic padding, the
-per-sample loss, metrics and predictions. Training is the shared engine's; strategies live in trainer.finetune.
+per-sample loss, metrics and predictions. Training is the shared engine's; strategies live in
+trainer.finetune.strategies.
 """
 from __future__ import annotations
 
@@ -18,20 +19,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.adapters import loading_code
-from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg, check_data_file
-from trainer.data import (check_text_column, first_samples, load_file, load_raw_splits, pad_rows,
-                          resolve_text_column)
-from trainer.default_data import write_sentiment_dataset
-from trainer.distributed import main_process_first
-from trainer.engine import EvalOutput, Task
+from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments, check_data_file
+from trainer.config.parsing import arg
+from trainer.data.demo import write_sentiment_dataset
+from trainer.data.loading import (check_text_column, first_samples, load_file, load_raw_splits, load_replay_file,
+                                  pad_rows, resolve_text_column)
+from trainer.distributed.collectives import main_process_first
+from trainer.engine.jobs import JobSpec, run_job, start_job
+from trainer.engine.task import EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
-from trainer.finetune import (FinetuneArguments, SharedLabels, apply_strategy, check_finetuning, distillation_loss,
-                              load_teacher)
-from trainer.jobs import JobSpec, run_job, start_job
+from trainer.finetune.adapters import load_base_with_adapters, loading_code
+from trainer.finetune.strategies import (FinetuneArguments, SharedLabels, apply_strategy, check_finetuning,
+                                         distillation_loss, load_teacher)
+from trainer.models.loading import check_sequence_length, is_adapter_directory, load_model, load_tokenizer
 from trainer.tracking.console import logger
-from trainer.models import check_sequence_length, load_model, load_tokenizer
-from trainer.replay import load_replay_file
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
 LOCAL_METRICS = os.path.join(os.path.dirname(__file__), "metrics_modules")
@@ -201,7 +202,7 @@ def load_metrics(names: list[str]) -> list:
     """evaluate modules: the package's offline copies first, then a path, then the Hub (fails fast offline)."""
     import evaluate
 
-    from trainer.hub import hub_is_reachable
+    from trainer.hub.reachability import hub_is_reachable
 
     modules = []
     for name in names:
@@ -280,8 +281,11 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
                                                accelerator.device)
                                   if cls_args.teacher_model_name_or_path else (None, None))
         tokenizer = load_tokenizer(model_args, lambda: [t for c in columns for t in raw["train"][c]])
-        model = load_model(model_args, AutoModelForSequenceClassification, tokenizer, num_labels=len(labels.values),
-                           id2label=labels.id2label, label2id=labels.label2id)
+        if is_adapter_directory(model_args.model_name_or_path):  # its base model, with the tasks' adapters inside
+            model = load_base_with_adapters(model_args.model_name_or_path, labels.id2label)
+        else:
+            model = load_model(model_args, AutoModelForSequenceClassification, tokenizer,
+                               num_labels=len(labels.values), id2label=labels.id2label, label2id=labels.label2id)
         check_sequence_length(data_args.max_seq_length, model.config)
         length = data_args.max_seq_length
         train_set = tokenize(raw["train"], columns, tokenizer, length, train_labels, "training")

@@ -5,7 +5,7 @@
 
 The command line is the transformers `run_clm.py` example's. This module holds only what is specific to causal
 LM: documents into blocks (optionally packed with per-document attention), the next-token loss computed in chunks,
-perplexity and generation probes. Training is the engine's; fine-tuning strategies are trainer.finetune's.
+perplexity and generation probes. Training is the engine's; fine-tuning strategies are trainer.finetune.strategies's.
 """
 from __future__ import annotations
 
@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.arguments import CorpusArguments, ModelArguments, TrainingArguments, arg
-from trainer.data import first_samples, group_into_blocks, load_text_splits, pad_rows
-from trainer.distributed import main_process_first
-from trainer.default_data import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
-from trainer.engine import Task
+from trainer.config.arguments import CorpusArguments, ModelArguments, TrainingArguments
+from trainer.config.parsing import arg
+from trainer.continual.replay import replay_split
+from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
+from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
+from trainer.distributed.collectives import main_process_first
+from trainer.engine.jobs import JobSpec, run_job, start_job
+from trainer.engine.task import Task, perplexity_metrics
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.finetune import FinetuneArguments, apply_strategy, check_finetuning
-from trainer.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
-from trainer.jobs import JobSpec, run_job, start_job
-from trainer.engine import perplexity_metrics
-from trainer.models import check_sequence_length, load_model, load_tokenizer, max_positions
-from trainer.replay import replay_split
+from trainer.finetune.strategies import FinetuneArguments, apply_strategy, check_finetuning
+from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
+from trainer.models.loading import check_sequence_length, load_model, load_tokenizer, max_positions
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clm_demo.yaml")
 RUN_CLM_MAX_BLOCK = 1024  # run_clm.py's cap on the default block size
@@ -123,7 +123,7 @@ class CausalLMTask(torch.nn.Module):
     """Next-token cross-entropy summed over the predicted tokens (the engine divides by those of the whole step).
 
     The body runs once; the output layer and the loss run on the predicting rows only, `chunk` rows at a time,
-    fused (trainer/fused_loss.py: each chunk's gradients computed in its forward): float32 logits exist for one
+    fused (trainer/models/fused_loss.py: each chunk's gradients computed in its forward): float32 logits exist for one
     chunk at a time, never for [batch, block, vocabulary]. Models whose logits are not a plain linear map of the last
     hidden state (a transform before the output layer as in BERT, soft-capping, logit scaling) and prefix/prompt
     tuning (peft inserts virtual tokens in the model's own forward) use the model's full logits instead, as does

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 -m trainer.mlm --model_name_or_path bert-base-uncased --train_file corpus.txt ...
 
 This module holds only what is specific to MLM: tokenizing and chunking text, masking, the task model, perplexity
-and fill-mask probes. The masked-rows-only model computation is in trainer.sparse_mlm; training is the engine's.
+and fill-mask probes. The masked-rows-only model computation is in trainer.models.sparse_mlm; training is the engine's.
 """
 from __future__ import annotations
 
@@ -18,21 +18,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.arguments import DataArguments, ModelArguments, TrainingArguments, arg
-from trainer.data import first_samples, group_into_blocks, load_text_splits, pad_rows
-from trainer.distributed import main_process_first
-from trainer.engine import Task
+from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments
+from trainer.config.parsing import arg
+from trainer.continual.replay import replay_split
+from trainer.data.demo import write_mlm_corpus
+from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
+from trainer.distributed.collectives import main_process_first
+from trainer.engine.jobs import JobSpec, run_job, start_job
+from trainer.engine.task import Task, perplexity_metrics
+from trainer.engine.throughput import training_flops_per_token
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.jobs import JobSpec, run_job, start_job
-from trainer.engine import perplexity_metrics
+from trainer.models.loading import check_sequence_length, load_model, load_tokenizer
+from trainer.models.sparse_mlm import (IGNORE, MaskedRows, SPARSE_HEAD_TYPES, can_sparsify_last_layer,
+                                       install_sparse_last_layer, last_encoder_layer, last_layer_row_parameters,
+                                       masked_row_tensors, prediction_head)
 from trainer.tracking.console import logger
-from trainer.models import check_sequence_length, load_model, load_tokenizer
-from trainer.replay import replay_split
-from trainer.sparse_mlm import (IGNORE, SPARSE_HEAD_TYPES, MaskedRows, can_sparsify_last_layer,
-                                install_sparse_last_layer, last_encoder_layer, last_layer_row_parameters,
-                                masked_row_tensors, prediction_head)
-from trainer.throughput import training_flops_per_token
-from trainer.default_data import write_mlm_corpus
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mlm_demo.yaml")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation masks from sharing random draws

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-HISTORY_FILE = "log_history.jsonl"
+from trainer.layout import HISTORY_FILE
 
 
 class History:

@@ -5,9 +5,8 @@ import json
 import os
 from typing import Optional
 
+from trainer.layout import TENSORBOARD_DIR
 from trainer.tracking.base import Tracker
-
-TENSORBOARD_DIR = "runs"
 
 
 class TensorBoardTracker(Tracker):

@@ -55,7 +55,7 @@ def training_flops_per_token(hf_model, seq_len: int, head_fraction: float = 1.0,
 
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets and architecture whitepapers, in TFLOP/s, with
 # FP32 accumulation for the 16-bit formats (what PyTorch's matrix products use). "tf32" is an fp32 run with TF32
-# matrix products allowed (trainer.distributed allows them on GPUs); "fp32" the plain CUDA-core rate. Each entry:
+# matrix products allowed (trainer.distributed.launch allows them on GPUs); "fp32" the plain CUDA-core rate. Each entry:
 # (name pattern, compute capability, peaks). The first pattern that matches the device name wins, so the more
 # specific names come first. A device whose capability differs from its entry's is treated as unknown.
 DATASHEET_PEAK_TFLOPS = (

@@ -1,16 +1,14 @@
-"""Loading raw text data (local files or a Hub dataset) and feeding batches to the engine."""
+"""Loading raw data (local files, a Hub dataset, the replay file) and shaping it for the jobs (blocks, padding)."""
 from __future__ import annotations
 
 import math
 import os
 
 import numpy as np
-import torch
 
-from trainer.arguments import DATA_FILE_EXTENSIONS
+from trainer.config.arguments import DATA_FILE_EXTENSIONS
 from trainer.errors import UsageError, require
-from trainer.hub import check_loadable
-from trainer.replay import load_replay_file
+from trainer.hub.reachability import check_loadable
 
 
 def load_raw_splits(data_args, columns_needed=None, keep_linebreaks: bool = False):
@@ -160,85 +158,16 @@ def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:
     return out
 
 
-class ColumnarBatches(torch.utils.data.Dataset):
-    """A datasets.Dataset that hands the collator whole columns for a list of indices, plus the sample ids.
-
-    torch's DataLoader passes a batch sampler's index list to `__getitems__` in one call, so a batch costs one
-    Arrow read instead of one per sample. The sample ids let the collator draw each sample's masking from its
-    own seeded generator, which keeps the masks independent of world size, batch split and worker count.
-    Index lists of an `EpochBatches` sampler also hand over their epoch (the batch's "epoch").
-    """
-
-    def __init__(self, dataset, columns: list[str]):
-        self.dataset = dataset.with_format("numpy", columns=columns)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitems__(self, indices: list[int]) -> dict:
-        batch = dict(self.dataset[list(indices)])
-        batch["sample_id"] = np.asarray(indices, dtype=np.int64)
-        if isinstance(indices, EpochIndices):
-            batch["epoch"] = indices.epoch
-        return batch
-
-    def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])
-
-
-class EpochIndices(list):
-    """One micro-batch's sample indices and the epoch they belong to (what the training collator masks with)."""
-
-    def __init__(self, indices, epoch: int):
-        super().__init__(indices)
-        self.epoch = epoch
-
-    def __reduce__(self):  # to the loader's workers
-        return EpochIndices, (list(self), self.epoch)
-
-
-class EpochBatches:
-    """A batch sampler over the whole run: `sampler`'s micro-batches of epoch `epoch` from `start_sample` (and of
-    its replay stream from `replay_position`, see trainer.replay), then of every following epoch, each tagged with
-    its epoch.
-
-    One DataLoader iterator then serves every epoch: its workers (and their prefetched batches) live across epoch
-    boundaries instead of being re-spawned for each epoch, and the order is exactly the per-epoch order the sampler
-    defines, so a resumed run continues where the train state says. The replay stream runs on across epochs.
-    """
-
-    def __init__(self, sampler, epoch: int, start_sample: int, replay_position: int = 0):
-        self.sampler, self.epoch, self.start_sample = sampler, epoch, start_sample
-        self.replay_position = replay_position
-
-    def __iter__(self):
-        epoch, start, replay_position = self.epoch, self.start_sample, self.replay_position
-        while True:
-            for indices in self.sampler.batches(epoch, start, replay_position):
-                yield EpochIndices(indices, epoch)
-            replay_position += self.sampler.remaining_steps(start) * self.sampler.replay_per_step
-            epoch, start = epoch + 1, 0
-
-
-def loader_workers(requested: int | None, device: torch.device) -> int:
-    """--dataloader_num_workers, or unset: none on the CPU (its cores do the training), and on a GPU enough
-    processes (up to 4, one core per process left to the training process) to keep masking and collation off the
-    training process, which otherwise spends host time per step that the GPU waits for."""
-    if requested is not None:
-        return requested
-    if device.type != "cuda":
-        return 0
-    processes_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores // processes_on_node - 1))
-
-
-def make_loader(dataset, columns, batch_sampler, collate_fn, num_workers: int, pin_memory: bool):
-    # A private generator: otherwise every new iterator draws its worker base seed from the global torch RNG,
-    # and a run resumed mid-epoch (one extra iterator) would continue with other dropout draws than an
-    # uninterrupted one. Worker seeds do not matter here: the collators draw from per-sample generators.
-    return torch.utils.data.DataLoader(
-        ColumnarBatches(dataset, columns), batch_sampler=batch_sampler, collate_fn=collate_fn,
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False,
-        prefetch_factor=4 if num_workers else None, generator=torch.Generator(),
-    )
+def load_replay_file(data_args, columns: list[str], keep_linebreaks: bool = False):
+    """The raw `--replay_file` as a Dataset (None without one), checked to have the training data's `columns`
+    (text, text pair, label: what the job reads of a training row)."""
+    path = data_args.replay_file
+    if not path:
+        return None
+    replay = load_file(path, "replay_file", keep_linebreaks=keep_linebreaks)
+    missing = [column for column in columns if column not in replay.column_names]
+    require(not missing, f"--replay_file {path} has no column {', '.join(repr(c) for c in missing)} (its columns: "
+                         f"{', '.join(replay.column_names)}); the replay data needs the training data's columns "
+                         f"({', '.join(columns)})")
+    require(len(replay) > 0, f"--replay_file {path} has no rows")
+    return replay

@@ -13,8 +13,8 @@ import copy
 import json
 import os
 
+from trainer.engine.optim import warmup_steps
 from trainer.errors import UsageError, require
-from trainer.optim import warmup_steps
 
 ZERO_STAGES = (0, 1, 2, 3)
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")

@@ -42,10 +42,12 @@ from typing import Optional
 import torch
 
 from trainer.errors import UsageError, require
+from trainer.hub.reachability import check_loadable
+from trainer.layout import ADAPTER_MANIFEST_FILE, ADAPTER_WEIGHTS_FILE
+from trainer.models.blocks import encoder_layers
+from trainer.models.loading import is_adapter_directory, loading
 
 ADAPTER_CONFIGS = ("houlsby", "pfeiffer")
-MANIFEST_FILE = "bottleneck_adapters.json"
-WEIGHTS_FILE = "bottleneck_adapters.safetensors"
 FORMAT = "trainer.bottleneck_adapters/1"
 SLOT_NAME = "bottleneck_adapters"  # the attribute of an output projection's parent that holds its AdapterSlot
 NONLINEARITY = {"houlsby": torch.nn.SiLU, "pfeiffer": torch.nn.ReLU}
@@ -121,8 +123,6 @@ def check_adapter_name(name: str) -> None:
 def adapter_sites(model) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
     """Per encoder layer, (attention output projection, feed-forward output projection) as (parent, Linear)
     pairs flattened: [attn_0, ffn_0, attn_1, ffn_1, ...]. A UsageError for an architecture of unknown layout."""
-    from trainer.finetune import encoder_layers
-
     layers = encoder_layers(model)
     for paths in LAYOUTS.values():
         if all(isinstance(submodule(layer, path), torch.nn.Linear) for layer in layers for path in paths):
@@ -294,8 +294,8 @@ def save_adapters(model, directory: str, state_dict: Optional[dict] = None) -> N
                 "base_config": config_without_labels(model.config), "active_adapter": active_adapter(model),
                 "adapters": {name: asdict(settings) for name, settings in adapter_settings(model).items()}}
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
-    with open(os.path.join(directory, MANIFEST_FILE), "w") as handle:
+    save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(directory, ADAPTER_MANIFEST_FILE), "w") as handle:
         json.dump(manifest, handle, indent=2)  # adapters in the order they were added
 
 
@@ -306,13 +306,9 @@ def config_without_labels(config) -> dict:
     return settings
 
 
-def is_adapter_directory(path: Optional[str]) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, MANIFEST_FILE))
-
-
 def read_manifest(directory: str) -> dict:
     try:
-        with open(os.path.join(directory, MANIFEST_FILE)) as handle:
+        with open(os.path.join(directory, ADAPTER_MANIFEST_FILE)) as handle:
             manifest = json.load(handle)
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -324,7 +320,7 @@ def read_manifest(directory: str) -> dict:
                 "no base model, or a base model type this transformers version does not know")
         return manifest
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UsageError) as error:
-        raise UsageError(f"{directory}: {MANIFEST_FILE} is unreadable ({str(error).splitlines()[0] or type(error).__name__}"
+        raise UsageError(f"{directory}: {ADAPTER_MANIFEST_FILE} is unreadable ({str(error).splitlines()[0] or type(error).__name__}"
                          f"); give a directory written by --finetune_strategy adapter") from None
 
 
@@ -334,9 +330,6 @@ def load_base_with_adapters(directory: str, id2label: Optional[dict] = None):
     template of new tasks' heads (default: those of the adapter trained last)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    from trainer.hub import check_loadable
-    from trainer.models import loading
 
     manifest = read_manifest(directory)
     saved = manifest["adapters"]
@@ -381,12 +374,12 @@ def load_adapter_weights(model, directory: str) -> None:
     from safetensors.torch import load_file
 
     try:
-        weights = load_file(os.path.join(directory, WEIGHTS_FILE))
+        weights = load_file(os.path.join(directory, ADAPTER_WEIGHTS_FILE))
     except (OSError, SafetensorError) as error:
-        raise UsageError(f"{directory}/{WEIGHTS_FILE} cannot be read ({str(error).splitlines()[0]}); give a "
+        raise UsageError(f"{directory}/{ADAPTER_WEIGHTS_FILE} cannot be read ({str(error).splitlines()[0]}); give a "
                          f"directory written by --finetune_strategy adapter") from None
     expected = {key for keys in task_tensor_names(model, model.state_dict()).values() for key in keys}
-    require(set(weights) == expected, f"{directory}/{WEIGHTS_FILE} does not fit the model: missing "
+    require(set(weights) == expected, f"{directory}/{ADAPTER_WEIGHTS_FILE} does not fit the model: missing "
                                       f"{sorted(expected - set(weights))[:3]}, unexpected "
                                       f"{sorted(set(weights) - expected)[:3]}")
     model.load_state_dict(weights, strict=False)
@@ -400,12 +393,12 @@ def load_adapter_model(directory: str, adapter_name: Optional[str] = None):
     base the adapters were trained on. Use it as any transformers model:
 
         from transformers import AutoTokenizer, pipeline
-        from trainer.adapters import load_adapter_model, set_active_adapter
+        from trainer.finetune.adapters import load_adapter_model, set_active_adapter
         model = load_adapter_model("out/task-b", "task_a")
         classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("out/task-b"))
         set_active_adapter(model, "task_b")   # the same model, now task B (its head and labels)
     """
-    require(is_adapter_directory(directory), f"{directory} holds no {MANIFEST_FILE}; give a directory written by "
+    require(is_adapter_directory(directory), f"{directory} holds no {ADAPTER_MANIFEST_FILE}; give a directory written by "
                                              f"trainer.classify --finetune_strategy adapter")
     model = load_base_with_adapters(directory)
     set_active_adapter(model, adapter_name or read_manifest(directory)["active_adapter"])
@@ -415,7 +408,7 @@ def load_adapter_model(directory: str, adapter_name: Optional[str] = None):
 def loading_code(directory: str) -> str:
     """One line of Python that loads `directory`'s adapters into a pipeline (for the closing summary)."""
     path = os.path.abspath(directory)
-    return (f"from transformers import AutoTokenizer, pipeline; from trainer.adapters import load_adapter_model; "
+    return (f"from transformers import AutoTokenizer, pipeline; from trainer.finetune.adapters import load_adapter_model; "
             f"pipe = pipeline('text-classification', model=load_adapter_model({path!r}), "
             f"tokenizer=AutoTokenizer.from_pretrained({path!r}))")
 

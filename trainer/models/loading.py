@@ -8,7 +8,8 @@ import os
 import shutil
 
 from trainer.errors import UsageError, require
-from trainer.hub import check_loadable
+from trainer.hub.reachability import check_loadable
+from trainer.layout import ADAPTER_MANIFEST_FILE
 from trainer.tracking.console import logger
 
 # Architectures whose position ids start after the padding index, leaving fewer usable positions.
@@ -32,6 +33,11 @@ def loading(flag: str, name: str, what: str):
                          f"written by save_pretrained, or a Hub id") from None
 
 
+def is_adapter_directory(path: str | None) -> bool:
+    """Whether `path` holds bottleneck adapters (trainer.classify's adapter strategy) rather than a whole model."""
+    return bool(path) and os.path.isfile(os.path.join(path, ADAPTER_MANIFEST_FILE))
+
+
 def load_tokenizer(model_args, training_texts, train_new=None):
     """The named tokenizer, the model's, or one trained on `training_texts()` and cached: by
     `train_new(corpus_files, vocab_size, output_dir)` (default: an uncased WordPiece tokenizer)."""
@@ -43,7 +49,7 @@ def load_tokenizer(model_args, training_texts, train_new=None):
         check_loadable(name, "tokenizer", flag, cached_file="tokenizer_config.json")
         with loading(flag, name, "tokenizer"):
             return AutoTokenizer.from_pretrained(name)
-    from trainer.default_data import train_wordpiece_tokenizer
+    from trainer.data.demo import train_wordpiece_tokenizer
 
     return train_tokenizer(training_texts(), model_args.tokenizer_vocab_size, train_new or train_wordpiece_tokenizer)
 
@@ -80,13 +86,10 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
 
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
-        from trainer.adapters import is_adapter_directory, load_base_with_adapters
-
-        if is_adapter_directory(model_args.model_name_or_path):  # its base model, with the tasks' adapters inside
-            require(auto_class.__name__ == "AutoModelForSequenceClassification",
-                    f"--model_name_or_path {model_args.model_name_or_path} holds bottleneck adapters for sequence "
-                    f"classification; use it with trainer.classify, or give a whole model")
-            return load_base_with_adapters(model_args.model_name_or_path, config_kwargs.get("id2label"))
+        # trainer.classify loads a directory of bottleneck adapters itself (finetune.adapters.load_base_with_adapters)
+        require(not is_adapter_directory(model_args.model_name_or_path),
+                f"--model_name_or_path {model_args.model_name_or_path} holds bottleneck adapters for sequence "
+                f"classification; use it with trainer.classify, or give a whole model")
         check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
         with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
             if decoder:
@@ -137,7 +140,7 @@ def log_loading_report(loading_info: dict) -> None:
 
 
 def new_model_config(model_args, auto_config, preset=None):
-    from trainer.default_data import tiny_bert_config
+    from trainer.data.demo import tiny_bert_config
 
     if model_args.config_name:
         check_loadable(model_args.config_name, "config", "--config_name")

@@ -11,7 +11,7 @@ It is added once per optimizer step, as its gradient L F (theta - theta*) added 
 change it. Parameters are matched by name; those of B that A's file lacks (e.g. a new head) are not penalised.
 
 Nothing here knows about processes: what each rank holds of a parameter (all of it, an FSDP2 shard, a ZeRO-3
-partition) is trainer.distributed's. No library offers this: peft and transformers have no EWC, and the
+partition) is trainer.distributed.launch's. No library offers this: peft and transformers have no EWC, and the
 continual-learning packages (avalanche) bring their own training loops.
 """
 from __future__ import annotations
@@ -21,12 +21,14 @@ import os
 
 import torch
 
-from trainer.distributed import (add_to_local_gradient, all_reduce_sum, gather_full_parameters, local_part,
-                                 local_values, parameters_whole_on_every_rank, shard_for_evaluation,
-                                 sharded_state_name)
+from trainer.data.samplers import shard_for_evaluation
+from trainer.distributed.collectives import all_reduce_sum
+from trainer.distributed.launch import sharded_state_name
+from trainer.distributed.parameters import (add_to_local_gradient, gather_full_parameters, local_part, local_values,
+                                            parameters_whole_on_every_rank)
 from trainer.errors import UsageError, require
+from trainer.layout import FISHER_FILE
 
-FISHER_FILE = "ewc_fisher.safetensors"  # in the output directory: "fisher/<name>" and "anchor/<name>" tensors
 FISHER, ANCHOR = "fisher/", "anchor/"
 
 
@@ -63,7 +65,7 @@ class FisherPass:
 
     def compute(self, prepared_model, dataset, columns, collator, make_loader) -> tuple[dict, dict, int]:
         """(Fisher, anchor, N): {name: tensor} of the trainable parameters, on every rank, float32 on the CPU."""
-        from trainer.data import EpochIndices
+        from trainer.data.batches import EpochIndices
 
         accelerator = self.accelerator
         live = accelerator.unwrap_model(prepared_model)

@@ -9,14 +9,14 @@ import shlex
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
-from trainer.checkpoint import PREFIX
-from trainer.distributed import main_process_first
+from trainer.distributed.collectives import main_process_first
 from trainer.errors import require
+from trainer.layout import PREFIX
+from trainer.models.loading import cache_dir
 from trainer.tracking.console import format_number, logger
-from trainer.models import cache_dir
 
 if TYPE_CHECKING:
-    from trainer.engine import Engine
+    from trainer.engine.loop import Engine
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,12 @@ def start_job(job: JobSpec, argv: list[str] | None):
     the parsed arguments and the accelerator."""
     from accelerate.utils import set_seed
 
-    from trainer.arguments import CorpusArguments, TrainingArguments, parse_arguments
-    from trainer.distributed import make_accelerator
+    from trainer.config.arguments import CorpusArguments, TrainingArguments
+    from trainer.config.parsing import parse_arguments
+    from trainer.distributed.launch import make_accelerator
     from trainer.tracking import choose_trackers
     from trainer.tracking.console import setup_logging
-    from trainer.replay import check_replay_ratio
+    from trainer.continual.replay import check_replay_ratio
 
     parsed = parse_arguments(job.arguments, argv, default_config=job.demo_config)
     training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
@@ -68,9 +69,9 @@ def run_job(job: JobSpec, task, parsed, accelerator,
     metrics); with --merge_adapters, the LoRA-merged copy in output_dir/merged; then `finish_job`, with the job's
     model card, headline and `load_code` (how to load the output, default a `pipeline` line). Returns the final
     metrics."""
-    from trainer.arguments import CorpusArguments, TrainingArguments
-    from trainer.engine import Engine
-    from trainer.finetune import FinetuneArguments, export_merged
+    from trainer.config.arguments import CorpusArguments, TrainingArguments
+    from trainer.engine.loop import Engine
+    from trainer.finetune.strategies import FinetuneArguments, export_merged
 
     training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
     engine = Engine(training_args, task, accelerator)
@@ -90,7 +91,7 @@ def finish_job(engine, metrics: dict, data_args, model_card: dict, summary: str,
     """Rank 0: all_results.json, the model card and Hub push (when asked), and the closing summary: `summary` (the
     job's headline, e.g. perplexity before -> after), where the model is, final metrics, how to load it (`load_code`,
     default a `pipeline` line) and view its curves; then every rank leaves the process group."""
-    from trainer.distributed import end_processes
+    from trainer.distributed.collectives import end_processes
 
     if engine.accelerator.is_main_process:
         write_results(engine.args.output_dir, metrics)

@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 
-from trainer.arguments import as_dict
+from trainer.config.parsing import as_dict
+from trainer.layout import HISTORY_FILE
 from trainer.tracking.console import logger
 
 SNAPSHOT_DIR = ".hub_snapshot"
@@ -77,7 +78,7 @@ class HubPusher:
 
 def write_model_card(args, job_card: dict, metrics: dict) -> None:
     """README.md: what was trained on what, how, and how it went (final metrics and the logged curve)."""
-    history_path = os.path.join(args.output_dir, "log_history.jsonl")
+    history_path = os.path.join(args.output_dir, HISTORY_FILE)
     curve = []
     if os.path.isfile(history_path):
         with open(history_path) as handle:

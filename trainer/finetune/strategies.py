@@ -5,8 +5,8 @@
     bitfit            only bias terms and the task head train (a causal LM's head is tied to the embeddings: biases
                       only)
     lora|prefix|prompt  adapters from the `peft` library (the base model stays frozen)
-    adapter           bottleneck adapters (Houlsby or Pfeiffer, trainer.adapters): only the adapter and the task
-                      head train; several tasks' adapters can sit in one model (classify only)
+    adapter           bottleneck adapters (Houlsby or Pfeiffer, trainer.finetune.adapters): only the adapter and the
+                      task head train; several tasks' adapters can sit in one model (classify only)
     gradual_unfreeze  head + top layer first, one more layer (embeddings last) every --unfreeze_every steps/epochs
 
 Frozen parameters normally get `requires_grad=False` before the engine builds the optimizer and DDP, so neither
@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.adapters import ADAPTER_CONFIGS, check_adapter_name, is_adapter_directory, prepare_adapter_training
-from trainer.arguments import arg
+from trainer.config.parsing import arg
 from trainer.errors import UsageError, require
+from trainer.finetune.adapters import ADAPTER_CONFIGS, check_adapter_name, prepare_adapter_training
+from trainer.models.blocks import encoder_layers
+from trainer.models.loading import is_adapter_directory
 from trainer.tracking.console import logger
 
 PEFT_STRATEGIES = ("lora", "prefix", "prompt")
@@ -88,8 +90,8 @@ class FinetuneArguments:
 
 def check_finetuning(*parsed_arguments) -> None:
     """start_job's cross-argument check for a job with FinetuneArguments: what the strategy cannot run under."""
-    from trainer.arguments import TrainingArguments
-    from trainer.distributed import deepspeed_requested
+    from trainer.config.arguments import TrainingArguments
+    from trainer.distributed.launch import deepspeed_requested
 
     ft_args = next(a for a in parsed_arguments if isinstance(a, FinetuneArguments))
     training_args = next(a for a in parsed_arguments if isinstance(a, TrainingArguments))
@@ -126,16 +128,6 @@ def apply_strategy(model, args: FinetuneArguments, task_type: str = "SEQ_CLS"):
         hook = GradualUnfreezing(model, args.unfreeze_every, args.unfreeze_unit)
     log_trainable_parameters(model, strategy)
     return model, hook
-
-
-def encoder_layers(model) -> torch.nn.ModuleList:
-    """The stack of transformer blocks: the ModuleList in the base model with one entry per hidden layer."""
-    count = model.config.num_hidden_layers
-    for module in model.base_model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
-            return module
-    raise UsageError(f"cannot find the encoder layers of a {model.config.model_type} model; use "
-                     f"--finetune_strategy full, bitfit or lora")
 
 
 def embeddings(model) -> list[torch.nn.Module]:
@@ -279,8 +271,8 @@ def load_teacher(path: str, id2label: dict, device):
     than two shared labels leave nothing to distil and are refused."""
     from transformers import AutoModelForSequenceClassification
 
-    from trainer.hub import check_loadable
-    from trainer.models import loading
+    from trainer.hub.reachability import check_loadable
+    from trainer.models.loading import loading
 
     check_loadable(path, "model", "--teacher_model_name_or_path")
     with loading("--teacher_model_name_or_path", path, "model"):

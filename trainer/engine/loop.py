@@ -12,108 +12,37 @@ import functools
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from trainer.arguments import as_dict
-from trainer.checkpoint import Checkpointer, Writes
-from trainer.compilation import compile_blocks, evaluation_stance
-from trainer.data import EpochBatches, loader_workers, make_loader
-from trainer.distributed import (GlobalBatchSampler, all_gather_objects, all_reduce_sum, backward, clip_gradients,
-                                 describe_parallelism, describe_threads, full_state_dict, host_sum,
-                                 parameters_sharded,
-                                 prepare_for_model, set_gradient_sync, shard_for_evaluation,
-                                 step_deepspeed_engine)
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.files import Writes
+from trainer.config.parsing import as_dict
+from trainer.continual.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
+from trainer.continual.replay import describe_replay, training_data
+from trainer.data.batches import EpochBatches, loader_workers, make_loader
+from trainer.data.samplers import GlobalBatchSampler, ReplayStream, shard_for_evaluation
+from trainer.distributed.collectives import all_gather_objects, all_reduce_sum, host_sum
+from trainer.distributed.launch import describe_parallelism, describe_threads, parameters_sharded, prepare_for_model
+from trainer.distributed.parameters import full_state_dict
+from trainer.distributed.steps import backward, clip_gradients, set_gradient_sync, step_deepspeed_engine
+from trainer.engine.fault_injection import FaultInjection
+from trainer.engine.optim import build_optimizer, build_scheduler
+from trainer.engine.signals import STOPPED_EXIT_CODE, StopSignals
+from trainer.engine.state import TrainState
+from trainer.engine.task import EvalOutput, Task
+from trainer.engine.throughput import device_peak, precision_name, training_flops_per_token
 from trainer.errors import JobStopped, require
-from trainer.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
-from trainer.fault_injection import FaultInjection
-from trainer.hub_push import HubPusher
-from trainer.kernels import fuse_activations
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.replay import ReplayStream, describe_replay, training_data
-from trainer.signals import STOPPED_EXIT_CODE, StopSignals
-from trainer.throughput import device_peak, precision_name, training_flops_per_token
+from trainer.hub.push import HubPusher
+from trainer.models.compilation import compile_blocks, evaluation_stance
+from trainer.models.kernels import fuse_activations
 from trainer.tracking import MetricsLog, choose_trackers
 from trainer.tracking.console import logger, show_progress_bars
 
 DIVERGED_EXIT_CODE = 3
-
-
-@dataclass
-class Task:
-    """What a job gives the engine."""
-
-    model: torch.nn.Module  # forward(**batch) -> {"loss_sum": Tensor, optional "predictions": Tensor}
-    train_dataset: object  # datasets.Dataset
-    eval_dataset: object
-    train_collator: Callable  # columnar batch (with its "epoch") -> tensors + "num_loss_items"
-    eval_collator: Callable
-    compute_metrics: Callable[["EvalOutput"], dict]
-    hf_model: torch.nn.Module  # the transformers model inside `model`, saved with save_pretrained
-    tokenizer: object
-    columns: Optional[list[str]] = None  # dataset columns the collators read (None: all)
-    # Rank 0, after each evaluation, e.g. probes; what it returns (e.g. generated text) is logged with the step.
-    after_evaluation: Optional[Callable[[torch.nn.Module], Optional[dict]]] = None
-    main_metric: str = "eval_loss"  # the default --metric_for_best_model
-    # Training FLOPs per token at a given sequence length, for MFU (default: every head position computed).
-    flops_per_token: Optional[Callable[[float], float]] = None
-    # Per training sample, then per replay sample; given: length-grouped batches.
-    train_lengths: Optional[list[int]] = None
-    # Called on every rank after the backward passes of a step, before clipping and the update (which skips
-    # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
-    before_optimizer_step: Optional[Callable[["TrainState"], None]] = None
-    # Modules whose tensor shapes follow the data (e.g. mlm's last layer on the masked rows): --torch_compile leaves
-    # them eager, so that the compiled blocks never see a new shape.
-    eager_modules: list = field(default_factory=list)
-    # Experience replay (trainer.replay): an earlier task's data, prepared exactly as `train_dataset` (same
-    # columns), of which `replay_ratio` of every global batch is made.
-    replay_dataset: object = None
-    replay_ratio: Optional[float] = None
-
-
-@dataclass
-class EvalOutput:
-    loss_sum: float  # summed over every evaluation item of every rank
-    num_items: int
-    predictions: Optional[dict] = None  # sample id -> prediction, gathered from all ranks
-
-    @property
-    def mean_loss(self) -> float:
-        return self.loss_sum / max(self.num_items, 1)
-
-
-def perplexity_metrics(count_name: str):
-    """compute_metrics for a language model: mean loss per predicted token, its perplexity, and how many tokens
-    (`count_name`) the exact float64 sums of the engine's evaluation counted."""
-
-    def compute(output: EvalOutput) -> dict:
-        return {"loss": output.mean_loss, "perplexity": math.exp(min(output.mean_loss, 700.0)),
-                count_name: output.num_items}
-
-    return compute
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    samples_in_epoch: int = 0  # position in the epoch's global sample order
-    replay_position: int = 0  # replay samples drawn so far: the position in the replay stream (trainer.replay)
-    tokens_seen: int = 0  # input tokens over all ranks
-    loss_sum: float = 0.0  # training loss summed over every loss item of the run so far, all ranks
-    loss_items: int = 0
-    metrics: dict = field(default_factory=dict)
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, saved: dict) -> None:
-        """From a checkpoint's trainer state; a field the checkpoint predates keeps its starting value."""
-        for name, start in asdict(TrainState()).items():
-            setattr(self, name, saved.get(name, start))
 
 
 class Engine:
@@ -421,7 +350,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------- saving
     def save_fisher(self, directory: str) -> None:
-        """--save_fisher: the Fisher information and anchor of the model just saved, beside it (see trainer.ewc)."""
+        """--save_fisher: the Fisher information and anchor of the model just saved, beside it (see continual/ewc.py)."""
         def loader(dataset, columns, index_batches, collator):
             return make_loader(dataset, columns, index_batches, collator, 0, pin_memory=False)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
-from trainer.distributed import any_rank
+from trainer.distributed.collectives import any_rank
 
 STOPPED_EXIT_CODE = 0  # the job did what it was asked: checkpoint and leave; a scheduler may requeue it
 

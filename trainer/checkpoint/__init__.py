@@ -1,0 +1,1 @@
+"""Checkpoints: the checkpointer, sharded (FSDP/DeepSpeed) state, atomic file writing and finding checkpoints."""

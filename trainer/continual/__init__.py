@@ -1,0 +1,1 @@
+"""Continual learning: elastic weight consolidation and experience replay."""

@@ -1,0 +1,1 @@
+"""Data: loading files and Hub datasets, batching, the global sample order, the embedded demo data."""

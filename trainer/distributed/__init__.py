@@ -1,0 +1,1 @@
+"""Processes: start-up and backends, collectives, step mechanics, per-rank parameter access, DeepSpeed configs."""

@@ -1,0 +1,65 @@
+"""What a job hands the engine (`Task`) and what an evaluation gives back (`EvalOutput`)."""
+from __future__ import annotations
+
+import math
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from trainer.engine.state import TrainState
+
+
+@dataclass
+class Task:
+    """What a job gives the engine."""
+
+    model: torch.nn.Module  # forward(**batch) -> {"loss_sum": Tensor, optional "predictions": Tensor}
+    train_dataset: object  # datasets.Dataset
+    eval_dataset: object
+    train_collator: Callable  # columnar batch (with its "epoch") -> tensors + "num_loss_items"
+    eval_collator: Callable
+    compute_metrics: Callable[["EvalOutput"], dict]
+    hf_model: torch.nn.Module  # the transformers model inside `model`, saved with save_pretrained
+    tokenizer: object
+    columns: Optional[list[str]] = None  # dataset columns the collators read (None: all)
+    # Rank 0, after each evaluation, e.g. probes; what it returns (e.g. generated text) is logged with the step.
+    after_evaluation: Optional[Callable[[torch.nn.Module], Optional[dict]]] = None
+    main_metric: str = "eval_loss"  # the default --metric_for_best_model
+    # Training FLOPs per token at a given sequence length, for MFU (default: every head position computed).
+    flops_per_token: Optional[Callable[[float], float]] = None
+    # Per training sample, then per replay sample; given: length-grouped batches.
+    train_lengths: Optional[list[int]] = None
+    # Called on every rank after the backward passes of a step, before clipping and the update (which skips
+    # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
+    before_optimizer_step: Optional[Callable[["TrainState"], None]] = None
+    # Modules whose tensor shapes follow the data (e.g. mlm's last layer on the masked rows): --torch_compile leaves
+    # them eager, so that the compiled blocks never see a new shape.
+    eager_modules: list = field(default_factory=list)
+    # Experience replay (trainer.continual.replay): an earlier task's data, prepared exactly as `train_dataset` (same
+    # columns), of which `replay_ratio` of every global batch is made.
+    replay_dataset: object = None
+    replay_ratio: Optional[float] = None
+
+
+@dataclass
+class EvalOutput:
+    loss_sum: float  # summed over every evaluation item of every rank
+    num_items: int
+    predictions: Optional[dict] = None  # sample id -> prediction, gathered from all ranks
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.num_items, 1)
+
+
+def perplexity_metrics(count_name: str):
+    """compute_metrics for a language model: mean loss per predicted token, its perplexity, and how many tokens
+    (`count_name`) the exact float64 sums of the engine's evaluation counted."""
+
+    def compute(output: EvalOutput) -> dict:
+        return {"loss": output.mean_loss, "perplexity": math.exp(min(output.mean_loss, 700.0)),
+                count_name: output.num_items}
+
+    return compute

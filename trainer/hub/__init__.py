@@ -1,0 +1,1 @@
+"""The Hugging Face Hub: reachability checks and pushing the output directory."""
