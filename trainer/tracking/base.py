@@ -29,6 +29,7 @@ class Tracker:
         self.run_name = run_name
         self.output_dir = output_dir
         self.already_logged: dict[str, int] = {}  # metric -> the last step the run already holds (on resume)
+        self.run = None  # the library's run, where it has one
 
     def check(self) -> None:
         """Before any work: the package is installed and the server answers; else a UsageError."""
@@ -39,7 +40,10 @@ class Tracker:
         """Begin (or, with `resumed_state`, continue) the run. `config`: the arguments, secrets redacted."""
 
     def log(self, step: int, metrics: dict) -> None:
-        raise NotImplementedError
+        """By default the library's run object (W&B's, trackio's: `self.run`) takes the step's new numbers."""
+        scalars = self.new_scalars(step, metrics)
+        if scalars:
+            self.run.log(scalars, step=step)
 
     def state_dict(self) -> dict:
         return {}

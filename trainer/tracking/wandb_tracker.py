@@ -18,10 +18,6 @@ class WandbTracker(Tracker):
     name = "wandb"
     package = "wandb"
 
-    def __init__(self, run_name: str, output_dir: str):
-        super().__init__(run_name, output_dir)
-        self.run = None
-
     def check(self) -> None:
         super().check()
         if os.environ.get("WANDB_MODE", "online") in OFFLINE_MODES:
@@ -47,11 +43,6 @@ class WandbTracker(Tracker):
 
     def new_scalars(self, step: int, metrics: dict) -> dict:
         return {} if step <= self.already_logged.get("*", -1) else super().new_scalars(step, metrics)
-
-    def log(self, step: int, metrics: dict) -> None:
-        scalars = self.new_scalars(step, metrics)
-        if scalars:
-            self.run.log(scalars, step=step)
 
     def state_dict(self) -> dict:
         return {"run_id": self.run.id} if self.run is not None else {}
