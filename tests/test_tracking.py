@@ -131,6 +131,16 @@ def test_wandb_offline_run_continues_with_the_same_id(tracked_resumed_run):
     assert {step: values[-1] for step, values in logged.items()} == dict(train_losses(out))
 
 
+def test_tensorboard_drops_the_events_after_the_checkpoint_resumed_from(tracked_resumed_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _, _, _ = tracked_resumed_run
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, pytest.approx(v, rel=1e-6))
+                                                                          for s, v in train_losses(out)]
+
+
 def test_trackio_run_resumed_in_place(tracked_resumed_run):
     out, env, root, _ = tracked_resumed_run
     # trackio reads TRACKIO_DIR when it is imported: read its store in a process of its own.

@@ -37,7 +37,9 @@ class Tracker:
             import_package(self.package, self.name)
 
     def start(self, config: dict, resumed_state: Optional[dict]) -> None:
-        """Begin (or, with `resumed_state`, continue) the run. `config`: the arguments, secrets redacted."""
+        """Begin the run, or continue it on resume: `resumed_state` is then the tracker's `state_dict()` from the
+        checkpoint (empty if it was not used before) with `resumed_step` added; None on a fresh run. `config`:
+        the arguments, secrets redacted."""
 
     def log(self, step: int, metrics: dict) -> None:
         """By default the library's run object (W&B's, trackio's: `self.run`) takes the step's new numbers."""

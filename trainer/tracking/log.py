@@ -29,9 +29,9 @@ class MetricsLog:
         if not self.started:
             self.started = True
             for tracker in list(self.trackers):
-                resumed = self.saved_states.get(tracker.name) if self.resumed_step is not None else None
-                self.call(tracker, "start", self.config,
-                          None if resumed is None else {**resumed, "resumed_step": self.resumed_step})
+                resumed = (None if self.resumed_step is None else
+                           {**self.saved_states.get(tracker.name, {}), "resumed_step": self.resumed_step})
+                self.call(tracker, "start", self.config, resumed)
         curves = {curve_name(key): value for key, value in named.items()}
         for tracker in list(self.trackers):
             self.call(tracker, "log", step, curves)

@@ -7,6 +7,7 @@ import time
 from typing import Optional
 
 from trainer.tracking.base import Tracker, import_package, require_reachable
+from trainer.tracking.console import logger
 
 MAX_BATCH = 100  # MLflow's limit of parameters per log_batch call
 
@@ -30,10 +31,12 @@ class MlflowTracker(Tracker):
         from mlflow import MlflowClient
         from mlflow.entities import Param
 
+        resumed = resumed_state if resumed_state and "run_id" in resumed_state else None  # else: a new run
         self.client = client = MlflowClient()
-        if resumed_state:
-            self.run_id = resumed_state["run_id"]
+        if resumed:
+            self.run_id = resumed["run_id"]
             client.update_run(self.run_id, status="RUNNING")
+            logger.info("MLflow: resumed run %s", self.run_id)
             # A crash after the checkpoint left steps that are now redone: each (metric, step) is kept once.
             self.already_logged = {key: max(m.step for m in client.get_metric_history(self.run_id, key))
                                    for key in client.get_run(self.run_id).data.metrics}
@@ -42,6 +45,7 @@ class MlflowTracker(Tracker):
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
         self.run_id = client.create_run(experiment_id, run_name=self.run_name).info.run_id
+        logger.info("MLflow: new run %s in experiment %s", self.run_id, name)
         params = [Param(key, str(value)[:6000]) for key, value in sorted(config.items())]
         for start in range(0, len(params), MAX_BATCH):
             client.log_batch(self.run_id, params=params[start:start + MAX_BATCH])

@@ -4,11 +4,15 @@ arguments. trackio finds a run by its name, so a new run whose name the project 
 <name>-2 (-3, ...)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import os
+import shlex
 from typing import Optional
 
 from trainer.tracking.base import Tracker
+from trainer.tracking.console import logger
 
 
 class TrackioTracker(Tracker):
@@ -22,16 +26,20 @@ class TrackioTracker(Tracker):
     def start(self, config: dict, resumed_state: Optional[dict]) -> None:
         import trackio
 
-        if resumed_state:
-            self.project, name = resumed_state["project"], resumed_state["run_name"]
+        resumed = resumed_state if resumed_state and "run_name" in resumed_state else None  # else: a new run
+        if resumed:
+            self.project, name = resumed["project"], resumed["run_name"]
         else:  # trackio finds a run by its name: a new one gets a name of its own in the project
             taken = set(trackio.SQLiteStorage.get_runs(self.project))
             candidates = itertools.chain([self.run_name], (f"{self.run_name}-{n}" for n in itertools.count(2)))
             name = next(candidate for candidate in candidates if candidate not in taken)
-        self.run = trackio.init(project=self.project, name=name, config=config,
-                                resume="must" if resumed_state else "never", embed=False, auto_log_cpu=False,
-                                auto_log_gpu=False)
-        if resumed_state:  # a crash after the checkpoint left steps that are now redone: each is kept once
+        with contextlib.redirect_stdout(io.StringIO()):  # its banner would break the log's one-line records
+            self.run = trackio.init(project=self.project, name=name, config=config,
+                                    resume="must" if resumed else "never", embed=False, auto_log_cpu=False,
+                                    auto_log_gpu=False)
+        logger.info("trackio: %s run %s in project %s (trackio show --project %s)",
+                    "resumed" if resumed else "new", name, self.project, shlex.quote(self.project))
+        if resumed:  # a crash after the checkpoint left steps that are now redone: each is kept once
             for record in trackio.SQLiteStorage.get_logs(self.project, self.run.name):
                 for key in record:
                     self.already_logged[key] = max(self.already_logged.get(key, -1), record["step"])
@@ -41,4 +49,5 @@ class TrackioTracker(Tracker):
 
     def finish(self, completed: bool = True) -> None:
         if self.run is not None:
-            self.run.finish()
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.run.finish()

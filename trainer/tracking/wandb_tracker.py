@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from trainer.errors import require
 from trainer.tracking.base import Tracker, require_reachable
+from trainer.tracking.console import logger
 
 OFFLINE_MODES = ("offline", "dryrun", "disabled")
 
@@ -31,15 +32,19 @@ class WandbTracker(Tracker):
     def start(self, config: dict, resumed_state: Optional[dict]) -> None:
         import wandb
 
+        resumed = resumed_state if resumed_state and "run_id" in resumed_state else None  # else: a new run
         directory = os.environ.get("WANDB_DIR") or self.output_dir
         os.makedirs(directory, exist_ok=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "trainer"), name=self.run_name,
                               config=config, dir=directory, reinit="create_new",
-                              id=resumed_state["run_id"] if resumed_state else None,
-                              resume="allow" if resumed_state else None,
+                              id=resumed["run_id"] if resumed else None,
+                              resume="allow" if resumed else None,
                               settings=wandb.Settings(x_disable_meta=True, silent=True))
-        if resumed_state and self.run.step:  # online: W&B refuses steps below the run's current one
+        if resumed and self.run.step:  # online: W&B refuses steps below the run's current one
             self.already_logged = {"*": self.run.step - 1}
+        logger.info("W&B: %s run %s (%s)", "resumed" if resumed else "new", self.run.id,
+                    f"offline: wandb sync {self.run.dir.removesuffix('/files')}" if self.run.offline
+                    else self.run.url)
 
     def new_scalars(self, step: int, metrics: dict) -> dict:
         return {} if step <= self.already_logged.get("*", -1) else super().new_scalars(step, metrics)
