@@ -91,6 +91,7 @@ def tracked_resumed_run(corpus, tokenizer_dir, job_env, tmp_path_factory):
             "--hub_token", SECRET, "--run_name", "resumed-run"]
     first = run_job("trainer.mlm", args, with_env(env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=11), check=False)
     assert first.returncode == 0 and "saved checkpoint-6" in first.stdout + first.stderr, first.stdout[-3000:]
+    assert mlflow_runs(env)[0].info.status == "KILLED"  # until it is resumed
     second = run_job("trainer.mlm", [*args, "--resume_from_checkpoint", str(out / "checkpoint-4")], env)
     return out, env, root, first.stdout + first.stderr + second.stdout + second.stderr
 
@@ -99,12 +100,19 @@ def train_losses(out) -> list[tuple[int, float]]:
     return [(r["step"], r["train_loss"]) for r in read_history(out) if "train_loss" in r]
 
 
+def mlflow_runs(env) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    return client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+
+
 def test_mlflow_keeps_one_run_with_every_step_once(tracked_resumed_run):
     from mlflow import MlflowClient
 
     out, env, root, _ = tracked_resumed_run
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    runs = mlflow_runs(env)
     assert len(runs) == 1 and runs[0].info.run_name == "resumed-run" and runs[0].info.status == "FINISHED"
     history = client.get_metric_history(runs[0].info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == train_losses(out)

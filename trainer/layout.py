@@ -19,3 +19,4 @@ ADAPTER_MANIFEST_FILE = "bottleneck_adapters.json"  # bottleneck adapters (train
 ADAPTER_WEIGHTS_FILE = "bottleneck_adapters.safetensors"
 HISTORY_FILE = "log_history.jsonl"  # every logged number (trainer/tracking/history.py)
 TENSORBOARD_DIR = "runs"  # TensorBoard's event files (trainer/tracking/tensorboard.py)
+WANDB_DIR = "wandb"  # W&B's run files, unless $WANDB_DIR is set (trainer/tracking/wandb_tracker.py)

@@ -13,11 +13,11 @@ import os
 import shutil
 
 from trainer.config.parsing import as_dict
-from trainer.layout import HISTORY_FILE
+from trainer.layout import HISTORY_FILE, WANDB_DIR
 from trainer.tracking.console import logger
 
 SNAPSHOT_DIR = ".hub_snapshot"
-NOT_PUSHED = ["checkpoint-*", "checkpoint-*/**", f"{SNAPSHOT_DIR}/**", "*.pt"]
+NOT_PUSHED = ["checkpoint-*", "checkpoint-*/**", f"{SNAPSHOT_DIR}/**", "*.pt", f"{WANDB_DIR}/**"]
 
 
 class HubPusher:
