@@ -97,6 +97,15 @@ trainer_activate_python() {
     TRAINER_PYTHON=${TRAINER_PYTHON:-python3}
 }
 
+# The names inside the output directory (checkpoint-<step>/, checkpoint_complete, all_results.json, ...) from the
+# package itself, trainer/layout.py, as TRAINER_LAYOUT_<NAME> variables; with the Python that runs the job.
+trainer_load_layout() {
+    local assignments
+    assignments=$("$TRAINER_PYTHON" -m trainer.layout) ||
+        trainer_die_with_usage "$TRAINER_PYTHON cannot run trainer.layout: install the package or set TRAINER_VENV"
+    eval "$assignments"
+}
+
 trainer_processes_per_node() {
     if [[ -n ${TRAINER_NPROC_PER_NODE:-} ]]; then
         echo "$TRAINER_NPROC_PER_NODE"
@@ -148,7 +157,7 @@ trainer_torchrun_options() {
 trainer_resume_options() {
     TRAINER_RESUME=()
     if ((${SLURM_RESTART_COUNT:-0} > 0)) && ! trainer_is_config_file "$@" &&
-        compgen -G "$TRAINER_OUTPUT_DIR/checkpoint-*/checkpoint_complete" >/dev/null; then
+        compgen -G "$TRAINER_OUTPUT_DIR/$TRAINER_LAYOUT_PREFIX*/$TRAINER_LAYOUT_COMPLETE_MARKER" >/dev/null; then
         TRAINER_RESUME=(--resume_from_checkpoint latest)
     fi
 }
@@ -206,7 +215,8 @@ trainer_run_launcher() {
 # Training finished in this run when it wrote the final results (the workers exit 0 both after finishing and after
 # a stop, and torchrun exits non-zero after forwarding any signal, so neither exit code tells which happened).
 trainer_finished_in_this_run() {
-    [[ -f $TRAINER_OUTPUT_DIR/all_results.json && $(stat -c %Y "$TRAINER_OUTPUT_DIR/all_results.json") -ge $TRAINER_RUN_START ]]
+    local results=$TRAINER_OUTPUT_DIR/$TRAINER_LAYOUT_RESULTS_FILE
+    [[ -f $results && $(stat -c %Y "$results") -ge $TRAINER_RUN_START ]]
 }
 
 trainer_requeue_if_stopped() {
@@ -240,6 +250,7 @@ trainer_main() {
     trainer_activate_python
     trainer_check_arguments "$@"
     trainer_setup_environment
+    trainer_load_layout
     trainer_torchrun_options "$mode"
     trainer_resume_options "$@"
     trainer_launch_command "$mode" "$@"

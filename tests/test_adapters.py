@@ -201,7 +201,8 @@ def corrupted_copy(two_tasks, directory, name: str, content: bytes) -> str:
 def bad_adapter_inputs(two_tasks, mlm_checkpoint, tokenizer_dir, directory) -> dict:
     adapter = ["--model_name_or_path", mlm_checkpoint, "--finetune_strategy", "adapter"]
     return {
-        "corrupt manifest": (["--model_name_or_path", corrupted_copy(two_tasks, directory / "m", ADAPTER_MANIFEST_FILE, b"{"),
+        "corrupt manifest": (["--model_name_or_path",
+                              corrupted_copy(two_tasks, directory / "m", ADAPTER_MANIFEST_FILE, b"{"),
                               "--finetune_strategy", "adapter", "--adapter_name", "new"],
                              f"{ADAPTER_MANIFEST_FILE} is unreadable"),
         "truncated weights": (["--model_name_or_path", corrupted_copy(two_tasks, directory / "w", ADAPTER_WEIGHTS_FILE,

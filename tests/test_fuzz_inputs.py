@@ -131,6 +131,11 @@ def make_data_file(case: str, directory, lines: list[str]) -> str:
         # bad ones
         "empty": lambda: write_bytes(d / "empty.txt", b""),
         "whitespace_only": lambda: write_bytes(d / "ws.txt", b" \n\t\n\r\n" * 50),
+        "nul_only": lambda: write_bytes(d / "nul_only.txt", b"\x00" * 5000),
+        "newlines_only": lambda: write_bytes(d / "newlines.txt", b"\n" * 5000),
+        "boms_only": lambda: write_bytes(d / "boms.txt", b"\xef\xbb\xbf" * (KB * KB)),  # chunks cut BOMs in two
+        "sparse_nul_2gb": lambda: sparse_file(d / "sparse.txt", 2 * KB ** 3),
+        "blank_run_then_text": lambda: write_bytes(d / "blank_run.txt", b" \n" * 3000 + text.encode() + b"\n"),
         "one_line": lambda: write_bytes(d / "one.txt", b"just one short line\n"),
         "invalid_utf8": lambda: write_bytes(d / "latin1.txt", "caf\xe9 cr\xe8me\n".encode("latin-1") * 40),
         "random_bytes": lambda: write_bytes(d / "noise.txt", bytes(range(256)) * 64),
@@ -154,6 +159,13 @@ def make_data_file(case: str, directory, lines: list[str]) -> str:
     return makers[case]()
 
 
+def sparse_file(path, size: int) -> str:
+    """A file of `size` NUL bytes that takes no disk space (a hole)."""
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+    return str(path)
+
+
 def symlink(link, target) -> str:
     os.symlink(target, link)
     return str(link)
@@ -169,7 +181,12 @@ DATA_CASES = [
     ("blank_lines", "ok"), ("jsonl_nulls", "ok"), ("jsonl_extra_mixed", "ok"), 
     ("csv_quoting", "ok"), ("parquet", "ok"), ("symlink", "ok"),
     ("empty", "is empty"),
-    ("whitespace_only", "too short for one block"),
+    ("whitespace_only", "holds no text"),
+    ("nul_only", "holds no text"),
+    ("newlines_only", "holds no text"),
+    ("boms_only", "holds no text"),
+    ("sparse_nul_2gb", "its first line is longer than 64 MiB"),
+    ("blank_run_then_text", "ok"),
     ("one_line", "too few"),
     ("invalid_utf8", "could not be read as text"),
     ("random_bytes", "could not be read as text"),
@@ -499,6 +516,11 @@ def clm_case(case: str, corpus, directory, gpt2_checkpoint) -> tuple[list[str], 
         "empty": (data("empty"), "is empty"),
         "random_bytes": (data("random_bytes"), "could not be read as text"),
         "jsonl_object_text": (data("jsonl_object_text"), "not text"),
+        "whitespace_only": (data("whitespace_only"), "holds no text"),
+        "nul_only": (data("nul_only"), "holds no text"),
+        "boms_only": (data("boms_only"), "holds no text"),
+        "sparse_nul_2gb": (data("sparse_nul_2gb"), "its first line is longer than 64 MiB"),
+        "blank_run_then_text": (data("blank_run_then_text"), "ok"),  # a tokenizer batch of blank lines only
         "one_short_line": (["--train_file", write_bytes(directory / "short.txt", b"a short film .\n" * 2)],
                            "too short for one block of 32 tokens"),
         # flags
@@ -525,7 +547,8 @@ def clm_case(case: str, corpus, directory, gpt2_checkpoint) -> tuple[list[str], 
     return cases[case]
 
 
-CLM_CASES = ["crlf", "jsonl_other_name", "empty", "random_bytes", "jsonl_object_text", "one_short_line",
+CLM_CASES = ["crlf", "jsonl_other_name", "empty", "random_bytes", "jsonl_object_text", "whitespace_only", "nul_only",
+             "boms_only", "sparse_nul_2gb", "blank_run_then_text", "one_short_line",
              "block_size_not_a_number", "packing_choice", "keep_linebreaks_value", "probe_new_tokens",
              "mlm_length_flag", "mlm_flag", "not_a_causal_lm", "prefix_tuning_with_document_packing",
              "output_dir_is_file", "validation_file_missing", "tokenizer_empty_dir", "model_empty_dir",

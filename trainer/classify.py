@@ -31,6 +31,7 @@ from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune.adapters import load_base_with_adapters, loading_code
 from trainer.finetune.strategies import (FinetuneArguments, SharedLabels, apply_strategy, check_finetuning,
                                          distillation_loss, load_teacher)
+from trainer.layout import PREDICTIONS_FILE
 from trainer.models.loading import check_sequence_length, is_adapter_directory, load_model, load_tokenizer
 from trainer.tracking.console import logger
 
@@ -44,7 +45,8 @@ class ClassifyArguments:
     text_pair_column: Optional[str] = arg(None, "Column with the second sentence of a pair (e.g. GLUE MRPC).")
     label_column: str = arg("label", "Column with the labels: integers or strings.")
     test_file: Optional[str] = arg(None, "Data to predict with --do_predict (labels optional).")
-    do_predict: bool = arg(False, "After training, write predictions for --test_file to output_dir/predictions.jsonl.")
+    do_predict: bool = arg(False, f"After training, write predictions for --test_file to "
+                                  f"output_dir/{PREDICTIONS_FILE}.")
     metrics: list[str] = arg(["accuracy", "f1", "matthews_correlation"],
                              "evaluate metrics: names of the package's offline modules (accuracy, f1, "
                              "matthews_correlation), paths to metric scripts, or Hub metric names.", nargs="+")
@@ -316,7 +318,7 @@ def predict_test_set(test_set, labels: LabelMapping, engine) -> None:
     """After training, on every rank: the test set's class probabilities, written by rank 0."""
     probabilities = engine.predict(test_set, "probabilities", drop=("labels",))
     if engine.accelerator.is_main_process:
-        write_predictions(os.path.join(engine.args.output_dir, "predictions.jsonl"), probabilities, labels.id2label)
+        write_predictions(os.path.join(engine.args.output_dir, PREDICTIONS_FILE), probabilities, labels.id2label)
 
 
 def headline(metrics: dict) -> str:

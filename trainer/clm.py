@@ -71,7 +71,7 @@ def tokenize_documents(raw_splits, text_column: str, tokenizer, data_args):
 
     def tokenize(batch):
         texts = [text for text in batch[text_column] if text and not text.isspace()]
-        encoded = tokenizer(texts, verbose=False)["input_ids"]
+        encoded = tokenizer(texts, verbose=False)["input_ids"] if texts else []  # transformers fails on no texts
         if eos is not None:
             encoded = [ids if ids and ids[-1] == eos else ids + [eos] for ids in encoded]
         return {"input_ids": encoded}

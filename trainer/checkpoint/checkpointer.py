@@ -38,7 +38,8 @@ from trainer.distributed.collectives import all_gather_objects
 from trainer.distributed.launch import sharded_state_name
 from trainer.distributed.parameters import full_state_dict
 from trainer.errors import JobStopped, require
-from trainer.layout import PEFT_WEIGHTS_FILE, PREFIX, STATE_FILE
+from trainer.layout import (MODEL_WEIGHTS_FILE, OPTIMIZER_FILE, PEFT_WEIGHTS_FILE, SCALER_FILE, SCHEDULER_FILE,
+                            STATE_FILE, TEMPORARY_SUFFIX, checkpoint_name, rank_state_file)
 from trainer.tracking.console import logger
 
 SAVE_FAILED_EXIT_CODE = 2  # the environment (disk space, quota, permissions), like any other bad input
@@ -93,14 +94,14 @@ class Checkpointer:
         on every rank with one line naming the last good checkpoint, after removing the partial directory;
         the previous checkpoints stay as they were (rotation only runs after a complete save)."""
         state, accelerator = self.train_state, self.accelerator
-        final = os.path.join(self.args.output_dir, f"{PREFIX}{state.step}")
-        temporary = final + ".tmp"
+        final = os.path.join(self.args.output_dir, checkpoint_name(state.step))
+        temporary = final + TEMPORARY_SUFFIX
         writes = Writes(temporary)
         if accelerator.is_main_process:
             writes.run(fresh_directory, temporary)
         accelerator.wait_for_everyone()
         writes.run(torch.save, {"rng": rng_states(), "window": window.state_dict(), "world_size": self.world_size},
-                   os.path.join(temporary, f"rank-{accelerator.process_index}.pt"))
+                   os.path.join(temporary, rank_state_file(accelerator.process_index)))
         # Under DeepSpeed and FSDP every rank takes part: the weight gather (ZeRO-3, FSDP) and the sharded save.
         model_state = full_state_dict(accelerator, self.model, self.hf_model)
         if self.sharded:
@@ -130,10 +131,10 @@ class Checkpointer:
         if self.accelerator.is_main_process and temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
         last = self.last_saved_step
-        what = (f"{os.path.basename(temporary[:-4])} failed: {failures[0]}; removed the partial {temporary}"
-                if temporary is not None else f"the final model into {self.args.output_dir} failed: {failures[0]}")
+        what = (f"{os.path.basename(temporary.removesuffix(TEMPORARY_SUFFIX))} failed: {failures[0]}; removed the "
+                f"partial {temporary}" if temporary is not None else f"the final model into {self.args.output_dir} failed: {failures[0]}")
         raise JobStopped(f"saving {what}. The last good checkpoint is "
-                         f"{f'{PREFIX}{last}' if last is not None else 'none (none was saved yet)'} in "
+                         f"{checkpoint_name(last) if last is not None else 'none (none was saved yet)'} in "
                          f"{self.args.output_dir}; free disk space (or choose another --output_dir) and run the same "
                          f"command again to resume", SAVE_FAILED_EXIT_CODE)
 
@@ -155,10 +156,10 @@ class Checkpointer:
         self.hf_model.save_pretrained(directory, state_dict=model_state)
         self.tokenizer.save_pretrained(directory)
         if not self.sharded:  # otherwise the optimizer state is in the sharded checkpoint
-            torch.save(self.optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
-        torch.save(self.scheduler.state_dict(), os.path.join(directory, "scheduler.pt"))
+            torch.save(self.optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+        torch.save(self.scheduler.state_dict(), os.path.join(directory, SCHEDULER_FILE))
         if self.accelerator.scaler is not None:
-            torch.save(self.accelerator.scaler.state_dict(), os.path.join(directory, "scaler.pt"))
+            torch.save(self.accelerator.scaler.state_dict(), os.path.join(directory, SCALER_FILE))
         write_json(os.path.join(directory, STATE_FILE), {
             **self.train_state.state_dict(), "world_size": self.world_size,
             "best_metric": self.best_metric, "best_checkpoint": self.best_checkpoint,
@@ -214,10 +215,10 @@ class Checkpointer:
             self.load_sharded_state(os.path.join(path, self.sharded))
         else:
             self.load_model_weights(path)
-            self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu"))
-        self.scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt")))
-        if self.accelerator.scaler is not None and os.path.isfile(os.path.join(path, "scaler.pt")):
-            self.accelerator.scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt")))
+            self.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu"))
+        self.scheduler.load_state_dict(torch.load(os.path.join(path, SCHEDULER_FILE)))
+        if self.accelerator.scaler is not None and os.path.isfile(os.path.join(path, SCALER_FILE)):
+            self.accelerator.scaler.load_state_dict(torch.load(os.path.join(path, SCALER_FILE)))
         state = self.train_state
         state.load_state_dict(saved)
         self.best_metric, self.best_checkpoint = saved["best_metric"], saved["best_checkpoint"]
@@ -238,12 +239,12 @@ class Checkpointer:
         """
         rank = self.accelerator.process_index
         if saved_world_size == self.world_size:
-            rank_state = torch.load(os.path.join(path, f"rank-{rank}.pt"), weights_only=False)
+            rank_state = torch.load(os.path.join(path, rank_state_file(rank)), weights_only=False)
             set_rng_states(rank_state["rng"])
             window.load_state_dict(rank_state["window"])
         elif rank == 0:
             for saved_rank in range(saved_world_size):
-                window.add_state_dict(torch.load(os.path.join(path, f"rank-{saved_rank}.pt"),
+                window.add_state_dict(torch.load(os.path.join(path, rank_state_file(saved_rank)),
                                                  weights_only=False)["window"])
 
     def load_model_weights(self, path: str) -> None:
@@ -260,7 +261,7 @@ class Checkpointer:
             require(not result.unexpected_keys, f"checkpoint {path} does not fit the model's adapters: unexpected "
                                                 f"{sorted(result.unexpected_keys)[:5]}")
             return
-        weights = load_file(os.path.join(path, "model.safetensors"))  # load_state_dict copies to the device
+        weights = load_file(os.path.join(path, MODEL_WEIGHTS_FILE))  # load_state_dict copies to the device
         missing, unexpected = model.load_state_dict(weights, strict=False)
         tied = set(model.get_expanded_tied_weights_keys())  # save_pretrained stores tied weights once
         require(not unexpected and set(missing) <= tied,

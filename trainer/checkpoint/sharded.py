@@ -9,6 +9,7 @@ import torch
 
 from trainer.distributed.launch import sharded_state_name
 from trainer.errors import require
+from trainer.layout import DEEPSPEED_STATE_DIR, FSDP_STATE_DIR
 
 
 def save_fsdp_checkpoint(model, optimizer, directory: str) -> None:
@@ -39,13 +40,13 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def save_deepspeed_checkpoint(model, optimizer, directory: str, tag: str = "deepspeed") -> None:
+def save_deepspeed_checkpoint(model, optimizer, directory: str, tag: str = DEEPSPEED_STATE_DIR) -> None:
     """DeepSpeed's sharded checkpoint under `directory/tag`: every rank writes its own model/optimizer shards
     (the DeepSpeed engine `model` holds the optimizer; `optimizer` is there for the signature FSDP's needs)."""
     model.save_checkpoint(directory, tag=tag)
 
 
-def load_deepspeed_checkpoint(model, optimizer, directory: str, tag: str = "deepspeed") -> None:
+def load_deepspeed_checkpoint(model, optimizer, directory: str, tag: str = DEEPSPEED_STATE_DIR) -> None:
     """Every rank reads back its shards; a missing or foreign checkpoint is an error, not a silent fresh start."""
     path, _ = model.load_checkpoint(directory, tag=tag, load_module_strict=True)
     require(path is not None, f"no DeepSpeed checkpoint '{tag}' in {directory}")
@@ -55,5 +56,5 @@ def sharded_checkpoint_functions(accelerator):
     """(save, load) of this run's sharded checkpoint, each called as f(model, optimizer, directory) on every rank."""
     kind = sharded_state_name(accelerator)
     require(kind is not None, "sharded state is only saved and loaded under DeepSpeed or FSDP")
-    return {"deepspeed": (save_deepspeed_checkpoint, load_deepspeed_checkpoint),
-            "fsdp": (save_fsdp_checkpoint, load_fsdp_checkpoint)}[kind]
+    return {DEEPSPEED_STATE_DIR: (save_deepspeed_checkpoint, load_deepspeed_checkpoint),
+            FSDP_STATE_DIR: (save_fsdp_checkpoint, load_fsdp_checkpoint)}[kind]

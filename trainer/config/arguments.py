@@ -14,7 +14,7 @@ from typing import Optional
 
 from trainer.config.parsing import arg
 from trainer.errors import require
-from trainer.layout import FISHER_FILE
+from trainer.layout import FISHER_FILE, checkpoint_name
 from trainer.tracking import tracker_names
 
 DATA_FILE_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -111,6 +111,39 @@ def check_data_file(path: str, flag: str) -> None:
             f"--{flag} {path}: unsupported extension '{extension}'; use one of {', '.join(DATA_FILE_EXTENSIONS)}")
     require(os.access(path, os.R_OK), f"--{flag} {path} is not readable; check its permissions")
     require(os.path.getsize(path) > 0, f"--{flag} {path} is empty")
+    if DATA_FILE_EXTENSIONS[extension] == "text":
+        check_holds_text_lines(path, flag)
+
+
+TEXT_SCAN_CHUNK = 1 << 20
+MAX_FIRST_LINE_BYTES = 64 << 20
+NOT_TEXT = b"\x00 \t\n\r\x0b\x0c"  # NUL and ASCII whitespace
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def check_holds_text_lines(path: str, flag: str) -> None:
+    """A .txt corpus holds some character other than NUL, whitespace and BOMs, and its first line ends within
+    MAX_FIRST_LINE_BYTES. datasets' text loader reads a whole line into memory before anything else happens, so a
+    multi-GB file with no newline (e.g. a sparse file of NULs) would run for minutes in unbounded memory, and a file
+    of only blanks fails deep inside tokenization. The scan stops once it has seen a text byte and a newline, so a
+    real corpus costs one chunk's read."""
+    seen_text = seen_newline = False
+    carried, read = b"", 0  # the start of a BOM cut by the chunk's end
+    with open(path, "rb") as handle:
+        while not (seen_text and seen_newline):
+            chunk = handle.read(TEXT_SCAN_CHUNK)
+            if not chunk:
+                break
+            read += len(chunk)
+            seen_newline = seen_newline or b"\n" in chunk
+            rest = (carried + chunk.translate(None, NOT_TEXT)).replace(UTF8_BOM, b"")
+            carried = rest if UTF8_BOM.startswith(rest) else b""
+            seen_text = seen_text or not UTF8_BOM.startswith(rest)
+            require(seen_newline or read <= MAX_FIRST_LINE_BYTES,
+                    f"--{flag} {path}: its first line is longer than {MAX_FIRST_LINE_BYTES >> 20} MiB (no newline); "
+                    f"a .txt corpus holds one text per line: split it into lines")
+    require(seen_text, f"--{flag} {path} holds no text (only blank lines, NUL bytes or byte-order marks); give a "
+                       f"file with text in it")
 
 
 @dataclass
@@ -137,8 +170,8 @@ class TrainingArguments:
     seed: int = arg(42, "Seed for initialisation, shuffling and masking.")
     logging_steps: int = arg(50, "Log loss, learning rate, grad norm and throughput every N optimizer steps.")
     eval_steps: Optional[int] = arg(None, "Evaluate every N optimizer steps (always at the start and the end).")
-    save_steps: Optional[int] = arg(None, "Save a checkpoint (output_dir/checkpoint-<step>) every N optimizer steps; "
-                                          "one is always saved at the end.")
+    save_steps: Optional[int] = arg(None, f"Save a checkpoint (output_dir/{checkpoint_name('<step>')}) every N "
+                                          f"optimizer steps; one is always saved at the end.")
     save_total_limit: Optional[int] = arg(None, "Keep only the newest N checkpoints (plus the best one with "
                                                 "--load_best_model_at_end).")
     load_best_model_at_end: bool = arg(False, "Keep the checkpoint with the best --metric_for_best_model out of the "
@@ -153,7 +186,7 @@ class TrainingArguments:
         "Unset: an --output_dir holding checkpoints resumes from its newest complete one.")
     stop_signals: list[str] = arg(["SIGTERM", "SIGUSR1", "SIGUSR2"], "Signals that make the job save a checkpoint "
                                   "at the next optimizer step and exit with code 0.", nargs="*")
-    report_to: str = arg("tensorboard", "Where metrics go besides the log and log_history.jsonl: a comma list of "
+    report_to: str = arg("tensorboard", "Trackers that get the metrics, besides the log: a comma list of "
                          "tensorboard, wandb, mlflow, trackio; all (every one whose package is installed) or none.")
     run_name: Optional[str] = arg(None, "The run's name in W&B, MLflow and trackio. Unset: the --output_dir folder "
                                         "name.")

@@ -25,6 +25,8 @@ import torch.distributed as dist
 from trainer.distributed.deepspeed_config import (fill_hidden_size_values, load_deepspeed_config,
                                                   resolve_deepspeed_config)
 from trainer.errors import require
+from trainer.layout import DEEPSPEED_STATE_DIR, FSDP_STATE_DIR
+from trainer.models.blocks import repeated_blocks
 
 
 def make_accelerator(training_args, **plugins):
@@ -73,8 +75,13 @@ def quiet_deepspeed_accelerator_warning() -> None:
     DeepSpeed's first `get_accelerator()` logs that warning on every machine without CUDA. The filter sits on
     DeepSpeed's own logger, so it also catches the imports that come later; DeepSpeed runs keep the warning.
     """
-    logging.getLogger("DeepSpeed").addFilter(
-        lambda record: not record.getMessage().startswith("Setting accelerator to CPU"))
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not_the_cpu_accelerator_warning not in deepspeed_logger.filters:  # once, however many jobs a process runs
+        deepspeed_logger.addFilter(not_the_cpu_accelerator_warning)
+
+
+def not_the_cpu_accelerator_warning(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
 def cpu_threads_per_process(cores: int, local_processes: int) -> int:
@@ -233,16 +240,17 @@ def prepare_for_model(accelerator, hf_model) -> None:
 def name_fsdp_blocks(plugin, hf_model) -> None:
     """With TRANSFORMER_BASED_WRAP and no `fsdp_transformer_layer_cls_to_wrap`, accelerate wraps the classes in
     `_no_split_modules` of the module it prepares, which is the job's task wrapper and has none: the model would
-    be one FSDP unit. Name the Hugging Face model's blocks instead: the class of its longest layer list (BertLayer,
-    GPT2Block, LlamaDecoderLayer), so one YAML serves every model. Not the model's own `_no_split_modules`: BERT's
-    also holds BertEmbeddings, whose word embeddings are tied to the MLM decoder in the root unit."""
+    be one FSDP unit. Name the Hugging Face model's blocks instead: the class of its repeated blocks (BertLayer,
+    GPT2Block, LlamaDecoderLayer: models/blocks.py), so one YAML serves every model. Not the model's own
+    `_no_split_modules`: BERT's also holds BertEmbeddings, whose word embeddings are tied to the MLM decoder in the
+    root unit."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
     policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
     if policy is not transformer_auto_wrap_policy or plugin.transformer_cls_names_to_wrap:
         return
-    layer_lists = [module for module in hf_model.modules() if isinstance(module, torch.nn.ModuleList) and len(module)]
-    names = [type(max(layer_lists, key=len)[0]).__name__] if layer_lists else []
+    blocks = repeated_blocks(hf_model)
+    names = [type(blocks[0]).__name__] if blocks is not None else []
     plugin.transformer_cls_names_to_wrap = names or list(getattr(hf_model, "_no_split_modules", None) or [])
 
 
@@ -270,8 +278,8 @@ def sharded_state_name(accelerator) -> str | None:
     weights), so checkpoints are sharded: "deepspeed" or "fsdp" names the kind (and the checkpoint's
     subdirectory). None under DDP, where rank 0 holds everything."""
     if uses_deepspeed(accelerator):
-        return "deepspeed"
-    return "fsdp" if uses_fsdp(accelerator) else None
+        return DEEPSPEED_STATE_DIR
+    return FSDP_STATE_DIR if uses_fsdp(accelerator) else None
 
 
 def uses_fsdp(accelerator) -> bool:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from trainer.distributed.collectives import main_process_first
 from trainer.errors import require
-from trainer.layout import PREFIX
+from trainer.layout import LOG_HISTORY_FILE, MERGED_DIR, PREFIX, RESULTS_FILE
 from trainer.models.loading import cache_dir
 from trainer.tracking.console import format_number, logger
 
@@ -80,7 +80,7 @@ def run_job(job: JobSpec, task, parsed, accelerator,
         metrics = {**metrics, **(after_training(engine) or {})}
     ft_args = next((a for a in parsed if isinstance(a, FinetuneArguments)), None)
     if accelerator.is_main_process and ft_args is not None and ft_args.merge_adapters:
-        export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, "merged"))
+        export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, MERGED_DIR))
     data_args = next(a for a in parsed if isinstance(a, CorpusArguments))
     finish_job(engine, metrics, data_args, {"task": job.model_card_task, "pipeline_tag": job.pipeline_tag},
                job.headline(metrics), load_code)
@@ -108,7 +108,7 @@ def closing_summary(headline: str, output_dir: str, metrics: dict, pipeline_tag:
     final = {key: value for key, value in metrics.items()
              if (key.startswith("eval_") or key == "train_loss") and isinstance(value, (int, float))}
     lines = [f"done: {headline}",
-             f"  model:   {os.path.abspath(output_dir)} (all_results.json and log_history.jsonl inside)",
+             f"  model:   {os.path.abspath(output_dir)} ({RESULTS_FILE} and {LOG_HISTORY_FILE} inside)",
              f"  final:   {'  '.join(f'{key}={format_number(value)}' for key, value in sorted(final.items()))}",
              f"  load it: {load_code or pipeline_loading(pipeline_tag, output_dir)}"]
     if tensorboard_dir:
@@ -162,5 +162,5 @@ def embedded_corpus_if_no_data(data_args, accelerator, write_files, name: str) -
 
 
 def write_results(output_dir: str, metrics: dict) -> None:
-    with open(os.path.join(output_dir, "all_results.json"), "w") as handle:
+    with open(os.path.join(output_dir, RESULTS_FILE), "w") as handle:
         json.dump(metrics, handle, indent=2, sort_keys=True)

@@ -37,6 +37,7 @@ from trainer.engine.task import EvalOutput, Task
 from trainer.engine.throughput import device_peak, precision_name, training_flops_per_token
 from trainer.errors import JobStopped, require
 from trainer.hub.push import HubPusher
+from trainer.layout import checkpoint_name
 from trainer.models.compilation import compile_blocks, evaluation_stance
 from trainer.models.kernels import fuse_activations
 from trainer.tracking import MetricsLog, choose_trackers
@@ -247,7 +248,7 @@ class Engine:
         last_good = self.checkpointer.last_saved_step
         raise JobStopped(f"non-finite training loss or gradient between optimizer steps {window.first_step} and "
                          f"{self.state.step}; stopping. The last good checkpoint is "
-                         f"{'checkpoint-%d' % last_good if last_good is not None else 'none (none was saved yet)'} "
+                         f"{checkpoint_name(last_good) if last_good is not None else 'none (none was saved yet)'} "
                          f"in {self.args.output_dir}; lower the learning rate or check the data, then resume",
                          DIVERGED_EXIT_CODE)
 
@@ -262,7 +263,7 @@ class Engine:
         if save_due or stopping:
             self.save_checkpoint(window)
         if stopping:
-            raise JobStopped(f"stop signal received: saved checkpoint-{step} in {args.output_dir} and stopped; "
+            raise JobStopped(f"stop signal received: saved {checkpoint_name(step)} in {args.output_dir} and stopped; "
                              f"run the same command again to resume", STOPPED_EXIT_CODE)
 
     def save_checkpoint(self, window: "Window") -> None:

@@ -2,8 +2,8 @@
 
 Slurm, Kubernetes and most schedulers send SIGTERM (Slurm `--signal=USR1@120` sends SIGUSR1) some time before
 they kill a job. The handler only records the signal; the engine asks `should_stop()` after every optimizer
-step, which reduces the flag over all ranks (see `distributed.any_rank`), so a signal that reached one rank
-stops all of them at the same step instead of leaving the others hanging in the next collective.
+step, which reduces the flag over all ranks (see `distributed.collectives.any_rank`), so a signal that reached one
+rank stops all of them at the same step instead of leaving the others hanging in the next collective.
 
 torchrun forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers by default. To forward SIGUSR1/2 start
 it with `torchrun --signals-to-handle SIGTERM,SIGUSR1,SIGUSR2 ...` or signal the worker processes directly

@@ -13,11 +13,10 @@ import os
 import shutil
 
 from trainer.config.parsing import as_dict
-from trainer.layout import HISTORY_FILE, WANDB_DIR
+from trainer.layout import HUB_SNAPSHOT_DIR, LOG_HISTORY_FILE, MODEL_CARD_FILE, PREFIX, TORCH_STATE_FILES
 from trainer.tracking.console import logger
 
-SNAPSHOT_DIR = ".hub_snapshot"
-NOT_PUSHED = ["checkpoint-*", "checkpoint-*/**", f"{SNAPSHOT_DIR}/**", "*.pt", f"{WANDB_DIR}/**"]
+NOT_PUSHED = [f"{PREFIX}*", f"{PREFIX}*/**", f"{HUB_SNAPSHOT_DIR}/**", TORCH_STATE_FILES]
 
 
 class HubPusher:
@@ -40,9 +39,9 @@ class HubPusher:
         """Called after each save: with --hub_strategy every_save, upload its model and tokenizer files."""
         if not self.enabled or self.args.hub_strategy != "every_save":
             return
-        snapshot = os.path.join(self.args.output_dir, SNAPSHOT_DIR, os.path.basename(checkpoint_dir))
+        snapshot = os.path.join(self.args.output_dir, HUB_SNAPSHOT_DIR, os.path.basename(checkpoint_dir))
         shutil.rmtree(snapshot, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, snapshot, copy_function=os.link, ignore=shutil.ignore_patterns("*.pt"))
+        shutil.copytree(checkpoint_dir, snapshot, copy_function=os.link, ignore=shutil.ignore_patterns(TORCH_STATE_FILES))
         self.upload(snapshot, f"Training in progress: {os.path.basename(checkpoint_dir)}")
 
     def push_final(self, job_card: dict, metrics: dict) -> None:
@@ -53,7 +52,7 @@ class HubPusher:
         self.upload(self.args.output_dir, "End of training")
         for future in self.pending:
             self.report(future)
-        shutil.rmtree(os.path.join(self.args.output_dir, SNAPSHOT_DIR), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.args.output_dir, HUB_SNAPSHOT_DIR), ignore_errors=True)
 
     def upload(self, folder: str, message: str) -> None:
         self.pending = [future for future in self.pending if not self.report(future, wait=False)]
@@ -78,7 +77,7 @@ class HubPusher:
 
 def write_model_card(args, job_card: dict, metrics: dict) -> None:
     """README.md: what was trained on what, how, and how it went (final metrics and the logged curve)."""
-    history_path = os.path.join(args.output_dir, HISTORY_FILE)
+    history_path = os.path.join(args.output_dir, LOG_HISTORY_FILE)
     curve = []
     if os.path.isfile(history_path):
         with open(history_path) as handle:
@@ -94,5 +93,5 @@ def write_model_card(args, job_card: dict, metrics: dict) -> None:
     lines += ["", "## Training curve", "", "| step | train_loss | eval_loss |", "|---|---|---|"]
     lines += [f"| {r['step']} | {r.get('train_loss', '')} | {r.get('eval_loss', '')} |" for r in curve
               if "train_loss" in r or "eval_loss" in r]
-    with open(os.path.join(args.output_dir, "README.md"), "w") as handle:
+    with open(os.path.join(args.output_dir, MODEL_CARD_FILE), "w") as handle:
         handle.write("\n".join(lines) + "\n")

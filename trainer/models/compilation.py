@@ -21,14 +21,8 @@ import contextlib
 import torch
 
 from trainer.errors import require
+from trainer.models.blocks import repeated_blocks
 from trainer.tracking.console import logger
-
-
-def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The longest ModuleList of modules of one class: a transformer's layer stack (empty if it has none)."""
-    stacks = [list(module) for module in model.modules() if isinstance(module, torch.nn.ModuleList)
-              and len(module) > 1 and len({type(block) for block in module}) == 1]
-    return max(stacks, key=len, default=[])
 
 
 def compile_blocks(model: torch.nn.Module, backend: str, mode: str, eager_modules=()) -> int:
@@ -37,12 +31,13 @@ def compile_blocks(model: torch.nn.Module, backend: str, mode: str, eager_module
     require(backend in known, f"--torch_compile_backend {backend} is not a torch.compile backend; use one of "
                               f"{', '.join(known)}")
     skipped = {id(module) for module in eager_modules}
-    blocks = [block for block in repeated_blocks(model) if id(block) not in skipped]
+    every_block = list(repeated_blocks(model) or [])
+    blocks = [block for block in every_block if id(block) not in skipped]
     options = {} if mode == "default" else {"mode": mode}
     for block in blocks:
         block.compile(backend=backend, **options)
     logger.info("torch.compile (%s, mode %s): %d of the model's %d %s blocks; the rest runs eagerly", backend, mode,
-                len(blocks), len(repeated_blocks(model)), type(blocks[0]).__name__ if blocks else "repeated")
+                len(blocks), len(every_block), type(blocks[0]).__name__ if blocks else "repeated")
     return len(blocks)
 
 

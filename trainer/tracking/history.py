@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import os
 
-from trainer.layout import HISTORY_FILE
+from trainer.layout import LOG_HISTORY_FILE
 
 
 class History:
     def __init__(self, output_dir: str):
-        self.path = os.path.join(output_dir, HISTORY_FILE)
+        self.path = os.path.join(output_dir, LOG_HISTORY_FILE)
 
     def append(self, step: int, metrics: dict) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)

@@ -1,4 +1,4 @@
-"""Weights & Biases. Project: $WANDB_PROJECT (default "trainer"); files under $WANDB_DIR (default output_dir/wandb);
+"""Weights & Biases. Project: $WANDB_PROJECT (default "trainer"); files under $WANDB_DIR (W&B's default: ./wandb);
 WANDB_MODE=offline logs to local files that `wandb sync` uploads later. The command line is not sent (it may hold
 a token): the run's config is the redacted arguments."""
 from __future__ import annotations
@@ -33,10 +33,8 @@ class WandbTracker(Tracker):
         import wandb
 
         resumed = resumed_state if resumed_state and "run_id" in resumed_state else None  # else: a new run
-        directory = os.environ.get("WANDB_DIR") or self.output_dir  # W&B writes into <directory>/wandb
-        os.makedirs(directory, exist_ok=True)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "trainer"), name=self.run_name,
-                              config=config, dir=directory, reinit="create_new",
+                              config=config, reinit="create_new",
                               id=resumed["run_id"] if resumed else None,
                               resume="allow" if resumed else None,
                               settings=wandb.Settings(x_disable_meta=True, silent=True))
