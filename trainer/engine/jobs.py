@@ -43,7 +43,7 @@ def start_job(job: JobSpec, argv: list[str] | None):
     from trainer.config.arguments import CorpusArguments, TrainingArguments
     from trainer.config.parsing import parse_arguments
     from trainer.distributed.launch import make_accelerator
-    from trainer.tracking import choose_trackers
+    from trainer.tracking import check_trackers
     from trainer.tracking.console import setup_logging
     from trainer.continual.replay import check_replay_ratio
 
@@ -53,7 +53,7 @@ def start_job(job: JobSpec, argv: list[str] | None):
     if job.check_arguments is not None:
         job.check_arguments(*parsed)
     check_output_dir(training_args)
-    choose_trackers(training_args.report_to, "", training_args.output_dir, check=True)
+    check_trackers(training_args.report_to)
     accelerator = make_accelerator(training_args)
     check_replay_ratio(data_args, training_args, accelerator.num_processes)
     setup_logging(accelerator.is_main_process)

@@ -18,7 +18,8 @@ TRACKERS: dict[str, type[Tracker]] = {tracker.name: tracker for tracker in
                                       (TensorBoardTracker, WandbTracker, MlflowTracker, TrackioTracker)}
 REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
 
-__all__ = ["MetricsLog", "REPORT_TO_CHOICES", "TRACKERS", "Tracker", "choose_trackers", "tracker_names"]
+__all__ = ["MetricsLog", "REPORT_TO_CHOICES", "TRACKERS", "Tracker", "check_trackers", "choose_trackers",
+           "tracker_names"]
 
 
 def tracker_names(report_to: str) -> list[str]:
@@ -36,11 +37,13 @@ def tracker_names(report_to: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def choose_trackers(report_to: str, run_name: str, output_dir: str, check: bool = False) -> list[Tracker]:
-    """The trackers --report_to names, each given the run's name and the output directory; with `check`, each
-    checks its package and server first (before any work: a UsageError if one cannot work)."""
-    trackers = [TRACKERS[name](run_name, output_dir) for name in tracker_names(report_to)]
-    if check:
-        for tracker in trackers:
-            tracker.check()
-    return trackers
+def choose_trackers(report_to: str, run_name: str, output_dir: str) -> list[Tracker]:
+    """The trackers --report_to names, each given the run's name and the output directory."""
+    return [TRACKERS[name](run_name, output_dir) for name in tracker_names(report_to)]
+
+
+def check_trackers(report_to: str) -> None:
+    """Before any work: each tracker --report_to names checks its package and server (a UsageError if one cannot
+    work)."""
+    for tracker in choose_trackers(report_to, "", ""):
+        tracker.check()
