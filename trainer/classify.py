@@ -33,8 +33,8 @@ from trainer.finetune.adapters import load_base_with_adapters, loading_code
 from trainer.finetune.strategies import (FinetuneArguments, SharedLabels, apply_strategy, distillation_loss,
                                          load_teacher)
 from trainer.layout import PREDICTIONS_FILE
-from trainer.metrics import logger
 from trainer.models.loading import check_sequence_length, is_adapter_directory, load_model, load_tokenizer
+from trainer.tracking.console import logger
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
 LOCAL_METRICS = os.path.join(os.path.dirname(__file__), "metrics_modules")

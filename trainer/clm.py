@@ -26,10 +26,9 @@ from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, 
 from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
-from trainer.engine.task import Task
+from trainer.engine.task import Task, perplexity_metrics
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.finetune.strategies import FinetuneArguments, apply_strategy
-from trainer.metrics import perplexity_metrics
 from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
 from trainer.models.loading import check_sequence_length, load_model, load_tokenizer, max_positions
 

@@ -26,14 +26,14 @@ from trainer.data.demo import write_mlm_corpus
 from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
-from trainer.engine.task import Task
+from trainer.engine.task import Task, perplexity_metrics
 from trainer.engine.throughput import training_flops_per_token
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.metrics import logger, perplexity_metrics
 from trainer.models.loading import check_sequence_length, load_model, load_tokenizer
 from trainer.models.sparse_mlm import (IGNORE, MaskedRows, SPARSE_HEAD_TYPES, can_sparsify_last_layer,
                                        install_sparse_last_layer, last_encoder_layer, last_layer_row_parameters,
                                        masked_row_tensors, prediction_head)
+from trainer.tracking.console import logger
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mlm_demo.yaml")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation masks from sharing random draws

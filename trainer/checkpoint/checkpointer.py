@@ -41,7 +41,7 @@ from trainer.engine.evaluation import BestMetric
 from trainer.errors import JobStopped, require
 from trainer.layout import (MODEL_WEIGHTS_FILE, PEFT_WEIGHTS_FILE, STATE_FILE, TEMPORARY_SUFFIX, checkpoint_name,
                             rank_state_file)
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 SAVE_FAILED_EXIT_CODE = 2  # the environment (disk space, quota, permissions), like any other bad input
 
@@ -141,6 +141,7 @@ class Checkpointer:
         self.tensor_states, self.rank_states = tensor_states, rank_states
         self.arguments = arguments  # the parsed arguments, token-redacted, kept in trainer_state.json
         self.inside_save, self.on_saved, self.on_resumed = inside_save, on_saved, on_resumed
+        self.json_states = json_states or {}
         self.world_size = accelerator.num_processes
         self.last_saved_step: Optional[int] = None
 

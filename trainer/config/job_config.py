@@ -8,8 +8,11 @@ sections are parsed exactly as before the split: one flat command line, the same
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from trainer.config.parsing import parse_arguments
+
+SECRET_FIELD = re.compile(r"token|key|secret|password")
 
 
 class JobConfig:
@@ -24,11 +27,12 @@ class JobConfig:
         return self.sections.get(name)
 
     def as_dict(self) -> dict:
-        """Every argument as one flat dict (for logs, trainer_state.json and the model card), tokens redacted."""
+        """Every argument as one flat dict (for logs, trainer_state.json, model cards and trackers), with every secret
+        (a field named like a token, key, secret or password) redacted."""
         merged = {}
         for section in self.sections.values():
             merged.update(dataclasses.asdict(section))
-        return {key: "<redacted>" if "token" in key and value else value for key, value in merged.items()}
+        return {key: "<redacted>" if SECRET_FIELD.search(key) and value else value for key, value in merged.items()}
 
 
 def parse_job_config(sections: dict[str, type], argv: list[str] | None = None,

@@ -8,6 +8,7 @@ prepared optimizer.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -29,9 +30,10 @@ from trainer.engine.task import Task
 from trainer.engine.throughput import Throughput, device_peak, precision_name, training_flops_per_token
 from trainer.errors import require
 from trainer.layout import OPTIMIZER_FILE, SCALER_FILE, SCHEDULER_FILE
-from trainer.metrics import MetricsLogger, logger
 from trainer.models.compilation import compile_blocks
 from trainer.models.kernels import fuse_activations
+from trainer.tracking import MetricsLog, choose_trackers
+from trainer.tracking.console import logger
 
 
 def assemble(config: JobConfig, task: Task, accelerator, on_saved=lambda path: None) -> Engine:
@@ -46,8 +48,7 @@ def assemble(config: JobConfig, task: Task, accelerator, on_saved=lambda path: N
         ewc.place(accelerator, model)
     scheduler = build_scheduler(optimizer, config.optimization, settings.total_steps)
     state, window = TrainState(), Window(accelerator.device)
-    trackers = MetricsLogger(config.checkpointing.output_dir, accelerator.is_main_process,
-                             config.tracking.report_to == "tensorboard")
+    trackers = metrics_log(config, accelerator)
     faults = FaultInjection(accelerator.process_index, task.model, state)
     tensor_states = {SCHEDULER_FILE: scheduler}
     if sharded_state_name(accelerator) is None:  # otherwise the optimizer state is in the sharded checkpoint
@@ -56,7 +57,7 @@ def assemble(config: JobConfig, task: Task, accelerator, on_saved=lambda path: N
         tensor_states[SCALER_FILE] = accelerator.scaler
     checkpointer = Checkpointer(
         config.checkpointing, accelerator, ModelFiles(model, task.hf_model, task.tokenizer, optimizer),
-        states={"train_state": state, "data": data}, tensor_states=tensor_states,
+        states={"train_state": state, "data": data, "trackers": trackers}, tensor_states=tensor_states,
         rank_states={"rng": RngStates(), "window": window}, best=BestCheckpoint(settings.best_metric),
         arguments=config.as_dict(), inside_save=faults.inside_save, on_saved=on_saved,
         on_resumed=trackers.forget_after)
@@ -65,6 +66,15 @@ def assemble(config: JobConfig, task: Task, accelerator, on_saved=lambda path: N
                         stop_signals=StopSignals(config.checkpointing.stop_signals), faults=faults,
                         throughput=throughput(config.parallelism, task, accelerator), ewc=ewc, fisher_pass=fisher_pass)
     return Engine(parts, settings, accelerator)
+
+
+def metrics_log(config: JobConfig, accelerator) -> MetricsLog:
+    """Where the numbers go: the log, log_history.jsonl and the --report_to trackers, under --run_name (default: the
+    output directory's name); the trackers' runs are a stateful part, so that a resumed job continues them."""
+    output_dir = config.checkpointing.output_dir
+    run_name = config.tracking.run_name or os.path.basename(os.path.abspath(output_dir))
+    return MetricsLog(output_dir, accelerator.is_main_process,
+                      choose_trackers(config.tracking.report_to, run_name, output_dir), config.as_dict())
 
 
 def training_batches(config: JobConfig, task: Task, accelerator) -> TrainingBatches:

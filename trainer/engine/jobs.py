@@ -20,10 +20,10 @@ from trainer.engine.optim import OptimizationArguments
 from trainer.errors import require
 from trainer.hub.arguments import HubArguments
 from trainer.layout import LOG_HISTORY_FILE, MERGED_DIR, PREFIX, RESULTS_FILE
-from trainer.metrics import format_number, logger
 from trainer.models.arguments import ModelArguments
 from trainer.models.loading import cache_dir
 from trainer.tracking.arguments import TrackingArguments
+from trainer.tracking.console import format_number, logger
 
 # The sections of every job, in command-line (and --help) order after "model" and the job's "data".
 SHARED_SECTIONS = {"optimization": OptimizationArguments, "evaluation": EvalArguments,
@@ -73,11 +73,13 @@ def start_job(job: JobSpec, argv: list[str] | None):
 
     from trainer.distributed.launch import make_accelerator
     from trainer.engine.checks import check_sections, check_with_processes
-    from trainer.metrics import setup_logging
+    from trainer.tracking import check_trackers
+    from trainer.tracking.console import setup_logging
 
     config = parse_job_config(job.all_sections, argv, default_config=job.demo_config)
     check_sections(config)
     check_output_dir(config.checkpointing)
+    check_trackers(config.tracking.report_to)
     accelerator = make_accelerator(config.parallelism, config.optimization)
     check_with_processes(config, accelerator.num_processes)
     setup_logging(accelerator.is_main_process)
@@ -121,7 +123,7 @@ def finish_job(engine, hub, metrics: dict, model_card: dict, summary: str, load_
         write_results(output_dir, metrics)
         hub.push_final(model_card, metrics)
         for line in closing_summary(summary, output_dir, metrics, model_card["pipeline_tag"],
-                                    engine.trackers.tensorboard_dir, load_code):
+                                    tensorboard_dir(engine), load_code):
             logger.info(line)
     end_processes()
 
@@ -138,6 +140,11 @@ def closing_summary(headline: str, output_dir: str, metrics: dict, pipeline_tag:
     if tensorboard_dir:
         lines.append(f"  curves:  tensorboard --logdir {shlex.quote(os.path.abspath(tensorboard_dir))}")
     return lines
+
+
+def tensorboard_dir(engine) -> str | None:
+    tensorboard = engine.trackers.tracker("tensorboard")
+    return tensorboard.directory if tensorboard is not None else None
 
 
 def pipeline_loading(pipeline_tag: str, output_dir: str) -> str:

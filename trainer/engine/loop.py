@@ -37,8 +37,9 @@ from trainer.engine.task import EvalOutput, Task
 from trainer.engine.throughput import Throughput
 from trainer.errors import JobStopped, require
 from trainer.layout import checkpoint_name
-from trainer.metrics import MetricsLogger, logger, show_progress_bars
 from trainer.models.compilation import evaluation_stance
+from trainer.tracking import MetricsLog
+from trainer.tracking.console import logger, show_progress_bars
 
 DIVERGED_EXIT_CODE = 3
 
@@ -70,7 +71,7 @@ class EngineParts:
     optimizer: torch.optim.Optimizer
     scheduler: object
     checkpointer: Checkpointer
-    trackers: MetricsLogger
+    trackers: MetricsLog
     state: TrainState
     window: "Window"
     stop_signals: StopSignals
@@ -90,6 +91,16 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------- training
     def train(self) -> dict:
+        """Train to the end; the trackers' runs end with it, marked unfinished when the job stops early."""
+        try:
+            metrics = self.train_to_end()
+        except BaseException:
+            self.trackers.close(completed=False)
+            raise
+        self.trackers.close()
+        return metrics
+
+    def train_to_end(self) -> dict:
         settings, state, window = self.settings, self.state, self.parts.window
         batches_per_step, *replay = self.data.describe()
         logger.info("training %d optimizer steps with %s: %s; %s", settings.total_steps,
@@ -123,7 +134,6 @@ class Engine:
         self.save_model(settings.output_dir)
         if self.parts.fisher_pass is not None:
             self.save_fisher(settings.output_dir)
-        self.trackers.close()
         return state.metrics
 
     def start_or_resume(self) -> None:

@@ -1,6 +1,8 @@
 """What a job hands the engine (`Task`) and what an evaluation gives back (`EvalOutput`)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -51,3 +53,14 @@ class EvalOutput:
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.num_items, 1)
+
+
+def perplexity_metrics(count_name: str):
+    """compute_metrics for a language model: mean loss per predicted token, its perplexity, and how many tokens
+    (`count_name`) the exact float64 sums of the engine's evaluation counted."""
+
+    def compute(output: EvalOutput) -> dict:
+        return {"loss": output.mean_loss, "perplexity": math.exp(min(output.mean_loss, 700.0)),
+                count_name: output.num_items}
+
+    return compute

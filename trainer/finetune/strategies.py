@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from trainer.config.parsing import arg
 from trainer.errors import UsageError, require
 from trainer.finetune.adapters import ADAPTER_CONFIGS, check_adapter_name, prepare_adapter_training
-from trainer.metrics import logger
 from trainer.models.blocks import encoder_layers
 from trainer.models.loading import is_adapter_directory
+from trainer.tracking.console import logger
 
 PEFT_STRATEGIES = ("lora", "prefix", "prompt")
 STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "adapter", "gradual_unfreeze")

@@ -13,7 +13,7 @@ import os
 import shutil
 
 from trainer.layout import HUB_SNAPSHOT_DIR, LOG_HISTORY_FILE, MODEL_CARD_FILE, PREFIX, TORCH_STATE_FILES
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 NOT_PUSHED = [f"{PREFIX}*", f"{PREFIX}*/**", f"{HUB_SNAPSHOT_DIR}/**", TORCH_STATE_FILES]
 
