@@ -128,7 +128,7 @@ def test_wandb_offline_run_continues_with_the_same_id(tracked_resumed_run):
     assert len(run_dirs) == 2  # the interrupted and the resumed part of one run
     ids = {os.path.basename(d).rsplit("-", 1)[1] for d in run_dirs}
     assert len(ids) == 1
-    saved = json.load(open(out / "checkpoint-4" / "trainer_state.json"))["trackers"]["wandb"]
+    saved = json.load(open(out / "checkpoint-4" / "trainer_state.json"))["states"]["trackers"]["wandb"]
     assert saved == {"run_id": ids.pop()}
     logged = {}
     for directory in run_dirs:

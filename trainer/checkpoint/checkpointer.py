@@ -139,9 +139,8 @@ class Checkpointer:
         self.best = best
         self.states = {**states, "best_model": best}
         self.tensor_states, self.rank_states = tensor_states, rank_states
-        self.arguments = arguments  # the parsed arguments, token-redacted, kept in trainer_state.json
+        self.arguments = arguments  # the parsed arguments, secrets redacted, kept in trainer_state.json
         self.inside_save, self.on_saved, self.on_resumed = inside_save, on_saved, on_resumed
-        self.json_states = json_states or {}
         self.world_size = accelerator.num_processes
         self.last_saved_step: Optional[int] = None
 
