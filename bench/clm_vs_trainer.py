@@ -43,14 +43,15 @@ def blocks(directory: str, opts):
     from transformers import AutoTokenizer
 
     from trainer.clm import tokenize_documents
+    from trainer.data.arguments import DataFiles
     from trainer.data.loading import group_into_blocks, load_raw_splits
 
     corpus = os.path.join(directory, "corpus")
-    data_args = SimpleNamespace(dataset_name=None, train_file=os.path.join(corpus, "train.txt"),
-                                validation_file=os.path.join(corpus, "validation.txt"),
-                                preprocessing_num_workers=None, overwrite_cache=False, validation_split_percentage=5)
+    files = DataFiles(os.path.join(corpus, "train.txt"), os.path.join(corpus, "validation.txt"))
+    data_args = SimpleNamespace(dataset_name=None, preprocessing_num_workers=None, overwrite_cache=False,
+                                validation_split_percentage=5)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "model"))
-    raw = load_raw_splits(data_args, keep_linebreaks=True)
+    raw = load_raw_splits(data_args, files, keep_linebreaks=True)
     return tokenizer, group_into_blocks(tokenize_documents(raw, "text", tokenizer, data_args), opts.seq_len,
                                         data_args)
 

@@ -186,7 +186,7 @@ def known_flags() -> tuple[set, list]:
     from trainer import classify
     from trainer.config.parsing import job_parser
 
-    parser = job_parser(classify.CLASSIFY_JOB.arguments, None)
+    parser = job_parser(tuple(classify.CLASSIFY_JOB.all_sections.values()), None)
     return set(parser._option_string_actions), list(parser._option_string_actions["--finetune_strategy"].choices)
 
 

@@ -81,8 +81,9 @@ def result(clock: StepClock, opts, flops_per_token: float, dense_flops_per_token
 # ----------------------------------------------------------------------------------------------------- this engine
 def run_engine(directory: str, opts, compiled: bool, deepspeed: bool) -> dict:
     """trainer.mlm's task and engine, stepped by hand the way Engine.train steps (no evaluation, no saving)."""
-    from trainer.engine.loop import Engine, Window
+    from trainer.engine.assembly import assemble
     from trainer.engine.jobs import start_job
+    from trainer.engine.loop import Window
     from trainer.mlm import MLM_JOB, build_task
 
     corpus = os.path.join(directory, "corpus")
@@ -96,11 +97,9 @@ def run_engine(directory: str, opts, compiled: bool, deepspeed: bool) -> dict:
     argv += ["--torch_compile", "--torch_compile_backend", opts.compile_backend,
              "--torch_compile_mode", opts.compile_mode] if compiled else []
     argv += ["--deepspeed", ZERO2] if deepspeed else []
-    parsed, accelerator = start_job(MLM_JOB, argv)
-    model_args, data_args, training_args, mlm_args = parsed
-    task = build_task(model_args, data_args, training_args, mlm_args, accelerator)
-    engine = Engine(training_args, task, accelerator)
-    batches, window, clock = engine.micro_batches(), Window(accelerator.device), StepClock(opts.warmup)
+    config, files, accelerator = start_job(MLM_JOB, argv)
+    engine = assemble(config, build_task(config, files, accelerator), accelerator)
+    batches, window, clock = engine.data.micro_batches(), Window(accelerator.device), StepClock(opts.warmup)
     for _ in range(opts.warmup + opts.steps):
         clock.step_begins()
         fetching = time.perf_counter()
@@ -108,7 +107,9 @@ def run_engine(directory: str, opts, compiled: bool, deepspeed: bool) -> dict:
         clock.waited(time.perf_counter() - fetching)
         engine.optimizer_step(micro_batches, window)
     clock.stop()
-    measured = result(clock, opts, engine.flops_per_token(opts.seq_len), engine.dense_flops_per_token(opts.seq_len))
+    throughput = engine.parts.throughput
+    measured = result(clock, opts, throughput.flops_per_token(opts.seq_len),
+                      throughput.dense_flops_per_token(opts.seq_len))
     return {**measured, "zero_stage": zero_stage(accelerator)}
 
 

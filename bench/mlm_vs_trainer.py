@@ -41,15 +41,17 @@ def blocks(directory: str, opts):
 
     from transformers import AutoTokenizer
 
+    from trainer.data.arguments import DataFiles
     from trainer.data.loading import load_raw_splits
     from trainer.mlm import MLMArguments, tokenize_and_chunk
 
     corpus = os.path.join(directory, "corpus")
-    data_args = SimpleNamespace(dataset_name=None, train_file=os.path.join(corpus, "train.txt"),
-                                validation_file=os.path.join(corpus, "validation.txt"), max_seq_length=opts.seq_len,
+    files = DataFiles(os.path.join(corpus, "train.txt"), os.path.join(corpus, "validation.txt"))
+    data_args = SimpleNamespace(dataset_name=None, max_seq_length=opts.seq_len,
                                 preprocessing_num_workers=None, overwrite_cache=False, validation_split_percentage=5)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "model"))
-    return tokenizer, tokenize_and_chunk(load_raw_splits(data_args), "text", tokenizer, data_args, MLMArguments())
+    raw = load_raw_splits(data_args, files)
+    return tokenizer, tokenize_and_chunk(raw, "text", tokenizer, data_args, MLMArguments())
 
 
 def run_transformers_trainer(directory: str, opts) -> dict:

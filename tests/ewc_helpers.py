@@ -28,12 +28,12 @@ def job_environment(patch, job_env: dict) -> None:
 
 def clm_engine(argv: list[str]):
     """trainer.clm's engine for `argv`, built as its `main` builds it, without training."""
-    from trainer.clm import CLM_JOB, build_task
-    from trainer.engine.loop import Engine
+    from trainer.clm import CLM_JOB
+    from trainer.engine.assembly import assemble
     from trainer.engine.jobs import start_job
 
-    parsed, accelerator = start_job(CLM_JOB, argv)
-    return Engine(parsed[2], build_task(*parsed, accelerator), accelerator)
+    config, files, accelerator = start_job(CLM_JOB, argv)
+    return assemble(config, CLM_JOB.build_task(config, files, accelerator), accelerator)
 
 
 def write_made_up_fisher(engine, directory) -> str:

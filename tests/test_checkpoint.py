@@ -47,8 +47,11 @@ def test_rotation_keeps_the_newest_and_the_best_and_the_best_becomes_the_final_m
     results = read_results(out)
     with open(out / "checkpoint-12" / "trainer_state.json") as handle:
         state = json.load(handle)
-    assert state["best_checkpoint"] == results["best_model_checkpoint"] == "checkpoint-4"
-    assert state["best_metric"] == results["best_metric"] > results["eval_perplexity"]
+    best = state["states"]["best_model"]
+    assert best["checkpoint"] == results["best_model_checkpoint"] == "checkpoint-4"
+    assert best["value"] == results["best_metric"] > results["eval_perplexity"]
+    # The job's main metric picks the best model, and the arguments kept are those given (nothing written back).
+    assert best["metric"] == "eval_perplexity" and state["args"]["metric_for_best_model"] is None
     assert_same_parameters(out / "checkpoint-4", out)
     assert load_parameters(out).keys() == load_parameters(out / "checkpoint-12").keys()
 
@@ -113,53 +116,68 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(size, steps, fail
 
 
 def test_the_checkpointer_restores_exactly_the_parts_it_is_given_without_an_engine(tokenizer_dir, tmp_path):
-    """The checkpointer is given the stateful parts and callbacks (no engine): a save, then a resume into fresh
-    parts, gives back the same weights, optimizer and scheduler state, train state and logging window."""
+    """The checkpointer is given the model and its stateful parts by name, and callbacks (no engine): a save, then a
+    resume into fresh parts, gives back the same weights, optimizer and scheduler state, train state, data position,
+    logging window and a part it knows nothing about (a new stateful part is one more entry)."""
     import torch
     from accelerate import Accelerator
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    from trainer.config.arguments import TrainingArguments
-    from trainer.checkpoint.checkpointer import Checkpointer
+    from trainer.checkpoint.arguments import CheckpointArguments
+    from trainer.checkpoint.checkpointer import BestCheckpoint, Checkpointer, ModelFiles, RngStates
     from trainer.engine.loop import Window
+    from trainer.engine.optim import OptimizationArguments, build_optimizer, build_scheduler
     from trainer.engine.state import TrainState
-    from trainer.engine.optim import build_optimizer, build_scheduler
 
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none")
+    checkpointing, optimization = CheckpointArguments(output_dir=str(tmp_path / "run")), OptimizationArguments()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     accelerator, calls = Accelerator(cpu=True), []
+
+    class Counter:  # any object with state_dict/load_state_dict
+        def __init__(self):
+            self.count = 0
+
+        def state_dict(self):
+            return {"count": self.count}
+
+        def load_state_dict(self, saved):
+            self.count = saved["count"]
 
     def parts(seed: int):
         torch.manual_seed(seed)
         model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
                                            num_attention_heads=2, intermediate_size=32))
-        optimizer = build_optimizer(model, args)
-        scheduler = build_scheduler(optimizer, args, total_steps=10)
-        state = TrainState()
-        return model, optimizer, scheduler, state, Checkpointer(
-            args, accelerator, model=model, optimizer=optimizer, scheduler=scheduler, train_state=state,
-            hf_model=model, tokenizer=tokenizer, inside_save=lambda: calls.append("inside_save"),
-            on_saved=lambda path: calls.append(("saved", path)), on_resumed=lambda step: calls.append(("resumed", step)))
+        optimizer = build_optimizer(model, optimization)
+        scheduler = build_scheduler(optimizer, optimization, total_steps=10)
+        state, counter, window = TrainState(), Counter(), Window(torch.device("cpu"))
+        checkpointer = Checkpointer(
+            checkpointing, accelerator, ModelFiles(model, model, tokenizer, optimizer),
+            states={"train_state": state, "counter": counter},
+            tensor_states={"optimizer.pt": optimizer, "scheduler.pt": scheduler},
+            rank_states={"rng": RngStates(), "window": window}, best=BestCheckpoint(None), arguments={},
+            inside_save=lambda: calls.append("inside_save"), on_saved=lambda path: calls.append(("saved", path)),
+            on_resumed=lambda step: calls.append(("resumed", step)))
+        return model, optimizer, scheduler, state, counter, window, checkpointer
 
-    model, optimizer, scheduler, state, checkpointer = parts(seed=0)
+    model, optimizer, scheduler, state, counter, window, checkpointer = parts(seed=0)
     model(input_ids=torch.tensor([[2, 5, 7, 3]]), labels=torch.tensor([[2, 5, 7, 3]])).loss.backward()
     optimizer.step()
     scheduler.step()
-    state.step, state.epoch, state.samples_in_epoch, state.tokens_seen = 3, 1, 8, 96
+    state.step, state.tokens_seen, counter.count = 3, 96, 8
     state.loss_sum, state.loss_items, state.metrics = 2.5, 10, {"eval_loss": 1.25}
-    window = Window(torch.device("cpu"))
     window.loss_sum += 0.75
     window.items, window.tokens, window.first_step = 4, 32, 3
-    path = checkpointer.save(window)
+    path = checkpointer.save(state.step, state.metrics)
     assert calls == ["inside_save", ("saved", path)] and path.endswith("checkpoint-3")
 
-    fresh_model, fresh_optimizer, fresh_scheduler, fresh_state, fresh_checkpointer = parts(seed=1)
-    fresh_window = Window(torch.device("cpu"))
-    assert fresh_checkpointer.resume(fresh_window) and calls[-1] == ("resumed", 3)
+    fresh_model, fresh_optimizer, fresh_scheduler, fresh_state, fresh_counter, fresh_window, fresh_checkpointer = \
+        parts(seed=1)
+    assert fresh_checkpointer.resume() == path and calls[-1] == ("resumed", 3)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values()))
     saved_moments = [s["exp_avg"] for s in optimizer.state_dict()["state"].values()]
     restored_moments = [s["exp_avg"] for s in fresh_optimizer.state_dict()["state"].values()]
     assert len(restored_moments) == len(saved_moments) > 0
     assert all(torch.equal(a, b) for a, b in zip(saved_moments, restored_moments))
     assert fresh_scheduler.state_dict() == scheduler.state_dict()
-    assert fresh_state == state and fresh_window.state_dict() == {**window.state_dict(), "loss_sum": 0.75}
+    assert fresh_state == state and fresh_counter.count == 8
+    assert fresh_window.state_dict() == {**window.state_dict(), "loss_sum": 0.75}

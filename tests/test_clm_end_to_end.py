@@ -69,13 +69,10 @@ def test_yaml_config_as_only_argument(corpus, bpe_tokenizer_dir, tmp_path):  # n
                     "--attn_implementation", "eager", "--packing", "documents",
                     "--max_eval_samples", "4")
     path = write_yaml_config(args, tmp_path / "run.yaml", drop=("probe_prompts",))
-    from trainer.config.arguments import CorpusArguments, ModelArguments, TrainingArguments
-    from trainer.config.parsing import parse_arguments
-    from trainer.clm import ClmArguments
-    from trainer.finetune.strategies import FinetuneArguments
+    from trainer.clm import CLM_JOB
+    from trainer.config.job_config import parse_job_config
 
-    *_, clm = parse_arguments((ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments),
-                              [path])
+    clm = parse_job_config(CLM_JOB.all_sections, [path]).clm
     assert clm.keep_linebreaks is False and clm.block_size == 32
     main([path])
     assert read_results(out)["train_steps"] == 2

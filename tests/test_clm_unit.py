@@ -204,7 +204,7 @@ def test_a_bert_trained_as_causal_lm_attends_causally_and_gets_its_own_heads_los
     own logits (not the chunked head), and equals transformers' own causal loss."""
     from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM
 
-    from trainer.config.arguments import ModelArguments
+    from trainer.models.arguments import ModelArguments
     from trainer.models.loading import load_model
 
     shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -6,13 +6,13 @@ import torch
 
 from trainer.distributed.launch import (available_cores, cpu_threads_per_process, quiet_deepspeed_accelerator_warning,
                                         share_cpu_cores)
-from trainer.metrics import tensorboard_tag
+from trainer.tracking.base import curve_name
 
 
-def test_tensorboard_tags_put_the_first_evaluation_on_the_eval_curves():
-    assert tensorboard_tag("init_eval_perplexity") == tensorboard_tag("eval_perplexity") == "eval/perplexity"
-    assert tensorboard_tag("train_loss") == "train/loss"
-    assert tensorboard_tag("train_grad_norm") == "train/grad_norm"
+def test_curve_names_put_the_first_evaluation_on_the_eval_curves():
+    assert curve_name("init_eval_perplexity") == curve_name("eval_perplexity") == "eval/perplexity"
+    assert curve_name("train_loss") == "train/loss"
+    assert curve_name("train_grad_norm") == "train/grad_norm"
 
 
 def test_cpu_threads_are_an_equal_share_of_the_cores_at_least_one():

@@ -76,14 +76,18 @@ def test_zero2_sharded_checkpoint_round_trips(runs):
 
 # ------------------------------------------------------------------------------------------------- bad input
 def check(config: dict, tmp_path, world_size: int = 2, **arguments):
-    """resolve_deepspeed_config on `config` written to a file, with TrainingArguments built from `arguments`."""
-    from trainer.config.arguments import TrainingArguments
+    """resolve_deepspeed_config on `config` written to a file, with the optimization and parallelism sections
+    built from `arguments`."""
+    from trainer.distributed.arguments import ParallelismArguments
     from trainer.distributed.deepspeed_config import load_deepspeed_config, resolve_deepspeed_config
+    from trainer.engine.optim import OptimizationArguments
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), **arguments)
-    return resolve_deepspeed_config(load_deepspeed_config(str(path)), args, world_size=world_size, source=str(path))
+    optimization = {k: v for k, v in arguments.items() if k in OptimizationArguments.__dataclass_fields__}
+    parallelism = {k: v for k, v in arguments.items() if k not in optimization}
+    return resolve_deepspeed_config(load_deepspeed_config(str(path)), OptimizationArguments(**optimization),
+                                    ParallelismArguments(**parallelism), world_size=world_size, source=str(path))
 
 
 def shipped(name: str) -> dict:

@@ -166,14 +166,12 @@ def test_tiny_bert_config_runs_with_tokenizer(trained):
 def test_demo_config_builds_a_tiny_modernbert_that_saves_and_reloads(trained, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments
-    from trainer.config.parsing import parse_arguments
-    from trainer.mlm import DEMO_CONFIG, MLMArguments
+    from trainer.config.job_config import parse_job_config
+    from trainer.mlm import DEMO_CONFIG, MLM_JOB
     from trainer.models.loading import load_model
 
     tokenizer, _ = trained
-    model_args, *_ = parse_arguments((ModelArguments, DataArguments, TrainingArguments, MLMArguments), [],
-                                     default_config=DEMO_CONFIG)
+    model_args = parse_job_config(MLM_JOB.all_sections, [], default_config=DEMO_CONFIG).model
     model = load_model(model_args, AutoModelForMaskedLM, tokenizer)
     config = model.config
     assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("modernbert", 128, 2)

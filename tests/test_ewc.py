@@ -51,8 +51,8 @@ def one_step(engine):
         seen.update({name: parameter.grad.clone() for name, parameter in named if parameter.grad is not None})
 
     engine.optimizer.optimizer.register_step_pre_hook(read_gradients)
-    batches, window = engine.micro_batches(), Window(engine.accelerator.device)
-    engine.optimizer_step([next(batches) for _ in range(engine.args.gradient_accumulation_steps)], window)
+    batches, window = engine.data.micro_batches(), Window(engine.accelerator.device)
+    engine.optimizer_step([next(batches) for _ in range(engine.settings.accumulation_steps)], window)
     return seen, window
 
 
@@ -61,7 +61,7 @@ def test_penalty_gradient_is_the_autograd_gradient_of_the_penalty(corpus, tokeni
     engine = ewc_engine(corpus, tokenizer_dir, made_up_fisher, tmp_path / "run", "--per_device_train_batch_size", "8")
     model = engine.accelerator.unwrap_model(engine.model)
     named = dict(model.named_parameters())
-    batch = next(engine.micro_batches())
+    batch = next(engine.data.micro_batches())
     # By hand, on the parameters before the step: d(mean data loss) + d((L/2) sum F (theta - theta*)^2).
     items = batch["num_loss_items"]
     inputs = {k: v for k, v in copy.deepcopy(batch).items() if k not in ("num_loss_items", "sample_id")}
@@ -70,7 +70,7 @@ def test_penalty_gradient_is_the_autograd_gradient_of_the_penalty(corpus, tokeni
     thetas = {name: p.detach().clone().requires_grad_() for name, p in named.items()}
     penalty = STRENGTH / 2 * sum((saved[FISHER + n] * (t - saved[ANCHOR + n]) ** 2).sum() for n, t in thetas.items())
     by_hand = dict(zip(thetas, torch.autograd.grad(penalty, list(thetas.values()))))
-    engine.micro_batches = lambda: iter([batch])
+    engine.data.micro_batches = lambda: iter([batch])
     gradients, window = one_step(engine)
     assert gradients.keys() == named.keys()
     for (name, expected_data), expected_penalty in zip(zip(named, data), by_hand.values()):

@@ -378,18 +378,22 @@ def test_bad_config_file(content, expected, tmp_path, env, capsys):
 def test_demo_config_takes_overrides(corpus):
     """No data named: the demo config, with the command line winning; its overwrite_output_dir stays with its
     own output directory, so an --output_dir given here is protected like any other."""
-    from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments
-    from trainer.config.parsing import parse_arguments
-    from trainer.mlm import DEMO_CONFIG, MLMArguments
+    from trainer.config.job_config import parse_job_config
+    from trainer.engine.optim import OptimizationArguments
+    from trainer.mlm import DEMO_CONFIG, MLM_JOB
 
-    types = (ModelArguments, DataArguments, TrainingArguments, MLMArguments)
-    demo = parse_arguments(types, [], DEMO_CONFIG)[2]
-    moved = parse_arguments(types, ["--output_dir", "elsewhere", "--max_steps", "7"], DEMO_CONFIG)[2]
-    assert demo.overwrite_output_dir and demo.output_dir == "output/mlm-demo" and demo.max_steps > 7
-    assert (moved.output_dir, moved.max_steps, moved.overwrite_output_dir) == ("elsewhere", 7, False)
-    assert moved.learning_rate == demo.learning_rate != TrainingArguments.learning_rate  # from the demo config
-    with_data = parse_arguments(types, ["--train_file", corpus["train"]], DEMO_CONFIG)[2]
-    assert with_data.learning_rate == TrainingArguments.learning_rate  # data named: no demo config
+    def parse(argv):
+        return parse_job_config(MLM_JOB.all_sections, argv, DEMO_CONFIG)
+
+    demo, moved = parse([]), parse(["--output_dir", "elsewhere", "--max_steps", "7"])
+    assert demo.checkpointing.overwrite_output_dir and demo.checkpointing.output_dir == "output/mlm-demo"
+    assert demo.optimization.max_steps > 7
+    assert (moved.checkpointing.output_dir, moved.optimization.max_steps,
+            moved.checkpointing.overwrite_output_dir) == ("elsewhere", 7, False)
+    default_rate = OptimizationArguments.learning_rate
+    assert moved.optimization.learning_rate == demo.optimization.learning_rate != default_rate  # the demo's
+    with_data = parse(["--train_file", corpus["train"]])
+    assert with_data.optimization.learning_rate == default_rate  # data named: no demo config
 
 
 # ------------------------------------------------------------------------------------------------------ help
@@ -450,12 +454,12 @@ def test_config_file_turns_a_true_flag_off_by_its_negated_twin(content, fused, t
 
 
 def test_clm_config_file_with_no_keep_linebreaks(tmp_path):
-    from trainer.config.parsing import parse_arguments
     from trainer.clm import CLM_JOB
+    from trainer.config.job_config import parse_job_config
 
     config = tmp_path / "run.yaml"
     config.write_text("no_keep_linebreaks: true\nblock_size: 16\n")
-    *_, clm_args = parse_arguments(CLM_JOB.arguments, [str(config)])
+    clm_args = parse_job_config(CLM_JOB.all_sections, [str(config)]).clm
     assert (clm_args.keep_linebreaks, clm_args.block_size) == (False, 16)
 
 

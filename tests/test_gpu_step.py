@@ -12,12 +12,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def engine_for(argv):
-    from trainer.engine.loop import Engine
+    from trainer.engine.assembly import assemble
     from trainer.engine.jobs import start_job
-    from trainer.mlm import MLM_JOB, build_task
+    from trainer.mlm import MLM_JOB
 
-    parsed, accelerator = start_job(MLM_JOB, argv)
-    return Engine(parsed[2], build_task(*parsed, accelerator), accelerator)
+    config, files, accelerator = start_job(MLM_JOB, argv)
+    return assemble(config, MLM_JOB.build_task(config, files, accelerator), accelerator)
 
 
 @pytest.mark.parametrize("extra", [["--bf16"], [], ["--bf16", "--gradient_accumulation_steps", "2"],
@@ -29,11 +29,11 @@ def test_steady_state_steps_do_not_synchronise(corpus, tokenizer_dir, job_env, t
         monkeypatch.setenv(key, job_env[key])
     engine = engine_for(mlm_args(corpus, tokenizer_dir, tmp_path / "run", "--max_steps", "8",
                                  "--per_device_train_batch_size", "16", *extra))
-    assert engine.accelerator.device.type == "cuda" and engine.loader_workers > 0
-    batches, window = engine.micro_batches(), Window(engine.accelerator.device)
+    assert engine.accelerator.device.type == "cuda" and engine.settings.loader_workers > 0
+    batches, window = engine.data.micro_batches(), Window(engine.accelerator.device)
 
     def step():
-        engine.optimizer_step([next(batches) for _ in range(engine.args.gradient_accumulation_steps)], window)
+        engine.optimizer_step([next(batches) for _ in range(engine.settings.accumulation_steps)], window)
 
     for _ in range(3):  # warm-up: allocator, cuBLAS handles, compilation
         step()

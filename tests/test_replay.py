@@ -159,7 +159,8 @@ def test_mlm_with_replay_resumes_bit_exactly_and_every_step_holds_its_replay_sha
                TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=5)
     with open(resumed / "checkpoint-3" / "trainer_state.json") as handle:
         state = json.load(handle)
-    assert (state["step"], state["epoch"], state["samples_in_epoch"], state["replay_position"]) == (3, 0, 18, 6)
+    data = state["states"]["data"]
+    assert (state["step"], data["epoch"], data["samples_in_epoch"], data["replay_position"]) == (3, 0, 18, 6)
     in_process(main, args(resumed), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "resumed")
     assert_same_parameters(expected, resumed)
     assert logged_losses(resumed) == logged_losses(expected)

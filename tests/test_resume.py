@@ -42,7 +42,7 @@ def test_single_process_resume_mid_accumulation_and_at_epoch_boundary_is_bit_exa
     assert f"resuming from the newest complete one, {out / 'checkpoint-5'}" in second.stdout
     assert "saved checkpoint-6" in second.stderr
     state = trainer_state(out / "checkpoint-6")
-    assert (state["step"], state["epoch"], state["samples_in_epoch"]) == (6, 1, 0)
+    assert (state["step"], state["states"]["data"]["epoch"], state["states"]["data"]["samples_in_epoch"]) == (6, 1, 0)
     assert state["args"]["learning_rate"] == 5e-3
     run_job("trainer.mlm", args, env)
     assert_same_run(expected_dir, out)

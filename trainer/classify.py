@@ -19,21 +19,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments, check_data_file
+from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
+from trainer.data.arguments import DataArguments, DataFiles, check_data_file
 from trainer.data.demo import write_sentiment_dataset
 from trainer.data.loading import (check_text_column, first_samples, load_file, load_raw_splits, load_replay_file,
                                   pad_rows, resolve_text_column)
 from trainer.distributed.collectives import main_process_first
-from trainer.engine.jobs import JobSpec, run_job, start_job
+from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune.adapters import load_base_with_adapters, loading_code
-from trainer.finetune.strategies import (FinetuneArguments, SharedLabels, apply_strategy, check_finetuning,
-                                         distillation_loss, load_teacher)
+from trainer.finetune.strategies import (FinetuneArguments, SharedLabels, apply_strategy, distillation_loss,
+                                         load_teacher)
 from trainer.layout import PREDICTIONS_FILE
-from trainer.metrics import logger
 from trainer.models.loading import check_sequence_length, is_adapter_directory, load_model, load_tokenizer
+from trainer.tracking.console import logger
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
 LOCAL_METRICS = os.path.join(os.path.dirname(__file__), "metrics_modules")
@@ -42,6 +43,8 @@ AVERAGED_METRICS = ("f1", "precision", "recall")  # computed with average="macro
 
 @dataclass
 class ClassifyArguments:
+    _argument_group_name = "classification"
+
     text_pair_column: Optional[str] = arg(None, "Column with the second sentence of a pair (e.g. GLUE MRPC).")
     label_column: str = arg("label", "Column with the labels: integers or strings.")
     test_file: Optional[str] = arg(None, "Data to predict with --do_predict (labels optional).")
@@ -261,20 +264,21 @@ def write_predictions(path: str, probabilities: dict, id2label: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def build_task(model_args, data_args, training_args, ft_args, cls_args, accelerator):
-    """(Task, tokenized test set or None, label mapping)."""
+def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     from transformers import AutoModelForSequenceClassification
+
+    model_args, data_args, ft_args, cls_args = config.model, config.data, config.finetune, config.classify
 
     ft_args.check_model(model_args, "the output of trainer.mlm")
     with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
-        raw = load_raw_splits(data_args)
+        raw = load_raw_splits(data_args, files)
         columns = input_columns(raw["train"], data_args, cls_args, "training")
         input_columns(raw["validation"], data_args, cls_args, "validation")
         labels = LabelMapping.from_training_data(raw["train"], cls_args.label_column)
         train_labels = labels.ids(raw["train"], cls_args.label_column, "training")
         eval_labels = labels.ids(raw["validation"], cls_args.label_column, "validation")
         # Replay labels must be classes of the new training data: the head is that data's (see docs/continual.md).
-        replay_raw = load_replay_file(data_args, [*columns, cls_args.label_column])
+        replay_raw = load_replay_file(files.replay, [*columns, cls_args.label_column])
         replay_labels = labels.ids(replay_raw, cls_args.label_column, "replay") if replay_raw is not None else None
         test_raw = load_file(cls_args.test_file, "test_file") if cls_args.do_predict else None
         if test_raw is not None:
@@ -300,25 +304,25 @@ def build_task(model_args, data_args, training_args, ft_args, cls_args, accelera
     logger.info("%d classes: %s", len(labels.values), ", ".join(labels.id2label.values()))
     trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="SEQ_CLS")
     collator = PaddingCollator(tokenizer.pad_token_id)
-    task = Task(
+    return Task(
         model=ClassificationTask(trained_model, teacher, cls_args.distill_temperature, cls_args.distill_alpha,
                                  shared_labels),
         train_dataset=train_set, eval_dataset=eval_set, train_collator=collator, eval_collator=collator,
         compute_metrics=classification_metrics(metric_modules, np.asarray(eval_set["labels"]), labels.id2label),
         hf_model=trained_model, tokenizer=tokenizer,
         train_lengths=training_lengths(train_set, replay_set) if cls_args.group_by_length else None,
-        replay_dataset=replay_set, replay_ratio=data_args.replay_ratio,
+        replay_dataset=replay_set,
         before_optimizer_step=before_optimizer_step,
         main_metric=f"eval_{os.path.basename(cls_args.metrics[0]).removesuffix('.py')}",  # the first metric asked for
+        after_training=functools.partial(predict_test_set, test_set, labels) if test_set is not None else None,
     )
-    return task, test_set, labels
 
 
 def predict_test_set(test_set, labels: LabelMapping, engine) -> None:
     """After training, on every rank: the test set's class probabilities, written by rank 0."""
     probabilities = engine.predict(test_set, "probabilities", drop=("labels",))
     if engine.accelerator.is_main_process:
-        write_predictions(os.path.join(engine.args.output_dir, PREDICTIONS_FILE), probabilities, labels.id2label)
+        write_predictions(os.path.join(engine.settings.output_dir, PREDICTIONS_FILE), probabilities, labels.id2label)
 
 
 def headline(metrics: dict) -> str:
@@ -326,21 +330,23 @@ def headline(metrics: dict) -> str:
             f"{metrics.get('eval_accuracy', float('nan')):.4f}")
 
 
+def adapter_loading_code(config: JobConfig) -> Optional[str]:
+    """Bottleneck adapters load through trainer.finetune.adapters, not a `pipeline` line."""
+    if config.finetune.finetune_strategy != "adapter":
+        return None
+    return loading_code(config.checkpointing.output_dir)
+
+
 CLASSIFY_JOB = JobSpec(
-    arguments=(ModelArguments, DataArguments, TrainingArguments, FinetuneArguments, ClassifyArguments),
-    demo_config=DEMO_CONFIG, write_demo_data=write_sentiment_dataset, demo_name="sentiment dataset",
-    model_card_task="text classification", pipeline_tag="text-classification", headline=headline,
-    check_arguments=check_finetuning)
+    sections={"data": DataArguments, "finetune": FinetuneArguments, "classify": ClassifyArguments},
+    build_task=build_task, demo_config=DEMO_CONFIG, write_demo_data=write_sentiment_dataset,
+    demo_name="sentiment dataset", model_card_task="text classification", pipeline_tag="text-classification",
+    headline=headline, load_code=adapter_loading_code)
 
 
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    parsed, accelerator = start_job(CLASSIFY_JOB, argv)
-    task, test_set, labels = build_task(*parsed, accelerator)
-    predictions = functools.partial(predict_test_set, test_set, labels) if test_set is not None else None
-    _, _, training_args, ft_args, _ = parsed
-    load_code = loading_code(training_args.output_dir) if ft_args.finetune_strategy == "adapter" else None
-    return run_job(CLASSIFY_JOB, task, parsed, accelerator, after_training=predictions, load_code=load_code)
+    return run(CLASSIFY_JOB, argv)
 
 
 if __name__ == "__main__":

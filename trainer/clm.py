@@ -18,17 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.config.arguments import CorpusArguments, ModelArguments, TrainingArguments
+from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
 from trainer.continual.replay import replay_split
+from trainer.data.arguments import CorpusArguments, DataFiles
 from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
 from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed.collectives import main_process_first
-from trainer.engine.jobs import JobSpec, run_job, start_job
-from trainer.engine.task import Task
+from trainer.engine.jobs import JobSpec, run
+from trainer.engine.task import Task, perplexity_metrics
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.finetune.strategies import FinetuneArguments, apply_strategy, check_finetuning
-from trainer.metrics import perplexity_metrics
+from trainer.finetune.strategies import FinetuneArguments, apply_strategy
 from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
 from trainer.models.loading import check_sequence_length, load_model, load_tokenizer, max_positions
 
@@ -40,6 +40,8 @@ PACKING = ("stream", "documents")
 
 @dataclass
 class ClmArguments:
+    _argument_group_name = "causal-language modelling"
+
     block_size: Optional[int] = arg(None, "Tokens per training block. Unset: the model's positions, at most 1024 "
                                           "(as run_clm.py).")
     packing: str = arg("stream", "How documents fill blocks. stream: one token stream cut into blocks (run_clm.py), "
@@ -253,12 +255,14 @@ def generation_probes(tokenizer, prompts: list[str], new_tokens: int):
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def build_task(model_args, data_args, training_args, ft_args, clm_args, accelerator) -> Task:
+def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     from transformers import AutoModelForCausalLM
+
+    model_args, data_args, ft_args, clm_args = config.model, config.data, config.finetune, config.clm
 
     ft_args.check_model(model_args, "gpt2 or the output of an earlier trainer.clm run")
     with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
-        raw, text_column = load_text_splits(data_args, keep_linebreaks=clm_args.keep_linebreaks)
+        raw, text_column = load_text_splits(data_args, files, keep_linebreaks=clm_args.keep_linebreaks)
         tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column], train_byte_level_bpe_tokenizer)
         packed = clm_args.packing == "documents"
         require(not packed or tokenizer.eos_token_id is not None,
@@ -279,7 +283,7 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
                                     f"more text or a smaller --block_size")
         require(len(eval_set) > 0, f"the evaluation text is too short for one block of {block_size} tokens; use "
                                    f"more validation text or a smaller --block_size")
-        replay_set = replay_split(blocks, data_args)
+        replay_set = replay_split(blocks, files.replay)
     trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="CAUSAL_LM")
     # Blocks are full: padding never happens; a tokenizer without a pad token (GPT-2's) is fine.
     pad_token_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
@@ -287,7 +291,7 @@ def build_task(model_args, data_args, training_args, ft_args, clm_args, accelera
     return Task(
         model=CausalLMTask(trained_model, clm_args.loss_chunk_tokens),
         train_dataset=train_set, eval_dataset=eval_set,
-        replay_dataset=replay_set, replay_ratio=data_args.replay_ratio,
+        replay_dataset=replay_set,
         train_collator=collator, eval_collator=collator, compute_metrics=perplexity_metrics("predicted_tokens"),
         hf_model=trained_model, tokenizer=tokenizer, columns=["input_ids"],
         after_evaluation=generation_probes(tokenizer, clm_args.probe_prompts, clm_args.probe_new_tokens),
@@ -300,17 +304,14 @@ def headline(metrics: dict) -> str:
 
 
 CLM_JOB = JobSpec(
-    arguments=(ModelArguments, CorpusArguments, TrainingArguments, FinetuneArguments, ClmArguments),
+    sections={"data": CorpusArguments, "finetune": FinetuneArguments, "clm": ClmArguments}, build_task=build_task,
     demo_config=DEMO_CONFIG, write_demo_data=write_mlm_corpus, demo_name="movie-review corpus",
-    model_card_task="causal language modelling", pipeline_tag="text-generation", headline=headline,
-    check_arguments=check_finetuning)
+    model_card_task="causal language modelling", pipeline_tag="text-generation", headline=headline)
 
 
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    parsed, accelerator = start_job(CLM_JOB, argv)
-    task = build_task(*parsed, accelerator)
-    return run_job(CLM_JOB, task, parsed, accelerator)
+    return run(CLM_JOB, argv)
 
 
 if __name__ == "__main__":

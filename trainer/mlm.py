@@ -18,21 +18,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.config.arguments import DataArguments, ModelArguments, TrainingArguments
+from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
 from trainer.continual.replay import replay_split
+from trainer.data.arguments import DataArguments, DataFiles
 from trainer.data.demo import write_mlm_corpus
 from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed.collectives import main_process_first
-from trainer.engine.jobs import JobSpec, run_job, start_job
-from trainer.engine.task import Task
+from trainer.engine.jobs import JobSpec, run
+from trainer.engine.task import Task, perplexity_metrics
 from trainer.engine.throughput import training_flops_per_token
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.metrics import logger, perplexity_metrics
 from trainer.models.loading import check_sequence_length, load_model, load_tokenizer
 from trainer.models.sparse_mlm import (IGNORE, MaskedRows, SPARSE_HEAD_TYPES, can_sparsify_last_layer,
                                        install_sparse_last_layer, last_encoder_layer, last_layer_row_parameters,
                                        masked_row_tensors, prediction_head)
+from trainer.tracking.console import logger
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mlm_demo.yaml")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation masks from sharing random draws
@@ -40,6 +41,8 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation masks from shar
 
 @dataclass
 class MLMArguments:
+    _argument_group_name = "masked-language modelling"
+
     mlm_probability: float = arg(0.15, "Fraction of tokens (or words) masked; of those 80%% become [MASK], 10%% a "
                                        "random token, 10%% stay.")
     whole_word_masking: bool = arg(False, "Mask all sub-tokens of a word together.")
@@ -255,17 +258,19 @@ def fill_mask_probes(tokenizer, sentences: list[str]):
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> Task:
+def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     from transformers import AutoModelForMaskedLM
 
+    model_args, data_args, mlm_args = config.model, config.data, config.mlm
+
     with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
-        raw, text_column = load_text_splits(data_args)
+        raw, text_column = load_text_splits(data_args, files)
         tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column])
         require(tokenizer.mask_token is not None, "the tokenizer has no mask token; pick a masked-LM tokenizer")
         model = load_model(model_args, AutoModelForMaskedLM, tokenizer)
         check_sequence_length(data_args.max_seq_length, model.config)
         processed = tokenize_and_chunk(raw, text_column, tokenizer, data_args, mlm_args)
-        masker = Masker(mlm_args.mlm_probability, len(tokenizer), tokenizer.mask_token_id, training_args.seed,
+        masker = Masker(mlm_args.mlm_probability, len(tokenizer), tokenizer.mask_token_id, config.optimization.seed,
                         mlm_args.whole_word_masking)
         eval_masker = Masker(**{**masker.__dict__, "seed": mlm_args.eval_mask_seed})
         train_set, eval_set = processed["train"], processed["validation"]
@@ -275,14 +280,14 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
         require(len(eval_set) > 0, "the evaluation text is too short for one block; use more validation text or a "
                                    "smaller --max_seq_length")
         eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
-        replay_set = replay_split(processed, data_args)
+        replay_set = replay_split(processed, files.replay)
     padded = mlm_args.line_by_line
     task_model = MaskedLMTask(model)
     head_fraction = mlm_args.mlm_probability if task_model.sparse_head else 1.0
     row_parameters = last_layer_row_parameters(model) if task_model.sparse_last_layer else 0
     return Task(
         model=task_model, train_dataset=train_set, eval_dataset=eval_set,
-        replay_dataset=replay_set, replay_ratio=data_args.replay_ratio,
+        replay_dataset=replay_set, after_training=unigram_baseline(train_set, eval_set, len(tokenizer)),
         train_collator=TrainCollator(masker, tokenizer.pad_token_id, padded),
         eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics("masked_tokens"),
         hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),
@@ -294,26 +299,28 @@ def build_task(model_args, data_args, training_args, mlm_args, accelerator) -> T
     )
 
 
+def unigram_baseline(train_set, eval_set, vocab_size: int):
+    """Logs the baseline to beat now; the task's after-training step puts it beside the final metrics."""
+    unigram = unigram_perplexity(train_set, eval_set, vocab_size)
+    logger.info("baseline to beat: an add-one smoothed unigram model of the training tokens has perplexity %.2f on "
+                "the evaluation masks", unigram)
+    return lambda engine: {"eval_unigram_perplexity": unigram}
+
+
 def headline(metrics: dict) -> str:
     return (f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f} (smoothed "
             f"unigram baseline {metrics['eval_unigram_perplexity']:.2f})")
 
 
 MLM_JOB = JobSpec(
-    arguments=(ModelArguments, DataArguments, TrainingArguments, MLMArguments), demo_config=DEMO_CONFIG,
+    sections={"data": DataArguments, "mlm": MLMArguments}, build_task=build_task, demo_config=DEMO_CONFIG,
     write_demo_data=write_mlm_corpus, demo_name="movie-review corpus", model_card_task="masked-language modelling",
     pipeline_tag="fill-mask", headline=headline)
 
 
 @exits_cleanly_on_usage_error
 def main(argv: list[str] | None = None) -> dict:
-    parsed, accelerator = start_job(MLM_JOB, argv)
-    task = build_task(*parsed, accelerator)
-    unigram = unigram_perplexity(task.train_dataset, task.eval_dataset, len(task.tokenizer))
-    logger.info("baseline to beat: an add-one smoothed unigram model of the training tokens has perplexity %.2f on "
-                "the evaluation masks", unigram)
-    return run_job(MLM_JOB, task, parsed, accelerator,
-                   after_training=lambda engine: {"eval_unigram_perplexity": unigram})
+    return run(MLM_JOB, argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import shutil
 from typing import Optional
 
 from trainer.layout import CHECKPOINT_NAME, COMPLETE_MARKER, PREFIX, STATE_FILE
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 
 # ------------------------------------------------------------------------------------- finding checkpoints

@@ -1,1 +1,2 @@
-"""The command line: argument dataclasses and the parsing machinery (config files, --help, did-you-mean)."""
+"""The command line: the parsing machinery (config files, --help, did-you-mean, the `arg` field helper) and the
+`JobConfig` of named sections. Each section is defined beside the component that uses it."""

@@ -4,7 +4,6 @@ overrides, the --help formatter, did-you-mean for unknown options, and the `arg(
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import os
 import re
@@ -167,11 +166,3 @@ def config_file_as_argv(path: str, parser) -> list[str]:
         values = value if isinstance(value, list) else [value]
         argv += [f"--{key}", *(str(v) for v in values)]
     return argv
-
-
-def as_dict(*argument_objects) -> dict:
-    """All arguments as one flat dict (for logs and the trainer state), with any token redacted."""
-    merged = {}
-    for obj in argument_objects:
-        merged.update(dataclasses.asdict(obj))
-    return {key: "<redacted>" if "token" in key and value else value for key, value in merged.items()}

@@ -10,7 +10,8 @@ without replay) and r replay samples from a `ReplayStream`:
   accumulation; it must leave at least one sample of each kind, so R must lie in [0.5 / G, 1 - 0.5 / G).
 - The replay stream is the replay set in a seeded permutation, a fresh one per pass over it, cycling forever and
   independently of the new data's epochs: position p of the stream is sample `permutation(p // M)[p % M]`.
-  Its position (replay samples drawn so far) is `TrainState.replay_position`, saved in every checkpoint.
+  Its position (replay samples drawn so far) is the data source's `replay_position` (trainer.data.source), saved in
+  every checkpoint.
 - The r replay samples take r evenly spaced slots of the global batch (`replay_slots`), a layout that depends on
   G and r alone; the global batch is then sharded across ranks and micro-steps exactly as without replay, so
   the samples of every optimizer step are the same at any world size and accumulation.
@@ -26,23 +27,16 @@ trainer/data/loading.py); this module holds what the jobs and the engine call.
 """
 from __future__ import annotations
 
-from trainer.data.samplers import ReplayStream, replay_count
+from trainer.data.samplers import ReplayStream
 from trainer.errors import require
 
 
-def check_replay_ratio(data_args, training_args, world_size: int) -> None:
-    """At start-up, before any data is prepared: --replay_ratio leaves samples of both kinds in a global batch."""
-    if data_args.replay_ratio is not None:
-        replay_count(data_args.replay_ratio, training_args.per_device_train_batch_size * world_size
-                     * training_args.gradient_accumulation_steps)
-
-
-def replay_split(processed, data_args):
+def replay_split(processed, path: str | None):
     """The prepared "replay" split of a job's DatasetDict (see trainer.data.loading.load_text_splits), None without
     replay; a replay file too short for one sequence is a usage error."""
     if "replay" not in processed:
         return None
-    require(len(processed["replay"]) > 0, f"--replay_file {data_args.replay_file} is too short for one training "
+    require(len(processed["replay"]) > 0, f"--replay_file {path} is too short for one training "
                                           f"sequence; use more replay text or shorter sequences")
     return processed["replay"]
 

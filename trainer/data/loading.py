@@ -6,13 +6,14 @@ import os
 
 import numpy as np
 
-from trainer.config.arguments import DATA_FILE_EXTENSIONS
+from trainer.data.arguments import DATA_FILE_EXTENSIONS, DataFiles
 from trainer.errors import UsageError, require
 from trainer.hub.reachability import check_loadable
 
 
-def load_raw_splits(data_args, columns_needed=None, keep_linebreaks: bool = False):
-    """A DatasetDict with 'train' and 'validation', validation split off the training data when not given.
+def load_raw_splits(data_args, files: DataFiles, keep_linebreaks: bool = False):
+    """A DatasetDict with 'train' and 'validation' (from `files`, or --dataset_name), validation split off the
+    training data when not given.
 
     `keep_linebreaks`: .txt lines keep their trailing newline (run_clm's --keep_linebreaks)."""
     import datasets
@@ -23,24 +24,22 @@ def load_raw_splits(data_args, columns_needed=None, keep_linebreaks: bool = Fals
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         require("train" in raw, f"--dataset_name {data_args.dataset_name} has no 'train' split")
     else:
-        files = {"train": data_args.train_file}
-        if data_args.validation_file:
-            files["validation"] = data_args.validation_file
+        paths = {"train": files.train, **({"validation": files.validation} if files.validation else {})}
         raw = datasets.DatasetDict({split: load_file(path, flag=f"{split}_file", keep_linebreaks=keep_linebreaks)
-                                    for split, path in files.items()})
+                                    for split, path in paths.items()})
     if "validation" not in raw:
-        held_out = hold_out(raw["train"], data_args)
+        held_out = hold_out(raw["train"], data_args, files)
         raw = datasets.DatasetDict({"train": held_out["train"], "validation": held_out["test"]})
     return datasets.DatasetDict({"train": raw["train"], "validation": raw["validation"]})
 
 
-def hold_out(dataset, data_args):
+def hold_out(dataset, data_args, files: DataFiles):
     """--validation_split_percentage of the rows for evaluation; too few rows for both parts is a usage error."""
     percent = data_args.validation_split_percentage
     try:
         return dataset.train_test_split(test_size=percent / 100, seed=0)
     except ValueError:  # datasets: "With n_samples=1, test_size=0.05 ... the resulting train set will be empty"
-        raise UsageError(f"{data_source(data_args, 'train')} has {len(dataset)} row(s), too few to hold out "
+        raise UsageError(f"{data_source(data_args, files, 'train')} has {len(dataset)} row(s), too few to hold out "
                          f"{percent}% for evaluation; give --validation_file or more data") from None
 
 
@@ -80,29 +79,29 @@ def resolve_text_column(dataset, requested: str | None, flag: str = "--text_colu
     return string_columns[0]
 
 
-def load_text_splits(data_args, keep_linebreaks: bool = False):
+def load_text_splits(data_args, files: DataFiles, keep_linebreaks: bool = False):
     """(train/validation DatasetDict, the text column): the column checked to hold text in every split. With
     --replay_file, its data is a third split, "replay", for the job to prepare with the others."""
-    raw = load_raw_splits(data_args, keep_linebreaks=keep_linebreaks)
+    raw = load_raw_splits(data_args, files, keep_linebreaks=keep_linebreaks)
     text_column = resolve_text_column(raw["train"], data_args.text_column)
-    replay = load_replay_file(data_args, [text_column], keep_linebreaks)
+    replay = load_replay_file(files.replay, [text_column], keep_linebreaks)
     if replay is not None:  # prepared with the training split, exactly as it
         raw["replay"] = replay
     for split, dataset in raw.items():
-        check_text_column(dataset, text_column, data_source(data_args, split))
+        check_text_column(dataset, text_column, data_source(data_args, files, split))
     # The text alone goes on, so that every split (the replay file's too) has the same columns to drop.
     return raw.select_columns([text_column]), text_column
 
 
-def data_source(data_args, split: str) -> str:
+def data_source(data_args, files: DataFiles, split: str) -> str:
     """The flag and name a split comes from, for error messages."""
     if split == "replay":
-        return f"--replay_file {data_args.replay_file}"
+        return f"--replay_file {files.replay}"
     if data_args.dataset_name:
         return f"--dataset_name {data_args.dataset_name} ({split})"
-    if split == "validation" and data_args.validation_file:
-        return f"--validation_file {data_args.validation_file}"
-    return f"--train_file {data_args.train_file}"
+    if split == "validation" and files.validation:
+        return f"--validation_file {files.validation}"
+    return f"--train_file {files.train}"
 
 
 def check_text_column(dataset, column: str, source: str, flag: str = "--text_column") -> None:
@@ -158,10 +157,9 @@ def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:
     return out
 
 
-def load_replay_file(data_args, columns: list[str], keep_linebreaks: bool = False):
-    """The raw `--replay_file` as a Dataset (None without one), checked to have the training data's `columns`
+def load_replay_file(path: str | None, columns: list[str], keep_linebreaks: bool = False):
+    """The raw `--replay_file` `path` as a Dataset (None without one), checked to have the training data's `columns`
     (text, text pair, label: what the job reads of a training row)."""
-    path = data_args.replay_file
     if not path:
         return None
     replay = load_file(path, "replay_file", keep_linebreaks=keep_linebreaks)

@@ -37,25 +37,26 @@ def load_deepspeed_config(path: str) -> dict:
     return config
 
 
-def resolve_deepspeed_config(config: dict, args, world_size: int, source: str) -> dict:
-    """A copy of `config` with every command-line value filled in and checked; `source` names it in errors."""
+def resolve_deepspeed_config(config: dict, optimization, parallelism, world_size: int, source: str) -> dict:
+    """A copy of `config` with every command-line value filled in and checked (from the optimization and the
+    precision and parallelism sections); `source` names it in errors."""
     config = copy.deepcopy(config)
     fill = Filler(config, source)
-    fill("train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "--per_device_train_batch_size")
-    fill("gradient_accumulation_steps", args.gradient_accumulation_steps, "--gradient_accumulation_steps")
-    fill("train_batch_size", world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+    fill("train_micro_batch_size_per_gpu", optimization.per_device_train_batch_size, "--per_device_train_batch_size")
+    fill("gradient_accumulation_steps", optimization.gradient_accumulation_steps, "--gradient_accumulation_steps")
+    fill("train_batch_size", optimization.global_batch_size(world_size),
          "processes x --per_device_train_batch_size x --gradient_accumulation_steps")
-    fill("gradient_clipping", args.max_grad_norm, "--max_grad_norm")
-    fill("bf16.enabled", args.bf16, "--bf16")
-    fill("fp16.enabled", args.fp16, "--fp16")
+    fill("gradient_clipping", optimization.max_grad_norm, "--max_grad_norm")
+    fill("bf16.enabled", parallelism.bf16, "--bf16")
+    fill("fp16.enabled", parallelism.fp16, "--fp16")
     check_zero_section(config.setdefault("zero_optimization", {}), source)
     # "auto": on with 2 or more processes. With one there is no communication to overlap, and DeepSpeed 0.19's
     # overlap_comm then only costs: a device-wide synchronize after every backward (stage_1_and_2
     # `independent_gradient_partition_epilogue`, and per bucket where it all-reduces) and side-stream copies.
     if config["zero_optimization"].get("overlap_comm") == "auto":
         config["zero_optimization"]["overlap_comm"] = world_size > 1
-    check_optimizer_section(config.pop("optimizer", None), args, fill)
-    check_scheduler_section(config.pop("scheduler", None), args, fill)
+    check_optimizer_section(config.pop("optimizer", None), optimization, fill)
+    check_scheduler_section(config.pop("scheduler", None), optimization, fill)
     # An explicit `false` would make a ZeRO-3 export impossible: the final save needs the gathered weights.
     if config["zero_optimization"].get("stage") == 3:
         fill("zero_optimization.stage3_gather_16bit_weights_on_model_save", True, "the final model export")
@@ -128,32 +129,32 @@ def check_zero_section(zero: dict, source: str) -> None:
                     f"an existing directory; create it or offload to cpu")
 
 
-def check_optimizer_section(section: dict | None, args, fill: Filler) -> None:
+def check_optimizer_section(section: dict | None, optimization, fill: Filler) -> None:
     if section is None:
         return
     kind = section.get("type", "AdamW")
     require(kind in ("AdamW", "Adam"), f"{fill.source}: optimizer type {json.dumps(kind)} is not supported; the "
                                        f"engine trains with AdamW (set \"type\": \"AdamW\")")
     params = section.setdefault("params", {})
-    for key, value, flag in (("lr", args.learning_rate, "--learning_rate"),
-                             ("betas", [args.adam_beta1, args.adam_beta2], "--adam_beta1/--adam_beta2"),
-                             ("eps", args.adam_epsilon, "--adam_epsilon"),
-                             ("weight_decay", args.weight_decay, "--weight_decay")):
+    for key, value, flag in (("lr", optimization.learning_rate, "--learning_rate"),
+                             ("betas", [optimization.adam_beta1, optimization.adam_beta2], "--adam_beta1/--adam_beta2"),
+                             ("eps", optimization.adam_epsilon, "--adam_epsilon"),
+                             ("weight_decay", optimization.weight_decay, "--weight_decay")):
         fill(key, value, flag, section=params, prefix="optimizer.params.")
 
 
-def check_scheduler_section(section: dict | None, args, fill: Filler) -> None:
+def check_scheduler_section(section: dict | None, optimization, fill: Filler) -> None:
     if section is None:
         return
-    fill("type", SCHEDULERS[args.lr_scheduler_type], f"--lr_scheduler_type {args.lr_scheduler_type}",
+    fill("type", SCHEDULERS[optimization.lr_scheduler_type], f"--lr_scheduler_type {optimization.lr_scheduler_type}",
          section=section, prefix="scheduler.")
     params = section.setdefault("params", {})
     fill("warmup_min_lr", 0, "the schedule (warmup starts at 0)", section=params, prefix="scheduler.params.")
-    fill("warmup_max_lr", args.learning_rate, "--learning_rate", section=params, prefix="scheduler.params.")
+    fill("warmup_max_lr", optimization.learning_rate, "--learning_rate", section=params, prefix="scheduler.params.")
     # Total steps are known here only when --max_steps is given (otherwise they follow from the data).
-    if args.max_steps > 0:
-        fill("total_num_steps", args.max_steps, "--max_steps", section=params, prefix="scheduler.params.")
-        fill("warmup_num_steps", warmup_steps(args, args.max_steps), "--warmup_steps/--warmup_ratio",
+    if optimization.max_steps > 0:
+        fill("total_num_steps", optimization.max_steps, "--max_steps", section=params, prefix="scheduler.params.")
+        fill("warmup_num_steps", warmup_steps(optimization, optimization.max_steps), "--warmup_steps/--warmup_ratio",
              section=params, prefix="scheduler.params.")
     else:
         for key in ("total_num_steps", "warmup_num_steps"):

@@ -29,14 +29,16 @@ from trainer.layout import DEEPSPEED_STATE_DIR, FSDP_STATE_DIR
 from trainer.models.blocks import repeated_blocks
 
 
-def make_accelerator(training_args, **plugins):
+def make_accelerator(parallelism, optimization, **plugins):
+    """The accelerate Accelerator for the precision and parallelism section (and, under DeepSpeed, the
+    optimization section, whose values fill its config)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    require(not (training_args.fp16 and not torch.cuda.is_available()),
+    require(not (parallelism.fp16 and not torch.cuda.is_available()),
             "--fp16 needs a GPU (float16 autocast and loss scaling are CUDA features here); use --bf16 on the CPU")
-    use_cpu = training_args.use_cpu or not torch.cuda.is_available()
-    timeout = datetime.timedelta(seconds=training_args.ddp_timeout)
+    use_cpu = parallelism.use_cpu or not torch.cuda.is_available()
+    timeout = datetime.timedelta(seconds=parallelism.ddp_timeout)
     if "TORCHELASTIC_RESTART_COUNT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_process_group_per_restart("gloo" if use_cpu else "nccl", timeout)
     if not use_cpu:
@@ -44,16 +46,16 @@ def make_accelerator(training_args, **plugins):
         # the precision every mixed-precision recipe already accepts.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    deepspeed_plugin = make_deepspeed_plugin(training_args, timeout)
+    deepspeed_plugin = make_deepspeed_plugin(parallelism, optimization, timeout)
     if deepspeed_plugin is not None:
         # Only under DeepSpeed: elsewhere accelerate would divide every loss by it in `backward`.
         plugins.update(deepspeed_plugin=deepspeed_plugin,
-                       gradient_accumulation_steps=training_args.gradient_accumulation_steps)
+                       gradient_accumulation_steps=optimization.gradient_accumulation_steps)
     accelerator = Accelerator(
         # accelerate turns DeepSpeed off when told cpu=True; DeepSpeed brings its own CPU backend (gloo).
         cpu=deepspeed_plugin is None and use_cpu,
         dynamo_backend="no",  # --torch_compile compiles the blocks (trainer.models.compilation), not the whole model
-        mixed_precision=training_args.mixed_precision,
+        mixed_precision=parallelism.mixed_precision,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout, **process_group_backend(deepspeed_plugin))],
         **plugins,
     )
@@ -64,7 +66,7 @@ def make_accelerator(training_args, **plugins):
     if use_cpu:  # after Accelerator(), which sets its own count for several CPU processes
         share_cpu_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if fsdp_requested() and use_cpu:
-        use_fsdp_on_cpu(accelerator, training_args)
+        use_fsdp_on_cpu(accelerator, parallelism)
     return accelerator
 
 
@@ -115,7 +117,7 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def use_fsdp_on_cpu(accelerator, training_args) -> None:
+def use_fsdp_on_cpu(accelerator, parallelism) -> None:
     """Make accelerate's FSDP2 path (`prepare` -> `fsdp2_prepare_model`, optimizer parameter switch, full state
     dicts) run on the CPU processes that `cpu=True` started.
 
@@ -133,8 +135,8 @@ def use_fsdp_on_cpu(accelerator, training_args) -> None:
     require(accelerator.num_processes > 1,
             f"FSDP on the CPU needs 2 or more processes (got {accelerator.num_processes}); launch with "
             f"accelerate launch --num_processes 2 or more, or drop the FSDP config")
-    if training_args.mixed_precision != "no":
-        plugin.set_mixed_precision(training_args.mixed_precision)
+    if parallelism.mixed_precision != "no":
+        plugin.set_mixed_precision(parallelism.mixed_precision)
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
 
@@ -154,29 +156,29 @@ def process_group_backend(deepspeed_plugin) -> dict:
     return {"backend": "gloo"} if deepspeed_plugin is not None and not torch.cuda.is_available() else {}
 
 
-def deepspeed_requested(training_args) -> bool:
+def deepspeed_requested(parallelism) -> bool:
     """`--deepspeed PATH`, or `accelerate launch` with a DeepSpeed config (it says so in the environment)."""
-    return bool(training_args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return bool(parallelism.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def make_deepspeed_plugin(training_args, timeout: datetime.timedelta):
+def make_deepspeed_plugin(parallelism, optimization, timeout: datetime.timedelta):
     """accelerate's DeepSpeedPlugin with a config whose "auto" values all come from the command line.
 
     Under `accelerate launch` the plugin accelerate would build from its environment is the starting point
     (its `deepspeed_config_file`, or the ZeRO fields of the YAML); `--deepspeed PATH` wins over it.
     """
-    if not deepspeed_requested(training_args):
+    if not deepspeed_requested(parallelism):
         return None
     from accelerate.utils import DeepSpeedPlugin
 
-    if training_args.deepspeed:
-        source = f"--deepspeed {training_args.deepspeed}"
-        config = load_deepspeed_config(training_args.deepspeed)
+    if parallelism.deepspeed:
+        source = f"--deepspeed {parallelism.deepspeed}"
+        config = load_deepspeed_config(parallelism.deepspeed)
     else:
         source = "the accelerate DeepSpeed config"
         config = DeepSpeedPlugin().deepspeed_config
     world_size = default_single_process_environment()
-    config = resolve_deepspeed_config(config, training_args, world_size, source)
+    config = resolve_deepspeed_config(config, optimization, parallelism, world_size, source)
     start_deepspeed_process_group(timeout)
     return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)  # see `without_zero_init`
 

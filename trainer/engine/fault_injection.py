@@ -22,9 +22,10 @@ def env_number(name: str, kind=int):
 
 
 class FaultInjection:
-    def __init__(self, engine):
-        self.engine = engine
-        rank = engine.accelerator.process_index
+    """Given this process's rank, the task model (hooked for the NaN fault) and the train state (its step)."""
+
+    def __init__(self, rank: int, task_model, state):
+        self.state = state
         self.signal_at = env_number("TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH") if rank == 0 else None
         self.nan_at_step = env_number("TRAINER_FAULT_NAN_AT_STEP") if rank == 0 else None
         self.sleep_in_save = env_number("TRAINER_FAULT_SLEEP_IN_SAVE", float)
@@ -32,19 +33,19 @@ class FaultInjection:
         self.sample_log = f"{sample_log}.rank{rank}" if sample_log else None
         self.micro_batches = 0
         if self.nan_at_step is not None:
-            engine.task.model.register_forward_hook(self.nan_loss)
+            task_model.register_forward_hook(self.nan_loss)
 
     def micro_batch(self, sample_ids) -> None:
         """Called with each training micro-batch's sample ids, before its forward pass."""
         self.micro_batches += 1
         if self.sample_log:
             with open(self.sample_log, "a") as handle:
-                handle.write(json.dumps({"step": self.engine.state.step + 1, "ids": sample_ids.tolist()}) + "\n")
+                handle.write(json.dumps({"step": self.state.step + 1, "ids": sample_ids.tolist()}) + "\n")
         if self.micro_batches == self.signal_at:
             os.kill(os.getpid(), signal.SIGUSR1)
 
     def nan_loss(self, module, inputs, output):
-        if module.training and self.engine.state.step + 1 == self.nan_at_step:
+        if module.training and self.state.step + 1 == self.nan_at_step:
             return {**output, "loss_sum": output["loss_sum"] * float("nan")}
         return output
 

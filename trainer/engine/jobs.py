@@ -1,101 +1,129 @@
-"""Steps every job's `main` takes around the engine, given the job's `JobSpec`: `start_job` (arguments, output
-directory, processes, demo data) before its task is built, `run_job` (train, the job's after-steps, results)
-after."""
+"""Steps every job takes around the engine, given the job's `JobSpec`: `start_job` (the configuration, output
+directory, processes, data files) before its task is built, `run_job` (assemble, train, the job's after-steps,
+results) after; `run` is all of them, a job's `main`."""
 from __future__ import annotations
 
 import json
 import os
 import shlex
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
+from trainer.checkpoint.arguments import CheckpointArguments
+from trainer.config.job_config import JobConfig, parse_job_config
+from trainer.continual.arguments import ContinualArguments
+from trainer.data.arguments import DataFiles
+from trainer.distributed.arguments import ParallelismArguments
 from trainer.distributed.collectives import main_process_first
+from trainer.engine.evaluation import EvalArguments
+from trainer.engine.optim import OptimizationArguments
 from trainer.errors import require
+from trainer.hub.arguments import HubArguments
 from trainer.layout import LOG_HISTORY_FILE, MERGED_DIR, PREFIX, RESULTS_FILE
-from trainer.metrics import format_number, logger
+from trainer.models.arguments import ModelArguments
 from trainer.models.loading import cache_dir
+from trainer.tracking.arguments import TrackingArguments
+from trainer.tracking.console import format_number, logger
 
-if TYPE_CHECKING:
-    from trainer.engine.loop import Engine
+# The sections of every job, in command-line (and --help) order after "model" and the job's "data".
+SHARED_SECTIONS = {"optimization": OptimizationArguments, "evaluation": EvalArguments,
+                   "parallelism": ParallelismArguments, "checkpointing": CheckpointArguments,
+                   "tracking": TrackingArguments, "hub": HubArguments, "continual": ContinualArguments}
+
+
+def default_load_code(config: JobConfig) -> Optional[str]:
+    """The default `JobSpec.load_code`: None, i.e. the `pipeline` line of the job's pipeline tag."""
+    return None
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What sets a job apart in the steps every job takes around the engine (`start_job`, `run_job`): defined once
-    in each job module."""
+    """What sets a job apart in the steps every job takes around the engine: defined once in each job module, with
+    builder slots for what only the job knows."""
 
-    arguments: tuple[type, ...]  # the argument dataclasses, parsed in this order; the job's own last (see job_module)
+    # The job's own sections by name: "data" (its data arguments) and e.g. "finetune", "clm"; the job's own last.
+    sections: dict
+    build_task: Callable  # (config, data files, accelerator) -> Task
     demo_config: str  # the packaged config run when no data is named
     write_demo_data: Callable[[str], tuple[str, str]]  # writes the embedded data into a directory: (train, validation)
     demo_name: str  # what the log calls that data, e.g. "movie-review corpus"
     model_card_task: str  # the model card's task, e.g. "causal language modelling"
     pipeline_tag: str  # the `pipeline` that loads the output, e.g. "text-generation"
     headline: Callable[[dict], str]  # the closing summary's first line, from the final metrics
-    check_arguments: Optional[Callable[..., None]] = None  # a check across the parsed arguments, given all of them
+    load_code: Callable[[JobConfig], Optional[str]] = default_load_code  # how the summary says to load the output
+
+    @property
+    def all_sections(self) -> dict:
+        """model, data, the shared sections, then the job's others (its own last: see config.parsing.job_module)."""
+        own = dict(self.sections)
+        return {"model": ModelArguments, "data": own.pop("data"), **SHARED_SECTIONS, **own}
+
+
+def run(job: JobSpec, argv: list[str] | None = None) -> dict:
+    """The whole job: start, build the task, train, finish. Returns the final metrics."""
+    config, files, accelerator = start_job(job, argv)
+    return run_job(job, config, files, job.build_task(config, files, accelerator), accelerator)
 
 
 def start_job(job: JobSpec, argv: list[str] | None):
-    """Every job's first steps: parse the arguments, check them together (`job.check_arguments(*parsed)`) and the
-    output directory, start the processes, check --replay_ratio against the global batch, set up logging, fall back to the embedded demo data, seed. Returns
-    the parsed arguments and the accelerator."""
+    """Every job's first steps: parse the configuration, check it across sections and the output directory, start
+    the processes, check it against their number, set up logging, find the data files (the embedded demo's when
+    none are named), seed. Returns (config, data files, accelerator)."""
     from accelerate.utils import set_seed
 
-    from trainer.config.arguments import CorpusArguments, TrainingArguments
-    from trainer.config.parsing import parse_arguments
     from trainer.distributed.launch import make_accelerator
-    from trainer.metrics import setup_logging
-    from trainer.continual.replay import check_replay_ratio
+    from trainer.engine.checks import check_sections, check_with_processes
+    from trainer.tracking import check_trackers
+    from trainer.tracking.console import setup_logging
 
-    parsed = parse_arguments(job.arguments, argv, default_config=job.demo_config)
-    training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
-    data_args = next(a for a in parsed if isinstance(a, CorpusArguments))
-    if job.check_arguments is not None:
-        job.check_arguments(*parsed)
-    check_output_dir(training_args)
-    accelerator = make_accelerator(training_args)
-    check_replay_ratio(data_args, training_args, accelerator.num_processes)
+    config = parse_job_config(job.all_sections, argv, default_config=job.demo_config)
+    check_sections(config)
+    check_output_dir(config.checkpointing)
+    check_trackers(config.tracking.report_to)
+    accelerator = make_accelerator(config.parallelism, config.optimization)
+    check_with_processes(config, accelerator.num_processes)
     setup_logging(accelerator.is_main_process)
-    embedded_corpus_if_no_data(data_args, accelerator, job.write_demo_data, job.demo_name)
-    set_seed(training_args.seed)
-    return parsed, accelerator
+    files = data_files(config, accelerator, job)
+    set_seed(config.optimization.seed)
+    return config, files, accelerator
 
 
-def run_job(job: JobSpec, task, parsed, accelerator,
-            after_training: Optional[Callable[[Engine], Optional[dict]]] = None, load_code: Optional[str] = None) -> dict:
-    """What every job does once its task is built: train it on the engine; the job's own after-steps,
-    `after_training(engine)` (on every rank: e.g. predictions on a test set; a dict it returns joins the final
-    metrics); with --merge_adapters, the LoRA-merged copy in output_dir/merged; then `finish_job`, with the job's
-    model card, headline and `load_code` (how to load the output, default a `pipeline` line). Returns the final
-    metrics."""
-    from trainer.config.arguments import CorpusArguments, TrainingArguments
-    from trainer.engine.loop import Engine
-    from trainer.finetune.strategies import FinetuneArguments, export_merged
+def run_job(job: JobSpec, config: JobConfig, files: DataFiles, task, accelerator) -> dict:
+    """What every job does once its task is built: assemble the engine and train; the task's own after-steps
+    (`Task.after_training(engine)`, on every rank: e.g. predictions on a test set; a dict it returns joins the final
+    metrics); with --merge_adapters, the LoRA-merged copy in output_dir/merged; then `finish_job`. Returns the
+    final metrics."""
+    from trainer.engine.assembly import assemble
+    from trainer.finetune.strategies import export_merged
+    from trainer.hub.push import HubPusher
 
-    training_args = next(a for a in parsed if isinstance(a, TrainingArguments))
-    engine = Engine(training_args, task, accelerator)
+    output_dir = config.checkpointing.output_dir
+    hub = HubPusher(config.hub, output_dir, accelerator.is_main_process, config.as_dict())
+    engine = assemble(config, task, accelerator, on_saved=hub.push_checkpoint)
     metrics = engine.train()
-    if after_training is not None:
-        metrics = {**metrics, **(after_training(engine) or {})}
-    ft_args = next((a for a in parsed if isinstance(a, FinetuneArguments)), None)
-    if accelerator.is_main_process and ft_args is not None and ft_args.merge_adapters:
-        export_merged(task.hf_model, task.tokenizer, os.path.join(training_args.output_dir, MERGED_DIR))
-    data_args = next(a for a in parsed if isinstance(a, CorpusArguments))
-    finish_job(engine, metrics, data_args, {"task": job.model_card_task, "pipeline_tag": job.pipeline_tag},
-               job.headline(metrics), load_code)
+    if task.after_training is not None:
+        metrics = {**metrics, **(task.after_training(engine) or {})}
+    finetune = config.get("finetune")
+    if accelerator.is_main_process and finetune is not None and finetune.merge_adapters:
+        export_merged(task.hf_model, task.tokenizer, os.path.join(output_dir, MERGED_DIR))
+    model_card = {"task": job.model_card_task, "pipeline_tag": job.pipeline_tag,
+                  "data": config.data.dataset_name or files.train}
+    finish_job(engine, hub, metrics, model_card, job.headline(metrics), job.load_code(config))
     return metrics
 
 
-def finish_job(engine, metrics: dict, data_args, model_card: dict, summary: str, load_code: str | None = None) -> None:
+def finish_job(engine, hub, metrics: dict, model_card: dict, summary: str, load_code: str | None = None) -> None:
     """Rank 0: all_results.json, the model card and Hub push (when asked), and the closing summary: `summary` (the
     job's headline, e.g. perplexity before -> after), where the model is, final metrics, how to load it (`load_code`,
     default a `pipeline` line) and view its curves; then every rank leaves the process group."""
     from trainer.distributed.collectives import end_processes
 
+    output_dir = engine.settings.output_dir
     if engine.accelerator.is_main_process:
-        write_results(engine.args.output_dir, metrics)
-        engine.hub.push_final({**model_card, "data": data_args.dataset_name or data_args.train_file}, metrics)
-        for line in closing_summary(summary, engine.args.output_dir, metrics, model_card["pipeline_tag"],
-                                    engine.metrics.tensorboard_dir, load_code):
+        write_results(output_dir, metrics)
+        hub.push_final(model_card, metrics)
+        for line in closing_summary(summary, output_dir, metrics, model_card["pipeline_tag"],
+                                    tensorboard_dir(engine), load_code):
             logger.info(line)
     end_processes()
 
@@ -114,21 +142,26 @@ def closing_summary(headline: str, output_dir: str, metrics: dict, pipeline_tag:
     return lines
 
 
+def tensorboard_dir(engine) -> str | None:
+    tensorboard = engine.trackers.tracker("tensorboard")
+    return tensorboard.directory if tensorboard is not None else None
+
+
 def pipeline_loading(pipeline_tag: str, output_dir: str) -> str:
     return f"from transformers import pipeline; pipe = pipeline({pipeline_tag!r}, model={os.path.abspath(output_dir)!r})"
 
 
-def check_output_dir(training_args) -> None:
+def check_output_dir(checkpointing: CheckpointArguments) -> None:
     """Refuse a non-empty output directory unless --overwrite_output_dir (never clobber an earlier run), or
     unless the run resumes: the directory holds checkpoints (complete or not: the engine picks and reports),
     or --resume_from_checkpoint is given."""
-    path = training_args.output_dir
+    path = checkpointing.output_dir
     require(bool(path.strip()), "--output_dir is empty; give a directory")
     require(not os.path.isfile(path), f"--output_dir {path} is a file; give a directory")
     check_creatable(path)
-    if not os.path.isdir(path) or not os.listdir(path) or training_args.overwrite_output_dir:
+    if not os.path.isdir(path) or not os.listdir(path) or checkpointing.overwrite_output_dir:
         return
-    resumes = training_args.resume_from_checkpoint or any(name.startswith(PREFIX) for name in os.listdir(path))
+    resumes = checkpointing.resume_from_checkpoint or any(name.startswith(PREFIX) for name in os.listdir(path))
     require(resumes, f"--output_dir {path} is not empty and holds no checkpoint to resume from; pass "
                      f"--overwrite_output_dir or choose another directory")
 
@@ -145,13 +178,16 @@ def check_creatable(path: str) -> None:
                                                     f"read-only file system); choose another --output_dir")
 
 
-def embedded_corpus_if_no_data(data_args, accelerator, write_files, name: str) -> None:
-    """With neither --train_file nor --dataset_name, use the package's generated offline data set."""
-    if data_args.train_file or data_args.dataset_name:
-        return
+def data_files(config: JobConfig, accelerator, job: JobSpec) -> DataFiles:
+    """The files named on the command line or, with neither --train_file nor --dataset_name, the package's generated
+    offline data set (written once per node), plus --replay_file."""
+    data, replay = config.data, config.continual.replay_file
+    if data.train_file or data.dataset_name:
+        return DataFiles(data.train_file, data.validation_file, replay)
     with main_process_first(accelerator):
-        data_args.train_file, data_args.validation_file = write_files(cache_dir(name))
-    logger.info("no data given: using the embedded %s (%s)", name, data_args.train_file)
+        train, validation = job.write_demo_data(cache_dir(job.demo_name))
+    logger.info("no data given: using the embedded %s (%s)", job.demo_name, train)
+    return DataFiles(train, validation, replay)
 
 
 def write_results(output_dir: str, metrics: dict) -> None:

@@ -5,10 +5,12 @@ the batch's loss items: masked tokens for MLM, samples for classification), data
 put the item count on the host as `num_loss_items`. Summed losses are what make results independent of how
 a step is split: each optimizer step divides by the number of loss items in the WHOLE step (all micro-batches,
 all ranks), so batch 4 x accumulation 2 x 2 ranks makes the same update as one batch of 16.
+
+The engine is handed its parts built (`EngineParts`, by trainer.engine.assembly) and the few numbers of its loop
+(`LoopSettings`); it builds nothing and reads no command-line section.
 """
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -20,117 +22,106 @@ from tqdm.auto import tqdm
 from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.checkpoint.files import Writes
 from trainer.continual.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
-from trainer.continual.replay import describe_replay, training_data
-from trainer.data.batches import EpochBatches, loader_workers, make_loader
-from trainer.data.samplers import GlobalBatchSampler, ReplayStream, shard_for_evaluation
+from trainer.data.batches import make_loader
+from trainer.data.samplers import shard_for_evaluation
+from trainer.data.source import TrainingBatches
 from trainer.distributed.collectives import all_gather_objects, all_reduce_sum, host_sum
-from trainer.distributed.launch import describe_parallelism, describe_threads, parameters_sharded, prepare_for_model
+from trainer.distributed.launch import describe_parallelism, describe_threads, parameters_sharded
 from trainer.distributed.parameters import full_state_dict
 from trainer.distributed.steps import backward, clip_gradients, set_gradient_sync, step_deepspeed_engine
+from trainer.engine.evaluation import BestMetric
 from trainer.engine.fault_injection import FaultInjection
-from trainer.engine.optim import build_optimizer, build_scheduler
 from trainer.engine.signals import STOPPED_EXIT_CODE, StopSignals
 from trainer.engine.state import TrainState
 from trainer.engine.task import EvalOutput, Task
-from trainer.engine.throughput import device_peak, precision_name, training_flops_per_token
+from trainer.engine.throughput import Throughput
 from trainer.errors import JobStopped, require
-from trainer.hub.push import HubPusher
-from trainer.metrics import MetricsLogger, logger, show_progress_bars
-from trainer.models.compilation import compile_blocks, evaluation_stance
-from trainer.models.kernels import fuse_activations
 from trainer.layout import checkpoint_name
+from trainer.models.compilation import evaluation_stance
+from trainer.tracking import MetricsLog
+from trainer.tracking.console import logger, show_progress_bars
 
 DIVERGED_EXIT_CODE = 3
 
 
-class Engine:
-    def __init__(self, args, task: Task, accelerator):
-        self.args = args
-        self.task = task
-        args.choose_best_metric(task.main_metric)
-        self.accelerator = accelerator
-        self.state = TrainState()
-        self.world_size = accelerator.num_processes
-        replay = None if task.replay_dataset is None else ReplayStream(
-            len(task.train_dataset), len(task.replay_dataset), task.replay_ratio, args.seed)
-        self.sampler = GlobalBatchSampler(len(task.train_dataset), args.per_device_train_batch_size,
-                                          self.world_size, accelerator.process_index,
-                                          args.gradient_accumulation_steps, args.seed, lengths=task.train_lengths,
-                                          replay=replay)
-        require(self.sampler.steps_per_epoch > 0,
-                f"the training set has {len(task.train_dataset)} sequences, fewer than one global batch of "
-                f"{self.sampler.global_batch_size} (per-device batch x processes x accumulation"
-                f"{f' less {self.sampler.replay_per_step} replayed' if replay else ''}); use more data or a smaller "
-                f"batch")
-        self.train_data = training_data(task.train_dataset, task.replay_dataset, task.columns)
-        self.total_steps = args.max_steps if args.max_steps > 0 else math.ceil(
-            args.num_train_epochs * self.sampler.steps_per_epoch)
-        # Both read or copy the task model before `prepare` shards it; a refused --ewc_from has written nothing.
-        self.ewc = (ElasticWeightConsolidation(args.ewc_from, args.ewc_lambda, task.model) if args.ewc_from
-                    else None)
-        self.fisher_pass = FisherPass(task.model, accelerator, args.fisher_samples) if args.save_fisher else None
-        fuse_activations(task.hf_model)
-        if args.torch_compile:
-            compile_blocks(task.hf_model, args.torch_compile_backend, args.torch_compile_mode, task.eager_modules)
-        optimizer = build_optimizer(task.model, args)
-        prepare_for_model(accelerator, task.hf_model)
-        self.model, self.optimizer = accelerator.prepare(task.model, optimizer)
-        if self.ewc is not None:
-            self.ewc.place(accelerator, self.model)
-        self.scheduler = build_scheduler(self.optimizer, args, self.total_steps)
-        self.metrics = MetricsLogger(args.output_dir, accelerator.is_main_process, args.report_to == "tensorboard")
-        self.hub = HubPusher(args, accelerator.is_main_process)
-        self.stop_signals = StopSignals(args.stop_signals)
-        self.faults = FaultInjection(self)
-        self.checkpointer = Checkpointer(
-            args, accelerator, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-            train_state=self.state, hf_model=task.hf_model, tokenizer=task.tokenizer,
-            inside_save=self.faults.inside_save, on_saved=self.hub.push_checkpoint,
-            on_resumed=self.metrics.forget_after)
-        # Every position through every layer and the head: what other trainers count, for comparable MFU figures.
-        self.dense_flops_per_token = functools.partial(training_flops_per_token, task.hf_model)
-        self.flops_per_token = task.flops_per_token or self.dense_flops_per_token
-        self.peak_flops = self.device_peak_flops() if accelerator.is_main_process else None
-        self.loader_workers = loader_workers(args.dataloader_num_workers, accelerator.device)
+@dataclass(frozen=True)
+class LoopSettings:
+    """The numbers the loop runs by, derived from the command-line sections (trainer.engine.assembly)."""
 
-    def device_peak_flops(self) -> float:
-        """The datasheet peak of this device and precision (or --peak_tflops, or a measured one), logged."""
-        device = self.accelerator.device
-        tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-        peak = device_peak(device, precision_name(self.args.bf16, self.args.fp16, tf32), self.args.peak_tflops)
-        logger.info("MFU is measured against %s", peak.source)
-        return peak.flops
+    total_steps: int
+    accumulation_steps: int
+    max_grad_norm: float  # 0: no clipping
+    logging_steps: int
+    eval_steps: Optional[int]
+    save_steps: Optional[int]
+    best_metric: Optional[BestMetric]  # with --load_best_model_at_end: evaluated at every save, checked up front
+    eval_batch_size: int
+    torch_compile: bool
+    output_dir: str
+    loader_workers: int  # of the evaluation loaders
+
+
+@dataclass
+class EngineParts:
+    """What the engine runs, built in one place (trainer.engine.assembly)."""
+
+    task: Task
+    model: torch.nn.Module  # the task model, prepared (DDP, DeepSpeed or FSDP)
+    data: TrainingBatches  # resumable micro-batches; its position is one of the checkpointer's states
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    checkpointer: Checkpointer
+    trackers: MetricsLog
+    state: TrainState
+    window: "Window"
+    stop_signals: StopSignals
+    faults: FaultInjection
+    throughput: Throughput
+    ewc: Optional[ElasticWeightConsolidation] = None
+    fisher_pass: Optional[FisherPass] = None
+
+
+class Engine:
+    def __init__(self, parts: EngineParts, settings: LoopSettings, accelerator):
+        self.parts, self.settings, self.accelerator = parts, settings, accelerator
+        self.task, self.model, self.data, self.state = parts.task, parts.model, parts.data, parts.state
+        self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
+        self.checkpointer, self.trackers = parts.checkpointer, parts.trackers
+        self.world_size = accelerator.num_processes
 
     # ----------------------------------------------------------------------------------------------- training
     def train(self) -> dict:
-        args, state = self.args, self.state
-        logger.info("training %d optimizer steps with %s: %d sequences/step (%d per device x %d processes x %d "
-                    "accumulation), %d steps/epoch; %s", self.total_steps, describe_parallelism(self.accelerator),
-                    self.sampler.global_batch_size,
-                    args.per_device_train_batch_size, self.world_size, args.gradient_accumulation_steps,
-                    self.sampler.steps_per_epoch, describe_threads())
-        if self.sampler.replay is not None:
-            logger.info(describe_replay(self.sampler.replay, self.sampler.replay_per_step,
-                                        self.sampler.global_batch_size))
-        window = Window(self.accelerator.device)
-        if self.checkpointer.resume(window):
-            self.check_best_model_metric(state.metrics)
-        else:  # checked before the first evaluation is logged: a refused run writes nothing
-            state.metrics.update(self.evaluate(prefix="init_eval_", check=self.check_best_model_metric))
-        batches = self.micro_batches()
-        progress = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
+        """Train to the end; the trackers' runs end with it, marked unfinished when the job stops early."""
+        try:
+            metrics = self.train_to_end()
+        except BaseException:
+            self.trackers.close(completed=False)
+            raise
+        self.trackers.close()
+        return metrics
+
+    def train_to_end(self) -> dict:
+        settings, state, window = self.settings, self.state, self.parts.window
+        batches_per_step, *replay = self.data.describe()
+        logger.info("training %d optimizer steps with %s: %s; %s", settings.total_steps,
+                    describe_parallelism(self.accelerator), batches_per_step, describe_threads())
+        for line in replay:
+            logger.info(line)
+        self.start_or_resume()
+        batches = self.data.micro_batches()
+        progress = tqdm(total=settings.total_steps, initial=state.step, desc="train", unit="step",
                         disable=not show_progress_bars(self.accelerator.is_main_process), mininterval=1.0)
         started = time.perf_counter()
-        while state.step < self.total_steps:
+        while state.step < settings.total_steps:
             step_started = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+            micro_batches = [next(batches) for _ in range(settings.accumulation_steps)]
             window.data_wait += time.perf_counter() - step_started
             self.optimizer_step(micro_batches, window)
             window.seconds += time.perf_counter() - step_started
             progress.update(1)
-            if state.step % args.logging_steps == 0 or state.step == self.total_steps:
+            if state.step % settings.logging_steps == 0 or state.step == settings.total_steps:
                 self.log_window(window)
-            if state.step < self.total_steps:
+            if state.step < settings.total_steps:
                 self.evaluate_and_save_when_due(window)
         progress.close()
         runtime = time.perf_counter() - started
@@ -139,20 +130,22 @@ class Engine:
                              train_tokens_per_second=state.tokens_seen / runtime)
         if self.checkpointer.last_saved_step != state.step:
             self.save_checkpoint(window)
-        self.checkpointer.restore_best_model()
-        self.save_model(args.output_dir)
-        if self.fisher_pass is not None:
-            self.save_fisher(args.output_dir)
-        self.metrics.close()
+        state.metrics.update(self.checkpointer.restore_best_model())
+        self.save_model(settings.output_dir)
+        if self.parts.fisher_pass is not None:
+            self.save_fisher(settings.output_dir)
         return state.metrics
 
-    def micro_batches(self):
-        """Micro-batches forever, epoch after epoch, starting where the train state says: one loader iterator,
-        whose workers live across epochs."""
-        state = self.state
-        sampler = EpochBatches(self.sampler, state.epoch, state.samples_in_epoch, state.replay_position)
-        return iter(make_loader(self.train_data, self.task.columns, sampler, self.task.train_collator,
-                                self.loader_workers, pin_memory=self.accelerator.device.type == "cuda"))
+    def start_or_resume(self) -> None:
+        """Resume from a checkpoint, or evaluate the model before training (checked before it is logged: with a
+        --metric_for_best_model that is no metric of the job, a refused run writes nothing)."""
+        path = self.checkpointer.resume()
+        if path is None:
+            self.state.metrics.update(self.evaluate(prefix="init_eval_", check=self.check_best_model_metric))
+            return
+        self.check_best_model_metric(self.state.metrics)
+        logger.info("resumed from %s: step %d, epoch %d, %d samples into the epoch", path, self.state.step,
+                    self.data.epoch, self.data.samples_in_epoch)
 
     def optimizer_step(self, micro_batches: list[dict], window: "Window") -> None:
         # The counts are on the host: summed over ranks there, so that the step never waits for the device.
@@ -165,30 +158,27 @@ class Engine:
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
             window.tokens += batch["input_ids"].numel()
             window.samples += batch["input_ids"].shape[0]
-            self.faults.micro_batch(batch.pop("sample_id"))
+            self.parts.faults.micro_batch(batch.pop("sample_id"))
             loss_sum = self.model(**self.to_device(batch))["loss_sum"]
             backward(self.accelerator, loss_sum * scale, last_micro_step=index == len(micro_batches) - 1)
             window.loss_sum += loss_sum.detach().double()
         window.items += local_items
         if self.task.before_optimizer_step is not None:
-            self.task.before_optimizer_step(self.state)
-        if self.ewc is not None:  # once per step, on the reduced gradients: the accumulation split cannot change it
-            window.ewc_penalty += self.ewc.add_gradient()
+            self.task.before_optimizer_step(self.state.step, self.data.epoch)
+        # EWC: once per step, on the reduced gradients, so that the accumulation split cannot change it.
+        if self.parts.ewc is not None:
+            window.ewc_penalty += self.parts.ewc.add_gradient()
         step_deepspeed_engine(self.accelerator)  # DeepSpeed clips and updates here; elsewhere a no-op
-        if self.args.max_grad_norm > 0:  # under DeepSpeed, clipping happened in its step; this reads the norm
-            window.grad_norm = clip_gradients(self.accelerator, self.model, self.args.max_grad_norm)
+        if self.settings.max_grad_norm > 0:  # under DeepSpeed, clipping happened in its step; this reads the norm
+            window.grad_norm = clip_gradients(self.accelerator, self.model, self.settings.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.advance_state()
 
     def advance_state(self) -> None:
-        state = self.state
-        state.step += 1
-        state.samples_in_epoch += self.sampler.new_per_step
-        state.replay_position += self.sampler.replay_per_step
-        if state.samples_in_epoch >= self.sampler.steps_per_epoch * self.sampler.new_per_step:
-            state.epoch, state.samples_in_epoch = state.epoch + 1, 0
+        self.state.step += 1
+        self.data.advance()
 
     def log_window(self, window: "Window") -> None:
         """Read the device-side sums once per logging interval: the only host sync of the loop."""
@@ -205,16 +195,13 @@ class Engine:
         record = {"loss": loss_sum / max(items, 1), "loss_items": int(items),
                   "learning_rate": self.scheduler.get_last_lr()[0],
                   "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
-                  "data_wait_fraction": window.data_wait / seconds, "epoch": self.state.epoch}
-        if self.peak_flops and samples:
-            peak = self.peak_flops * self.world_size
-            record["mfu"] = tokens / seconds * self.flops_per_token(tokens / samples) / peak
-            record["mfu_dense_equivalent"] = tokens / seconds * self.dense_flops_per_token(tokens / samples) / peak
+                  "data_wait_fraction": window.data_wait / seconds, "epoch": self.data.epoch}
+        record.update(self.parts.throughput.mfu(tokens, seconds, samples, self.world_size))
         if window.grad_norm is not None:
             record["grad_norm"] = float(window.grad_norm)
-        if self.ewc is not None:  # the mean over the window's steps, at each step's parameters before its update
+        if self.parts.ewc is not None:  # the mean over the window's steps, at each step's parameters before its update
             record["ewc_penalty"] = ewc_penalty / (self.state.step - window.first_step + 1)
-        self.metrics.log(self.state.step, record, prefix="train_")
+        self.trackers.log(self.state.step, record, prefix="train_")
         # train_loss in the results: the run's mean loss per loss item (masked token, sample), the sums of every
         # window kept in the train state, so a resumed run reports the same number as one that never stopped.
         self.state.loss_sum += loss_sum
@@ -235,33 +222,33 @@ class Engine:
         raise JobStopped(f"non-finite training loss or gradient between optimizer steps {window.first_step} and "
                          f"{self.state.step}; stopping. The last good checkpoint is "
                          f"{checkpoint_name(last_good) if last_good is not None else 'none (none was saved yet)'} "
-                         f"in {self.args.output_dir}; lower the learning rate or check the data, then resume",
+                         f"in {self.settings.output_dir}; lower the learning rate or check the data, then resume",
                          DIVERGED_EXIT_CODE)
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def evaluate_and_save_when_due(self, window: "Window") -> None:
         """Between optimizer steps: periodic evaluation and checkpoint, and a checkpoint-and-exit on a stop signal."""
-        args, step = self.args, self.state.step
-        save_due = bool(args.save_steps) and step % args.save_steps == 0
-        if (args.eval_steps and step % args.eval_steps == 0) or (save_due and args.load_best_model_at_end):
+        settings, step = self.settings, self.state.step
+        save_due = bool(settings.save_steps) and step % settings.save_steps == 0
+        if (settings.eval_steps and step % settings.eval_steps == 0) or (save_due and settings.best_metric is not None):
             self.state.metrics.update(self.evaluate(prefix="eval_"))
-        stopping = self.stop_signals.should_stop()
+        stopping = self.parts.stop_signals.should_stop()
         if save_due or stopping:
             self.save_checkpoint(window)
         if stopping:
-            raise JobStopped(f"stop signal received: saved {checkpoint_name(step)} in {args.output_dir} and stopped; "
-                             f"run the same command again to resume", STOPPED_EXIT_CODE)
+            raise JobStopped(f"stop signal received: saved {checkpoint_name(step)} in {settings.output_dir} and "
+                             f"stopped; run the same command again to resume", STOPPED_EXIT_CODE)
 
     def save_checkpoint(self, window: "Window") -> None:
         reduced_loss_sum = all_reduce_sum(window.loss_sum.clone()).item()
         self.stop_if_diverged(reduced_loss_sum, window)
-        self.checkpointer.save(window)
+        self.checkpointer.save(self.state.step, self.state.metrics)
 
     def check_best_model_metric(self, metrics: dict) -> None:
-        if self.args.load_best_model_at_end:
-            name = self.args.metric_for_best_model
-            require(name.startswith("eval_") and f"init_{name}" in metrics,
-                    f"--metric_for_best_model {name} is not an evaluation metric of this job; choose one of "
+        best = self.settings.best_metric
+        if best is not None:
+            require(best.name.startswith("eval_") and f"init_{best.name}" in metrics,
+                    f"--metric_for_best_model {best.name} is not an evaluation metric of this job; choose one of "
                     f"{', '.join(sorted(k[len('init_'):] for k in metrics if k.startswith('init_')))}")
 
     def to_device(self, batch: dict) -> dict:
@@ -272,7 +259,7 @@ class Engine:
     def evaluate(self, prefix: str = "eval_", check: Optional[Callable[[dict], None]] = None) -> dict:
         """Every evaluation sample exactly once over all ranks; sums reduced in float64. `check(metrics)` runs
         before anything is logged."""
-        with evaluation_stance(self.args.torch_compile):
+        with evaluation_stance(self.settings.torch_compile):
             return self.evaluate_eagerly(prefix, check)
 
     def evaluate_eagerly(self, prefix: str, check: Optional[Callable[[dict], None]]) -> dict:
@@ -298,13 +285,13 @@ class Engine:
         metrics = {f"{prefix}{key}": value for key, value in metrics.items()}
         if check is not None:
             check(metrics)
-        self.metrics.log(self.state.step, metrics)
+        self.trackers.log(self.state.step, metrics)
         # With sharded parameters a forward on rank 0 alone would wait forever for the other ranks' shards.
         if (self.accelerator.is_main_process and self.task.after_evaluation is not None
                 and not parameters_sharded(self.accelerator)):
             shown = self.task.after_evaluation(self.accelerator.unwrap_model(self.model))
             if shown:  # e.g. generated text: logged (TensorBoard text), not part of the metrics
-                self.metrics.log(self.state.step, {f"{prefix}{key}": value for key, value in shown.items()})
+                self.trackers.log(self.state.step, {f"{prefix}{key}": value for key, value in shown.items()})
         return metrics
 
     @torch.no_grad()
@@ -330,10 +317,10 @@ class Engine:
     def sharded_batches(self, dataset):
         """This rank's contiguous shard of `dataset` in evaluation batches: every sample once over all ranks."""
         shard = shard_for_evaluation(len(dataset), self.world_size, self.accelerator.process_index)
-        batch_size = self.args.per_device_eval_batch_size
+        batch_size = self.settings.eval_batch_size
         index_batches = [list(shard[start:start + batch_size]) for start in range(0, len(shard), batch_size)]
         return make_loader(dataset, self.task.columns, index_batches, self.task.eval_collator,
-                           self.loader_workers, pin_memory=self.accelerator.device.type == "cuda")
+                           self.settings.loader_workers, pin_memory=self.accelerator.device.type == "cuda")
 
     # ------------------------------------------------------------------------------------------------- saving
     def save_fisher(self, directory: str) -> None:
@@ -341,8 +328,8 @@ class Engine:
         def loader(dataset, columns, index_batches, collator):
             return make_loader(dataset, columns, index_batches, collator, 0, pin_memory=False)
 
-        with evaluation_stance(self.args.torch_compile):
-            fisher, anchors, samples = self.fisher_pass.compute(self.model, self.task.train_dataset,
+        with evaluation_stance(self.settings.torch_compile):
+            fisher, anchors, samples = self.parts.fisher_pass.compute(self.model, self.task.train_dataset,
                                                                 self.task.columns, self.task.train_collator, loader)
         writes = Writes(directory)
         if self.accelerator.is_main_process:
@@ -394,14 +381,16 @@ class Window:
                 "samples": self.samples, "first_step": self.first_step, "ewc_penalty": self.ewc_penalty.cpu()}
 
     def load_state_dict(self, saved: dict) -> None:
-        self.reset()
-        self.add_state_dict(saved)
+        self.merge_state_dicts([saved])
 
-    def add_state_dict(self, saved: dict) -> None:
-        self.loss_sum += saved["loss_sum"].to(self.device)
-        self.items += saved["items"]
-        self.tokens += saved["tokens"]
-        self.samples += saved.get("samples", 0)
-        if "ewc_penalty" in saved:  # (checkpoints written before EWC existed have none)
-            self.ewc_penalty += saved["ewc_penalty"].to(self.device)
-        self.first_step = saved["first_step"]
+    def merge_state_dicts(self, saved: list[dict]) -> None:
+        """The sums of every saved rank's window (a resume on another world size gives them all to rank 0), so that
+        the next logged loss still covers the whole window."""
+        self.reset()
+        for window in saved:
+            self.loss_sum += window["loss_sum"].to(self.device)
+            self.ewc_penalty += window["ewc_penalty"].to(self.device)
+            self.items += window["items"]
+            self.tokens += window["tokens"]
+            self.samples += window["samples"]
+            self.first_step = window["first_step"]

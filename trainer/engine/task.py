@@ -1,12 +1,12 @@
 """What a job hands the engine (`Task`) and what an evaluation gives back (`EvalOutput`)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-
-from trainer.engine.state import TrainState
 
 
 @dataclass
@@ -31,14 +31,17 @@ class Task:
     train_lengths: Optional[list[int]] = None
     # Called on every rank after the backward passes of a step, before clipping and the update (which skips
     # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
-    before_optimizer_step: Optional[Callable[["TrainState"], None]] = None
+    # Called as before_optimizer_step(step, epoch): the optimizer steps done and the data source's epoch.
+    before_optimizer_step: Optional[Callable[[int, int], None]] = None
     # Modules whose tensor shapes follow the data (e.g. mlm's last layer on the masked rows): --torch_compile leaves
     # them eager, so that the compiled blocks never see a new shape.
     eager_modules: list = field(default_factory=list)
     # Experience replay (trainer.continual.replay): an earlier task's data, prepared exactly as `train_dataset` (same
-    # columns), of which `replay_ratio` of every global batch is made.
+    # columns), of which --replay_ratio of every global batch is made.
     replay_dataset: object = None
-    replay_ratio: Optional[float] = None
+    # On every rank after training, given the engine: the job's own after-steps (e.g. predictions on a test set);
+    # a dict it returns joins the final metrics.
+    after_training: Optional[Callable[[object], Optional[dict]]] = None
 
 
 @dataclass
@@ -50,3 +53,14 @@ class EvalOutput:
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.num_items, 1)
+
+
+def perplexity_metrics(count_name: str):
+    """compute_metrics for a language model: mean loss per predicted token, its perplexity, and how many tokens
+    (`count_name`) the exact float64 sums of the engine's evaluation counted."""
+
+    def compute(output: EvalOutput) -> dict:
+        return {"loss": output.mean_loss, "perplexity": math.exp(min(output.mean_loss, 700.0)),
+                count_name: output.num_items}
+
+    return compute

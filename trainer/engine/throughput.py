@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -51,6 +51,24 @@ def training_flops_per_token(hf_model, seq_len: int, head_fraction: float = 1.0,
     if masked_rows_layer_parameters:
         flops -= (1.0 - head_fraction) * (6.0 * masked_rows_layer_parameters + attention_per_layer)
     return flops
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """The MFU of a logging window: FLOPs per token at a sequence length as the task computes them (`flops_per_token`)
+    and densely (`dense_flops_per_token`: every position through every layer and the head, what other trainers
+    count), against `peak_flops` per process (rank 0 only; None elsewhere: no MFU logged)."""
+
+    flops_per_token: Callable[[float], float]
+    dense_flops_per_token: Callable[[float], float]
+    peak_flops: Optional[float]
+
+    def mfu(self, tokens: float, seconds: float, samples: float, world_size: int) -> dict:
+        if not self.peak_flops or not samples:
+            return {}
+        rate, length, peak = tokens / seconds, tokens / samples, self.peak_flops * world_size
+        return {"mfu": rate * self.flops_per_token(length) / peak,
+                "mfu_dense_equivalent": rate * self.dense_flops_per_token(length) / peak}
 
 
 # Dense (no 2:4 sparsity) tensor-core peaks from NVIDIA's datasheets and architecture whitepapers, in TFLOP/s, with

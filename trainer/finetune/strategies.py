@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from trainer.config.parsing import arg
 from trainer.errors import UsageError, require
 from trainer.finetune.adapters import ADAPTER_CONFIGS, check_adapter_name, prepare_adapter_training
-from trainer.metrics import logger
 from trainer.models.blocks import encoder_layers
 from trainer.models.loading import is_adapter_directory
+from trainer.tracking.console import logger
 
 PEFT_STRATEGIES = ("lora", "prefix", "prompt")
 STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "adapter", "gradual_unfreeze")
@@ -37,6 +37,8 @@ STRATEGIES = ("full", "freeze", "bitfit", *PEFT_STRATEGIES, "adapter", "gradual_
 @dataclass
 class FinetuneArguments:
     """Which parameters train; shared by every job that fine-tunes (classify, clm)."""
+
+    _argument_group_name = "fine-tuning"
 
     finetune_strategy: str = arg("full", "Which parameters train: " + ", ".join(STRATEGIES) + " (alias: --strategy; "
                                          "adapter: trainer.classify only).",
@@ -86,18 +88,6 @@ class FinetuneArguments:
         require(self.finetune_strategy == "adapter" or not is_adapter_directory(model_args.model_name_or_path),
                 f"--model_name_or_path {model_args.model_name_or_path} holds bottleneck adapters, not a whole model; "
                 f"add a task to it with --finetune_strategy adapter --adapter_name NEW_NAME, or give the base model")
-
-
-def check_finetuning(*parsed_arguments) -> None:
-    """start_job's cross-argument check for a job with FinetuneArguments: what the strategy cannot run under."""
-    from trainer.config.arguments import TrainingArguments
-    from trainer.distributed.launch import deepspeed_requested
-
-    ft_args = next(a for a in parsed_arguments if isinstance(a, FinetuneArguments))
-    training_args = next(a for a in parsed_arguments if isinstance(a, TrainingArguments))
-    require(not (ft_args.finetune_strategy == "gradual_unfreeze" and deepspeed_requested(training_args)),
-            "--finetune_strategy gradual_unfreeze masks gradients between the backward pass and the update, which "
-            "DeepSpeed performs inside its own step; run it without DeepSpeed (DDP) or choose another strategy")
 
 
 def apply_strategy(model, args: FinetuneArguments, task_type: str = "SEQ_CLS"):
@@ -218,18 +208,18 @@ class GradualUnfreezing:
         self.model = model
         self.unfrozen = 0
 
-    def groups_unfrozen_at(self, state) -> int:
-        elapsed = state.step if self.unit == "steps" else state.epoch
+    def groups_unfrozen_at(self, step: int, epoch: int) -> int:
+        elapsed = step if self.unit == "steps" else epoch
         return min(1 + elapsed // self.every, len(self.groups))
 
-    def __call__(self, state) -> None:
-        unfrozen = self.groups_unfrozen_at(state)
+    def __call__(self, step: int, epoch: int) -> None:
+        unfrozen = self.groups_unfrozen_at(step, epoch)
         if unfrozen != self.unfrozen:
             self.unfrozen = unfrozen
             frozen = sum(p.numel() for group in self.groups[unfrozen:] for p in group)
             total = sum(p.numel() for p in self.model.parameters())
             logger.info("gradual unfreezing at step %d: %d of %d layer groups open, %s of %s parameters trainable",
-                        state.step, unfrozen, len(self.groups), f"{total - frozen:,}", f"{total:,}")
+                        step, unfrozen, len(self.groups), f"{total - frozen:,}", f"{total:,}")
         for group in self.groups[unfrozen:]:
             for parameter in group:
                 parameter.grad = None

@@ -21,8 +21,8 @@ import contextlib
 import torch
 
 from trainer.errors import require
-from trainer.metrics import logger
 from trainer.models.blocks import repeated_blocks
+from trainer.tracking.console import logger
 
 
 def compile_blocks(model: torch.nn.Module, backend: str, mode: str, eager_modules=()) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 
 def fuse_activations(model: torch.nn.Module) -> int:

@@ -10,7 +10,7 @@ import shutil
 from trainer.errors import UsageError, require
 from trainer.hub.reachability import check_loadable
 from trainer.layout import ADAPTER_MANIFEST_FILE
-from trainer.metrics import logger
+from trainer.tracking.console import logger
 
 # Architectures whose position ids start after the padding index, leaving fewer usable positions.
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}

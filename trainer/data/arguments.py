@@ -1,0 +1,108 @@
+"""The data section of the command line, and the data files a job reads (`DataFiles`)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from trainer.config.parsing import arg
+from trainer.errors import require
+
+DATA_FILE_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class CorpusArguments:
+    """Where the text comes from and how much of it is used: what every job shares. How long a sequence is
+    belongs to the job: `DataArguments.max_seq_length` (mlm, classify), `ClmArguments.block_size` (clm)."""
+
+    _argument_group_name = "data"
+
+    dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file: "
+                                            "the embedded offline demo corpus.")
+    dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
+    train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet.")
+    validation_file: Optional[str] = arg(None, "Evaluation data, same formats. Unset: split off the training data.")
+    text_column: Optional[str] = arg(None, "Column holding the text (default: 'text', or the only/first string "
+                                           "column).")
+    validation_split_percentage: int = arg(5, "Percent of the training data held out for evaluation when no "
+                                              "validation data is given.")
+    preprocessing_num_workers: Optional[int] = arg(None, "Processes for tokenization.")
+    overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
+    max_train_samples: Optional[int] = arg(None, "Keep only this many training sequences (debugging).")
+    max_eval_samples: Optional[int] = arg(None, "Keep only this many evaluation sequences (debugging).")
+
+    def __post_init__(self):
+        require(not (self.dataset_name and self.train_file), "give either --dataset_name or --train_file, not both")
+        for flag in ("train_file", "validation_file"):
+            path = getattr(self, flag)
+            if path is not None:
+                check_data_file(path, flag)
+        require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
+        for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):
+            value = getattr(self, flag)
+            require(value is None or value > 0, f"--{flag} must be positive, got {value}")
+
+
+@dataclass
+class DataArguments(CorpusArguments):
+    max_seq_length: int = arg(128, "Tokens per training sequence (must not exceed the model's positions).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.max_seq_length > 0, "--max_seq_length must be positive")
+
+
+def check_data_file(path: str, flag: str) -> None:
+    require(os.path.exists(path) or not os.path.islink(path), f"--{flag} {path} is a broken symbolic link (its "
+                                                              f"target is missing, or a symbolic link loop)")
+    require(os.path.exists(path), f"--{flag} {path}: no such file")
+    require(not os.path.isdir(path), f"--{flag} {path} is a directory; give a file")
+    extension = os.path.splitext(path)[1].lower()
+    require(extension in DATA_FILE_EXTENSIONS,
+            f"--{flag} {path}: unsupported extension '{extension}'; use one of {', '.join(DATA_FILE_EXTENSIONS)}")
+    require(os.access(path, os.R_OK), f"--{flag} {path} is not readable; check its permissions")
+    require(os.path.getsize(path) > 0, f"--{flag} {path} is empty")
+    if DATA_FILE_EXTENSIONS[extension] == "text":
+        check_holds_text_lines(path, flag)
+
+
+TEXT_SCAN_CHUNK = 1 << 20
+MAX_FIRST_LINE_BYTES = 64 << 20
+NOT_TEXT = b"\x00 \t\n\r\x0b\x0c"  # NUL and ASCII whitespace
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def check_holds_text_lines(path: str, flag: str) -> None:
+    """A .txt corpus holds some character other than NUL, whitespace and BOMs, and its first line ends within
+    MAX_FIRST_LINE_BYTES. datasets' text loader reads a whole line into memory before anything else happens, so a
+    multi-GB file with no newline (e.g. a sparse file of NULs) would run for minutes in unbounded memory, and a file
+    of only blanks fails deep inside tokenization. The scan stops once it has seen a text byte and a newline, so a
+    real corpus costs one chunk's read."""
+    seen_text = seen_newline = False
+    carried, read = b"", 0  # the start of a BOM cut by the chunk's end
+    with open(path, "rb") as handle:
+        while not (seen_text and seen_newline):
+            chunk = handle.read(TEXT_SCAN_CHUNK)
+            if not chunk:
+                break
+            read += len(chunk)
+            seen_newline = seen_newline or b"\n" in chunk
+            rest = (carried + chunk.translate(None, NOT_TEXT)).replace(UTF8_BOM, b"")
+            carried = rest if UTF8_BOM.startswith(rest) else b""
+            seen_text = seen_text or not UTF8_BOM.startswith(rest)
+            require(seen_newline or read <= MAX_FIRST_LINE_BYTES,
+                    f"--{flag} {path}: its first line is longer than {MAX_FIRST_LINE_BYTES >> 20} MiB (no newline); "
+                    f"a .txt corpus holds one text per line: split it into lines")
+    require(seen_text, f"--{flag} {path} holds no text (only blank lines, NUL bytes or byte-order marks); give a "
+                       f"file with text in it")
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """The files a job reads: those named on the command line or, with no data named, the embedded demo's. Derived
+    from the arguments (see trainer.engine.jobs.data_files), never written back into them."""
+
+    train: Optional[str]
+    validation: Optional[str]
+    replay: Optional[str] = None  # --replay_file (trainer.continual)

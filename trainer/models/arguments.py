@@ -1,0 +1,37 @@
+"""The model section of the command line: what to start from, or what to build from scratch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from trainer.config.parsing import arg
+from trainer.errors import require
+
+
+@dataclass
+class ModelArguments:
+    _argument_group_name = "model"
+
+    model_name_or_path: Optional[str] = arg(
+        None, "Local model directory or Hub model id to start from. Leave unset to train from scratch.")
+    config_name: Optional[str] = arg(None, "Config (directory or Hub id) for a model trained from scratch.")
+    model_type: Optional[str] = arg(
+        None, "Architecture for a model trained from scratch (e.g. bert, roberta, gpt2, llama). Unset, with no "
+        "model or config given: the job's tiny preset (BERT for mlm and classify, GPT-2 for clm).")
+    config_overrides: Optional[str] = arg(
+        None, "Comma-separated config changes for a model trained from scratch, e.g. "
+        "'num_hidden_layers=4,hidden_size=256'.")
+    tokenizer_name: Optional[str] = arg(
+        None, "Tokenizer (directory or Hub id) if not the model's. With neither this nor a model given, one is "
+        "trained on the training text (WordPiece for mlm and classify, byte-level BPE for clm).")
+    tokenizer_vocab_size: int = arg(8000, "Vocabulary size of a tokenizer trained on the training text.")
+    attn_implementation: Optional[str] = arg(
+        None, "Attention kernel: sdpa (transformers' default), eager, or flash_attention_2 (needs the flash-attn "
+        "package and a GPU; clm's --packing documents then takes its variable-length path).",
+        choices=["sdpa", "eager", "flash_attention_2"])
+
+    def __post_init__(self):
+        require(not (self.config_overrides and self.model_name_or_path),
+                "--config_overrides only applies to a model trained from scratch; drop it or drop "
+                "--model_name_or_path")
+        require(self.tokenizer_vocab_size >= 100, "--tokenizer_vocab_size must be at least 100")
