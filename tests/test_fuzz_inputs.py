@@ -265,6 +265,11 @@ FLAG_CASES = [
     (["--output_dir", ""], "--output_dir is empty"),
     (["--resume_from_checkpoint", "/nonexistent/ckpt"], "--resume_from_checkpoint /nonexistent/ckpt: no such"),
     (["--deepspeed", "/nonexistent.json"], "--deepspeed /nonexistent.json: no such file"),
+    (["--gradient_checkpointing", "--gradient_checkpointing_kwargs", "{use_reentrant: false}"],
+     "--gradient_checkpointing_kwargs is not JSON"),
+    (["--gradient_checkpointing_kwargs", "[1]"], "--gradient_checkpointing_kwargs must be a JSON object"),
+    (["--gradient_checkpointing_kwargs", '{"reentrant": false}'],
+     "--gradient_checkpointing_kwargs: unknown option reentrant"),
 ]
 
 

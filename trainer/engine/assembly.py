@@ -2,7 +2,7 @@
 optimizer and scheduler, the continual-learning parts, trackers, and the checkpointer over its stateful parts.
 
 Each part gets only its own command-line section(s). The order matters where noted: EWC and the Fisher pass read
-the task model before `prepare` shards it, the blocks are compiled before `prepare`, and the scheduler wraps the
+the task model before `prepare` shards it, the blocks are checkpointed, then compiled, before `prepare`, and the scheduler wraps the
 prepared optimizer.
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ from trainer.engine.task import Task
 from trainer.engine.throughput import Throughput, device_peak, precision_name, training_flops_per_token
 from trainer.errors import require
 from trainer.layout import OPTIMIZER_FILE, SCALER_FILE, SCHEDULER_FILE
+from trainer.models.checkpointing import checkpoint_blocks
 from trainer.models.compilation import compile_blocks
 from trainer.models.kernels import fuse_activations
 from trainer.tracking import MetricsLog, choose_trackers
@@ -119,9 +120,12 @@ def continual_learning(continual, task: Task, accelerator):
 
 
 def prepared_model(config: JobConfig, task: Task, accelerator):
-    """(the task model, its optimizer), prepared by accelerate (DDP, DeepSpeed or FSDP), compiled when asked."""
+    """(the task model, its optimizer), prepared by accelerate (DDP, DeepSpeed or FSDP), its blocks checkpointed
+    and compiled when asked."""
     parallelism = config.parallelism
     fuse_activations(task.hf_model)
+    if config.model.gradient_checkpointing:  # before compilation, which traces the checkpoint into each graph
+        checkpoint_blocks(task.hf_model, config.model.checkpoint_options)
     if parallelism.torch_compile:
         compile_blocks(task.hf_model, parallelism.torch_compile_backend, parallelism.torch_compile_mode,
                        task.eager_modules)

@@ -6,6 +6,7 @@ from typing import Optional
 
 from trainer.config.parsing import arg
 from trainer.errors import require
+from trainer.models.checkpointing import checkpoint_options
 
 
 @dataclass
@@ -29,9 +30,21 @@ class ModelArguments:
         None, "Attention kernel: sdpa (transformers' default), eager, or flash_attention_2 (needs the flash-attn "
         "package and a GPU; clm's --packing documents then takes its variable-length path).",
         choices=["sdpa", "eager", "flash_attention_2"])
+    gradient_checkpointing: bool = arg(
+        False, "Keep only each transformer block's input in the forward and recompute the block in the backward: "
+        "less activation memory for about a third more compute (see trainer/models/checkpointing.py).")
+    gradient_checkpointing_kwargs: Optional[str] = arg(
+        None, "Options of torch.utils.checkpoint with --gradient_checkpointing, a JSON object, e.g. "
+        "'{\"use_reentrant\": false}' (the default; also preserve_rng_state, determinism_check, debug).")
 
     def __post_init__(self):
         require(not (self.config_overrides and self.model_name_or_path),
                 "--config_overrides only applies to a model trained from scratch; drop it or drop "
                 "--model_name_or_path")
         require(self.tokenizer_vocab_size >= 100, "--tokenizer_vocab_size must be at least 100")
+        checkpoint_options(self.gradient_checkpointing_kwargs)  # a bad one is refused before any work
+
+    @property
+    def checkpoint_options(self) -> dict:
+        """torch.utils.checkpoint's options for --gradient_checkpointing."""
+        return checkpoint_options(self.gradient_checkpointing_kwargs)
