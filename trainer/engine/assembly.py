@@ -2,8 +2,8 @@
 optimizer and scheduler, the continual-learning parts, trackers, and the checkpointer over its stateful parts.
 
 Each part gets only its own command-line section(s). The order matters where noted: EWC and the Fisher pass read
-the task model before `prepare` shards it, the blocks are checkpointed, then compiled, before `prepare`, and the scheduler wraps the
-prepared optimizer.
+the task model before `prepare` shards it, the blocks are checkpointed, then compiled, before `prepare`, and the
+scheduler wraps the prepared optimizer.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Compilation compiles each block (models/compilation.py), FSDP wraps each in its own unit (distributed/launch.py,
 `name_fsdp_blocks`), freezing and gradual unfreezing count them and bottleneck adapters sit in them
-(finetune/), and --gradient_checkpointing recomputes each (models/checkpointing.py). They are the model's longest ModuleList of modules of one
-class: BertLayer, GPT2Block, LlamaDecoderLayer.
+(finetune/), and --gradient_checkpointing recomputes each (models/checkpointing.py). They are the model's
+longest ModuleList of modules of one class: BertLayer, GPT2Block, LlamaDecoderLayer.
 """
 from __future__ import annotations
 
