@@ -17,7 +17,7 @@ from conftest import changed_tensors, saved_tensor_names
 from classify_helpers import classify_args, mlm_checkpoint, read_predictions, sentiment  # noqa: F401 (fixtures)
 from trainer.classify import ClassificationTask, main
 from trainer.errors import UsageError
-from trainer.finetune.strategies import SharedLabels, distillation_loss, load_teacher
+from trainer.continual.distillation import SharedLabels, distillation_loss, load_teacher
 
 STEPS = ["--max_steps", "3", "--weight_decay", "0.1"]
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
+from trainer.continual.distillation import SharedLabels, distillation_loss, load_teacher
 from trainer.data.arguments import DataArguments, DataFiles, check_data_file
 from trainer.data.demo import write_sentiment_dataset
 from trainer.data.loading import (check_text_column, first_samples, load_file, load_raw_splits, load_replay_file,
@@ -30,8 +31,7 @@ from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import EvalOutput, Task
 from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune.adapters import load_base_with_adapters, loading_code
-from trainer.finetune.strategies import (FinetuneArguments, SharedLabels, apply_strategy, distillation_loss,
-                                         load_teacher)
+from trainer.finetune.strategies import FinetuneArguments, apply_strategy
 from trainer.layout import PREDICTIONS_FILE
 from trainer.models.loading import check_sequence_length, is_adapter_directory, load_model, load_tokenizer
 from trainer.tracking.console import logger
