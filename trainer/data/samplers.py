@@ -45,8 +45,6 @@ class GlobalBatchSampler:
         self.lengths = None if lengths is None else torch.as_tensor(lengths)  # replay samples' lengths after
         self.replay = replay
         self.replay_per_step = 0 if replay is None else replay_count(replay.ratio, self.global_batch_size)
-        self.epoch = 0
-        self.start_sample = 0  # position in the epoch's global order where iteration starts
 
     @property
     def global_batch_size(self) -> int:
@@ -73,12 +71,9 @@ class GlobalBatchSampler:
         """Optimizer steps left in an epoch from position `start_sample` of its order."""
         return (self.steps_per_epoch * self.new_per_step - start_sample) // self.new_per_step
 
-    def __len__(self) -> int:
-        """Micro-batches this rank yields in the current epoch."""
-        return self.remaining_steps(self.start_sample) * self.accumulation_steps
-
     def __iter__(self):
-        return self.batches(self.epoch, self.start_sample)
+        """The first epoch's micro-batches of this rank (the engine iterates over `batches` of every epoch)."""
+        return self.batches(0)
 
     def batches(self, epoch: int, start_sample: int = 0, replay_position: int = 0):
         """This rank's micro-batches (index lists) of `epoch`, from position `start_sample` of its global order
