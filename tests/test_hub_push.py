@@ -96,6 +96,7 @@ def test_push_every_save_uploads_checkpoints_and_final_model_with_a_model_card(
     assert card == (out / "README.md").read_text()
     assert "Task: masked-language modelling." in card and f"Data: {corpus['train']}." in card
     assert "| learning_rate | 0.005 |" in card and "| hub_token | <redacted> |" in card
+    assert f"| tokenizer_name | {tokenizer_dir} |" in card  # a tokenizer is no secret
     assert "| eval_perplexity |" in card and "| 12 | " in card  # final metrics and the curve's last point
     assert not any(name.startswith(("checkpoint-", ".hub_snapshot")) for name in final)
     assert not os.path.exists(out / ".hub_snapshot")

@@ -12,7 +12,8 @@ import re
 
 from trainer.config.parsing import parse_arguments
 
-SECRET_FIELD = re.compile(r"token|key|secret|password")
+# A name part (between underscores) that says secret: hub_token, api_key, ..., not tokenizer_name or loss_chunk_tokens.
+SECRET_FIELD = re.compile(r"(?:^|_)(?:token|key|secret|password)(?:$|_)")
 
 
 class JobConfig:
@@ -28,7 +29,7 @@ class JobConfig:
 
     def as_dict(self) -> dict:
         """Every argument as one flat dict (for logs, trainer_state.json, model cards and trackers), with every secret
-        (a field named like a token, key, secret or password) redacted."""
+        (a field whose name has a part token, key, secret or password) redacted."""
         merged = {}
         for section in self.sections.values():
             merged.update(dataclasses.asdict(section))
