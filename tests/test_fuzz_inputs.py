@@ -21,7 +21,7 @@ import pytest
 
 from classify_helpers import classify_args, sentiment  # noqa: F401
 from clm_helpers import TINY_GPT2_FLAGS, bpe_tokenizer_dir, clm_args, gpt2_checkpoint  # noqa: F401
-from conftest import TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
+from conftest import REPO_ROOT, TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
 from trainer.config.parsing import arg
 
 KB = 1024
@@ -267,6 +267,15 @@ FLAG_CASES = [
     (["--deepspeed", "/nonexistent.json"], "--deepspeed /nonexistent.json: no such file"),
     (["--gradient_checkpointing", "--gradient_checkpointing_kwargs", "{use_reentrant: false}"],
      "--gradient_checkpointing_kwargs is not JSON"),
+    (["--optim", "adamw_8bit"], "--optim: invalid choice: 'adamw_8bit'"),
+    (["--optim", "sgd", "--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero2.json")],
+     "ds_configs/zero2.json, which sets an optimizer (DeepSpeed then trains with AdamW)"),
+    (["--torch_dtype", "float64"], "--torch_dtype: invalid choice: 'float64'"),
+    (["--torch_dtype", "bfloat16"], "--torch_dtype bfloat16 trains the weights in bfloat16 without float32 master"),
+    (["--torch_dtype", "float16"], "--torch_dtype float16 trains the weights in float16 without float32 master"),
+    (["--allow_low_precision_weights", "perhaps"], "--allow_low_precision_weights: Truthy value expected"),
+    (["--tf32", "true"], "--tf32 needs a CUDA GPU"),
+    (["--tf32", "sometimes"], "--tf32: Truthy value expected"),
     (["--gradient_checkpointing_kwargs", "[1]"], "--gradient_checkpointing_kwargs must be a JSON object"),
     (["--gradient_checkpointing_kwargs", '{"reentrant": false}'],
      "--gradient_checkpointing_kwargs: unknown option reentrant"),

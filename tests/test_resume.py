@@ -126,3 +126,15 @@ def test_torchrun_restarts_killed_worker_and_resumes_to_the_same_parameters(
     assert job.returncode == 0, output[-4000:]
     assert "resuming from the newest complete one" in output
     assert_same_run(two_process_baseline[0], out)
+
+
+@pytest.mark.parametrize("optim", ["adafactor", pytest.param("sgd", marks=pytest.mark.slow)])
+def test_resume_with_another_optimizer_is_bit_exact(optim, corpus, tokenizer_dir, job_env, tmp_path):
+    """--optim's state (Adafactor's factored moments; SGD has none) goes into the checkpoint and comes back."""
+    expected, out = tmp_path / "expected", tmp_path / "run"
+    run_job("trainer.mlm", resume_args(corpus, tokenizer_dir, expected, 1, "--optim", optim), job_env)
+    args = resume_args(corpus, tokenizer_dir, out, 1, "--optim", optim)
+    first = run_job("trainer.mlm", args, with_env(job_env, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=9))
+    assert "stop signal received: saved checkpoint-5" in first.stderr
+    run_job("trainer.mlm", args, job_env)
+    assert_same_run(expected, out)

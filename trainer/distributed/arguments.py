@@ -16,6 +16,9 @@ class ParallelismArguments:
 
     bf16: bool = arg(False, "bfloat16 autocast (CPU and GPU).")
     fp16: bool = arg(False, "float16 autocast with loss scaling (GPU only).")
+    tf32: Optional[bool] = arg(None, "TF32 tensor cores for float32 matrix products and convolutions on a CUDA GPU "
+                                     "(torch.backends.cuda.matmul / cudnn allow_tf32). Unset: on wherever a GPU "
+                                     "trains; false: full float32; true on a CPU run is an error.")
     dataloader_num_workers: Optional[int] = arg(
         None, "Data loading worker processes per rank. Unset: none on the CPU; on a GPU up to 4 (the cores per "
         "process less one), so that masking and collation run beside the training process.")

@@ -13,7 +13,7 @@ import copy
 import json
 import os
 
-from trainer.engine.optim import warmup_steps
+from trainer.engine.optim import is_adamw, warmup_steps
 from trainer.errors import UsageError, require
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -55,6 +55,7 @@ def resolve_deepspeed_config(config: dict, optimization, parallelism, world_size
     # `independent_gradient_partition_epilogue`, and per bucket where it all-reduces) and side-stream copies.
     if config["zero_optimization"].get("overlap_comm") == "auto":
         config["zero_optimization"]["overlap_comm"] = world_size > 1
+    check_optim(config, optimization.optim, source)
     check_optimizer_section(config.pop("optimizer", None), optimization, fill)
     check_scheduler_section(config.pop("scheduler", None), optimization, fill)
     # An explicit `false` would make a ZeRO-3 export impossible: the final save needs the gathered weights.
@@ -127,6 +128,15 @@ def check_zero_section(zero: dict, source: str) -> None:
             require(bool(path) and os.path.isdir(path),
                     f"{source}: zero_optimization.{section} offloads to nvme but nvme_path {json.dumps(path)} is not "
                     f"an existing directory; create it or offload to cpu")
+
+
+def check_optim(config: dict, optim: str, source: str) -> None:
+    """A non-AdamW --optim only where DeepSpeed keeps the engine's optimizer: a config naming an optimizer means
+    AdamW, and with the optimizer offloaded accelerate swaps any optimizer for DeepSpeedCPUAdam (AdamW)."""
+    offloaded = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
+    what = "sets an optimizer" if "optimizer" in config else "offloads the optimizer" if offloaded else None
+    require(is_adamw(optim) or what is None, f"--optim {optim} with {source}, which {what} (DeepSpeed then trains "
+                                             f"with AdamW): remove that from the config or use --optim adamw_torch_fused")
 
 
 def check_optimizer_section(section: dict | None, optimization, fill: Filler) -> None:

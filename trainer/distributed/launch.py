@@ -41,11 +41,12 @@ def make_accelerator(parallelism, optimization, **plugins):
     timeout = datetime.timedelta(seconds=parallelism.ddp_timeout)
     if "TORCHELASTIC_RESTART_COUNT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_process_group_per_restart("gloo" if use_cpu else "nccl", timeout)
+    require(not (parallelism.tf32 and use_cpu), "--tf32 needs a CUDA GPU (TF32 is a tensor-core format) and this run "
+                                                "is on the CPU; drop --tf32 or pass --tf32 false")
     if not use_cpu:
         # TF32 tensor cores for fp32 matrix products: ~8x the fp32 rate on Ampere+ at 10-bit mantissa inputs,
-        # the precision every mixed-precision recipe already accepts.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # the precision every mixed-precision recipe already accepts. On unless --tf32 false.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = parallelism.tf32 is not False
     deepspeed_plugin = make_deepspeed_plugin(parallelism, optimization, timeout)
     if deepspeed_plugin is not None:
         # Only under DeepSpeed: elsewhere accelerate would divide every loss by it in `backward`.

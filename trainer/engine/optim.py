@@ -1,5 +1,5 @@
-"""The optimization section of the command line, AdamW with decoupled weight decay off biases and norm weights,
-and the learning-rate schedule."""
+"""The optimization section of the command line, the optimizer (--optim; AdamW by default) with weight decay off
+biases and norm weights, and the learning-rate schedule."""
 from __future__ import annotations
 
 import math
@@ -11,16 +11,48 @@ from trainer.config.parsing import arg
 from trainer.errors import require
 
 
+def adamw(groups: list[dict], optimization, fused: bool) -> torch.optim.Optimizer:
+    # The fused kernel (CUDA and CPU in torch >= 2.4) updates all parameters in a few kernels instead of
+    # a loop of small ops per tensor; same mathematics. It takes FSDP2's DTensor shards too (on the CPU as well).
+    return torch.optim.AdamW(groups, lr=optimization.learning_rate, betas=(optimization.adam_beta1,
+                             optimization.adam_beta2), eps=optimization.adam_epsilon, fused=fused)
+
+
+def adafactor(groups: list[dict], optimization) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, lr=optimization.learning_rate, scale_parameter=False, relative_step=False,
+                     warmup_init=False)
+
+
+# --optim: name -> (parameter groups, the optimization section) -> optimizer.
+OPTIMIZERS = {
+    "adamw_torch_fused": lambda groups, optimization: adamw(groups, optimization, fused=True),
+    "adamw_torch": lambda groups, optimization: adamw(groups, optimization, fused=False),
+    "adafactor": adafactor,
+    "sgd": lambda groups, optimization: torch.optim.SGD(groups, lr=optimization.learning_rate),
+}
+
+
+def is_adamw(optim: str) -> bool:
+    return optim.startswith("adamw")
+
+
 @dataclass
 class OptimizationArguments:
-    """How the model is optimized: batch, accumulation, AdamW, schedule, length of the run, clipping, seed."""
+    """How the model is optimized: batch, accumulation, optimizer, schedule, length of the run, clipping, seed."""
 
     _argument_group_name = "optimization"
 
     per_device_train_batch_size: int = arg(8, "Sequences per process per micro-step.")
     gradient_accumulation_steps: int = arg(1, "Micro-steps per optimizer step.")
-    learning_rate: float = arg(5e-5, "Peak AdamW learning rate.")
-    weight_decay: float = arg(0.0, "AdamW weight decay (never applied to biases and norm weights).")
+    optim: str = arg("adamw_torch_fused", "Optimizer: adamw_torch_fused (AdamW, fused kernel), adamw_torch (AdamW, "
+                     "per-tensor loop), adafactor (transformers' Adafactor with the Trainer's settings: fixed "
+                     "--learning_rate, no parameter scaling, no relative step), sgd (torch.optim.SGD, no momentum). "
+                     "Its state is checkpointed and resumed exactly.", choices=list(OPTIMIZERS))
+    learning_rate: float = arg(5e-5, "Peak learning rate.")
+    weight_decay: float = arg(0.0, "Weight decay (never applied to biases and norm weights): decoupled for AdamW "
+                                   "and Adafactor, L2 for sgd.")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.999, "AdamW beta2.")
     adam_epsilon: float = arg(1e-8, "AdamW epsilon.")
@@ -74,11 +106,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, optimization: OptimizationArguments) -> torch.optim.Optimizer:
-    # The fused kernel (CUDA and CPU in torch >= 2.4) updates all parameters in a few kernels instead of
-    # a loop of small ops per tensor; same mathematics. It takes FSDP2's DTensor shards too (on the CPU as well).
-    return torch.optim.AdamW(parameter_groups(model, optimization.weight_decay), lr=optimization.learning_rate,
-                             betas=(optimization.adam_beta1, optimization.adam_beta2), eps=optimization.adam_epsilon,
-                             fused=True)
+    return OPTIMIZERS[optimization.optim](parameter_groups(model, optimization.weight_decay), optimization)
 
 
 def warmup_steps(optimization: OptimizationArguments, total_steps: int) -> int:

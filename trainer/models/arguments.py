@@ -8,6 +8,8 @@ from trainer.config.parsing import arg
 from trainer.errors import require
 from trainer.models.checkpointing import checkpoint_options
 
+LOW_PRECISION = ("bfloat16", "float16")
+
 
 @dataclass
 class ModelArguments:
@@ -30,6 +32,15 @@ class ModelArguments:
         None, "Attention kernel: sdpa (transformers' default), eager, or flash_attention_2 (needs the flash-attn "
         "package and a GPU; clm's --packing documents then takes its variable-length path).",
         choices=["sdpa", "eager", "flash_attention_2"])
+    torch_dtype: Optional[str] = arg(
+        None, "dtype the weights are loaded (or built) in, passed to from_pretrained/from_config as `dtype`: auto "
+        "(the checkpoint's own; float32 from scratch), bfloat16, float16 or float32. Unset: float32, the master "
+        "weights the optimizer updates (a bf16 checkpoint is upcast); --bf16 autocast computes in bfloat16 either "
+        "way. Weights in bfloat16/float16 are trained without float32 master weights and need "
+        "--allow_low_precision_weights.", choices=list(LOW_PRECISION) + ["auto", "float32"])
+    allow_low_precision_weights: bool = arg(
+        False, "Train weights held in bfloat16/float16 (--torch_dtype bfloat16/float16, or auto on such a "
+        "checkpoint) without float32 master weights: half the memory, but small updates are rounded away.")
     gradient_checkpointing: bool = arg(
         False, "Keep only each transformer block's input in the forward and recompute the block in the backward: "
         "less activation memory for about a third more compute (see trainer/models/checkpointing.py).")
@@ -43,6 +54,15 @@ class ModelArguments:
                 "--model_name_or_path")
         require(self.tokenizer_vocab_size >= 100, "--tokenizer_vocab_size must be at least 100")
         checkpoint_options(self.gradient_checkpointing_kwargs)  # a bad one is refused before any work
+        if self.torch_dtype in LOW_PRECISION:
+            self.check_weights_dtype(self.torch_dtype, f"--torch_dtype {self.torch_dtype}")
+
+    def check_weights_dtype(self, dtype: str, source: str) -> None:
+        """Refuse weights in `dtype` (e.g. "bfloat16") without --allow_low_precision_weights."""
+        require(dtype not in LOW_PRECISION or self.allow_low_precision_weights,
+                f"{source} trains the weights in {dtype} without float32 master weights; pass "
+                f"--allow_low_precision_weights to do so, or drop --torch_dtype (float32 weights, with --bf16 "
+                f"autocast for speed)")
 
     @property
     def checkpoint_options(self) -> dict:

@@ -94,9 +94,11 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
         with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
             if decoder:
                 config_kwargs.update(decoder_switch(AutoConfig.from_pretrained(model_args.model_name_or_path)))
-            model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path,
-                                                             output_loading_info=True, **attention, **config_kwargs)
+            model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path, dtype=weights_dtype(
+                model_args, from_checkpoint=True), output_loading_info=True, **attention, **config_kwargs)
         log_loading_report(loading_info)
+        model_args.check_weights_dtype(str(model.dtype).removeprefix("torch."),
+                                       f"--torch_dtype auto on {model_args.model_name_or_path} ({model.dtype})")
         return model
     config = new_model_config(model_args, AutoConfig, preset)
     # from_config would raise a ValueError listing every architecture that has this job's head.
@@ -113,7 +115,17 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
     for key, value in {**config_kwargs, **(decoder_switch(config) if decoder else {})}.items():
         setattr(config, key, value)
     logger.info("training a new %s model from scratch", config.model_type)
-    return auto_class.from_config(config, **attention)
+    return auto_class.from_config(config, dtype=weights_dtype(model_args, from_checkpoint=False), **attention)
+
+
+def weights_dtype(model_args, from_checkpoint: bool):
+    """--torch_dtype as from_pretrained/from_config take it: unset is float32, auto is the checkpoint's own."""
+    import torch
+
+    name = model_args.torch_dtype or "float32"
+    if name == "auto":
+        return "auto" if from_checkpoint else torch.float32
+    return getattr(torch, name)
 
 
 def decoder_switch(config) -> dict:
