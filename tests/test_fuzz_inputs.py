@@ -232,6 +232,8 @@ FLAG_CASES = [
     (["later.yaml"], "unexpected argument 'later.yaml' (a config file must come first)"),
     (["--max_steps", "three"], "--max_steps: invalid int value: 'three'"),
     (["--learning_rate", ""], "--learning_rate: invalid float value: ''"),
+    (["--run_name", " "], "--run_name is empty"),
+    (["--report_to", "tensorboard,nope"], "--report_to tensorboard,nope: unknown nope"),
     (["--learning_rate", "nan"], "--learning_rate must be a positive number"),
     (["--learning_rate", "inf"], "--learning_rate must be a positive number"),
     (["--learning_rate", "-1"], "--learning_rate must be a positive number"),

@@ -23,3 +23,5 @@ class TrackingArguments:
     def __post_init__(self):
         tracker_names(self.report_to)
         require(self.logging_steps > 0, f"--logging_steps must be positive, got {self.logging_steps}")
+        require(self.run_name is None or bool(self.run_name.strip()),
+                "--run_name is empty; give a name or leave it out (the --output_dir folder name)")
