@@ -91,8 +91,9 @@ def start_job(job: JobSpec, argv: list[str] | None):
 def run_job(job: JobSpec, config: JobConfig, files: DataFiles, task, accelerator) -> dict:
     """What every job does once its task is built: assemble the engine and train; the task's own after-steps
     (`Task.after_training(engine)`, on every rank: e.g. predictions on a test set; a dict it returns joins the final
-    metrics); with --merge_adapters, the LoRA-merged copy in output_dir/merged; then `finish_job`. Returns the
-    final metrics."""
+    metrics); with --merge_adapters, the LoRA-merged copy in output_dir/merged; then `finish_job` on rank 0, and
+    every rank leaves the process group. Returns the final metrics."""
+    from trainer.distributed.collectives import end_processes
     from trainer.engine.assembly import assemble
     from trainer.finetune.strategies import export_merged
     from trainer.hub.push import HubPusher
@@ -103,29 +104,27 @@ def run_job(job: JobSpec, config: JobConfig, files: DataFiles, task, accelerator
     metrics = engine.train()
     if task.after_training is not None:
         metrics = {**metrics, **(task.after_training(engine) or {})}
-    finetune = config.get("finetune")
-    if accelerator.is_main_process and finetune is not None and finetune.merge_adapters:
-        export_merged(task.hf_model, task.tokenizer, os.path.join(output_dir, MERGED_DIR))
-    model_card = {"task": job.model_card_task, "pipeline_tag": job.pipeline_tag,
-                  "data": config.data.dataset_name or files.train}
-    finish_job(engine, hub, metrics, model_card, job.headline(metrics), job.load_code(config))
+    if accelerator.is_main_process:
+        finetune = config.get("finetune")
+        if finetune is not None and finetune.merge_adapters:
+            export_merged(task.hf_model, task.tokenizer, os.path.join(output_dir, MERGED_DIR))
+        model_card = {"task": job.model_card_task, "pipeline_tag": job.pipeline_tag,
+                      "data": config.data.dataset_name or files.train}
+        finish_job(output_dir, hub, metrics, model_card, job.headline(metrics), job.load_code(config),
+                   tensorboard_dir(engine.trackers))
+    end_processes()
     return metrics
 
 
-def finish_job(engine, hub, metrics: dict, model_card: dict, summary: str, load_code: str | None = None) -> None:
+def finish_job(output_dir: str, hub, metrics: dict, model_card: dict, summary: str, load_code: Optional[str],
+               curves_dir: Optional[str]) -> None:
     """Rank 0: all_results.json, the model card and Hub push (when asked), and the closing summary: `summary` (the
     job's headline, e.g. perplexity before -> after), where the model is, final metrics, how to load it (`load_code`,
-    default a `pipeline` line) and view its curves; then every rank leaves the process group."""
-    from trainer.distributed.collectives import end_processes
-
-    output_dir = engine.settings.output_dir
-    if engine.accelerator.is_main_process:
-        write_results(output_dir, metrics)
-        hub.push_final(model_card, metrics)
-        for line in closing_summary(summary, output_dir, metrics, model_card["pipeline_tag"],
-                                    tensorboard_dir(engine), load_code):
-            logger.info(line)
-    end_processes()
+    default a `pipeline` line) and view its curves (`curves_dir`, TensorBoard's)."""
+    write_results(output_dir, metrics)
+    hub.push_final(model_card, metrics)
+    for line in closing_summary(summary, output_dir, metrics, model_card["pipeline_tag"], curves_dir, load_code):
+        logger.info(line)
 
 
 def closing_summary(headline: str, output_dir: str, metrics: dict, pipeline_tag: str,
@@ -142,8 +141,8 @@ def closing_summary(headline: str, output_dir: str, metrics: dict, pipeline_tag:
     return lines
 
 
-def tensorboard_dir(engine) -> str | None:
-    tensorboard = engine.trackers.tracker("tensorboard")
+def tensorboard_dir(trackers) -> str | None:
+    tensorboard = trackers.tracker("tensorboard")
     return tensorboard.directory if tensorboard is not None else None
 
 
