@@ -37,7 +37,7 @@ class ModelArguments:
         "(the checkpoint's own; float32 from scratch), bfloat16, float16 or float32. Unset: float32, the master "
         "weights the optimizer updates (a bf16 checkpoint is upcast); --bf16 autocast computes in bfloat16 either "
         "way. Weights in bfloat16/float16 are trained without float32 master weights and need "
-        "--allow_low_precision_weights.", choices=list(LOW_PRECISION) + ["auto", "float32"])
+        "--allow_low_precision_weights.", choices=["auto", *LOW_PRECISION, "float32"])
     allow_low_precision_weights: bool = arg(
         False, "Train weights held in bfloat16/float16 (--torch_dtype bfloat16/float16, or auto on such a "
         "checkpoint) without float32 master weights: half the memory, but small updates are rounded away.")
