@@ -114,8 +114,7 @@ def global_steps(world_size: int, per_device: int, lengths, epoch: int) -> list[
     for rank in range(world_size):
         sampler = GlobalBatchSampler(len(lengths), per_device, world_size, rank, 16 // (per_device * world_size),
                                      seed=3, lengths=lengths)
-        sampler.epoch = epoch
-        micro = list(sampler)
+        micro = list(sampler.batches(epoch))
         per_step = 16 // (per_device * world_size)
         rank_steps = [sum(micro[i:i + per_step], []) for i in range(0, len(micro), per_step)]
         steps = rank_steps if steps is None else [a + b for a, b in zip(steps, rank_steps)]
