@@ -1,6 +1,8 @@
 """The data section of the command line, and the data files a job reads (`DataFiles`)."""
 from __future__ import annotations
 
+import glob
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -106,3 +108,53 @@ class DataFiles:
     train: Optional[str]
     validation: Optional[str]
     replay: Optional[str] = None  # --replay_file (trainer.continual)
+
+
+# ------------------------------------------------------------------- sources: a file, a directory or a glob, weighted
+@dataclass(frozen=True)
+class WeightedSource:
+    """One training source of a mixture: `pattern` (a file, a directory or a glob) and its weight. Written
+    `PATTERN` (weight 1) or `PATTERN:WEIGHT` on the command line and in config files."""
+
+    pattern: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str, flag: str) -> "WeightedSource":
+        pattern, colon, weight_text = text.rpartition(":")
+        if not colon or "/" in weight_text or os.path.exists(text):
+            return cls(text)
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = math.nan
+        require(math.isfinite(weight) and weight > 0, f"--{flag} {text}: the weight '{weight_text}' is not a "
+                                                      f"positive number; write PATH or PATH:WEIGHT, e.g. a.jsonl:0.7")
+        return cls(pattern, weight)
+
+    def files(self, flag: str) -> list[str]:
+        """The data files of this source, in a fixed (sorted) order, all of one format."""
+        return source_files(self.pattern, flag)
+
+
+def source_files(pattern: str, flag: str) -> list[str]:
+    """A file, every data file under a directory (recursively), or a glob's matches: sorted, of one format, each
+    checked as `check_data_file` checks a file. Nothing found is a usage error."""
+    if os.path.isdir(pattern):
+        found = [os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
+                 if os.path.splitext(name)[1].lower() in DATA_FILE_EXTENSIONS]
+        require(bool(found), f"--{flag} {pattern}: the directory holds no data file "
+                             f"({', '.join(DATA_FILE_EXTENSIONS)})")
+    elif glob.has_magic(pattern):
+        found = [path for path in glob.glob(pattern, recursive=True) if not os.path.isdir(path)]
+        require(bool(found), f"--{flag} {pattern}: the pattern matches no file; check the path and the quoting")
+    else:
+        found = [pattern]
+    found = sorted(found)
+    formats = {DATA_FILE_EXTENSIONS.get(os.path.splitext(path)[1].lower()) for path in found}
+    require(len(formats) == 1 or None in formats, f"--{flag} {pattern} mixes formats "
+                                                  f"({', '.join(sorted(f for f in formats if f))}); give one "
+                                                  f"source per format")
+    for path in found:
+        check_data_file(path, flag)
+    return found
