@@ -9,20 +9,20 @@ import torch
 from classify_helpers import classify_args, sentiment  # noqa: F401 (fixture)
 from conftest import fails_cleanly, mlm_args, read_history, read_results
 from resume_helpers import assert_same_parameters, samples_per_step
-from trainer.continual.replay import training_data
 from trainer.data.batches import EpochBatches
-from trainer.data.samplers import GlobalBatchSampler, ReplayStream, mixed_global_batch, replay_count, replay_slots
+from trainer.data.mixture import replay_count, slot_sources, spread_slots as replay_slots, training_data
+from trainer.data.samplers import CyclingSource, GlobalBatchSampler, mixed_global_batch
 from trainer.errors import UsageError
 
 NEW, REPLAY = 40, 7  # training samples 0..39, replay samples 40..46: the stream wraps every few steps
 
 
 def sampler(world_size=1, rank=0, batch=8, accumulation=1, seed=3, ratio=0.25, lengths=None):
-    replay = ReplayStream(NEW, REPLAY, ratio, seed)
-    return GlobalBatchSampler(NEW, batch, world_size, rank, accumulation, seed, lengths=lengths, replay=replay)
+    replay = CyclingSource(NEW, REPLAY, replay_count(ratio, batch * world_size * accumulation), seed)
+    return GlobalBatchSampler(NEW, batch, world_size, rank, accumulation, seed, lengths=lengths, others=[replay])
 
 
-def global_batches(world_size, batch, accumulation, steps, lengths=None, start=(0, 0, 0), **options):
+def global_batches(world_size, batch, accumulation, steps, lengths=None, start=(0, 0, [0]), **options):
     """The run's first `steps` optimizer steps as lists of sample ids in global-batch order, all ranks merged."""
     ranks = [iter(EpochBatches(sampler(world_size, rank, batch, accumulation, lengths=lengths, **options), *start))
              for rank in range(world_size)]
@@ -47,7 +47,7 @@ def test_every_global_batch_is_the_same_at_any_world_size_and_accumulation():
 
 def test_the_replay_share_is_exact_in_every_batch_and_the_new_data_makes_the_epochs():
     steps = global_batches(2, 4, 2, steps=9)  # 3 epochs of 3 steps (12 new samples each, 4 dropped per epoch)
-    assert replay_count(0.25, 16) == 4 == sampler(2, 0, 4, 2).replay_per_step
+    assert replay_count(0.25, 16) == 4 == sampler(2, 0, 4, 2).counts[1]
     for step in steps:
         assert len(step) == 16 and sum(sample >= NEW for sample in step) == 4
     for epoch in range(3):
@@ -77,14 +77,14 @@ def test_deterministic_from_the_seed():
 def test_resuming_at_the_saved_positions_continues_the_same_batches():
     full = global_batches(2, 4, 2, steps=12)
     # After 4 steps: epoch 1, 12 samples into it (3 steps of 12 new per epoch), 16 replay samples drawn.
-    assert global_batches(2, 4, 2, steps=8, start=(1, 12, 16)) == full[4:]
+    assert global_batches(2, 4, 2, steps=8, start=(1, 12, [16])) == full[4:]
     # The engine's train-state arithmetic gives those positions.
     run = sampler(2, 0, 4, 2)
     position = [0, 0, 0]
     for _ in range(4):
-        position[1] += run.new_per_step
-        position[2] += run.replay_per_step
-        if position[1] >= run.steps_per_epoch * run.new_per_step:
+        position[1] += run.primary_per_step
+        position[2] += run.counts[1]
+        if position[1] >= run.steps_per_epoch * run.primary_per_step:
             position[:2] = [position[0] + 1, 0]
     assert position == [1, 12, 16]
 
@@ -107,16 +107,17 @@ def test_replay_count_rounds_halves_up_and_refuses_a_share_that_leaves_no_sample
 
 def test_mixed_batch_places_replay_in_its_slots():
     assert replay_slots(8, 2).tolist() == [2, 6]
-    assert mixed_global_batch(torch.arange(6), torch.tensor([100, 101])).tolist() == [0, 1, 100, 2, 3, 4, 101, 5]
+    assert mixed_global_batch([torch.arange(6), torch.tensor([100, 101])], slot_sources([6, 2])).tolist() == [
+        0, 1, 100, 2, 3, 4, 101, 5]
 
 
 def test_training_data_is_the_training_samples_then_the_replay_samples_in_one_schema():
     train = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4]], "extra": ["a", "b"]})
     replay = datasets.Dataset.from_dict({"input_ids": [[5, 6]]}).cast(
         datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}))
-    combined = training_data(train, replay, ["input_ids"])
+    combined = training_data(train, [replay], ["input_ids"])
     assert combined["input_ids"] == [[1, 2], [3, 4], [5, 6]]
-    assert training_data(train, None) is train
+    assert training_data(train, []) is train
 
 
 # ------------------------------------------------------------------------------------------ jobs, in-process
@@ -160,7 +161,7 @@ def test_mlm_with_replay_resumes_bit_exactly_and_every_step_holds_its_replay_sha
     with open(resumed / "checkpoint-3" / "trainer_state.json") as handle:
         state = json.load(handle)
     data = state["states"]["data"]
-    assert (state["step"], data["epoch"], data["samples_in_epoch"], data["replay_position"]) == (3, 0, 18, 6)
+    assert (state["step"], data["epoch"], data["samples_in_epoch"], data["samples_per_source"][1]) == (3, 0, 18, 6)
     in_process(main, args(resumed), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "resumed")
     assert_same_parameters(expected, resumed)
     assert logged_losses(resumed) == logged_losses(expected)

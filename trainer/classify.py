@@ -24,7 +24,7 @@ from trainer.config.parsing import arg
 from trainer.continual.distillation import SharedLabels, distillation_loss, load_teacher
 from trainer.data.arguments import DataArguments, DataFiles, check_data_file
 from trainer.data.demo import write_sentiment_dataset
-from trainer.data.loading import (check_text_column, first_samples, load_file, load_raw_splits, load_replay_file,
+from trainer.data.loading import (check_text_column, first_samples, load_file, load_other_sources, load_raw_splits,
                                   pad_rows, resolve_text_column)
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
@@ -145,9 +145,9 @@ def tokenize(dataset, columns: list[str], tokenizer, max_length: int, labels: Op
     return processed.add_column("labels", labels) if labels is not None else processed
 
 
-def training_lengths(train_set, replay_set) -> list[int]:
-    """Sequence lengths for length-grouped batches: the training samples', then the replay samples'."""
-    return list(train_set["length"]) + (list(replay_set["length"]) if replay_set is not None else [])
+def training_lengths(train_set, other_sets: list) -> list[int]:
+    """Sequence lengths for length-grouped batches: the training samples', then each other source's (replay's)."""
+    return [length for dataset in (train_set, *other_sets) for length in dataset["length"]]
 
 
 @dataclass
@@ -277,9 +277,11 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         labels = LabelMapping.from_training_data(raw["train"], cls_args.label_column)
         train_labels = labels.ids(raw["train"], cls_args.label_column, "training")
         eval_labels = labels.ids(raw["validation"], cls_args.label_column, "validation")
-        # Replay labels must be classes of the new training data: the head is that data's (see docs/continual.md).
-        replay_raw = load_replay_file(files.replay, [*columns, cls_args.label_column])
-        replay_labels = labels.ids(replay_raw, cls_args.label_column, "replay") if replay_raw is not None else None
+        # The other sources' (and replay's) labels must be classes of the primary training data: the head is that
+        # data's (see docs/continual.md).
+        others_raw = load_other_sources(files, [*columns, cls_args.label_column])
+        others_labels = [labels.ids(raw_other, cls_args.label_column, source.role)
+                         for raw_other, source in zip(others_raw, files.other_sources())]
         test_raw = load_file(cls_args.test_file, "test_file") if cls_args.do_predict else None
         if test_raw is not None:
             input_columns(test_raw, data_args, cls_args, "test")
@@ -297,8 +299,8 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         train_set = tokenize(raw["train"], columns, tokenizer, length, train_labels, "training")
         eval_set = tokenize(raw["validation"], columns, tokenizer, length, eval_labels, "validation")
         test_set = tokenize(test_raw, columns, tokenizer, length, None, "test") if test_raw is not None else None
-        replay_set = (tokenize(replay_raw, columns, tokenizer, length, replay_labels, "replay")
-                      if replay_raw is not None else None)
+        other_sets = [tokenize(raw_other, columns, tokenizer, length, other_labels, source.role)
+                      for raw_other, other_labels, source in zip(others_raw, others_labels, files.other_sources())]
         train_set, eval_set = first_samples(train_set, eval_set, data_args)
         metric_modules = load_metrics(cls_args.metrics)
     logger.info("%d classes: %s", len(labels.values), ", ".join(labels.id2label.values()))
@@ -310,8 +312,8 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         train_dataset=train_set, eval_dataset=eval_set, train_collator=collator, eval_collator=collator,
         compute_metrics=classification_metrics(metric_modules, np.asarray(eval_set["labels"]), labels.id2label),
         hf_model=trained_model, tokenizer=tokenizer,
-        train_lengths=training_lengths(train_set, replay_set) if cls_args.group_by_length else None,
-        replay_dataset=replay_set,
+        train_lengths=training_lengths(train_set, other_sets) if cls_args.group_by_length else None,
+        other_sources=other_sets,
         before_optimizer_step=before_optimizer_step,
         main_metric=f"eval_{os.path.basename(cls_args.metrics[0]).removesuffix('.py')}",  # the first metric asked for
         after_training=functools.partial(predict_test_set, test_set, labels) if test_set is not None else None,

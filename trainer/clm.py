@@ -20,10 +20,10 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
-from trainer.continual.replay import replay_split
 from trainer.data.arguments import CorpusArguments, DataFiles
 from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
-from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
+from trainer.data.loading import (first_samples, group_into_blocks, load_text_splits, other_source_splits,
+                                  pad_rows)
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import Task, perplexity_metrics
@@ -283,7 +283,7 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
                                     f"more text or a smaller --block_size")
         require(len(eval_set) > 0, f"the evaluation text is too short for one block of {block_size} tokens; use "
                                    f"more validation text or a smaller --block_size")
-        replay_set = replay_split(blocks, files.replay)
+        other_sets = other_source_splits(blocks, files)
     trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="CAUSAL_LM")
     # Blocks are full: padding never happens; a tokenizer without a pad token (GPT-2's) is fine.
     pad_token_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
@@ -291,7 +291,7 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     return Task(
         model=CausalLMTask(trained_model, clm_args.loss_chunk_tokens),
         train_dataset=train_set, eval_dataset=eval_set,
-        replay_dataset=replay_set,
+        other_sources=other_sets,
         train_collator=collator, eval_collator=collator, compute_metrics=perplexity_metrics("predicted_tokens"),
         hf_model=trained_model, tokenizer=tokenizer, columns=["input_ids"],
         after_evaluation=generation_probes(tokenizer, clm_args.probe_prompts, clm_args.probe_new_tokens),

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
-from trainer.continual.replay import replay_split
 from trainer.data.arguments import DataArguments, DataFiles
 from trainer.data.demo import write_mlm_corpus
-from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
+from trainer.data.loading import (first_samples, group_into_blocks, load_text_splits, other_source_splits,
+                                  pad_rows)
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import Task, perplexity_metrics
@@ -280,14 +280,14 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         require(len(eval_set) > 0, "the evaluation text is too short for one block; use more validation text or a "
                                    "smaller --max_seq_length")
         eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
-        replay_set = replay_split(processed, files.replay)
+        other_sets = other_source_splits(processed, files)
     padded = mlm_args.line_by_line
     task_model = MaskedLMTask(model)
     head_fraction = mlm_args.mlm_probability if task_model.sparse_head else 1.0
     row_parameters = last_layer_row_parameters(model) if task_model.sparse_last_layer else 0
     return Task(
         model=task_model, train_dataset=train_set, eval_dataset=eval_set,
-        replay_dataset=replay_set, after_training=unigram_baseline(train_set, eval_set, len(tokenizer)),
+        other_sources=other_sets, after_training=unigram_baseline(train_set, eval_set, len(tokenizer)),
         train_collator=TrainCollator(masker, tokenizer.pad_token_id, padded),
         eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics("masked_tokens"),
         hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),

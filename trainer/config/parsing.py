@@ -28,9 +28,9 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None, default_conf
     """Parse the command line into the given dataclasses; every mistake is a one-line UsageError.
 
     A `.yaml`/`.yml`/`.json` first argument is a config file; the flags after it override its values. Without a
-    config file and without data (--train_file, --dataset_name), the packaged `default_config` (the job's
-    embedded offline demo) is the config file the flags override: `python -m trainer.mlm --output_dir elsewhere`
-    reruns the demo into `elsewhere`.
+    config file and without data (--train_file, --train_files, --dataset_name), the packaged `default_config` (the
+    job's embedded offline demo) is the config file the flags override: `python -m trainer.mlm --output_dir
+    elsewhere` reruns the demo into `elsewhere`.
     """
     parser = job_parser(dataclass_types, default_config)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -45,7 +45,7 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None, default_conf
 
 
 def names_data(argv: list[str]) -> bool:
-    return names_flag(argv, "train_file") or names_flag(argv, "dataset_name")
+    return any(names_flag(argv, flag) for flag in ("train_file", "train_files", "dataset_name"))
 
 
 def names_flag(argv: list[str], flag: str) -> bool:
@@ -91,8 +91,9 @@ def job_parser(dataclass_types, default_config: str | None):
             if default_config else "")
     parser = Parser(dataclass_types, prog=prog, usage=f"{prog} [CONFIG.yaml|CONFIG.json] [--option VALUE ...]",
                     description=f"{demo}A .yaml/.yml/.json config file given first sets options by name; options "
-                                f"after it override it. With no config file and no --train_file or "
-                                f"--dataset_name, options override the demo config (e.g. --output_dir elsewhere). "
+                                f"after it override it. With no config file and no --train_file, --train_files "
+                                f"or --dataset_name, options override the demo config (e.g. --output_dir "
+                                f"elsewhere). "
                                 f"Bad input ends with one 'error: ...' line and exit code 2.",
                     formatter_class=HelpFormatter, allow_abbrev=False)
     hide_negated_twins(parser)

@@ -5,7 +5,7 @@ import glob
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from trainer.config.parsing import arg
 from trainer.errors import require
@@ -24,7 +24,17 @@ class CorpusArguments:
                                             "the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
     train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet.")
-    validation_file: Optional[str] = arg(None, "Evaluation data, same formats. Unset: split off the training data.")
+    train_files: list[str] = arg(
+        [], "Training data as a weighted mixture, instead of --train_file or --dataset_name: one or more sources "
+        "PATTERN[:WEIGHT], each a file, a directory (its data files, recursively) or a glob (quote it), read as one "
+        "data set, weight 1 when left out; e.g. --train_files a.jsonl:0.7 'b/*.txt':0.3. Every global batch of G "
+        "sequences (per-device batch x processes x accumulation) holds exactly round(w / sum(w) x G) of each source "
+        "after the first (halves up, at least one) and the rest of the first, in the same positions every step, "
+        "so the mix is exact at every step and world size. The first source is primary: its passes are the epochs, "
+        "and the evaluation data is held out of it unless --validation_file is given. The others cycle, each in a "
+        "fresh seeded order per pass. all_results.json reports the samples and tokens taken from each.", nargs="+")
+    validation_file: Optional[str] = arg(None, "Evaluation data, same formats. Unset: split off the training data "
+                                               "(with --train_files: off its first, primary source).")
     text_column: Optional[str] = arg(None, "Column holding the text (default: 'text', or the only/first string "
                                            "column).")
     validation_split_percentage: int = arg(5, "Percent of the training data held out for evaluation when no "
@@ -36,6 +46,7 @@ class CorpusArguments:
 
     def __post_init__(self):
         require(not (self.dataset_name and self.train_file), "give either --dataset_name or --train_file, not both")
+        self.check_train_files()
         for flag in ("train_file", "validation_file"):
             path = getattr(self, flag)
             if path is not None:
@@ -44,6 +55,25 @@ class CorpusArguments:
         for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):
             value = getattr(self, flag)
             require(value is None or value > 0, f"--{flag} must be positive, got {value}")
+
+
+    def check_train_files(self) -> None:
+        """--train_files alone names the training data, each source once, each with data files."""
+        if not self.train_files:
+            return
+        for flag in ("train_file", "dataset_name"):
+            require(getattr(self, flag) is None, f"give either --train_files or --{flag}, not both (a mixture of "
+                                                 f"one source is --train_files PATH)")
+        sources = self.train_sources()
+        patterns = [source.pattern for source in sources]
+        repeated = sorted({pattern for pattern in patterns if patterns.count(pattern) > 1})
+        require(not repeated, f"--train_files names {repeated[0]} twice; give each source once, with its weight")
+        for source in sources:
+            source.files("train_files")
+
+    def train_sources(self) -> list["WeightedSource"]:
+        """The --train_files sources, in order (the primary first); none without --train_files."""
+        return [WeightedSource.parse(text, "train_files") for text in self.train_files]
 
 
 @dataclass
@@ -105,9 +135,39 @@ class DataFiles:
     """The files a job reads: those named on the command line or, with no data named, the embedded demo's. Derived
     from the arguments (see trainer.engine.jobs.data_files), never written back into them."""
 
-    train: Optional[str]
+    train: Optional[str]  # the one training file (--train_file or the demo's); None with --train_files
     validation: Optional[str]
     replay: Optional[str] = None  # --replay_file (trainer.continual)
+    mixture: tuple["WeightedSource", ...] = ()  # --train_files: the sources, the primary first
+
+    def primary_source(self) -> "SourceFiles":
+        """The primary training source's files (--train_files' first, or --train_file)."""
+        if self.mixture:
+            return SourceFiles("train_files", self.mixture[0].pattern, self.mixture[0].files("train_files"))
+        return SourceFiles("train_file", self.train, [self.train])
+
+    def other_sources(self) -> list["SourceFiles"]:
+        """Every training source after the primary, in mixture order (trainer.data.mixture): --train_files'
+        others, then --replay_file."""
+        others = [SourceFiles("train_files", source.pattern, source.files("train_files"))
+                  for source in self.mixture[1:]]
+        return others + ([SourceFiles("replay_file", self.replay, [self.replay])] if self.replay else [])
+
+
+class SourceFiles(NamedTuple):
+    """A training source's data files, and the flag and name that gave them (for messages)."""
+
+    flag: str  # e.g. "train_files"
+    name: str  # the pattern or path given
+    files: list[str]
+
+    def __str__(self) -> str:
+        return f"--{self.flag} {self.name}"
+
+    @property
+    def role(self) -> str:
+        """What messages call its data: "the replay data", "the --train_files b.jsonl data"."""
+        return "replay" if self.flag == "replay_file" else str(self)
 
 
 # ------------------------------------------------------------------- sources: a file, a directory or a glob, weighted

@@ -46,24 +46,25 @@ class EpochIndices(list):
 
 class EpochBatches:
     """A batch sampler over the whole run: `sampler`'s micro-batches of epoch `epoch` from `start_sample` (and of
-    its replay stream from `replay_position`, see trainer.continual.replay), then of every following epoch, each tagged
-    with its epoch.
+    the other sources' streams from `positions`, see trainer.data.mixture), then of every following epoch, each
+    tagged with its epoch.
 
     One DataLoader iterator then serves every epoch: its workers (and their prefetched batches) live across epoch
     boundaries instead of being re-spawned for each epoch, and the order is exactly the per-epoch order the sampler
-    defines, so a resumed run continues where the train state says. The replay stream runs on across epochs.
+    defines, so a resumed run continues where the train state says. The other sources' streams run on across epochs.
     """
 
-    def __init__(self, sampler, epoch: int, start_sample: int, replay_position: int = 0):
+    def __init__(self, sampler, epoch: int, start_sample: int, positions=None):
         self.sampler, self.epoch, self.start_sample = sampler, epoch, start_sample
-        self.replay_position = replay_position
+        self.positions = [0] * len(sampler.others) if positions is None else list(positions)
 
     def __iter__(self):
-        epoch, start, replay_position = self.epoch, self.start_sample, self.replay_position
+        epoch, start, positions = self.epoch, self.start_sample, self.positions
         while True:
-            for indices in self.sampler.batches(epoch, start, replay_position):
+            for indices in self.sampler.batches(epoch, start, positions):
                 yield EpochIndices(indices, epoch)
-            replay_position += self.sampler.remaining_steps(start) * self.sampler.replay_per_step
+            steps = self.sampler.remaining_steps(start)
+            positions = [position + steps * count for position, count in zip(positions, self.sampler.counts[1:])]
             epoch, start = epoch + 1, 0
 
 

@@ -1,4 +1,5 @@
-"""Loading raw data (local files, a Hub dataset, the replay file) and shaping it for the jobs (blocks, padding)."""
+"""Loading raw data (local files, a Hub dataset, the other training sources of a mixture) and shaping it for the jobs
+(blocks, padding)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import os
 
 import numpy as np
 
-from trainer.data.arguments import DATA_FILE_EXTENSIONS, DataFiles
+from trainer.data.arguments import DATA_FILE_EXTENSIONS, DataFiles, SourceFiles
 from trainer.errors import UsageError, require
 from trainer.hub.reachability import check_loadable
 
@@ -24,9 +25,9 @@ def load_raw_splits(data_args, files: DataFiles, keep_linebreaks: bool = False):
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
         require("train" in raw, f"--dataset_name {data_args.dataset_name} has no 'train' split")
     else:
-        paths = {"train": files.train, **({"validation": files.validation} if files.validation else {})}
-        raw = datasets.DatasetDict({split: load_file(path, flag=f"{split}_file", keep_linebreaks=keep_linebreaks)
-                                    for split, path in paths.items()})
+        raw = datasets.DatasetDict({"train": load_source(files.primary_source(), keep_linebreaks)})
+        if files.validation:
+            raw["validation"] = load_file(files.validation, flag="validation_file", keep_linebreaks=keep_linebreaks)
     if "validation" not in raw:
         held_out = hold_out(raw["train"], data_args, files)
         raw = datasets.DatasetDict({"train": held_out["train"], "validation": held_out["test"]})
@@ -41,6 +42,18 @@ def hold_out(dataset, data_args, files: DataFiles):
     except ValueError:  # datasets: "With n_samples=1, test_size=0.05 ... the resulting train set will be empty"
         raise UsageError(f"{data_source(data_args, files, 'train')} has {len(dataset)} row(s), too few to hold out "
                          f"{percent}% for evaluation; give --validation_file or more data") from None
+
+
+def load_source(source: SourceFiles, keep_linebreaks: bool = False):
+    """A training source's files as one Dataset, in their (sorted) order."""
+    import datasets
+
+    parts = [load_file(path, source.flag, keep_linebreaks) for path in source.files]
+    try:
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    except ValueError:  # datasets: "The features can't be aligned because the key ... of features ..."
+        raise UsageError(f"{source}: its files differ in their columns or types ({', '.join(source.files[:3])}"
+                         f"{', ...' if len(source.files) > 3 else ''}); give files of one layout per source") from None
 
 
 def load_file(path: str, flag: str, keep_linebreaks: bool = False):
@@ -80,28 +93,45 @@ def resolve_text_column(dataset, requested: str | None, flag: str = "--text_colu
 
 
 def load_text_splits(data_args, files: DataFiles, keep_linebreaks: bool = False):
-    """(train/validation DatasetDict, the text column): the column checked to hold text in every split. With
-    --replay_file, its data is a third split, "replay", for the job to prepare with the others."""
+    """(train/validation DatasetDict, the text column): the column checked to hold text in every split. The training
+    sources after the primary (--train_files' others, --replay_file) are further splits, "source_1", ..., for the job
+    to prepare with the others (see `other_source_splits`)."""
     raw = load_raw_splits(data_args, files, keep_linebreaks=keep_linebreaks)
     text_column = resolve_text_column(raw["train"], data_args.text_column)
-    replay = load_replay_file(files.replay, [text_column], keep_linebreaks)
-    if replay is not None:  # prepared with the training split, exactly as it
-        raw["replay"] = replay
+    for index, other in enumerate(load_other_sources(files, [text_column], keep_linebreaks), start=1):
+        raw[source_split(index)] = other  # prepared with the training split, exactly as it
     for split, dataset in raw.items():
         check_text_column(dataset, text_column, data_source(data_args, files, split))
-    # The text alone goes on, so that every split (the replay file's too) has the same columns to drop.
+    # The text alone goes on, so that every split (every source's) has the same columns to drop.
     return raw.select_columns([text_column]), text_column
+
+
+def source_split(index: int) -> str:
+    """The split of training source `index` (1..: after the primary) in a job's DatasetDict."""
+    return f"source_{index}"
+
+
+def other_source_splits(processed, files: DataFiles) -> list:
+    """The prepared splits of the training sources after the primary (see `load_text_splits`), in mixture order; a
+    source too short for one sequence is a usage error."""
+    others = []
+    for index, source in enumerate(files.other_sources(), start=1):
+        prepared = processed[source_split(index)]
+        require(len(prepared) > 0, f"{source} is too short for one training sequence; use more text in it or "
+                                   f"shorter sequences")
+        others.append(prepared)
+    return others
 
 
 def data_source(data_args, files: DataFiles, split: str) -> str:
     """The flag and name a split comes from, for error messages."""
-    if split == "replay":
-        return f"--replay_file {files.replay}"
+    if split.startswith("source_"):
+        return str(files.other_sources()[int(split.removeprefix("source_")) - 1])
     if data_args.dataset_name:
         return f"--dataset_name {data_args.dataset_name} ({split})"
     if split == "validation" and files.validation:
         return f"--validation_file {files.validation}"
-    return f"--train_file {files.train}"
+    return str(files.primary_source())
 
 
 def check_text_column(dataset, column: str, source: str, flag: str = "--text_column") -> None:
@@ -157,15 +187,17 @@ def pad_rows(rows, pad_value: int, multiple_of: int = 8) -> np.ndarray:
     return out
 
 
-def load_replay_file(path: str | None, columns: list[str], keep_linebreaks: bool = False):
-    """The raw `--replay_file` `path` as a Dataset (None without one), checked to have the training data's `columns`
-    (text, text pair, label: what the job reads of a training row)."""
-    if not path:
-        return None
-    replay = load_file(path, "replay_file", keep_linebreaks=keep_linebreaks)
-    missing = [column for column in columns if column not in replay.column_names]
-    require(not missing, f"--replay_file {path} has no column {', '.join(repr(c) for c in missing)} (its columns: "
-                         f"{', '.join(replay.column_names)}); the replay data needs the training data's columns "
-                         f"({', '.join(columns)})")
-    require(len(replay) > 0, f"--replay_file {path} has no rows")
-    return replay
+def load_other_sources(files: DataFiles, columns: list[str], keep_linebreaks: bool = False) -> list:
+    """The raw training sources after the primary (--train_files' others, then --replay_file), each one Dataset,
+    checked to have the training data's `columns` (text, text pair, label: what the job reads of a training row)."""
+    others = []
+    for source in files.other_sources():
+        raw = load_source(source, keep_linebreaks)
+        missing = [column for column in columns if column not in raw.column_names]
+        require(not missing, f"{source} has no column {', '.join(repr(c) for c in missing)} (its columns: "
+                             f"{', '.join(raw.column_names)}); the {source.role} data needs the training "
+                             f"data's columns ({', '.join(columns)})")
+        require(len(raw) > 0, f"{source} has no rows")
+        others.append(raw)
+    return others
+

@@ -1,17 +1,17 @@
 """The global sample order, sharded across ranks: the same samples per optimizer step at every world size
-(`GlobalBatchSampler`, `group_by_length`), the replay stream mixed into it (what experience replay is and why it is
-hand-written: trainer/continual/replay.py), and the evaluation shards.
+(`GlobalBatchSampler`, `group_by_length`), the other sources of a mixture (`CyclingSource`: what a mixture is and why
+it is hand-written: trainer/data/mixture.py; experience replay is one: trainer/continual/replay.py), and the evaluation
+shards.
 """
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from trainer.errors import require
+from trainer.data.mixture import slot_sources
 
 
 class GlobalBatchSampler:
@@ -28,13 +28,14 @@ class GlobalBatchSampler:
     With `lengths` (one per sample), batches are length-grouped: see `group_by_length`. The grouping works on
     the global order alone, so it keeps every property above.
 
-    With `replay` (a `ReplayStream`), each global batch holds `replay_per_step` samples of the replay stream
-    (indices after the dataset's) and `new_per_step` of the epoch's order, which then advances by `new_per_step` a step;
-    the global batch is composed before it is sharded, so the properties above hold with replay too.
+    With `others` (`CyclingSource`s: a weighted mixture, trainer.data.mixture, or experience replay), each global
+    batch holds `per_step` samples of each of them (indices after the dataset's) in the slots of `slot_sources`, and
+    the rest (`counts[0]`) of the epoch's order, which then advances by `counts[0]` a step; the global batch is
+    composed before it is sharded, so the properties above hold for mixtures too.
     """
 
     def __init__(self, dataset_size: int, per_device_batch_size: int, world_size: int, rank: int,
-                 accumulation_steps: int, seed: int, shuffle: bool = True, lengths=None, replay=None):
+                 accumulation_steps: int, seed: int, shuffle: bool = True, lengths=None, others=()):
         self.dataset_size = dataset_size
         self.per_device_batch_size = per_device_batch_size
         self.world_size = world_size
@@ -42,53 +43,82 @@ class GlobalBatchSampler:
         self.accumulation_steps = accumulation_steps
         self.seed = seed
         self.shuffle = shuffle
-        self.lengths = None if lengths is None else torch.as_tensor(lengths)  # replay samples' lengths after
-        self.replay = replay
-        self.replay_per_step = 0 if replay is None else replay_count(replay.ratio, self.global_batch_size)
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)  # the other sources' lengths after
+        self.others = list(others)
+        self.counts = [self.global_batch_size - sum(other.per_step for other in self.others),
+                       *(other.per_step for other in self.others)]
+        self.slots = slot_sources(self.counts)
+        self.recent_orders: dict[int, torch.Tensor] = {}  # the last epochs' orders: the loader and advance() read them
 
     @property
     def global_batch_size(self) -> int:
         return self.per_device_batch_size * self.world_size * self.accumulation_steps
 
     @property
-    def new_per_step(self) -> int:
-        """Samples of the dataset (not of the replay stream) in each global batch."""
-        return self.global_batch_size - self.replay_per_step
+    def primary_per_step(self) -> int:
+        """Samples of the dataset (the primary source) in each global batch."""
+        return self.counts[0]
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.dataset_size // self.new_per_step
+        return self.dataset_size // self.primary_per_step
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self.recent_orders:
+            self.recent_orders = {e: order for e, order in self.recent_orders.items() if e == epoch - 1}
+            self.recent_orders[epoch] = self.shuffled_order(epoch)
+        return self.recent_orders[epoch]
+
+    def shuffled_order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.dataset_size)
         order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed + epoch))
         if self.lengths is not None:
-            order = group_by_length(order, self.lengths, self.new_per_step, seed=self.seed + epoch)
+            order = group_by_length(order, self.lengths, self.primary_per_step, seed=self.seed + epoch)
         return order
 
     def remaining_steps(self, start_sample: int) -> int:
         """Optimizer steps left in an epoch from position `start_sample` of its order."""
-        return (self.steps_per_epoch * self.new_per_step - start_sample) // self.new_per_step
+        return (self.steps_per_epoch * self.primary_per_step - start_sample) // self.primary_per_step
 
     def __iter__(self):
         """The first epoch's micro-batches of this rank (the engine iterates over `batches` of every epoch)."""
         return self.batches(0)
 
-    def batches(self, epoch: int, start_sample: int = 0, replay_position: int = 0):
+    def step_samples(self, epoch: int, start_sample: int, positions=()) -> list[torch.Tensor]:
+        """The samples of one optimizer step, by source: the primary's at `start_sample` of `epoch`'s order, each
+        other source's at its stream position (`positions`, in `others`' order)."""
+        primary = self.epoch_order(epoch)[start_sample:start_sample + self.primary_per_step]
+        return [primary, *(other.indices(position, other.per_step)
+                           for other, position in zip(self.others, positions, strict=True))]
+
+    def batches(self, epoch: int, start_sample: int = 0, positions=None):
         """This rank's micro-batches (index lists) of `epoch`, from position `start_sample` of its global order
-        (and `replay_position` of the replay stream)."""
-        order = self.epoch_order(epoch)
-        micro, new = self.per_device_batch_size, self.new_per_step
+        (and `positions` of the other sources' streams: none drawn yet when unset)."""
+        positions = [0] * len(self.others) if positions is None else list(positions)
+        micro = self.per_device_batch_size
         for step in range(self.remaining_steps(start_sample)):
-            step_start = start_sample + step * new
-            batch = order[step_start:step_start + new]
-            if self.replay is not None:
-                replayed = self.replay.indices(replay_position + step * self.replay_per_step, self.replay_per_step)
-                batch = mixed_global_batch(batch, replayed, self.lengths)
+            at = [position + step * count for position, count in zip(positions, self.counts[1:])]
+            batch = self.mixed(self.step_samples(epoch, start_sample + step * self.primary_per_step, at))
             for micro_step in range(self.accumulation_steps):
                 start = (micro_step * self.world_size + self.rank) * micro
                 yield batch[start:start + micro].tolist()
+
+    def mixed(self, samples: list[torch.Tensor]) -> torch.Tensor:
+        """One global batch of the sources' `samples` (see `mixed_global_batch`)."""
+        return mixed_global_batch(samples, self.slots, self.lengths if self.others else None)
+
+
+def mixed_global_batch(samples: list[torch.Tensor], slots: torch.Tensor, lengths=None) -> torch.Tensor:
+    """One global batch: source i's `samples[i]` in order in its `slots` (trainer.data.mixture.slot_sources). With
+    `lengths` (length-grouped batches), sorted longest first (stable), so that each micro-batch, a contiguous slice,
+    holds similar lengths."""
+    batch = torch.empty(len(slots), dtype=torch.long)
+    for source, indices in enumerate(samples):
+        batch[slots == source] = indices
+    if lengths is not None:
+        batch = batch[torch.argsort(lengths[batch], descending=True, stable=True)]
+    return batch
 
 
 def group_by_length(order: torch.Tensor, lengths: torch.Tensor, global_batch_size: int, seed: int,
@@ -121,63 +151,36 @@ def shard_for_evaluation(dataset_size: int, world_size: int, rank: int) -> range
     return range(start, start + per_rank + (1 if rank < extra else 0))
 
 
-# ------------------------------------------------------------- experience replay (see trainer/continual/replay.py)
-REPLAY_SEED_KEY = 0x5E_7A_9  # keeps the replay permutations' random draws apart from every other seeded stream
+# ---------------------------------------------------------- the other sources of a mixture (trainer.data.mixture)
+MIXTURE_SEED_KEY = 0x5E_7A_9  # keeps the sources' permutations apart from every other seeded stream; source s
+# draws with MIXTURE_SEED_KEY + s - 1, so source 1 draws as experience replay (then the only other source) always did
 
 
-def replay_count(ratio: float, global_batch_size: int) -> int:
-    """Replay samples in a global batch of `global_batch_size`: round(ratio x G), halves up; at least 1, below G."""
-    count = math.floor(ratio * global_batch_size + 0.5)
-    require(0 < count < global_batch_size,
-            f"--replay_ratio {ratio} of a global batch of {global_batch_size} sequences (per-device batch x processes "
-            f"x accumulation) gives {count} replay samples per step; use a --replay_ratio from "
-            f"{0.5 / global_batch_size:.4g} to below {1 - 0.5 / global_batch_size:.4g}, or a larger batch")
-    return count
-
-
-def replay_slots(global_batch_size: int, count: int) -> torch.Tensor:
-    """The positions of the `count` replay samples in a global batch: the centres of `count` equal parts of it.
-
-    Spread out, so that every rank and micro-batch gets its share; the gaps exceed one slot (count < G), so the
-    positions are distinct."""
-    return (torch.arange(count) * 2 + 1) * global_batch_size // (2 * count)
-
-
-@functools.lru_cache(maxsize=2)
-def replay_permutation(size: int, seed: int, replay_pass: int) -> torch.Tensor:
-    """The replay set's order in pass `replay_pass` over it (cached: consecutive steps read the same pass)."""
-    rng = np.random.default_rng([seed, REPLAY_SEED_KEY, replay_pass])
+@functools.lru_cache(maxsize=8)
+def source_permutation(size: int, seed: int, source: int, source_pass: int) -> torch.Tensor:
+    """A source's order in pass `source_pass` over it (cached: consecutive steps read the same pass of each)."""
+    rng = np.random.default_rng([seed, MIXTURE_SEED_KEY + source - 1, source_pass])
     return torch.from_numpy(rng.permutation(size))
 
 
 @dataclass(frozen=True)
-class ReplayStream:
-    """The replay samples in their seeded, endlessly cycling order (see the module docstring)."""
+class CyclingSource:
+    """A training source after the primary: `per_step` samples of every global batch, in a seeded order that is a
+    fresh permutation per pass over the source and cycles forever, independently of the primary's epochs: position
+    p of its stream is sample `permutation(p // size)[p % size]`."""
 
-    first_index: int  # the replay samples' first index in the engine's training data (= the new samples' count)
-    size: int  # replay samples
-    ratio: float  # --replay_ratio
+    first_index: int  # the source's first index in the engine's training data (the sources before it come first)
+    size: int  # its samples
+    per_step: int  # its samples in every global batch (trainer.data.mixture.mixture_counts)
     seed: int
+    source: int = 1  # its place in the mixture (1..): each source has its own permutations
 
     def indices(self, position: int, count: int) -> torch.Tensor:
         """Training-data indices of stream positions [position, position + count), across passes if need be."""
         parts = []
         while count > 0:
-            replay_pass, offset = divmod(position, self.size)
+            source_pass, offset = divmod(position, self.size)
             taken = min(count, self.size - offset)
-            parts.append(replay_permutation(self.size, self.seed, replay_pass)[offset:offset + taken])
+            parts.append(source_permutation(self.size, self.seed, self.source, source_pass)[offset:offset + taken])
             position, count = position + taken, count - taken
         return torch.cat(parts) + self.first_index
-
-
-def mixed_global_batch(new: torch.Tensor, replayed: torch.Tensor, lengths=None) -> torch.Tensor:
-    """One global batch: `new` samples in order, `replayed` in the `replay_slots`. With `lengths` (length-grouped
-    batches), sorted longest first (stable), so that each micro-batch, a contiguous slice, holds similar lengths."""
-    size = len(new) + len(replayed)
-    is_replay = torch.zeros(size, dtype=torch.bool)
-    is_replay[replay_slots(size, len(replayed))] = True
-    batch = torch.empty(size, dtype=new.dtype)
-    batch[is_replay], batch[~is_replay] = replayed, new
-    if lengths is not None:
-        batch = batch[torch.argsort(lengths[batch], descending=True, stable=True)]
-    return batch

@@ -1,55 +1,103 @@
-"""The engine's training data: resumable micro-batches and their position, saved in every checkpoint."""
+"""The engine's training data: resumable micro-batches and their position, saved in every checkpoint, and what each
+training source gave."""
 from __future__ import annotations
+
+import numpy as np
 
 from trainer.continual.replay import describe_replay
 from trainer.data.batches import EpochBatches, make_loader
+from trainer.data.mixture import MixtureSource
 
 
 class TrainingBatches:
     """The training samples as an endless stream of micro-batches, in the global order of a `GlobalBatchSampler`
-    (trainer.data.samplers), loaded by one DataLoader whose workers live across epochs.
+    (trainer.data.samplers), loaded by one DataLoader whose workers live across epochs. The data holds the
+    `sources` (trainer.data.mixture) one after the other, the primary's first, with `token_counts` (the tokens of
+    each sample, unpadded) beside it.
 
-    Its position (epoch, samples consumed in the epoch's global order, replay samples drawn) is its state: the
-    engine calls `advance()` after each optimizer step, a checkpoint keeps `state_dict()`, and `micro_batches()`
-    after `load_state_dict` continues exactly where the saved run was. Another data source (e.g. streaming) is
-    another class with the same methods."""
+    Its position (epoch, samples consumed in the epoch's global order) and the samples and tokens taken from each
+    source are its state; a source after the primary is read at its stream position, which is the samples taken from
+    it. The engine calls `advance()` after each optimizer step, a checkpoint keeps `state_dict()`, and
+    `micro_batches()` after `load_state_dict` continues exactly where the saved run was. Another data source (e.g.
+    streaming) is another class with the same methods."""
 
-    def __init__(self, dataset, columns, collator, sampler, workers: int, pin_memory: bool):
+    def __init__(self, dataset, columns, collator, sampler, workers: int, pin_memory: bool,
+                 sources: list[MixtureSource], token_counts: np.ndarray):
         self.dataset, self.columns, self.collator = dataset, columns, collator
         self.sampler, self.workers, self.pin_memory = sampler, workers, pin_memory
-        self.epoch = self.samples_in_epoch = self.replay_position = 0
+        self.sources, self.token_counts = sources, token_counts
+        self.epoch = self.samples_in_epoch = 0
+        self.samples_per_source, self.tokens_per_source = [0] * len(sources), [0] * len(sources)
 
     @property
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch
 
+    @property
+    def positions(self) -> list[int]:
+        """The stream positions of the sources after the primary."""
+        return self.samples_per_source[1:]
+
     def describe(self) -> list[str]:
-        """For the start-up log: the global batch and epoch, then (with replay) how much of it is replayed."""
+        """For the start-up log: the global batch and epoch, then (with several sources) each source's share."""
         sampler = self.sampler
         lines = [f"{sampler.global_batch_size} sequences/step ({sampler.per_device_batch_size} per device x "
                  f"{sampler.world_size} processes x {sampler.accumulation_steps} accumulation), "
                  f"{sampler.steps_per_epoch} steps/epoch"]
-        if sampler.replay is not None:
-            lines.append(describe_replay(sampler.replay, sampler.replay_per_step, sampler.global_batch_size))
+        if len(self.sources) == 1:
+            return lines
+        sizes = [sampler.dataset_size, *(other.size for other in sampler.others)]
+        for index, (source, count, size) in enumerate(zip(self.sources, sampler.counts, sizes)):
+            if source.replay_ratio is not None:
+                lines.append(describe_replay(source.replay_ratio, size, count, sampler.global_batch_size))
+                continue
+            role = "primary: its passes are the epochs" if index == 0 else "cycled, a fresh seeded order per pass"
+            lines.append(f"source {source.name}: {count} of the {sampler.global_batch_size} sequences of every step "
+                         f"(weight {source.weight:g}), {size} sequences; {role}")
         return lines
 
     def micro_batches(self):
         """Micro-batches forever, epoch after epoch, from the current position."""
-        batches = EpochBatches(self.sampler, self.epoch, self.samples_in_epoch, self.replay_position)
+        batches = EpochBatches(self.sampler, self.epoch, self.samples_in_epoch, self.positions)
         return iter(make_loader(self.dataset, self.columns, batches, self.collator, self.workers, self.pin_memory))
 
     def advance(self) -> None:
         """One optimizer step's samples consumed."""
         sampler = self.sampler
-        self.samples_in_epoch += sampler.new_per_step
-        self.replay_position += sampler.replay_per_step
-        if self.samples_in_epoch >= sampler.steps_per_epoch * sampler.new_per_step:
+        step = sampler.step_samples(self.epoch, self.samples_in_epoch, self.positions)
+        for source, indices in enumerate(step):
+            self.samples_per_source[source] += len(indices)
+            self.tokens_per_source[source] += int(self.token_counts[indices.numpy()].sum())
+        self.samples_in_epoch += sampler.primary_per_step
+        if self.samples_in_epoch >= sampler.steps_per_epoch * sampler.primary_per_step:
             self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+
+    def consumed(self) -> dict:
+        """For the final metrics: the samples and tokens (unpadded, see `token_counts`) trained on, by source name."""
+        names = [source.name for source in self.sources]
+        return {"train_samples_per_source": dict(zip(names, self.samples_per_source)),
+                "train_tokens_per_source": dict(zip(names, self.tokens_per_source))}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch,
-                "replay_position": self.replay_position}
+                "samples_per_source": list(self.samples_per_source), "tokens_per_source": list(self.tokens_per_source)}
 
     def load_state_dict(self, saved: dict) -> None:
         self.epoch, self.samples_in_epoch = saved["epoch"], saved["samples_in_epoch"]
-        self.replay_position = saved["replay_position"]
+        self.samples_per_source = list(saved["samples_per_source"])
+        self.tokens_per_source = list(saved["tokens_per_source"])
+
+
+def describe_consumed(consumed: dict) -> str:
+    """For the closing log: what `TrainingBatches.consumed()` says, one source after another."""
+    samples, tokens = consumed["train_samples_per_source"], consumed["train_tokens_per_source"]
+    return "; ".join(f"{name}: {samples[name]} samples, {tokens[name]} tokens" for name in samples)
+
+
+def token_counts(dataset) -> np.ndarray:
+    """Each sample's tokens before padding (special tokens included): the length of its `input_ids`. Every job
+    stores its sequences unpadded (its collator pads batch by batch), so these are the non-pad tokens trained on."""
+    import pyarrow.compute as pc
+
+    column = dataset.with_format("arrow")[:]["input_ids"]
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)

@@ -8,6 +8,7 @@ scheduler wraps the prepared optimizer.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -15,10 +16,10 @@ import torch
 from trainer.checkpoint.checkpointer import BestCheckpoint, Checkpointer, ModelFiles, RngStates
 from trainer.config.job_config import JobConfig
 from trainer.continual.ewc import ElasticWeightConsolidation, FisherPass
-from trainer.continual.replay import training_data
 from trainer.data.batches import loader_workers
-from trainer.data.samplers import GlobalBatchSampler, ReplayStream
-from trainer.data.source import TrainingBatches
+from trainer.data.mixture import mixture_counts, mixture_sources, training_data
+from trainer.data.samplers import CyclingSource, GlobalBatchSampler
+from trainer.data.source import TrainingBatches, token_counts
 from trainer.distributed.launch import prepare_for_model, sharded_state_name
 from trainer.engine.evaluation import BestMetric
 from trainer.engine.fault_injection import FaultInjection
@@ -79,20 +80,27 @@ def metrics_log(config: JobConfig, accelerator) -> MetricsLog:
 
 
 def training_batches(config: JobConfig, task: Task, accelerator) -> TrainingBatches:
-    """The training samples (then the replay samples, if any) in the global order of every step."""
+    """The training samples (then each other source's: a mixture, replay) in the global order of every step."""
     optimization, size = config.optimization, len(task.train_dataset)
-    replay = None if task.replay_dataset is None else ReplayStream(
-        size, len(task.replay_dataset), config.continual.replay_ratio, optimization.seed)
+    sources = mixture_sources(config)
+    global_batch_size = optimization.global_batch_size(accelerator.num_processes)
+    counts = mixture_counts(sources, global_batch_size)
+    first_indices = itertools.accumulate([size, *(len(other) for other in task.other_sources)])
+    others = [CyclingSource(first, len(other), count, optimization.seed, source)
+              for source, (first, other, count) in enumerate(zip(first_indices, task.other_sources, counts[1:]),
+                                                             start=1)]
     sampler = GlobalBatchSampler(size, optimization.per_device_train_batch_size, accelerator.num_processes,
                                  accelerator.process_index, optimization.gradient_accumulation_steps,
-                                 optimization.seed, lengths=task.train_lengths, replay=replay)
+                                 optimization.seed, lengths=task.train_lengths, others=others)
     require(sampler.steps_per_epoch > 0,
             f"the training set has {size} sequences, fewer than one global batch of {sampler.global_batch_size} "
             f"(per-device batch x processes x accumulation"
-            f"{f' less {sampler.replay_per_step} replayed' if replay else ''}); use more data or a smaller batch")
-    return TrainingBatches(training_data(task.train_dataset, task.replay_dataset, task.columns), task.columns,
-                           task.train_collator, sampler, data_loader_workers(config, accelerator),
-                           pin_memory=accelerator.device.type == "cuda")
+            f"{f' less {global_batch_size - counts[0]} from the other sources' if others else ''}); use more data "
+            f"or a smaller batch")
+    dataset = training_data(task.train_dataset, task.other_sources, task.columns)
+    return TrainingBatches(dataset, task.columns, task.train_collator, sampler,
+                           data_loader_workers(config, accelerator), pin_memory=accelerator.device.type == "cuda",
+                           sources=sources, token_counts=token_counts(dataset))
 
 
 def data_loader_workers(config: JobConfig, accelerator) -> int:

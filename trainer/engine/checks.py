@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from trainer.config.job_config import JobConfig
-from trainer.data.samplers import replay_count
+from trainer.data.mixture import mixture_counts, mixture_sources
 from trainer.distributed.launch import deepspeed_requested
 from trainer.errors import require
 
@@ -18,7 +18,6 @@ def check_sections(config: JobConfig) -> None:
 
 
 def check_with_processes(config: JobConfig, world_size: int) -> None:
-    """Once the processes are known, before any data is prepared: --replay_ratio leaves samples of both kinds in
-    a global batch."""
-    if config.continual.replay_ratio is not None:
-        replay_count(config.continual.replay_ratio, config.optimization.global_batch_size(world_size))
+    """Once the processes are known, before any data is prepared: the --train_files weights and --replay_ratio
+    leave at least one sample of every training source in a global batch."""
+    mixture_counts(mixture_sources(config), config.optimization.global_batch_size(world_size))

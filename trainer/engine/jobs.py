@@ -109,7 +109,7 @@ def run_job(job: JobSpec, config: JobConfig, files: DataFiles, task, accelerator
         if finetune is not None and finetune.merge_adapters:
             export_merged(task.hf_model, task.tokenizer, os.path.join(output_dir, MERGED_DIR))
         model_card = {"task": job.model_card_task, "pipeline_tag": job.pipeline_tag,
-                      "data": config.data.dataset_name or files.train}
+                      "data": config.data.dataset_name or files.train or " ".join(config.data.train_files)}
         finish_job(output_dir, hub, metrics, model_card, job.headline(metrics), job.load_code(config),
                    tensorboard_dir(engine.trackers))
     end_processes()
@@ -178,11 +178,11 @@ def check_creatable(path: str) -> None:
 
 
 def data_files(config: JobConfig, accelerator, job: JobSpec) -> DataFiles:
-    """The files named on the command line or, with neither --train_file nor --dataset_name, the package's generated
-    offline data set (written once per node), plus --replay_file."""
+    """The files named on the command line or, with none of --train_file, --train_files and --dataset_name, the
+    package's generated offline data set (written once per node), plus --replay_file."""
     data, replay = config.data, config.continual.replay_file
-    if data.train_file or data.dataset_name:
-        return DataFiles(data.train_file, data.validation_file, replay)
+    if data.train_file or data.train_files or data.dataset_name:
+        return DataFiles(data.train_file, data.validation_file, replay, tuple(data.train_sources()))
     with main_process_first(accelerator):
         train, validation = job.write_demo_data(cache_dir(job.demo_name))
     logger.info("no data given: using the embedded %s (%s)", job.demo_name, train)

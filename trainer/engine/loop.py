@@ -24,7 +24,7 @@ from trainer.checkpoint.files import Writes
 from trainer.continual.ewc import ElasticWeightConsolidation, FisherPass, save_fisher
 from trainer.data.batches import make_loader
 from trainer.data.samplers import shard_for_evaluation
-from trainer.data.source import TrainingBatches
+from trainer.data.source import TrainingBatches, describe_consumed
 from trainer.distributed.collectives import all_gather_objects, all_reduce_sum, host_sum
 from trainer.distributed.launch import describe_parallelism, describe_threads, parameters_sharded
 from trainer.distributed.parameters import full_state_dict
@@ -102,10 +102,10 @@ class Engine:
 
     def train_to_end(self) -> dict:
         settings, state, window = self.settings, self.state, self.parts.window
-        batches_per_step, *replay = self.data.describe()
+        batches_per_step, *sources = self.data.describe()
         logger.info("training %d optimizer steps with %s: %s; %s", settings.total_steps,
                     describe_parallelism(self.accelerator), batches_per_step, describe_threads())
-        for line in replay:
+        for line in sources:
             logger.info(line)
         self.start_or_resume()
         batches = self.data.micro_batches()
@@ -127,7 +127,8 @@ class Engine:
         runtime = time.perf_counter() - started
         state.metrics.update(self.evaluate(prefix="eval_"))
         state.metrics.update(train_runtime=runtime, train_steps=state.step,
-                             train_tokens_per_second=state.tokens_seen / runtime)
+                             train_tokens_per_second=state.tokens_seen / runtime, **self.data.consumed())
+        logger.info("trained on %s", describe_consumed(self.data.consumed()))
         if self.checkpointer.last_saved_step != state.step:
             self.save_checkpoint(window)
         state.metrics.update(self.checkpointer.restore_best_model())

@@ -27,7 +27,7 @@ class Task:
     main_metric: str = "eval_loss"  # the default --metric_for_best_model
     # Training FLOPs per token at a given sequence length, for MFU (default: every head position computed).
     flops_per_token: Optional[Callable[[float], float]] = None
-    # Per training sample, then per replay sample; given: length-grouped batches.
+    # Per training sample, then per sample of each other source; given: length-grouped batches.
     train_lengths: Optional[list[int]] = None
     # Called on every rank after the backward passes of a step, before clipping and the update (which skips
     # parameters whose .grad is None): e.g. gradual unfreezing masks the gradients of still-frozen layers.
@@ -36,9 +36,9 @@ class Task:
     # Modules whose tensor shapes follow the data (e.g. mlm's last layer on the masked rows): --torch_compile leaves
     # them eager, so that the compiled blocks never see a new shape.
     eager_modules: list = field(default_factory=list)
-    # Experience replay (trainer.continual.replay): an earlier task's data, prepared exactly as `train_dataset` (same
-    # columns), of which --replay_ratio of every global batch is made.
-    replay_dataset: object = None
+    # The training sources after the primary (trainer.data.mixture): --train_files' others, then experience replay's
+    # --replay_file (trainer.continual.replay), each prepared exactly as `train_dataset` (same columns).
+    other_sources: list = field(default_factory=list)
     # On every rank after training, given the engine: the job's own after-steps (e.g. predictions on a test set);
     # a dict it returns joins the final metrics.
     after_training: Optional[Callable[[object], Optional[dict]]] = None
