@@ -298,6 +298,47 @@ def test_mlm_command_line(flags, expected, corpus, tokenizer_dir, tmp_path, env,
     check_outcome(main, [*argv, *flags], out, expected, capsys)
 
 
+TRAIN_FILES_CASES = [  # the sources of --train_files (CORPUS: the test corpus), then whether --train_file stays
+    (["NOWHERE/*.txt"], "matches no file; check the path and the quoting"),
+    (["EMPTY_DIR/"], "the directory holds no data file"),
+    (["CORPUS:0"], "the weight '0' is not a positive number"),
+    (["CORPUS:-1"], "the weight '-1' is not a positive number"),
+    (["CORPUS:abc"], "the weight 'abc' is not a positive number"),
+    (["CORPUS:nan"], "the weight 'nan' is not a positive number"),
+    (["CORPUS:inf"], "the weight 'inf' is not a positive number"),
+    (["CORPUS:1", "VALIDATION:0"], "the weight '0' is not a positive number"),
+    # A global batch of 8: weight 1 of 101 is 0.08 of a sample.
+    (["CORPUS:100", "VALIDATION:1"], "has weight 1 of 101: less than half a sample of a global batch of 8"),
+    (["CORPUS", "BODY"], "--train_files BODY has no column 'text' (its columns: id, body); the --train_files BODY "
+                         "data needs the training data's columns (text)"),
+    (["CORPUS", "CORPUS:2"], "--train_files names CORPUS twice"),
+    (["CORPUS", "TRAIN_FILE"], "give either --train_files or --train_file, not both"),
+]
+
+
+@pytest.mark.parametrize("sources, expected", TRAIN_FILES_CASES, ids=[" ".join(s)[:40] for s, _ in TRAIN_FILES_CASES])
+def test_mlm_train_files(sources, expected, corpus, tokenizer_dir, tmp_path, env, capsys):
+    """--train_files SOURCE ... in place of --train_file (kept where the case names TRAIN_FILE)."""
+    from trainer.mlm import main
+
+    (tmp_path / "empty_dir").mkdir()
+    places = {"CORPUS": corpus["train"], "VALIDATION": corpus["validation"], "NOWHERE": str(tmp_path / "nowhere"),
+              "EMPTY_DIR": str(tmp_path / "empty_dir"),
+              "BODY": make_data_file("jsonl_other_name", tmp_path, corpus_lines(corpus))}
+
+    def resolved(text: str) -> str:
+        for placeholder, path in places.items():
+            text = text.replace(placeholder, path)
+        return text
+
+    out = tmp_path / "out"
+    argv = mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1", "--per_device_train_batch_size", "8",
+                    "--train_files", *(resolved(source) for source in sources if source != "TRAIN_FILE"))
+    if "TRAIN_FILE" not in sources:
+        argv = argv[2:]  # mlm_args' --train_file
+    check_outcome(main, argv, out, resolved(expected), capsys)
+
+
 PATH_CASES = [
     ("--output_dir", "output_dir_is_file", "--output_dir {path} is a file"),
     ("--output_dir", "output_dir_under_file", "is not a directory"),

@@ -121,38 +121,24 @@ def test_training_data_is_the_training_samples_then_the_replay_samples_in_one_sc
 
 
 # ------------------------------------------------------------------------------------------ jobs, in-process
-@pytest.fixture
-def in_process(job_env, monkeypatch):
-    """Run a job's `main` in this process (no interpreter start-up) with the test caches and extra variables."""
-    for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE"):
-        monkeypatch.setenv(key, job_env[key])
-
-    def run(main, argv, **variables):
-        for key in ("TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH", "TRAINER_DEBUG_SAMPLE_LOG"):
-            monkeypatch.delenv(key, raising=False)
-        for key, value in variables.items():
-            monkeypatch.setenv(key, str(value))
-        try:
-            return main(argv)
-        except SystemExit as stop:  # a stop signal: checkpoint saved, exit code 0
-            assert stop.code == 0
-            return None
-
-    return run
-
-
+@pytest.mark.parametrize("spelling", ["replay", "train_files"])
 def test_mlm_with_replay_resumes_bit_exactly_and_every_step_holds_its_replay_share(
-        corpus, tokenizer_dir, in_process, tmp_path):
+        spelling, corpus, tokenizer_dir, in_process, tmp_path):
     """resume_helpers' run (dropout on; 4 x accumulation 2) on 24 sequences with a quarter of every step replayed:
     2 replay + 6 new sequences a step, 4 steps an epoch, 6 steps. Stopped in step 3 and resumed across the epoch
     boundary, it ends bit-identical to the run that never stopped, having trained on the same samples in every
-    step."""
+    step. Spelt as a mixture of two weighted sources (--train_files TRAIN:3 REPLAY:1), replay's second source, the
+    same holds."""
     from resume_helpers import logged_losses, resume_args
     from trainer.mlm import main
 
     def args(out):
-        return resume_args(corpus, tokenizer_dir, out, 1, "--replay_file", corpus["validation"], "--replay_ratio",
+        argv = resume_args(corpus, tokenizer_dir, out, 1, "--replay_file", corpus["validation"], "--replay_ratio",
                            "0.25", "--max_train_samples", "24", "--max_steps", "6", "--peak_tflops", "1")
+        if spelling == "train_files":
+            argv = argv[2:argv.index("--replay_file")] + argv[argv.index("--replay_ratio") + 2:] + [
+                "--train_files", f"{corpus['train']}:3", f"{corpus['validation']}:1"]
+        return argv
 
     expected, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     in_process(main, args(expected), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "expected")
@@ -170,6 +156,11 @@ def test_mlm_with_replay_resumes_bit_exactly_and_every_step_holds_its_replay_sha
     assert samples_per_step(tmp_path / "resumed") == steps and len(steps) == 6 == read_results(expected)["train_steps"]
     assert all(len(ids) == 8 and sum(i >= 24 for i in ids) == 2 for ids in steps.values())
     assert [r["train_epoch"] for r in read_history(expected) if "train_loss" in r] == [0, 1]
+    # What each source gave (blocks of 32 tokens), kept across the resume.
+    samples = {corpus["train"]: 36, corpus["validation"]: 12}
+    for run in (expected, resumed):
+        assert read_results(run)["train_samples_per_source"] == samples
+        assert read_results(run)["train_tokens_per_source"] == {name: 32 * n for name, n in samples.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- bad input

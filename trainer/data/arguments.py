@@ -66,8 +66,9 @@ class CorpusArguments:
                                                  f"one source is --train_files PATH)")
         sources = self.train_sources()
         patterns = [source.pattern for source in sources]
-        repeated = sorted({pattern for pattern in patterns if patterns.count(pattern) > 1})
-        require(not repeated, f"--train_files names {repeated[0]} twice; give each source once, with its weight")
+        for pattern in patterns:
+            require(patterns.count(pattern) == 1, f"--train_files names {pattern} twice; give each source once, "
+                                                  f"with its weight")
         for source in sources:
             source.files("train_files")
 
