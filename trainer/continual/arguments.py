@@ -20,7 +20,8 @@ class ContinualArguments:
         None, "Experience replay: an earlier task's training data (same formats and columns as --train_file; for "
         "classify, labels among the training data's), prepared exactly as the training data and mixed into every "
         "global batch at --replay_ratio. The replay samples follow their own seeded order, cycling over the file, "
-        "the same at any world size; checkpoints keep its position.")
+        "the same at any world size; checkpoints keep its position. Replay is the last source of the training "
+        "mixture (see --train_files).")
     replay_ratio: Optional[float] = arg(
         None, "With --replay_file: the fraction R of every global batch of G sequences (per-device batch x processes "
         "x accumulation) taken from it: round(R x G) replay samples per step, halves up, and the rest new ones (at "

@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 
 from trainer.config.parsing import arg
 from trainer.errors import require
+from trainer.layout import RESULTS_FILE
 
 DATA_FILE_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -20,7 +21,7 @@ class CorpusArguments:
 
     _argument_group_name = "data"
 
-    dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file: "
+    dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file(s): "
                                             "the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
     train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet.")
@@ -32,7 +33,8 @@ class CorpusArguments:
         "after the first (halves up, at least one) and the rest of the first, in the same positions every step, "
         "so the mix is exact at every step and world size. The first source is primary: its passes are the epochs, "
         "and the evaluation data is held out of it unless --validation_file is given. The others cycle, each in a "
-        "fresh seeded order per pass. all_results.json reports the samples and tokens taken from each.", nargs="+")
+        f"fresh seeded order per pass. The log and {RESULTS_FILE} report the samples and (unpadded) tokens taken "
+        f"from each.", nargs="+")
     validation_file: Optional[str] = arg(None, "Evaluation data, same formats. Unset: split off the training data "
                                                "(with --train_files: off its first, primary source).")
     text_column: Optional[str] = arg(None, "Column holding the text (default: 'text', or the only/first string "
@@ -41,7 +43,8 @@ class CorpusArguments:
                                               "validation data is given.")
     preprocessing_num_workers: Optional[int] = arg(None, "Processes for tokenization.")
     overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
-    max_train_samples: Optional[int] = arg(None, "Keep only this many training sequences (debugging).")
+    max_train_samples: Optional[int] = arg(None, "Keep only this many training sequences (debugging; with "
+                                                 "--train_files, of the primary source).")
     max_eval_samples: Optional[int] = arg(None, "Keep only this many evaluation sequences (debugging).")
 
     def __post_init__(self):

@@ -7,6 +7,7 @@ import numpy as np
 from trainer.continual.replay import describe_replay
 from trainer.data.batches import EpochBatches, make_loader
 from trainer.data.mixture import MixtureSource
+from trainer.errors import require
 
 
 class TrainingBatches:
@@ -83,6 +84,9 @@ class TrainingBatches:
                 "samples_per_source": list(self.samples_per_source), "tokens_per_source": list(self.tokens_per_source)}
 
     def load_state_dict(self, saved: dict) -> None:
+        require("samples_per_source" in saved, "the checkpoint's data position predates weighted mixtures (it has "
+                                               "no samples_per_source); resume it with the trainer version that "
+                                               "wrote it, or start a new run")
         self.epoch, self.samples_in_epoch = saved["epoch"], saved["samples_in_epoch"]
         self.samples_per_source = list(saved["samples_per_source"])
         self.tokens_per_source = list(saved["tokens_per_source"])
