@@ -105,7 +105,8 @@ class GlobalBatchSampler:
                 yield batch[start:start + micro].tolist()
 
     def mixed(self, samples: list[torch.Tensor]) -> torch.Tensor:
-        """One global batch of the sources' `samples` (see `mixed_global_batch`)."""
+        """One global batch of the sources' `samples` (see `mixed_global_batch`). A single source's batches are
+        already length-grouped by its epoch order: they are kept as they are."""
         return mixed_global_batch(samples, self.slots, self.lengths if self.others else None)
 
 
