@@ -103,5 +103,5 @@ def token_counts(dataset) -> np.ndarray:
     stores its sequences unpadded (its collator pads batch by batch), so these are the non-pad tokens trained on."""
     import pyarrow.compute as pc
 
-    column = dataset.with_format("arrow")[:]["input_ids"]
+    column = dataset.select_columns(["input_ids"]).with_format("arrow")[:]["input_ids"]
     return pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)

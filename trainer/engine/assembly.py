@@ -85,10 +85,9 @@ def training_batches(config: JobConfig, task: Task, accelerator) -> TrainingBatc
     sources = mixture_sources(config)
     global_batch_size = optimization.global_batch_size(accelerator.num_processes)
     counts = mixture_counts(sources, global_batch_size)
-    first_indices = itertools.accumulate([size, *(len(other) for other in task.other_sources)])
-    others = [CyclingSource(first, len(other), count, optimization.seed, source)
-              for source, (first, other, count) in enumerate(zip(first_indices, task.other_sources, counts[1:]),
-                                                             start=1)]
+    firsts = list(itertools.accumulate([size, *(len(other) for other in task.other_sources)]))  # in the data
+    others = [CyclingSource(firsts[index], len(other), counts[index + 1], optimization.seed, source=index + 1)
+              for index, other in enumerate(task.other_sources)]
     sampler = GlobalBatchSampler(size, optimization.per_device_train_batch_size, accelerator.num_processes,
                                  accelerator.process_index, optimization.gradient_accumulation_steps,
                                  optimization.seed, lengths=task.train_lengths, others=others)
