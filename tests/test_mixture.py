@@ -2,12 +2,10 @@
 step, the same samples at any world size and accumulation, deterministic per seed, a resumable position with the
 per-source figures, the jobs preparing every source as their training data, and 2 processes training as 1."""
 import json
-import os
 
 import datasets
 import numpy as np
 import pytest
-import torch
 
 from classify_helpers import classify_args, sentiment  # noqa: F401 (fixture)
 from clm_helpers import bpe_tokenizer_dir, clm_args  # noqa: F401 (fixture)
