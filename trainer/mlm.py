@@ -110,11 +110,12 @@ class Masker:
     whole_word: bool = False
 
     def __call__(self, input_ids: np.ndarray, special: np.ndarray, sample_ids, epoch: int, stream: int,
-                 word_start: Optional[np.ndarray] = None):
-        """Return (masked input ids, labels with IGNORE where not masked)."""
+                 word_start: Optional[np.ndarray] = None, lengths=None):
+        """Return (masked input ids, labels with IGNORE where not masked). `lengths`: each row's length before
+        padding (default: the batch width)."""
         length = input_ids.shape[1]
-        draws = np.stack([np.random.default_rng([self.seed, stream, epoch, int(sid)]).random((3, length))
-                          for sid in sample_ids])
+        lengths = [length] * len(input_ids) if lengths is None else lengths
+        draws = self.draws(sample_ids, epoch, stream, lengths, length)
         chosen, replacement, random_token = draws[:, 0], draws[:, 1], draws[:, 2]
         if self.whole_word:
             # Each token uses the draw of the word it belongs to (its nearest word start at or before it).
@@ -127,6 +128,16 @@ class Masker:
         use_random = masked & (replacement >= 0.8) & (replacement < 0.9)
         inputs = np.where(use_random, (random_token * self.vocab_size).astype(np.int64), inputs)
         return inputs.astype(np.int64), labels.astype(np.int64)
+
+    def draws(self, sample_ids, epoch: int, stream: int, lengths, width: int) -> np.ndarray:
+        """(samples, 3, width) uniform draws, each row from its sample's stream over the sample's own length, so
+        that a line-by-line sample draws the same whatever the longest row of the batch it is padded in; padding
+        draws 1.0 (never masked)."""
+        draws = np.ones((len(lengths), 3, width))
+        for row, (sample_id, length) in enumerate(zip(sample_ids, lengths)):
+            draws[row, :, :length] = np.random.default_rng([self.seed, stream, epoch, int(sample_id)]).random(
+                (3, length))
+        return draws
 
 
 def model_inputs(inputs: np.ndarray, labels: np.ndarray, sample_ids, pad_token_id: int, padded: bool) -> dict:
@@ -149,7 +160,7 @@ class TrainCollator:
         special = pad_rows(batch["special_tokens_mask"], 1)
         word_start = pad_rows(batch["word_start"], 0) if "word_start" in batch else None
         inputs, labels = self.masker(input_ids, special, batch["sample_id"], batch["epoch"], TRAIN_STREAM,
-                                     word_start)
+                                     word_start, lengths=[len(row) for row in batch["input_ids"]])
         return model_inputs(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
 
 
@@ -171,8 +182,8 @@ def mask_evaluation_set(dataset, masker: Masker, pad_token_id: int):
         ids = pad_rows(batch["input_ids"], pad_token_id)
         special = pad_rows(batch["special_tokens_mask"], 1)
         word_start = pad_rows(batch["word_start"], 0) if "word_start" in batch else None
-        inputs, labels = masker(ids, special, indices, 0, EVAL_STREAM, word_start)
         lengths = [len(row) for row in batch["input_ids"]]
+        inputs, labels = masker(ids, special, indices, 0, EVAL_STREAM, word_start, lengths)
         return {"input_ids": [row[:n] for row, n in zip(inputs, lengths)],
                 "labels": [row[:n] for row, n in zip(labels, lengths)]}
 
