@@ -68,15 +68,15 @@ def test_masks_depend_on_sample_and_epoch_only_not_on_batch_composition():
 
 
 def test_a_line_by_line_sample_is_masked_the_same_whatever_the_batch_width_it_is_padded_to():
-    collate = TrainCollator(Masker(0.3, VOCAB, MASK_ID, seed=1), pad_token_id=0, padded=True)
-    short = list(range(10, 30))
+    collate = TrainCollator(Masker(0.5, VOCAB, MASK_ID, seed=1), pad_token_id=0, padded=True)
+    short = list(range(10, 74))
 
     def masked_row(rows):
         batch = {"input_ids": rows, "special_tokens_mask": [[0] * len(row) for row in rows],
                  "sample_id": np.arange(len(rows)), "epoch": 0}
         return collate(batch)["input_ids"][0, :len(short)]
 
-    alone, beside_a_long_row = masked_row([short]), masked_row([short, list(range(10, 110))])
+    alone, beside_a_long_row = masked_row([short]), masked_row([short, list(range(10, 210))])
     assert (alone != torch.as_tensor(short)).any()  # some position masked
     assert torch.equal(alone, beside_a_long_row)
 
