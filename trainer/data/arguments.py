@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from trainer.config.parsing import arg
+from trainer.data.prepared import is_prepared_directory
 from trainer.errors import require
 
 DATA_FILE_EXTENSIONS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -23,7 +24,8 @@ class CorpusArguments:
     dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file: "
                                             "the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
-    train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet.")
+    train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet, or a directory "
+                                          "written by python -m trainer.prepare (tokenized once, opened at once).")
     validation_file: Optional[str] = arg(None, "Evaluation data, same formats. Unset: split off the training data.")
     text_column: Optional[str] = arg(None, "Column holding the text (default: 'text', or the only/first string "
                                            "column).")
@@ -38,7 +40,8 @@ class CorpusArguments:
         require(not (self.dataset_name and self.train_file), "give either --dataset_name or --train_file, not both")
         for flag in ("train_file", "validation_file"):
             path = getattr(self, flag)
-            if path is not None:
+            # A prepared directory (python -m trainer.prepare) is checked by its manifest when the job opens it.
+            if path is not None and not (flag == "train_file" and is_prepared_directory(path)):
                 check_data_file(path, flag)
         require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
         for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):

@@ -264,6 +264,16 @@ def parameters_sharded(accelerator) -> bool:
     return zero3 or uses_fsdp(accelerator)
 
 
+def start_host_processes(timeout: datetime.timedelta):
+    """accelerate's PartialState for work on the host alone (trainer.prepare): under a launcher, the processes joined
+    in a gloo group (a fresh store prefix per torchrun restart, see the module's docstring)."""
+    from accelerate import PartialState
+
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_process_group_per_restart("gloo", timeout)
+    return PartialState(cpu=True, timeout=timeout)
+
+
 def init_process_group_per_restart(backend: str, timeout: datetime.timedelta) -> None:
     if dist.is_initialized():
         return
