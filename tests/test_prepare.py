@@ -38,8 +38,9 @@ def test_mlm_trains_from_the_prepared_directory_as_from_the_text(prepared_mlm, c
                                                                   env):  # noqa: F811
     from trainer.mlm import main
 
-    main(mlm_args(corpus, tokenizer_dir, tmp_path / "raw", *STEPS))
-    main(from_prepared(mlm_args(corpus, tokenizer_dir, tmp_path / "prepared", *STEPS), prepared_mlm))
+    replay = ("--replay_file", corpus["validation"], "--replay_ratio", "0.25")  # text beside the prepared data
+    main(mlm_args(corpus, tokenizer_dir, tmp_path / "raw", *STEPS, *replay))
+    main(from_prepared(mlm_args(corpus, tokenizer_dir, tmp_path / "prepared", *STEPS, *replay), prepared_mlm))
     assert_same_training(tmp_path / "raw", tmp_path / "prepared")
     train = PreparedData.open(prepared_mlm).split("train")
     assert train.cache_files and all(f["filename"].startswith(prepared_mlm) for f in train.cache_files)  # mmapped
@@ -58,6 +59,7 @@ def test_clm_trains_from_the_prepared_directory_with_its_tokenizer_and_block_siz
     assert_same_training(tmp_path / "raw", tmp_path / "prepared")
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_exactly_what_one_does(prepared_mlm, corpus, tokenizer_dir, job_env,
                                                      tmp_path):  # noqa: F811
     """Each process tokenizes half the lines and cuts its run of whole 1000-row batches: the same blocks, in two

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainer.data.arguments import DataFiles
-from trainer.data.loading import group_into_blocks, load_replay_file, load_text_splits, check_text_column
+from trainer.data.loading import check_text_column, group_into_blocks, load_replay_file, load_text_splits
 from trainer.data.prepared import PreparedData, is_prepared_directory
 from trainer.errors import require
 from trainer.models.loading import check_sequence_length, load_tokenizer
@@ -93,15 +93,20 @@ def prepared_job_data(config, files: DataFiles, tokenization: Tokenization, buil
     check_sequence_length(length, model.config, tokenization.length_flag)
     prepared.check_token_options(tokenization.token_options(config))
     splits = {split: prepared.split(split) for split in ("train", "validation")}
-    if files.replay:  # a replay file is text: made into sequences exactly as the prepared ones were
-        text_column = prepared.manifest["text_column"]
-        replay = load_replay_file(files.replay, [text_column], tokenization.keep_linebreaks(config))
-        check_text_column(replay, text_column, f"--replay_file {files.replay}")
-        import datasets
-
-        raw = datasets.DatasetDict({"replay": replay.select_columns([text_column])})
-        splits["replay"] = tokenization.sequences(config, raw, text_column, tokenizer, length)["replay"]
+    if files.replay:
+        splits["replay"] = replay_sequences(config, files.replay, tokenization, prepared, tokenizer, length)
     return JobData(tokenizer, model, length, splits)
+
+
+def replay_sequences(config, path: str, tokenization: Tokenization, prepared: PreparedData, tokenizer, length: int):
+    """A --replay_file beside prepared training data is text: made into sequences as the prepared ones were."""
+    import datasets
+
+    text_column = prepared.manifest["text_column"]
+    replay = load_replay_file(path, [text_column], tokenization.keep_linebreaks(config))
+    check_text_column(replay, text_column, f"--replay_file {path}")
+    raw = datasets.DatasetDict({"replay": replay.select_columns([text_column])})
+    return tokenization.sequences(config, raw, text_column, tokenizer, length)["replay"]
 
 
 def prepared_tokenizer(model_args, prepared: PreparedData):
