@@ -95,7 +95,7 @@ class ClmTokenization(Tokenization):
     new_tokenizer = staticmethod(train_byte_level_bpe_tokenizer)
     model_preset = staticmethod(tiny_gpt2_config)
 
-    def tokenize(self, config, raw, text_column: str, tokenizer, length: int):
+    def tokenize(self, config, raw, text_column: str, tokenizer):
         return tokenize_documents(raw, text_column, tokenizer, config.data)
 
     def sequence_length(self, config, model_config, prepared_length: int | None = None) -> int:
@@ -326,8 +326,8 @@ def causal_lm(model_args, tokenizer):
 
     new_model_ids = {} if model_args.model_name_or_path else {
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    return load_model(model_args, AutoModelForCausalLM, tokenizer, preset=tiny_gpt2_config, decoder=True,
-                      **new_model_ids)
+    return load_model(model_args, AutoModelForCausalLM, tokenizer, preset=CLM_TOKENIZATION.model_preset,
+                      decoder=True, **new_model_ids)
 
 
 def headline(metrics: dict) -> str:

@@ -93,7 +93,7 @@ class MLMTokenization(Tokenization):
 
     job = "mlm"
 
-    def tokenize(self, config, raw, text_column: str, tokenizer, length: int):
+    def tokenize(self, config, raw, text_column: str, tokenizer):
         return tokenize_texts(raw, text_column, tokenizer, config.data, config.mlm)
 
     def concatenates(self, config) -> bool:

@@ -164,7 +164,7 @@ def write_shards(config, tokenization, raw, text_column: str, tokenizer, length:
     import datasets
 
     part = datasets.DatasetDict({split: raw[split].shard(world, rank, contiguous=True) for split in SPLITS})
-    rows = tokenization.tokenize(config, part, text_column, tokenizer, length)
+    rows = tokenization.tokenize(config, part, text_column, tokenizer)
     if not tokenization.concatenates(config):
         return {split: save_shard(rows[split], scratch, split, rank) for split in SPLITS}
     with all_ranks_together(rank):  # every process's token rows written before any is cut into blocks

@@ -25,7 +25,7 @@ class Tokenization:
     new_tokenizer = None  # trains a tokenizer when none is named (`load_tokenizer`'s train_new; None: WordPiece)
     model_preset = None  # the job's model preset from scratch (`load_model`'s preset; None: tiny BERT)
 
-    def tokenize(self, config, raw, text_column: str, tokenizer, length: int):
+    def tokenize(self, config, raw, text_column: str, tokenizer):
         """A DatasetDict of text rows -> the same splits as token rows (one per non-empty text)."""
         raise NotImplementedError
 
@@ -50,7 +50,7 @@ class Tokenization:
 
     def sequences(self, config, raw, text_column: str, tokenizer, length: int):
         """Raw splits -> the tokenized (and chunked) splits the job trains on."""
-        tokenized = self.tokenize(config, raw, text_column, tokenizer, length)
+        tokenized = self.tokenize(config, raw, text_column, tokenizer)
         return group_into_blocks(tokenized, length, config.data) if self.concatenates(config) else tokenized
 
 
