@@ -43,7 +43,7 @@ def blocks(directory: str, opts):
 
     from trainer.data.arguments import DataFiles
     from trainer.data.loading import load_raw_splits
-    from trainer.mlm import MLMArguments, tokenize_and_chunk
+    from trainer.mlm import MLM_TOKENIZATION, MLMArguments
 
     corpus = os.path.join(directory, "corpus")
     files = DataFiles(os.path.join(corpus, "train.txt"), os.path.join(corpus, "validation.txt"))
@@ -51,7 +51,8 @@ def blocks(directory: str, opts):
                                 preprocessing_num_workers=None, overwrite_cache=False, validation_split_percentage=5)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(directory, "model"))
     raw = load_raw_splits(data_args, files)
-    return tokenizer, tokenize_and_chunk(raw, "text", tokenizer, data_args, MLMArguments())
+    config = SimpleNamespace(data=data_args, mlm=MLMArguments())
+    return tokenizer, MLM_TOKENIZATION.sequences(config, raw, "text", tokenizer, opts.seq_len)
 
 
 def run_transformers_trainer(directory: str, opts) -> dict:

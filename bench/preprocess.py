@@ -1,7 +1,7 @@
 """Benchmark: tokenize + chunk a generated corpus the way trainer.mlm does, against the usual alternatives.
 
 Tokenization is shared; the chunking ("group texts") step is timed three ways on the same tokenized data:
-  ours       one numpy concatenation + reshape per map batch (trainer.mlm.tokenize_and_chunk)
+  ours       one numpy concatenation + reshape per map batch (trainer.mlm's MLM_TOKENIZATION.sequences)
   chain      the transformers run_mlm.py example: list(itertools.chain(*lists)) per column
   naive      sum(lists, []) per column: quadratic in the batch size (timed on a slice; it would take far longer)
 Each corpus size runs in a fresh process so its peak resident memory is its own; it stays flat as the corpus
@@ -57,7 +57,7 @@ def run_size(megabytes: int, workers: int, directory: str) -> dict:
 
     from trainer.data.demo import train_wordpiece_tokenizer
     from trainer.data.loading import chunk_into_blocks
-    from trainer.mlm import MLMArguments, tokenize_and_chunk
+    from trainer.mlm import MLM_TOKENIZATION, MLMArguments
 
     datasets.disable_progress_bars()
     corpus = os.path.join(directory, f"corpus-{megabytes}.txt")
@@ -72,7 +72,8 @@ def run_size(megabytes: int, workers: int, directory: str) -> dict:
 
     data_args = SimpleNamespace(max_seq_length=BLOCK, preprocessing_num_workers=workers, overwrite_cache=True)
     started = time.perf_counter()
-    ours = tokenize_and_chunk(raw, "text", tokenizer, data_args, MLMArguments())["train"]
+    config = SimpleNamespace(data=data_args, mlm=MLMArguments())
+    ours = MLM_TOKENIZATION.sequences(config, raw, "text", tokenizer, BLOCK)["train"]
     ours_seconds = time.perf_counter() - started
 
     tokenized = raw["train"].map(lambda b: tokenizer(b["text"], return_special_tokens_mask=True), batched=True,

@@ -22,6 +22,7 @@ import pytest
 from classify_helpers import classify_args, sentiment  # noqa: F401
 from clm_helpers import TINY_GPT2_FLAGS, bpe_tokenizer_dir, clm_args, gpt2_checkpoint  # noqa: F401
 from conftest import REPO_ROOT, TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
+from prepare_helpers import prepare_args, prepared_mlm  # noqa: F401
 from trainer.config.parsing import arg
 
 KB = 1024
@@ -634,6 +635,100 @@ def test_clm_inputs(case, corpus, bpe_tokenizer_dir, gpt2_checkpoint, tmp_path, 
     if extra[0].endswith(".yaml"):  # a config file comes first
         argv, extra = [extra[0], *argv], []
     check_outcome(main, [*argv, *extra], out, expected, capsys, snapshot(out))
+
+
+# --------------------------------------------------------------------------------- prepared data (trainer.prepare)
+def damaged_copy(prepared_mlm, directory, case: str) -> str:  # noqa: F811
+    """A copy of the prepared directory, damaged as `case` says."""
+    import shutil
+
+    from trainer.layout import PREPARED_MANIFEST_FILE, prepared_shard_dir
+
+    copy = directory / "prepared"
+    shutil.copytree(prepared_mlm, copy)
+    manifest, shard = copy / PREPARED_MANIFEST_FILE, copy / prepared_shard_dir("train", 0)
+    if case == "manifest_truncated":
+        manifest.write_bytes(manifest.read_bytes()[:40])
+    elif case == "manifest_incomplete":
+        manifest.write_text(json.dumps({"format": 1, "job": "mlm"}))
+    elif case == "shard_missing":
+        shutil.rmtree(shard)
+    elif case == "shard_damaged":
+        for arrow in shard.glob("*.arrow"):
+            arrow.write_bytes(b"not arrow at all" * 64)
+    elif case == "shard_count":
+        content = json.loads(manifest.read_text())
+        content["splits"]["train"]["shards"][0]["sequences"] += 1
+        manifest.write_text(json.dumps(content))
+    return str(copy)
+
+
+PREPARED_CASES = [
+    ("tokenizer_mismatch", "is not the tokenizer"),
+    ("length_mismatch", "--max_seq_length 64 does not match"),
+    ("option_mismatch", "--whole_word_masking True does not match"),
+    ("other_job", "was prepared for trainer.mlm, not trainer.clm"),
+    ("validation_file_too", "drop --validation_file"),
+    ("manifest_truncated", "cannot be read"),
+    ("manifest_incomplete", "is incomplete"),
+    ("shard_missing", "shard train/shard-00000 named in its manifest is missing"),
+    ("shard_damaged", "shard train/shard-00000 cannot be read"),
+    ("shard_count", "its manifest says"),
+]
+
+
+@pytest.mark.parametrize("case, expected", PREPARED_CASES, ids=[case for case, _ in PREPARED_CASES])
+def test_job_from_prepared_data(case, expected, prepared_mlm, corpus, tokenizer_dir, bpe_tokenizer_dir, tmp_path,
+                                env, capsys):  # noqa: F811
+    from trainer.clm import main as clm
+    from trainer.mlm import main as mlm
+
+    out = tmp_path / "out"
+    main, argv = mlm, mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1")
+    if case == "other_job":
+        main, argv = clm, clm_args(corpus, bpe_tokenizer_dir, out, "--max_steps", "1")
+    data = damaged_copy(prepared_mlm, tmp_path, case) if case.startswith(("manifest", "shard")) else prepared_mlm
+    argv[argv.index("--train_file") + 1] = data
+    if case != "validation_file_too":
+        del argv[argv.index("--validation_file"):argv.index("--validation_file") + 2]
+    changes = {"tokenizer_mismatch": ["--tokenizer_name", bpe_tokenizer_dir], "length_mismatch": ["--max_seq_length",
+               "64"], "option_mismatch": ["--whole_word_masking"]}.get(case, [])
+    for flag in set(changes) & set(argv):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    check_outcome(main, [*argv, *changes], out, expected, capsys)
+
+
+PREPARE_CASES = [
+    ("no_job", "--job is required"),
+    ("unknown_job", "--job: invalid choice: 'classify'"),
+    ("no_data", "name the text to prepare with --train_file or --dataset_name"),
+    ("output_dir_not_empty", "is not empty; pass --overwrite_output_dir"),
+    ("max_train_samples", "--max_train_samples applies when training"),
+    ("already_prepared", "is already prepared"),
+    ("text_too_short", "too short for one sequence of 32 tokens"),
+    ("mlm_flag_for_clm", "unknown option --max_seq_length"),
+]
+
+
+@pytest.mark.parametrize("case, expected", PREPARE_CASES, ids=[case for case, _ in PREPARE_CASES])
+def test_prepare_inputs(case, expected, prepared_mlm, corpus, tokenizer_dir, tmp_path, env, capsys):  # noqa: F811
+    from trainer.layout import TEMPORARY_SUFFIX
+    from trainer.prepare import main
+
+    out = tmp_path / "prepared"
+    argv = prepare_args(corpus, tokenizer_dir, out)
+    if case == "output_dir_not_empty":
+        out.mkdir()
+        (out / "notes.txt").write_text("precious")
+    edits = {"no_job": lambda: argv[2:], "unknown_job": lambda: ["--job", "classify", *argv[2:]],
+             "no_data": lambda: [a for a in argv if a not in ("--train_file", corpus["train"])],
+             "max_train_samples": lambda: [*argv, "--max_train_samples", "10"],
+             "already_prepared": lambda: [a if a != corpus["train"] else prepared_mlm for a in argv],
+             "text_too_short": lambda: [a if a not in corpus.values() else
+                                        write_bytes(tmp_path / "short.txt", b"a film .\n" * 3) for a in argv],
+             "mlm_flag_for_clm": lambda: ["--job", "clm", *argv[2:]]}
+    check_outcome(main, edits.get(case, lambda: argv)(), out, expected, capsys, snapshot(out))
+    assert not os.path.exists(f"{out}{TEMPORARY_SUFFIX}")
 
 
 # ----------------------------------------------------------------------------------------- real processes

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from trainer.data.samplers import GlobalBatchSampler, shard_for_evaluation
-from trainer.mlm import EvalCollator, MLMArguments, Masker, TrainCollator, mask_evaluation_set, tokenize_and_chunk
+from trainer.mlm import MLM_TOKENIZATION, EvalCollator, MLMArguments, Masker, TrainCollator, mask_evaluation_set
 from trainer.models.sparse_mlm import IGNORE
 
 MASK_ID, VOCAB = 4, 1000
@@ -18,7 +18,8 @@ def chunked(tokenizer_dir, texts, length, **mlm):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     raw = datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": texts}) for split in ("train", "validation")})
     data_args = SimpleNamespace(max_seq_length=length, preprocessing_num_workers=None, overwrite_cache=True)
-    return tokenizer, tokenize_and_chunk(raw, "text", tokenizer, data_args, MLMArguments(**mlm))["train"]
+    config = SimpleNamespace(data=data_args, mlm=MLMArguments(**mlm))
+    return tokenizer, MLM_TOKENIZATION.sequences(config, raw, "text", tokenizer, length)["train"]
 
 
 def test_chunking_concatenates_in_order_and_drops_only_the_remainder(tokenizer_dir):

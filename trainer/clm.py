@@ -22,15 +22,15 @@ from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
 from trainer.data.arguments import CorpusArguments, DataFiles
 from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
-from trainer.data.loading import (first_samples, group_into_blocks, load_text_splits, other_source_splits,
-                                  pad_rows)
+from trainer.data.loading import first_samples, other_source_splits, pad_rows
+from trainer.data.tokenization import Tokenization, job_data
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import Task, perplexity_metrics
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.finetune.strategies import FinetuneArguments, apply_strategy
 from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
-from trainer.models.loading import check_sequence_length, load_model, load_tokenizer, max_positions
+from trainer.models.loading import load_model, max_positions
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clm_demo.yaml")
 RUN_CLM_MAX_BLOCK = 1024  # run_clm.py's cap on the default block size
@@ -80,8 +80,40 @@ def tokenize_documents(raw_splits, text_column: str, tokenizer, data_args):
         return {"input_ids": encoded}
 
     return raw_splits.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
-                          remove_columns=raw_splits["train"].column_names, desc="tokenize",
+                          remove_columns=[text_column], desc="tokenize",
                           load_from_cache_file=not data_args.overwrite_cache)
+
+
+class ClmTokenization(Tokenization):
+    """Text -> causal-LM blocks: documents tokenized (EOS-terminated), concatenated and cut into --block_size
+    blocks (see trainer.data.tokenization). Both --packing modes train on the same blocks (documents only restarts
+    attention and positions in the collator), so packing is not a token option."""
+
+    job = "clm"
+    length_flag = "--block_size"
+    new_tokenizer = staticmethod(train_byte_level_bpe_tokenizer)
+    model_preset = staticmethod(tiny_gpt2_config)
+
+    def tokenize(self, config, raw, text_column: str, tokenizer):
+        return tokenize_documents(raw, text_column, tokenizer, config.data)
+
+    def sequence_length(self, config, model_config, prepared_length: int | None = None) -> int:
+        default = min(RUN_CLM_MAX_BLOCK, max_positions(model_config) or RUN_CLM_MAX_BLOCK)
+        return config.clm.block_size or prepared_length or default
+
+    def token_options(self, config) -> dict:
+        return {"keep_linebreaks": config.clm.keep_linebreaks}
+
+    def keep_linebreaks(self, config) -> bool:
+        return config.clm.keep_linebreaks
+
+    def check_tokenizer(self, config, tokenizer) -> None:
+        require(config.clm.packing != "documents" or tokenizer.eos_token_id is not None,
+                "--packing documents separates documents by the EOS token, and this tokenizer has none; use "
+                "--packing stream or a tokenizer with an EOS token")
+
+
+CLM_TOKENIZATION = ClmTokenization()
 
 
 def document_positions(input_ids: np.ndarray, eos_token_id: int) -> np.ndarray:
@@ -256,28 +288,16 @@ def generation_probes(tokenizer, prompts: list[str], new_tokens: int):
 
 # ------------------------------------------------------------------------------------------------------ main
 def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
-    from transformers import AutoModelForCausalLM
-
     model_args, data_args, ft_args, clm_args = config.model, config.data, config.finetune, config.clm
 
     ft_args.check_model(model_args, "gpt2 or the output of an earlier trainer.clm run")
     with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
-        raw, text_column = load_text_splits(data_args, files, keep_linebreaks=clm_args.keep_linebreaks)
-        tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column], train_byte_level_bpe_tokenizer)
         packed = clm_args.packing == "documents"
-        require(not packed or tokenizer.eos_token_id is not None,
-                "--packing documents separates documents by the EOS token, and this tokenizer has none; use "
-                "--packing stream or a tokenizer with an EOS token")
         require(not (packed and ft_args.finetune_strategy in ("prefix", "prompt")),
                 f"--packing documents restarts position ids inside blocks, which peft's "
                 f"{ft_args.finetune_strategy} tuning does not pass to the model; use --packing stream")
-        new_model_ids = {} if model_args.model_name_or_path else {
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        model = load_model(model_args, AutoModelForCausalLM, tokenizer, preset=tiny_gpt2_config, decoder=True,
-                           **new_model_ids)
-        block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model.config) or RUN_CLM_MAX_BLOCK)
-        check_sequence_length(block_size, model.config, "--block_size")
-        blocks = group_into_blocks(tokenize_documents(raw, text_column, tokenizer, data_args), block_size, data_args)
+        data = job_data(config, files, CLM_TOKENIZATION, lambda tokenizer: causal_lm(model_args, tokenizer))
+        tokenizer, model, blocks, block_size = data.tokenizer, data.model, data.splits, data.length
         train_set, eval_set = first_samples(blocks["train"], blocks["validation"], data_args)
         require(len(train_set) > 0, f"the training text is too short for one block of {block_size} tokens; use "
                                     f"more text or a smaller --block_size")
@@ -299,6 +319,16 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     )
 
 
+def causal_lm(model_args, tokenizer):
+    """The model: a checkpoint's, or a new one (the tiny GPT-2 preset by default) with the tokenizer's BOS/EOS."""
+    from transformers import AutoModelForCausalLM
+
+    new_model_ids = {} if model_args.model_name_or_path else {
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return load_model(model_args, AutoModelForCausalLM, tokenizer, preset=CLM_TOKENIZATION.model_preset,
+                      decoder=True, **new_model_ids)
+
+
 def headline(metrics: dict) -> str:
     return f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}"
 
@@ -306,7 +336,8 @@ def headline(metrics: dict) -> str:
 CLM_JOB = JobSpec(
     sections={"data": CorpusArguments, "finetune": FinetuneArguments, "clm": ClmArguments}, build_task=build_task,
     demo_config=DEMO_CONFIG, write_demo_data=write_mlm_corpus, demo_name="movie-review corpus",
-    model_card_task="causal language modelling", pipeline_tag="text-generation", headline=headline)
+    model_card_task="causal language modelling", pipeline_tag="text-generation", headline=headline,
+    tokenization=CLM_TOKENIZATION)
 
 
 @exits_cleanly_on_usage_error

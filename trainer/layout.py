@@ -19,6 +19,14 @@
             deepspeed/ or fsdp/                  sharded model + optimizer state (instead of optimizer.pt)
             checkpoint_complete                  written last
 
+A prepared data directory (`python -m trainer.prepare --output_dir DIR`, see trainer/data/prepared.py):
+
+    DIR/                                     (DIR.tmp/ while it is written; DIR.replaced/ as it replaces one)
+        prepared_data.json                   the manifest, written last
+        tokenizer files                      save_pretrained of the tokenizer
+        train/shard-<i>/, validation/shard-<i>/    datasets save_to_disk of each process's shard
+        .tokenized/                          while it is written: each process's token rows, before chunking
+
 `python -m trainer.layout` prints the names as shell assignments (TRAINER_LAYOUT_<NAME>=value), which
 slurm/common.sh evaluates.
 """
@@ -53,6 +61,16 @@ SCALER_FILE = "scaler.pt"
 TORCH_STATE_FILES = "*.pt"  # the files above and rank-<r>.pt: resumption state, never pushed to the Hub
 DEEPSPEED_STATE_DIR = "deepspeed"
 FSDP_STATE_DIR = "fsdp"
+
+
+# ------------------------------------------------------------------------------ prepared data (trainer.prepare)
+PREPARED_MANIFEST_FILE = "prepared_data.json"
+PREPARED_ROWS_DIR = ".tokenized"  # removed before the directory gets its final name
+REPLACED_SUFFIX = ".replaced"  # DIR.replaced: the data --overwrite_output_dir replaces, removed once DIR is new
+
+
+def prepared_shard_dir(split: str, index: int) -> str:
+    return f"{split}/shard-{index:05d}"
 
 
 def checkpoint_name(step: int) -> str:

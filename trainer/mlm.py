@@ -22,14 +22,14 @@ from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
 from trainer.data.arguments import DataArguments, DataFiles
 from trainer.data.demo import write_mlm_corpus
-from trainer.data.loading import (first_samples, group_into_blocks, load_text_splits, other_source_splits,
-                                  pad_rows)
+from trainer.data.loading import first_samples, other_source_splits, pad_rows
+from trainer.data.tokenization import Tokenization, job_data
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import Task, perplexity_metrics
 from trainer.engine.throughput import training_flops_per_token
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.models.loading import check_sequence_length, load_model, load_tokenizer
+from trainer.models.loading import load_model
 from trainer.models.sparse_mlm import (IGNORE, MaskedRows, SPARSE_HEAD_TYPES, can_sparsify_last_layer,
                                        install_sparse_last_layer, last_encoder_layer, last_layer_row_parameters,
                                        masked_row_tensors, prediction_head)
@@ -37,6 +37,7 @@ from trainer.tracking.console import logger
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "mlm_demo.yaml")
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # keep training and evaluation masks from sharing random draws
+UNIGRAM_SEQUENCES = 1 << 17  # training sequences the unigram baseline counts: 16M tokens of 128
 
 
 @dataclass
@@ -60,8 +61,9 @@ class MLMArguments:
 
 
 # ------------------------------------------------------------------------------------------ data preparation
-def tokenize_and_chunk(raw_splits, text_column: str, tokenizer, data_args, mlm_args):
-    """Tokenize every split; concatenate-and-chunk into max_seq_length blocks unless --line_by_line."""
+def tokenize_texts(raw_splits, text_column: str, tokenizer, data_args, mlm_args):
+    """Every non-empty text of every split as token ids and special-token marks (and word starts for whole-word
+    masking); truncated to max_seq_length with --line_by_line, where each line stays one sequence."""
     import datasets
 
     keep_word_starts = mlm_args.whole_word_masking
@@ -77,14 +79,33 @@ def tokenize_and_chunk(raw_splits, text_column: str, tokenizer, data_args, mlm_a
             columns["word_start"] = [word_starts(encoded.word_ids(i)) for i in range(len(texts))]
         return columns
 
-    processed = datasets.DatasetDict({
+    return datasets.DatasetDict({
         split: dataset.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
                            remove_columns=dataset.column_names, desc="tokenize",
                            load_from_cache_file=not data_args.overwrite_cache)
         for split, dataset in raw_splits.items()})
-    if not mlm_args.line_by_line:
-        processed = group_into_blocks(processed, data_args.max_seq_length, data_args)
-    return processed
+
+
+class MLMTokenization(Tokenization):
+    """Text -> masked-LM sequences: tokenized, then concatenated and cut into max_seq_length blocks unless
+    --line_by_line (see trainer.data.tokenization)."""
+
+    job = "mlm"
+
+    def tokenize(self, config, raw, text_column: str, tokenizer):
+        return tokenize_texts(raw, text_column, tokenizer, config.data, config.mlm)
+
+    def concatenates(self, config) -> bool:
+        return not config.mlm.line_by_line
+
+    def token_options(self, config) -> dict:
+        return {"line_by_line": config.mlm.line_by_line, "whole_word_masking": config.mlm.whole_word_masking}
+
+    def check_tokenizer(self, config, tokenizer) -> None:
+        require(tokenizer.mask_token is not None, "the tokenizer has no mask token; pick a masked-LM tokenizer")
+
+
+MLM_TOKENIZATION = MLMTokenization()
 
 
 def word_starts(word_ids: list) -> list[int]:
@@ -228,7 +249,10 @@ def unigram_perplexity(train_set, eval_set, vocab_size: int) -> float:
     P(token) = (count of the token among the training set's non-special tokens + 1) / (their total + vocab_size),
     so every token of the vocabulary has a probability; scored, like `perplexity_metrics`, as exp(mean NLL) over
     the masked positions of the evaluation set (their labels). Columns are read as flat Arrow arrays: one pass.
+    The counts come from the first UNIGRAM_SEQUENCES training sequences (all of a small set), so that start-up
+    does not read a whole large (e.g. prepared, memory-mapped) corpus for a baseline.
     """
+    train_set = train_set.select(range(min(len(train_set), UNIGRAM_SEQUENCES)))
     tokens = flat_column(train_set, "input_ids")[flat_column(train_set, "special_tokens_mask") == 0]
     counts = np.bincount(tokens, minlength=vocab_size).astype(np.float64) + 1.0
     labels = flat_column(eval_set, "labels")
@@ -275,12 +299,9 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     model_args, data_args, mlm_args = config.model, config.data, config.mlm
 
     with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
-        raw, text_column = load_text_splits(data_args, files)
-        tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column])
-        require(tokenizer.mask_token is not None, "the tokenizer has no mask token; pick a masked-LM tokenizer")
-        model = load_model(model_args, AutoModelForMaskedLM, tokenizer)
-        check_sequence_length(data_args.max_seq_length, model.config)
-        processed = tokenize_and_chunk(raw, text_column, tokenizer, data_args, mlm_args)
+        data = job_data(config, files, MLM_TOKENIZATION,
+                        lambda tokenizer: load_model(model_args, AutoModelForMaskedLM, tokenizer))
+        tokenizer, model, processed = data.tokenizer, data.model, data.splits
         masker = Masker(mlm_args.mlm_probability, len(tokenizer), tokenizer.mask_token_id, config.optimization.seed,
                         mlm_args.whole_word_masking)
         eval_masker = Masker(**{**masker.__dict__, "seed": mlm_args.eval_mask_seed})
@@ -326,7 +347,7 @@ def headline(metrics: dict) -> str:
 MLM_JOB = JobSpec(
     sections={"data": DataArguments, "mlm": MLMArguments}, build_task=build_task, demo_config=DEMO_CONFIG,
     write_demo_data=write_mlm_corpus, demo_name="movie-review corpus", model_card_task="masked-language modelling",
-    pipeline_tag="fill-mask", headline=headline)
+    pipeline_tag="fill-mask", headline=headline, tokenization=MLM_TOKENIZATION)
 
 
 @exits_cleanly_on_usage_error

@@ -89,12 +89,12 @@ def job_parser(dataclass_types, default_config: str | None):
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     demo = (f"With no arguments: the offline demo, {os.path.relpath(default_config, package_root)}. "
             if default_config else "")
+    over_demo = ("With no config file and no --train_file, --train_files or --dataset_name, options override the demo config "
+                 "(e.g. --output_dir elsewhere). " if default_config else "")
     parser = Parser(dataclass_types, prog=prog, usage=f"{prog} [CONFIG.yaml|CONFIG.json] [--option VALUE ...]",
                     description=f"{demo}A .yaml/.yml/.json config file given first sets options by name; options "
-                                f"after it override it. With no config file and no --train_file, --train_files "
-                                f"or --dataset_name, options override the demo config (e.g. --output_dir "
-                                f"elsewhere). "
-                                f"Bad input ends with one 'error: ...' line and exit code 2.",
+                                f"after it override it. {over_demo}Bad input ends with one 'error: ...' line and "
+                                f"exit code 2.",
                     formatter_class=HelpFormatter, allow_abbrev=False)
     hide_negated_twins(parser)
     return parser

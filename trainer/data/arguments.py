@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 from trainer.config.parsing import arg
+from trainer.data.prepared import is_prepared_directory
 from trainer.errors import require
 from trainer.layout import RESULTS_FILE
 
@@ -24,7 +25,8 @@ class CorpusArguments:
     dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file(s): "
                                             "the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
-    train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet.")
+    train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet, or a directory "
+                                          "written by python -m trainer.prepare (tokenized once, opened at once).")
     train_files: list[str] = arg(
         [], "Training data as a weighted mixture, instead of --train_file or --dataset_name: one or more sources "
         "PATTERN[:WEIGHT], each a file, a directory (its data files, recursively) or a glob (quote it), read as one "
@@ -52,7 +54,8 @@ class CorpusArguments:
         self.check_train_files()
         for flag in ("train_file", "validation_file"):
             path = getattr(self, flag)
-            if path is not None:
+            # A prepared directory (python -m trainer.prepare) is checked by its manifest when the job opens it.
+            if path is not None and not (flag == "train_file" and is_prepared_directory(path)):
                 check_data_file(path, flag)
         require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
         for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):

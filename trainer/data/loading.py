@@ -159,11 +159,19 @@ def chunk_into_blocks(batch: dict, length: int) -> dict:
     return out
 
 
+CHUNK_ROWS = 1000  # token rows concatenated per cut (run_mlm/run_clm's map batch); each drops its remainder
+
+
 def group_into_blocks(tokenized, length: int, data_args):
-    """Every split of `tokenized` (a DatasetDict) concatenated and cut into blocks of `length` tokens."""
-    return tokenized.map(chunk_into_blocks, batched=True, batch_size=1000, fn_kwargs={"length": length},
-                         num_proc=data_args.preprocessing_num_workers, desc=f"chunk into blocks of {length}",
-                         load_from_cache_file=not data_args.overwrite_cache)
+    """Every split of `tokenized` (a DatasetDict) cut into blocks of `length` tokens, batch by batch of CHUNK_ROWS
+    consecutive rows counted from the split's start.
+
+    In one process, whatever --preprocessing_num_workers: workers would start a batch at each worker's first row,
+    so the blocks would depend on their number. Counted from the start, they do not, and trainer.prepare can cut
+    each process's part of the rows (starting at a multiple of CHUNK_ROWS) into exactly these blocks. Cutting is
+    a small share of the preparation (numpy concatenation and reshape); tokenizing keeps the workers."""
+    return tokenized.map(chunk_into_blocks, batched=True, batch_size=CHUNK_ROWS, fn_kwargs={"length": length},
+                         desc=f"chunk into blocks of {length}", load_from_cache_file=not data_args.overwrite_cache)
 
 
 def first_samples(train_set, eval_set, data_args):

@@ -48,14 +48,34 @@ def main_process_first(accelerator):
     try:
         yield
     except BaseException as error:
-        failure = (("usage", str(error)) if isinstance(error, UsageError) else
-                   ("bug", f"rank {accelerator.process_index} failed with {type(error).__name__}: {error}"))
+        failure = shared_failure(error, accelerator.process_index)
         raise
     finally:
         if main:
             end_round(failure)
         if not main or failure is None:  # round 2 (only after a clean round 1): the other ranks run the block
             end_round(None if main else failure)
+
+
+@contextlib.contextmanager
+def all_ranks_together(rank: int):
+    """Every rank runs the block at once; it ends with a barrier (the all-gather of the failures), where a failure on
+    any rank ends the block on every rank, as in `main_process_first`."""
+    failure = None
+    try:
+        yield
+    except BaseException as error:
+        failure = shared_failure(error, rank)
+        raise
+    finally:
+        end_round(failure)
+
+
+def shared_failure(error: BaseException, rank: int) -> tuple[str, str]:
+    """What a rank's exception tells the others: (kind, message)."""
+    if isinstance(error, UsageError):
+        return "usage", str(error)
+    return "bug", f"rank {rank} failed with {type(error).__name__}: {error}"
 
 
 def end_round(failure) -> None:

@@ -18,6 +18,7 @@ import datetime
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -262,6 +263,36 @@ def parameters_sharded(accelerator) -> bool:
     ranks must run together, so nothing may run the model on rank 0 alone."""
     zero3 = uses_deepspeed(accelerator) and accelerator.deepspeed_plugin.zero_stage == 3
     return zero3 or uses_fsdp(accelerator)
+
+
+@dataclass(frozen=True)
+class HostProcesses:
+    """This process's place among those of a job that runs on the host alone (trainer.prepare), with the names
+    `main_process_first` reads of an Accelerator."""
+
+    process_index: int
+    num_processes: int
+    local_process_index: int
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.process_index == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        return self.local_process_index == 0
+
+
+def start_host_processes(timeout: datetime.timedelta) -> HostProcesses:
+    """Under a launcher, the processes joined in a gloo group (under torchrun on a fresh store prefix per restart,
+    see the module's docstring); no accelerate state, which a later job in the same process would inherit."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            init_process_group_per_restart("gloo", timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return HostProcesses(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def init_process_group_per_restart(backend: str, timeout: datetime.timedelta) -> None:

@@ -51,6 +51,9 @@ class JobSpec:
     pipeline_tag: str  # the `pipeline` that loads the output, e.g. "text-generation"
     headline: Callable[[dict], str]  # the closing summary's first line, from the final metrics
     load_code: Callable[[JobConfig], Optional[str]] = default_load_code  # how the summary says to load the output
+    # How the job makes its sequences from text (trainer.data.tokenization.Tokenization), shared by the job and
+    # `python -m trainer.prepare`; None: a job that trainer.prepare does not prepare for (classify).
+    tokenization: Optional[object] = None
 
     @property
     def all_sections(self) -> dict:
@@ -155,14 +158,19 @@ def check_output_dir(checkpointing: CheckpointArguments) -> None:
     unless the run resumes: the directory holds checkpoints (complete or not: the engine picks and reports),
     or --resume_from_checkpoint is given."""
     path = checkpointing.output_dir
-    require(bool(path.strip()), "--output_dir is empty; give a directory")
-    require(not os.path.isfile(path), f"--output_dir {path} is a file; give a directory")
-    check_creatable(path)
+    check_output_path(path)
     if not os.path.isdir(path) or not os.listdir(path) or checkpointing.overwrite_output_dir:
         return
     resumes = checkpointing.resume_from_checkpoint or any(name.startswith(PREFIX) for name in os.listdir(path))
     require(resumes, f"--output_dir {path} is not empty and holds no checkpoint to resume from; pass "
                      f"--overwrite_output_dir or choose another directory")
+
+
+def check_output_path(path: str) -> None:
+    """--output_dir names a directory that exists or can be created."""
+    require(bool(path.strip()), "--output_dir is empty; give a directory")
+    require(not os.path.isfile(path), f"--output_dir {path} is a file; give a directory")
+    check_creatable(path)
 
 
 def check_creatable(path: str) -> None:

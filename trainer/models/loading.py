@@ -118,6 +118,17 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
     return auto_class.from_config(config, dtype=weights_dtype(model_args, from_checkpoint=False), **attention)
 
 
+def load_model_config(model_args, preset=None):
+    """The model's config alone, without weights: the checkpoint's, or the one `load_model` gives a new model."""
+    from transformers import AutoConfig
+
+    if not model_args.model_name_or_path:
+        return new_model_config(model_args, AutoConfig, preset)
+    check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
+    with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
+        return AutoConfig.from_pretrained(model_args.model_name_or_path)
+
+
 def weights_dtype(model_args, from_checkpoint: bool):
     """--torch_dtype as from_pretrained/from_config take it: unset is float32, auto is the checkpoint's own."""
     import torch

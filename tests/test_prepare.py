@@ -1,0 +1,93 @@
+"""trainer.prepare: the prepared directory trains a job exactly as the text does, and N processes prepare what one
+does (the bad-input cases are in test_fuzz_inputs.py)."""
+from __future__ import annotations
+
+import datasets
+import pytest
+
+from clm_helpers import bpe_tokenizer_dir, clm_args  # noqa: F401 (fixture)
+from conftest import load_parameters, mlm_args, read_results, relative_difference, run_job
+from prepare_helpers import JOB_ENVIRONMENT, corpus, prepare_args, prepared_mlm, tokenizer_dir  # noqa: F401
+from trainer.data.prepared import SPLITS, PreparedData
+
+STEPS = ("--max_steps", "2", "--per_device_train_batch_size", "8", "--max_eval_samples", "16", "--peak_tflops", "1")
+
+
+@pytest.fixture
+def env(job_env, monkeypatch):
+    for key in JOB_ENVIRONMENT:
+        monkeypatch.setenv(key, job_env[key])
+
+
+def from_prepared(argv: list[str], directory: str, *dropped: str) -> list[str]:
+    """`argv` training from the prepared `directory` instead of the text files, without the `dropped` flags."""
+    argv = list(argv)
+    argv[argv.index("--train_file") + 1] = directory
+    for flag in ("--validation_file", *dropped):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    return argv
+
+
+def assert_same_training(raw_dir, prepared_dir) -> None:
+    assert relative_difference(load_parameters(raw_dir), load_parameters(prepared_dir)) < 1e-5
+    assert read_results(prepared_dir)["eval_perplexity"] == pytest.approx(read_results(raw_dir)["eval_perplexity"],
+                                                                           rel=1e-5)
+
+
+def test_mlm_trains_from_the_prepared_directory_as_from_the_text(prepared_mlm, corpus, tokenizer_dir, tmp_path,
+                                                                  env):  # noqa: F811
+    from trainer.mlm import main
+
+    replay = ("--replay_file", corpus["validation"], "--replay_ratio", "0.25")  # text beside the prepared data
+    main(mlm_args(corpus, tokenizer_dir, tmp_path / "raw", *STEPS, *replay))
+    main(from_prepared(mlm_args(corpus, tokenizer_dir, tmp_path / "prepared", *STEPS, *replay), prepared_mlm))
+    assert_same_training(tmp_path / "raw", tmp_path / "prepared")
+    train = PreparedData.open(prepared_mlm).split("train")
+    assert train.cache_files and all(f["filename"].startswith(prepared_mlm) for f in train.cache_files)  # mmapped
+
+
+def test_clm_trains_from_the_prepared_directory_with_its_tokenizer_and_block_size(corpus, bpe_tokenizer_dir,
+                                                                                    tmp_path, env):  # noqa: F811
+    """No --tokenizer_name and no --block_size: the directory's own."""
+    from trainer.clm import main
+    from trainer.prepare import main as prepare
+
+    prepare(prepare_args(corpus, bpe_tokenizer_dir, tmp_path / "data", "clm"))
+    main(clm_args(corpus, bpe_tokenizer_dir, tmp_path / "raw", *STEPS))
+    main(from_prepared(clm_args(corpus, bpe_tokenizer_dir, tmp_path / "prepared", *STEPS), str(tmp_path / "data"),
+                       "--tokenizer_name", "--block_size"))
+    assert_same_training(tmp_path / "raw", tmp_path / "prepared")
+
+
+@pytest.mark.slow
+def test_two_processes_prepare_exactly_what_one_does(prepared_mlm, corpus, tokenizer_dir, job_env,
+                                                     tmp_path):  # noqa: F811
+    """Each process tokenizes half the lines and cuts its run of whole 1000-row batches: the same blocks, in two
+    shards (the corpus has about 1500 token rows, so the second process's run starts at row 1000)."""
+    run_job("trainer.prepare", prepare_args(corpus, tokenizer_dir, tmp_path / "two"), job_env, nproc=2)
+    one, two = PreparedData.open(prepared_mlm), PreparedData.open(str(tmp_path / "two"))
+    assert len(one.shards("train")) == 1 and len(two.shards("train")) == 2
+    for split in SPLITS:
+        assert one.split(split).to_dict() == two.split(split).to_dict()
+    same = ("tokenizer_sha256", "sequence_length", "token_options", "text_column", "source")
+    assert {key: one.manifest[key] for key in same} == {key: two.manifest[key] for key in same}
+    assert two.manifest["processes"] == 2
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_blocks_cut_in_processes_parts_are_the_blocks_cut_whole(world):
+    from types import SimpleNamespace
+
+    from trainer.data.loading import group_into_blocks
+    from trainer.prepare import block_rows
+
+    rows = datasets.Dataset.from_dict({"input_ids": [[i] * (1 + i % 7) for i in range(2345)]})
+    options = SimpleNamespace(overwrite_cache=True)
+
+    def blocks(dataset):
+        return group_into_blocks(datasets.DatasetDict({"train": dataset}), 16, options)["train"]["input_ids"]
+
+    parts = [block_rows(len(rows), rank, world) for rank in range(world)]
+    assert parts[0][0] == 0 and parts[-1][1] == len(rows)
+    assert all(end == start for (_, end), (start, _) in zip(parts, parts[1:]))
+    assert [block for start, end in parts for block in blocks(rows.select(range(start, end)))] == blocks(rows)

@@ -1,0 +1,128 @@
+"""Raw text -> the sequences a language-model job trains on, defined once per job (`Tokenization`, the job's
+`JobSpec.tokenization`) and run by the job itself and by `python -m trainer.prepare` alike.
+
+Two stages: the job's `tokenize` (text rows -> token rows; any split of the rows gives the same token rows), then,
+when the job concatenates, `group_into_blocks` (token rows -> blocks cut from consecutive CHUNK_ROWS-row batches).
+Because the batches count from the start of the split, prepare can tokenize and cut its processes' parts apart
+and still write exactly the job's blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.data.arguments import DataFiles
+from trainer.data.loading import check_text_column, group_into_blocks, load_source, load_text_splits, source_split
+from trainer.data.prepared import PreparedData, is_prepared_directory
+from trainer.errors import require
+from trainer.models.loading import check_sequence_length, load_tokenizer
+
+
+class Tokenization:
+    """How a job makes its sequences from text. A job subclasses it and sets the job-specific parts."""
+
+    job = ""  # the job's name: mlm, clm (trainer.<job>)
+    length_flag = "--max_seq_length"  # the flag that sets the sequence length
+    new_tokenizer = None  # trains a tokenizer when none is named (`load_tokenizer`'s train_new; None: WordPiece)
+    model_preset = None  # the job's model preset from scratch (`load_model`'s preset; None: tiny BERT)
+
+    def tokenize(self, config, raw, text_column: str, tokenizer):
+        """A DatasetDict of text rows -> the same splits as token rows (one per non-empty text)."""
+        raise NotImplementedError
+
+    def concatenates(self, config) -> bool:
+        """Whether the token rows are concatenated and cut into blocks of the sequence length."""
+        return True
+
+    def sequence_length(self, config, model_config, prepared_length: int | None = None) -> int:
+        """The tokens per sequence; `prepared_length`: that of a prepared --train_file, for a job whose length
+        is unset by default."""
+        return config.data.max_seq_length
+
+    def token_options(self, config) -> dict:
+        """The job's options, by flag name, that change the sequences besides the tokenizer and the length."""
+        return {}
+
+    def keep_linebreaks(self, config) -> bool:
+        return False
+
+    def check_tokenizer(self, config, tokenizer) -> None:
+        """Refuse a tokenizer the job cannot use (e.g. one without a mask token for masked LM)."""
+
+    def sequences(self, config, raw, text_column: str, tokenizer, length: int):
+        """Raw splits -> the tokenized (and chunked) splits the job trains on."""
+        tokenized = self.tokenize(config, raw, text_column, tokenizer)
+        return group_into_blocks(tokenized, length, config.data) if self.concatenates(config) else tokenized
+
+
+@dataclass
+class JobData:
+    """What a language-model job's task is built from: the tokenizer, the model, the sequence length, and the
+    "train", "validation" (and with --replay_file "replay") splits of sequences."""
+
+    tokenizer: object
+    model: object
+    length: int
+    splits: dict
+
+
+def job_data(config, files: DataFiles, tokenization: Tokenization, build_model) -> JobData:
+    """The job's data from raw text (tokenized here) or from a prepared --train_file directory (opened as it is);
+    `build_model(tokenizer)` builds the job's model once the tokenizer is known."""
+    if is_prepared_directory(files.train):
+        return prepared_job_data(config, files, tokenization, build_model)
+    raw, text_column = load_text_splits(config.data, files, keep_linebreaks=tokenization.keep_linebreaks(config))
+    tokenizer = load_tokenizer(config.model, lambda: raw["train"][text_column], tokenization.new_tokenizer)
+    tokenization.check_tokenizer(config, tokenizer)
+    model = build_model(tokenizer)
+    length = tokenization.sequence_length(config, model.config)
+    check_sequence_length(length, model.config, tokenization.length_flag)
+    return JobData(tokenizer, model, length, tokenization.sequences(config, raw, text_column, tokenizer, length))
+
+
+def prepared_job_data(config, files: DataFiles, tokenization: Tokenization, build_model) -> JobData:
+    """The splits of a prepared directory, checked against the job: its job, tokenizer, length and options."""
+    prepared = PreparedData.open(files.train)
+    prepared.check_job(tokenization.job)
+    require(not files.validation, f"--train_file {files.train} is prepared and holds its validation split; drop "
+                                  f"--validation_file (or prepare the data with it)")
+    tokenizer = prepared_tokenizer(config.model, prepared)
+    tokenization.check_tokenizer(config, tokenizer)
+    model = build_model(tokenizer)
+    length = tokenization.sequence_length(config, model.config, prepared.manifest["sequence_length"])
+    prepared.check_sequence_length(length)
+    check_sequence_length(length, model.config, tokenization.length_flag)
+    prepared.check_token_options(tokenization.token_options(config))
+    splits = {split: prepared.split(split) for split in ("train", "validation")}
+    splits.update(other_source_sequences(config, files, tokenization, prepared, tokenizer, length))
+    return JobData(tokenizer, model, length, splits)
+
+
+def other_source_sequences(config, files: DataFiles, tokenization: Tokenization, prepared: PreparedData, tokenizer,
+                           length: int) -> dict:
+    """The training sources after the primary (--replay_file) beside prepared training data are text: made into
+    sequences as the prepared ones were, one split each (see trainer.data.loading.load_text_splits)."""
+    import datasets
+
+    text_column = prepared.manifest["text_column"]
+    raw = {}
+    for index, source in enumerate(files.other_sources(), start=1):
+        dataset = load_source(source, tokenization.keep_linebreaks(config))
+        check_text_column(dataset, text_column, str(source))
+        raw[source_split(index)] = dataset.select_columns([text_column])
+    if not raw:
+        return {}
+    return dict(tokenization.sequences(config, datasets.DatasetDict(raw), text_column, tokenizer, length))
+
+
+def prepared_tokenizer(model_args, prepared: PreparedData):
+    """The tokenizer named (--tokenizer_name, else the model's), checked to be the one the data was prepared with;
+    with none named, the one saved in the directory."""
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if not name:
+        return AutoTokenizer.from_pretrained(prepared.directory)
+    tokenizer = load_tokenizer(model_args, training_texts=None)
+    prepared.check_tokenizer(tokenizer, "--tokenizer_name" if model_args.tokenizer_name else "--model_name_or_path",
+                             name)
+    return tokenizer
