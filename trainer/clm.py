@@ -24,6 +24,7 @@ from trainer.continual.replay import replay_split
 from trainer.data.arguments import CorpusArguments, DataFiles
 from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
 from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
+from trainer.data.streaming import streamed_data, streamed_texts_refused
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import Task, perplexity_metrics
@@ -68,18 +69,27 @@ class ClmArguments:
 
 
 # ------------------------------------------------------------------------------------------ data preparation
-def tokenize_documents(raw_splits, text_column: str, tokenizer, data_args):
-    """Every non-empty text as the tokenizer encodes it (BOS where it adds one), followed by EOS when it has one."""
-    eos = tokenizer.eos_token_id
+@dataclass(frozen=True)
+class DocumentEncoder:
+    """Texts -> input ids: every non-empty text as the tokenizer encodes it (BOS where it adds one), followed by
+    EOS when it has one. A picklable object: streamed data (trainer.data.streaming) encodes in the loader workers."""
 
-    def tokenize(batch):
-        texts = [text for text in batch[text_column] if text and not text.isspace()]
-        encoded = tokenizer(texts, verbose=False)["input_ids"] if texts else []  # transformers fails on no texts
+    tokenizer: object
+
+    def __call__(self, texts: list[str]) -> dict:
+        eos = self.tokenizer.eos_token_id
+        texts = [text for text in texts if text and not text.isspace()]
+        encoded = self.tokenizer(texts, verbose=False)["input_ids"] if texts else []  # it fails on no texts
         if eos is not None:
             encoded = [ids if ids and ids[-1] == eos else ids + [eos] for ids in encoded]
         return {"input_ids": encoded}
 
-    return raw_splits.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
+
+def tokenize_documents(raw_splits, text_column: str, tokenizer, data_args):
+    """Every split's texts through `DocumentEncoder`."""
+    encoder = DocumentEncoder(tokenizer)
+    return raw_splits.map(lambda batch: encoder(batch[text_column]), batched=True,
+                          num_proc=data_args.preprocessing_num_workers,
                           remove_columns=raw_splits["train"].column_names, desc="tokenize",
                           load_from_cache_file=not data_args.overwrite_cache)
 
@@ -262,8 +272,10 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
 
     ft_args.check_model(model_args, "gpt2 or the output of an earlier trainer.clm run")
     with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
-        raw, text_column = load_text_splits(data_args, files, keep_linebreaks=clm_args.keep_linebreaks)
-        tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column], train_byte_level_bpe_tokenizer)
+        raw, text_column = (None, None) if data_args.streaming else load_text_splits(
+            data_args, files, keep_linebreaks=clm_args.keep_linebreaks)
+        tokenizer = load_tokenizer(model_args, streamed_texts_refused if raw is None
+                                   else lambda: raw["train"][text_column], train_byte_level_bpe_tokenizer)
         packed = clm_args.packing == "documents"
         require(not packed or tokenizer.eos_token_id is not None,
                 "--packing documents separates documents by the EOS token, and this tokenizer has none; use "
@@ -277,26 +289,38 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
                            **new_model_ids)
         block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model.config) or RUN_CLM_MAX_BLOCK)
         check_sequence_length(block_size, model.config, "--block_size")
-        blocks = group_into_blocks(tokenize_documents(raw, text_column, tokenizer, data_args), block_size, data_args)
-        train_set, eval_set = first_samples(blocks["train"], blocks["validation"], data_args)
-        require(len(train_set) > 0, f"the training text is too short for one block of {block_size} tokens; use "
-                                    f"more text or a smaller --block_size")
-        require(len(eval_set) > 0, f"the evaluation text is too short for one block of {block_size} tokens; use "
-                                   f"more validation text or a smaller --block_size")
-        replay_set = replay_split(blocks, files.replay)
+        if raw is None:
+            train_stream, eval_set = streamed_data(data_args, files, DocumentEncoder(tokenizer), block_size, False,
+                                                   config.optimization.seed, clm_args.keep_linebreaks)
+            train_set = replay_set = None
+        else:
+            train_stream = None
+            train_set, eval_set, replay_set = map_style_blocks(raw, text_column, tokenizer, data_args, block_size,
+                                                               files)
     trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="CAUSAL_LM")
     # Blocks are full: padding never happens; a tokenizer without a pad token (GPT-2's) is fine.
     pad_token_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     collator = BlockCollator(pad_token_id, tokenizer.eos_token_id if packed else None)
     return Task(
         model=CausalLMTask(trained_model, clm_args.loss_chunk_tokens),
-        train_dataset=train_set, eval_dataset=eval_set,
+        train_dataset=train_set, eval_dataset=eval_set, train_stream=train_stream,
         replay_dataset=replay_set,
         train_collator=collator, eval_collator=collator, compute_metrics=perplexity_metrics("predicted_tokens"),
         hf_model=trained_model, tokenizer=tokenizer, columns=["input_ids"],
         after_evaluation=generation_probes(tokenizer, clm_args.probe_prompts, clm_args.probe_new_tokens),
         before_optimizer_step=before_optimizer_step, main_metric="eval_perplexity",
     )
+
+
+def map_style_blocks(raw, text_column: str, tokenizer, data_args, block_size: int, files: DataFiles):
+    """(training set, evaluation set, replay set or None): every split tokenized and cut into blocks in full."""
+    blocks = group_into_blocks(tokenize_documents(raw, text_column, tokenizer, data_args), block_size, data_args)
+    train_set, eval_set = first_samples(blocks["train"], blocks["validation"], data_args)
+    require(len(train_set) > 0, f"the training text is too short for one block of {block_size} tokens; use "
+                                f"more text or a smaller --block_size")
+    require(len(eval_set) > 0, f"the evaluation text is too short for one block of {block_size} tokens; use "
+                               f"more validation text or a smaller --block_size")
+    return train_set, eval_set, replay_split(blocks, files.replay)
 
 
 def headline(metrics: dict) -> str:

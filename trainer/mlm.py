@@ -24,6 +24,7 @@ from trainer.continual.replay import replay_split
 from trainer.data.arguments import DataArguments, DataFiles
 from trainer.data.demo import write_mlm_corpus
 from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
+from trainer.data.streaming import streamed_data, streamed_texts_refused
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import Task, perplexity_metrics
@@ -60,27 +61,43 @@ class MLMArguments:
 
 
 # ------------------------------------------------------------------------------------------ data preparation
+@dataclass(frozen=True)
+class MlmEncoder:
+    """Texts -> token columns: input ids with the tokenizer's special tokens, their mask, and with whole-word
+    masking the word starts; truncated to `max_length` (--line_by_line). Blank texts are dropped. A picklable
+    object: streamed data (trainer.data.streaming) encodes in the loader workers."""
+
+    tokenizer: object
+    keep_word_starts: bool
+    max_length: Optional[int]
+
+    def __call__(self, texts: list[str]) -> dict:
+        texts = [text for text in texts if text and not text.isspace()]
+        if not texts:  # the tokenizer refuses an empty list
+            return {"input_ids": [], "special_tokens_mask": [], **({"word_start": []} if self.keep_word_starts
+                                                                   else {})}
+        encoded = self.tokenizer(texts, return_special_tokens_mask=True, truncation=self.max_length is not None,
+                                 max_length=self.max_length, verbose=False)
+        columns = {"input_ids": encoded["input_ids"], "special_tokens_mask": encoded["special_tokens_mask"]}
+        if self.keep_word_starts:
+            columns["word_start"] = [word_starts(encoded.word_ids(i)) for i in range(len(texts))]
+        return columns
+
+
+def mlm_encoder(tokenizer, data_args, mlm_args) -> MlmEncoder:
+    return MlmEncoder(tokenizer, mlm_args.whole_word_masking,
+                      data_args.max_seq_length if mlm_args.line_by_line else None)
+
+
 def tokenize_and_chunk(raw_splits, text_column: str, tokenizer, data_args, mlm_args):
     """Tokenize every split; concatenate-and-chunk into max_seq_length blocks unless --line_by_line."""
     import datasets
 
-    keep_word_starts = mlm_args.whole_word_masking
-
-    def tokenize(batch):
-        texts = [text for text in batch[text_column] if text and not text.isspace()]
-        if not texts:  # the tokenizer refuses an empty list
-            return {"input_ids": [], "special_tokens_mask": [], **({"word_start": []} if keep_word_starts else {})}
-        encoded = tokenizer(texts, return_special_tokens_mask=True, truncation=mlm_args.line_by_line,
-                            max_length=data_args.max_seq_length if mlm_args.line_by_line else None, verbose=False)
-        columns = {"input_ids": encoded["input_ids"], "special_tokens_mask": encoded["special_tokens_mask"]}
-        if keep_word_starts:
-            columns["word_start"] = [word_starts(encoded.word_ids(i)) for i in range(len(texts))]
-        return columns
-
+    encoder = mlm_encoder(tokenizer, data_args, mlm_args)
     processed = datasets.DatasetDict({
-        split: dataset.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
-                           remove_columns=dataset.column_names, desc="tokenize",
-                           load_from_cache_file=not data_args.overwrite_cache)
+        split: dataset.map(lambda batch: encoder(batch[text_column]), batched=True,
+                           num_proc=data_args.preprocessing_num_workers, remove_columns=dataset.column_names,
+                           desc="tokenize", load_from_cache_file=not data_args.overwrite_cache)
         for split, dataset in raw_splits.items()})
     if not mlm_args.line_by_line:
         processed = group_into_blocks(processed, data_args.max_seq_length, data_args)
@@ -264,30 +281,33 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     model_args, data_args, mlm_args = config.model, config.data, config.mlm
 
     with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
-        raw, text_column = load_text_splits(data_args, files)
-        tokenizer = load_tokenizer(model_args, lambda: raw["train"][text_column])
+        raw, text_column = (None, None) if data_args.streaming else load_text_splits(data_args, files)
+        tokenizer = load_tokenizer(model_args, streamed_texts_refused if raw is None
+                                   else lambda: raw["train"][text_column])
         require(tokenizer.mask_token is not None, "the tokenizer has no mask token; pick a masked-LM tokenizer")
         model = load_model(model_args, AutoModelForMaskedLM, tokenizer)
         check_sequence_length(data_args.max_seq_length, model.config)
-        processed = tokenize_and_chunk(raw, text_column, tokenizer, data_args, mlm_args)
         masker = Masker(mlm_args.mlm_probability, len(tokenizer), tokenizer.mask_token_id, config.optimization.seed,
                         mlm_args.whole_word_masking)
         eval_masker = Masker(**{**masker.__dict__, "seed": mlm_args.eval_mask_seed})
-        train_set, eval_set = processed["train"], processed["validation"]
-        train_set, eval_set = first_samples(train_set, eval_set, data_args)
-        require(len(train_set) > 0, f"the training text is too short for one block of {data_args.max_seq_length} "
-                                    f"tokens; use more text, a smaller --max_seq_length or --line_by_line")
-        require(len(eval_set) > 0, "the evaluation text is too short for one block; use more validation text or a "
-                                   "smaller --max_seq_length")
+        if raw is None:
+            train_stream, eval_set = streamed_data(data_args, files, mlm_encoder(tokenizer, data_args, mlm_args),
+                                                   data_args.max_seq_length, mlm_args.line_by_line,
+                                                   config.optimization.seed)
+            train_set = replay_set = None
+        else:
+            train_stream = None
+            train_set, eval_set, replay_set = map_style_data(raw, text_column, tokenizer, data_args, mlm_args, files)
         eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
-        replay_set = replay_split(processed, files.replay)
     padded = mlm_args.line_by_line
     task_model = MaskedLMTask(model)
     head_fraction = mlm_args.mlm_probability if task_model.sparse_head else 1.0
     row_parameters = last_layer_row_parameters(model) if task_model.sparse_last_layer else 0
     return Task(
-        model=task_model, train_dataset=train_set, eval_dataset=eval_set,
-        replay_dataset=replay_set, after_training=unigram_baseline(train_set, eval_set, len(tokenizer)),
+        model=task_model, train_dataset=train_set, eval_dataset=eval_set, train_stream=train_stream,
+        replay_dataset=replay_set,
+        # The baseline counts the training tokens: a stream's are not known before training.
+        after_training=None if train_set is None else unigram_baseline(train_set, eval_set, len(tokenizer)),
         train_collator=TrainCollator(masker, tokenizer.pad_token_id, padded),
         eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics("masked_tokens"),
         hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),
@@ -299,6 +319,17 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     )
 
 
+def map_style_data(raw, text_column: str, tokenizer, data_args, mlm_args, files: DataFiles):
+    """(training set, evaluation set, replay set or None), tokenized and chunked in full."""
+    processed = tokenize_and_chunk(raw, text_column, tokenizer, data_args, mlm_args)
+    train_set, eval_set = first_samples(processed["train"], processed["validation"], data_args)
+    require(len(train_set) > 0, f"the training text is too short for one block of {data_args.max_seq_length} "
+                                f"tokens; use more text, a smaller --max_seq_length or --line_by_line")
+    require(len(eval_set) > 0, "the evaluation text is too short for one block; use more validation text or a "
+                               "smaller --max_seq_length")
+    return train_set, eval_set, replay_split(processed, files.replay)
+
+
 def unigram_baseline(train_set, eval_set, vocab_size: int):
     """Logs the baseline to beat now; the task's after-training step puts it beside the final metrics."""
     unigram = unigram_perplexity(train_set, eval_set, vocab_size)
@@ -308,8 +339,10 @@ def unigram_baseline(train_set, eval_set, vocab_size: int):
 
 
 def headline(metrics: dict) -> str:
-    return (f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f} (smoothed "
-            f"unigram baseline {metrics['eval_unigram_perplexity']:.2f})")
+    line = f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}"
+    if "eval_unigram_perplexity" in metrics:  # not under --streaming
+        line += f" (smoothed unigram baseline {metrics['eval_unigram_perplexity']:.2f})"
+    return line
 
 
 MLM_JOB = JobSpec(

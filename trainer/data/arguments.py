@@ -23,8 +23,10 @@ class CorpusArguments:
     dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file: "
                                             "the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
-    train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet.")
-    validation_file: Optional[str] = arg(None, "Evaluation data, same formats. Unset: split off the training data.")
+    train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet; with --streaming "
+                                          "also a directory or a glob of such files (quote it).")
+    validation_file: Optional[str] = arg(None, "Evaluation data, same formats. Unset: split off the training data "
+                                               "(with --streaming it is needed).")
     text_column: Optional[str] = arg(None, "Column holding the text (default: 'text', or the only/first string "
                                            "column).")
     validation_split_percentage: int = arg(5, "Percent of the training data held out for evaluation when no "
@@ -32,14 +34,28 @@ class CorpusArguments:
     preprocessing_num_workers: Optional[int] = arg(None, "Processes for tokenization.")
     overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
     max_train_samples: Optional[int] = arg(None, "Keep only this many training sequences (debugging).")
-    max_eval_samples: Optional[int] = arg(None, "Keep only this many evaluation sequences (debugging).")
+    max_eval_samples: Optional[int] = arg(None, "Keep only this many evaluation sequences (debugging). With "
+                                                "--streaming: the evaluation set is this many sequences from the "
+                                                "start of the validation data (default 512).")
+    streaming: bool = arg(False, "Read, tokenize and pack the training data as training goes (nothing up front), in "
+                                 "a seeded order that is the same at every world size and resumes at once. Needs "
+                                 "--max_steps (the run's length) and --validation_file; the data is read at most "
+                                 "--num_train_epochs times (rounded up), a shorter stream stops the run.")
+    shuffle_buffer_size: int = arg(1000, "With --streaming: documents per shuffle window of each lane (a resume "
+                                         "re-reads at most one window).")
 
     def __post_init__(self):
         require(not (self.dataset_name and self.train_file), "give either --dataset_name or --train_file, not both")
         for flag in ("train_file", "validation_file"):
             path = getattr(self, flag)
             if path is not None:
-                check_data_file(path, flag)
+                # A stream takes a directory or glob too; its files are checked as it opens them.
+                if not self.streaming:
+                    check_data_file(path, flag)
+        require(self.shuffle_buffer_size > 0, f"--shuffle_buffer_size must be positive, got "
+                                              f"{self.shuffle_buffer_size}")
+        require(not (self.streaming and self.max_train_samples), "--max_train_samples does not apply to "
+                                                                 "--streaming: the run's length is --max_steps")
         require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
         for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):
             value = getattr(self, flag)
@@ -59,7 +75,8 @@ def check_data_file(path: str, flag: str) -> None:
     require(os.path.exists(path) or not os.path.islink(path), f"--{flag} {path} is a broken symbolic link (its "
                                                               f"target is missing, or a symbolic link loop)")
     require(os.path.exists(path), f"--{flag} {path}: no such file")
-    require(not os.path.isdir(path), f"--{flag} {path} is a directory; give a file")
+    require(not os.path.isdir(path), f"--{flag} {path} is a directory; give a file (a directory "
+                                                f"or glob of files takes --streaming)")
     extension = os.path.splitext(path)[1].lower()
     require(extension in DATA_FILE_EXTENSIONS,
             f"--{flag} {path}: unsupported extension '{extension}'; use one of {', '.join(DATA_FILE_EXTENSIONS)}")

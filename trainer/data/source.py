@@ -33,6 +33,10 @@ class TrainingBatches:
             lines.append(describe_replay(sampler.replay, sampler.replay_per_step, sampler.global_batch_size))
         return lines
 
+    def describe_position(self) -> str:
+        """For the log line of a resume."""
+        return f"epoch {self.epoch}, {self.samples_in_epoch} samples into the epoch"
+
     def micro_batches(self):
         """Micro-batches forever, epoch after epoch, from the current position."""
         batches = EpochBatches(self.sampler, self.epoch, self.samples_in_epoch, self.replay_position)
