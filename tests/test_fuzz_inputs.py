@@ -755,3 +755,22 @@ def test_a_stream_that_fails_mid_run_stops_with_one_line_and_no_model(case, expe
     assert code == 2, err[-3000:]
     assert re.search(expected, error_line(err)), error_line(err)
     assert not os.path.exists(out / "model.safetensors")
+
+
+def test_mlm_streams_a_local_dataset_directory_by_its_splits(corpus, tokenizer_dir, tmp_path, env, capsys):
+    """--dataset_name DIR --streaming: the train and validation files as datasets names the splits."""
+    from trainer.mlm import main
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    lines = corpus_lines(corpus, 300)
+    for shard in range(2):
+        write_bytes(dataset / f"train-{shard}.jsonl", jsonl({"text": line} for line in lines[shard:200:2]))
+    write_bytes(dataset / "validation.jsonl", jsonl({"text": line} for line in lines[200:]))
+    out = tmp_path / "out"
+    argv = mlm_args(corpus, tokenizer_dir, out, "--streaming", "--max_steps", "2", "--max_eval_samples", "4",
+                    "--per_device_train_batch_size", "2", "--peak_tflops", "1", "--dataset_name", str(dataset))
+    for flag in ("--train_file", "--validation_file"):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    check_outcome(main, argv, out, "ok", capsys)
+    check_outcome(main, [*argv[:-1], "no-such/hub-set"], out, "is not a local directory", capsys, snapshot(out))

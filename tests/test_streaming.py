@@ -9,6 +9,7 @@ import pytest
 
 from trainer.data.streaming import (START, LaneId, StreamingBatches, TrainStream, lane_blocks, open_corpus,
                                     rank_slots)
+from trainer.data.arguments import source_files
 from trainer.errors import DataSourceFailed, UsageError
 
 
@@ -42,8 +43,12 @@ def shards(tmp_path):
     return str(tmp_path), texts
 
 
+def corpus_of(pattern: str, text_column=None, seed: int = 3):
+    return open_corpus(source_files(pattern, "train_file"), "train_file", text_column, seed)
+
+
 def stream(pattern: str, window: int = 7, block_size: int = 16, seed: int = 3) -> TrainStream:
-    return TrainStream(open_corpus(pattern, "train_file", None, seed), CharacterCodes(), block_size, False, window)
+    return TrainStream(corpus_of(pattern, seed=seed), CharacterCodes(), block_size, False, window)
 
 
 def test_every_lane_part_together_hold_every_document_once_per_pass(shards):
@@ -73,13 +78,13 @@ def test_jsonl_and_parquet_shards_stream_the_same_documents(tmp_path):
         (tmp_path / "j" / f"{shard}.jsonl").write_text("".join(json.dumps({"id": 1, "body": t}) + "\n" for t in part))
         pq.write_table(pa.table({"body": part}), tmp_path / "p" / f"{shard}.parquet", row_group_size=4)
     for pattern in (str(tmp_path / "j" / "*.jsonl"), str(tmp_path / "p")):
-        corpus = open_corpus(pattern, "train_file", "body", seed=0)
+        corpus = corpus_of(pattern, "body", seed=0)
         read = [text for lane in range(4) for text in corpus.read(0, *corpus.part(lane, 4), 10 ** 6)[0]]
         assert sorted(read) == sorted(texts)
     with pytest.raises(UsageError, match="has no column 'text'"):
-        open_corpus(str(tmp_path / "p"), "train_file", "text", seed=0)
+        corpus_of(str(tmp_path / "p"), "text", seed=0)
     with pytest.raises(UsageError, match="matches no file"):
-        open_corpus(str(tmp_path / "none-*.jsonl"), "train_file", None, seed=0)
+        corpus_of(str(tmp_path / "none-*.jsonl"), seed=0)
 
 
 def global_batches(source: TrainStream, per_device: int, world_size: int, accumulation: int, steps: int,

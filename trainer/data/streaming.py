@@ -481,18 +481,35 @@ class StreamingBatches:
 
 
 # ------------------------------------------------------------------------------------------------- building
-def open_corpus(pattern: str, flag: str, text_column: Optional[str], seed: int,
+def open_corpus(paths: list[str], flag: str, text_column: Optional[str], seed: int,
                 keep_linebreaks: bool = False) -> StreamCorpus:
-    """The files of `pattern` (a file, directory or glob), each checked to hold the text column."""
-    from trainer.data.arguments import DATA_FILE_EXTENSIONS, source_files
+    """The data files `paths` (sorted, of one format), each checked to hold the text column."""
+    from trainer.data.arguments import DATA_FILE_EXTENSIONS
 
-    paths = source_files(pattern, flag)
     kind = DATA_FILE_EXTENSIONS[os.path.splitext(paths[0])[1].lower()]
     column = stream_text_column(paths[0], kind, text_column)
     files = [stream_file(path, kind, column, flag) for path in paths]
     corpus = StreamCorpus(files, column, seed, flag, keep_linebreaks)
-    require(corpus.size > 0, f"--{flag} {pattern} holds no rows")
+    require(corpus.size > 0, f"--{flag} {', '.join(paths[:3])}: no rows")
     return corpus
+
+
+def dataset_splits(name: str, config_name: Optional[str]) -> dict[str, list[str]]:
+    """--dataset_name under --streaming: the data files of each split of a local dataset directory, as datasets
+    resolves them (its README's configs, or file names such as train-*.parquet, validation.jsonl)."""
+    import datasets
+
+    require(os.path.isdir(name), f"--streaming reads local files, and --dataset_name {name} is not a local "
+                                 f"directory; download the dataset's data files and give that directory as "
+                                 f"--dataset_name or --train_file")
+    try:
+        builder = datasets.load_dataset_builder(name, config_name)
+    except Exception as error:  # datasets raises many types for a directory it cannot make a dataset of
+        raise UsageError(f"--dataset_name {name} is no dataset datasets can read: {type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}") from None
+    splits = {str(split): sorted(files) for split, files in (builder.config.data_files or {}).items()}
+    require("train" in splits, f"--dataset_name {name} has no 'train' split (splits: {', '.join(splits)})")
+    return splits
 
 
 def evaluation_blocks(stream: TrainStream, count: int):
@@ -519,12 +536,26 @@ DEFAULT_EVAL_SAMPLES = 512
 
 def streamed_data(data_args, files, encode, block_size: int, one_per_document: bool, seed: int,
                   keep_linebreaks: bool = False):
-    """(the training `TrainStream`, the evaluation Dataset) of a job under --streaming: the training files streamed,
-    the first --max_eval_samples blocks (default DEFAULT_EVAL_SAMPLES) of the validation files tokenized now."""
-    require(files.validation is not None, "--streaming evaluates on a fixed sample of validation text and there is "
-                                          "none; give --validation_file (a file, directory or glob)")
-    train = open_corpus(files.train, "train_file", data_args.text_column, seed, keep_linebreaks)
-    validation = open_corpus(files.validation, "validation_file", train.text_column, seed, keep_linebreaks)
+    """(the training `TrainStream`, the evaluation Dataset) of a job under --streaming: the training files (of
+    --train_file, or of --dataset_name's train split) streamed, the first --max_eval_samples blocks (default
+    DEFAULT_EVAL_SAMPLES) of the validation files (--validation_file, or the dataset's validation split) tokenized
+    now."""
+    from trainer.data.arguments import source_files
+
+    if files.train is not None:
+        train_files, train_flag = source_files(files.train, "train_file"), "train_file"
+        splits = {}
+    else:
+        splits = dataset_splits(data_args.dataset_name, data_args.dataset_config_name)
+        train_files, train_flag = splits["train"], "dataset_name"
+    if files.validation is not None:
+        validation_files, validation_flag = source_files(files.validation, "validation_file"), "validation_file"
+    else:
+        require("validation" in splits, "--streaming evaluates on a fixed sample of validation text and there is "
+                                        "none; give --validation_file (a file, directory or glob)")
+        validation_files, validation_flag = splits["validation"], "dataset_name"
+    train = open_corpus(train_files, train_flag, data_args.text_column, seed, keep_linebreaks)
+    validation = open_corpus(validation_files, validation_flag, train.text_column, seed, keep_linebreaks)
     window = data_args.shuffle_buffer_size
     evaluation = evaluation_blocks(TrainStream(validation, encode, block_size, one_per_document, window),
                                    data_args.max_eval_samples or DEFAULT_EVAL_SAMPLES)
