@@ -81,19 +81,21 @@ def start(argv: list[str], env: dict, timeout: float):
     return process, watchdog
 
 
-def isolated(function, *args):
-    """Run `function(*args)` in a fresh interpreter, so RUSAGE_CHILDREN is that run's alone."""
+def isolated(function, env: dict, *args):
+    """Run `function(*args)` in a fresh interpreter with the environment `env`, so that RUSAGE_CHILDREN is that
+    run's alone."""
     code = (f"import json, sys; sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-            f"import streaming as bench; print(json.dumps(bench.{function.__name__}(*{json.dumps(args)})))")
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            f"import streaming as bench; print(json.dumps(bench.{function.__name__}(*json.loads("
+            f"{json.dumps(args)!r}))))")
+    output = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
-def startup(train: str, validation: str, tokenizer: str, output_dir: str, env: dict, streaming: bool,
-            timeout: float) -> dict:
+def startup(train: str, validation: str, tokenizer: str, output_dir: str, streaming: bool, timeout: float) -> dict:
     extra = ["--streaming"] if streaming else []
     return timed_run(job_argv(train, validation, tokenizer, output_dir, 2, *extra, "--overwrite_output_dir"),
-                     env, timeout)
+                     dict(os.environ), timeout)
 
 
 def steady_state(train: str, validation: str, tokenizer: str, output_dir: str, env: dict, steps: int,
@@ -149,7 +151,7 @@ def main() -> None:
         print("|---|---|---|---|---|")
         for megabytes in opts.sizes_mb:
             shards = write_shards(os.path.join(work, f"corpus-{megabytes}"), megabytes, template)
-            stream = isolated(startup, os.path.dirname(shards[0]), validation, tokenizer, out, env, True,
+            stream = isolated(startup, env, os.path.dirname(shards[0]), validation, tokenizer, out, True,
                               opts.timeout)
             row = [f"{megabytes} MB", fmt(stream["first_step_s"]), f"{stream['peak_rss_mib']:.0f}"]
             if megabytes <= opts.map_style_cap_mb:
@@ -158,7 +160,7 @@ def main() -> None:
                     for shard in shards:
                         with open(shard, "rb") as part:
                             shutil.copyfileobj(part, handle)
-                mapped = isolated(startup, single, validation, tokenizer, out, env, False, opts.timeout)
+                mapped = isolated(startup, env, single, validation, tokenizer, out, False, opts.timeout)
                 row += [fmt(mapped["first_step_s"], opts.timeout), f"{mapped['peak_rss_mib']:.0f}"]
                 os.remove(single)
             else:

@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from trainer.data.mixture import slot_sources
+from trainer.distributed.collectives import all_gather_objects
 from trainer.errors import DataSourceFailed, UsageError, require
 
 WINDOW_SEED_KEY, FILE_ORDER_KEY = 0x57_12_EA, 0xF1_1E_5  # keep these draws apart from every other seeded stream
 ENCODE_BATCH = 64  # documents per call of the (fast, batch-encoding) tokenizer
-LINE_FORMATS = {"text", "json", "csv"}
 
 
 # ------------------------------------------------------------------------------------------------------ files
@@ -462,8 +462,6 @@ class StreamingBatches:
 
     def gather_across_ranks(self) -> None:
         """Called on every rank before a checkpoint: every lane's position, from the rank that owns it."""
-        from trainer.distributed.collectives import all_gather_objects
-
         own = {slot: self.positions[slot] for slot in self.own_slots}
         self.gathered = {slot: position for part in all_gather_objects(own) for slot, position in part.items()}
 
