@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from trainer.continual.replay import describe_replay
 from trainer.data.batches import EpochBatches, make_loader
+from trainer.errors import require
 
 
 class TrainingBatches:
@@ -55,5 +56,6 @@ class TrainingBatches:
                 "replay_position": self.replay_position}
 
     def load_state_dict(self, saved: dict) -> None:
+        require("lanes" not in saved, "the checkpoint was written by a --streaming run; resume it with --streaming")
         self.epoch, self.samples_in_epoch = saved["epoch"], saved["samples_in_epoch"]
         self.replay_position = saved["replay_position"]

@@ -102,22 +102,26 @@ def no_column(flag: str, path: str, column: str, names) -> str:
 
 
 def stream_text_column(path: str, kind: str, requested: Optional[str]) -> str:
-    """--text_column, or (as for map-style data) 'text' when the first file has it, else its first column."""
+    """--text_column, or (as for map-style data) 'text' when the first file has it, else its first string column
+    (an unreadable first file: 'text', and `stream_file` names the problem)."""
     if requested or kind == "text":
         return requested or "text"
-    if kind == "parquet":
-        import pyarrow.parquet as pq
+    try:
+        if kind == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
-        names = pq.ParquetFile(path).schema_arrow.names
-    elif kind == "csv":
-        with open(path, encoding="utf-8-sig", errors="replace") as handle:
-            names = next(csv.reader([handle.readline()]))
-    else:
-        with open(path, "rb") as handle:
-            try:
-                names = list(json.loads(handle.readline()))
-            except (ValueError, TypeError):
-                names = []
+            schema = pq.ParquetFile(path).schema_arrow
+            names = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        elif kind == "csv":
+            with open(path, encoding="utf-8-sig", errors="replace") as handle:
+                names = next(csv.reader([handle.readline()]))
+        else:
+            with open(path, "rb") as handle:
+                record = json.loads(handle.readline())
+            names = [name for name, value in record.items() if isinstance(value, str)]
+    except Exception:  # pyarrow, csv and json raise many types for a file that is not what it says
+        names = []
     return "text" if "text" in names or not names else names[0]
 
 
@@ -471,8 +475,10 @@ class StreamingBatches:
                 "lanes": {str(slot): list(position) for slot, position in sorted(positions.items())}}
 
     def load_state_dict(self, saved: dict) -> None:
-        require(saved.get("global_batch_size") == self.global_batch_size,
-                f"the checkpoint streamed {saved.get('global_batch_size')} lanes (its global batch) and this run has "
+        require("lanes" in saved, "the checkpoint was written by a run on map-style data, which --streaming cannot "
+                                  "continue; resume it without --streaming, or start afresh")
+        require(saved["global_batch_size"] == self.global_batch_size,
+                f"the checkpoint streamed {saved['global_batch_size']} lanes (its global batch) and this run has "
                 f"a global batch of {self.global_batch_size}; resume with the same per-device batch x processes x "
                 f"accumulation")
         self.positions = {int(slot): tuple(position) for slot, position in saved["lanes"].items()}
