@@ -25,7 +25,7 @@ from trainer.continual.ewc import ElasticWeightConsolidation, FisherPass, save_f
 from trainer.data.batches import make_loader
 from trainer.data.samplers import shard_for_evaluation
 from trainer.data.source import TrainingBatches
-from trainer.distributed.collectives import all_gather_objects, all_reduce_sum, host_sum
+from trainer.distributed.collectives import all_gather_objects, all_reduce_sum, any_rank, host_sum
 from trainer.distributed.launch import describe_parallelism, describe_threads, parameters_sharded
 from trainer.distributed.parameters import full_state_dict
 from trainer.distributed.steps import backward, clip_gradients, set_gradient_sync, step_deepspeed_engine
@@ -148,14 +148,20 @@ class Engine:
         logger.info("resumed from %s: step %d, %s", path, self.state.step, self.data.describe_position())
 
     def next_micro_batches(self, batches) -> list[dict]:
-        """One optimizer step's micro-batches; a data source that fails (e.g. a streamed file that became
-        unreadable) stops the run with one line naming the last good checkpoint, never skipping data."""
+        """One optimizer step's micro-batches. A data source that fails on any rank (e.g. a streamed file that
+        became unreadable) stops every rank at this step with that rank's line, naming the last good checkpoint:
+        data is never skipped, and no rank is left waiting in the step's collectives."""
+        failure = None
         try:
-            return [next(batches) for _ in range(self.settings.accumulation_steps)]
-        except DataSourceFailed as failure:
+            micro_batches = [next(batches) for _ in range(self.settings.accumulation_steps)]
+        except DataSourceFailed as error:
+            failure, micro_batches = str(error), []
+        if any_rank(failure is not None):
+            failure = next(message for message in all_gather_objects(failure) if message)
             raise JobStopped(f"{failure}; stopping at optimizer step {self.state.step + 1}. The last good "
                              f"checkpoint is {self.last_good_checkpoint()}; fix the data, then run the same command "
-                             f"again to resume", BAD_DATA_EXIT_CODE) from None
+                             f"again to resume", BAD_DATA_EXIT_CODE)
+        return micro_batches
 
     def last_good_checkpoint(self) -> str:
         last_good = self.checkpointer.last_saved_step
