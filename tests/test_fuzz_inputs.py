@@ -746,10 +746,12 @@ def test_a_stream_that_fails_mid_run_stops_with_one_line_and_no_model(case, expe
 
     out = tmp_path / "out"
     shards = streaming_shards(corpus, tmp_path, corrupt=case == "corrupt")
-    passes = ["--num_train_epochs", "1"] if case == "ends" else ["--num_train_epochs", "3", "--save_steps", "5",
-                                                                 "--shuffle_buffer_size", "10"]
+    # 8 lanes run out sooner; the cut-off line, three quarters into its shard, lies 3/4 into one of 2 lanes' parts.
+    flags = (["--num_train_epochs", "1", "--per_device_train_batch_size", "8"] if case == "ends" else
+             ["--num_train_epochs", "3", "--save_steps", "5", "--shuffle_buffer_size", "10",
+              "--per_device_train_batch_size", "2"])
     argv = mlm_args(corpus, tokenizer_dir, out, "--streaming", "--max_steps", "100000", "--max_eval_samples", "4",
-                    "--per_device_train_batch_size", "2", "--logging_steps", "1000", "--peak_tflops", "1", *passes)
+                    "--logging_steps", "1000", "--peak_tflops", "1", *flags)
     argv[argv.index("--train_file") + 1] = shards
     code, err, _ = run_main(main, argv, capsys)
     assert code == 2, err[-3000:]
