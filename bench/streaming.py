@@ -8,8 +8,8 @@ its peak RSS (RUSAGE_CHILDREN) is its own.
 - start-up: seconds from the process start to the log line of optimizer step 1 (torch import and the model build
   included: the same on both sides), and peak RSS; map-style data is capped at --map_style_cap_mb (it tokenizes
   the whole corpus first: about 1 MB/s on 2 cores);
-- steady state: tokens/s of the last logging window of a --steady_steps run on the 10 MB corpus, map-style against
-  streaming with 0 and 1 loader workers;
+- steady state: tokens/s of the last logging window of a --steady_steps run on the first 2 MB of the corpus,
+  map-style against streaming with 0 and 1 loader workers;
 - resume: seconds to the first optimizer step after a resume from the checkpoint of step 10, and from the same
   checkpoint with every lane moved 90% into its part of the 1 GB corpus and the step set to 1,000,000 (what a
   resume deep into a long run has to seek; a real run that long would take days here).
@@ -33,6 +33,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARD_MB = 10
+STEADY_LINES = 12_000  # about 2 MB
 MODEL = ["--model_type", "bert", "--config_overrides",
          "hidden_size=128,num_hidden_layers=2,num_attention_heads=2,intermediate_size=256,max_position_embeddings=128"]
 FIRST_STEP = re.compile(r"step 1: train_loss")
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--map_style_cap_mb", type=int, default=100, help="larger corpora: streaming only")
     parser.add_argument("--timeout", type=float, default=240, help="seconds a start-up run may take")
     parser.add_argument("--steady_steps", type=int, default=60)
+    parser.add_argument("--parts", nargs="+", default=["startup", "steady", "resume"],
+                        choices=["startup", "steady", "resume"])
     opts = parser.parse_args()
 
     from trainer.data.demo import train_wordpiece_tokenizer
@@ -147,56 +150,65 @@ def main() -> None:
         tokenizer = os.path.join(work, "tokenizer")
         train_wordpiece_tokenizer([validation], vocab_size=8000, output_dir=tokenizer)
         out = os.path.join(work, "out")
-        print("| corpus | streaming: s to step 1 | peak RSS MiB | map-style: s to step 1 | peak RSS MiB |")
-        print("|---|---|---|---|---|")
-        for megabytes in opts.sizes_mb:
-            shards = write_shards(os.path.join(work, f"corpus-{megabytes}"), megabytes, template)
-            stream = isolated(startup, env, os.path.dirname(shards[0]), validation, tokenizer, out, True,
-                              opts.timeout)
-            row = [f"{megabytes} MB", fmt(stream["first_step_s"]), f"{stream['peak_rss_mib']:.0f}"]
-            if megabytes <= opts.map_style_cap_mb:
-                single = os.path.join(work, f"single-{megabytes}.txt")
-                with open(single, "wb") as handle:
-                    for shard in shards:
-                        with open(shard, "rb") as part:
-                            shutil.copyfileobj(part, handle)
-                mapped = isolated(startup, env, single, validation, tokenizer, out, False, opts.timeout)
-                row += [fmt(mapped["first_step_s"], opts.timeout), f"{mapped['peak_rss_mib']:.0f}"]
-                os.remove(single)
-            else:
-                row += ["not run (capped)", "-"]
-            print("| " + " | ".join(row) + " |", flush=True)
-            if megabytes != max(opts.sizes_mb):
-                shutil.rmtree(os.path.dirname(shards[0]))
+        if "startup" in opts.parts:
+            startup_table(opts, work, template, validation, tokenizer, out, env)
         largest = os.path.join(work, f"corpus-{max(opts.sizes_mb)}")
-        small = os.path.join(work, "corpus-small")
-        write_shards(small, SHARD_MB, template)
-
-        mapped = steady_state(template, validation, tokenizer, out, env, opts.steady_steps, [])
-        streamed = [steady_state(small, validation, tokenizer, out, env, opts.steady_steps,
-                                 ["--streaming", "--dataloader_num_workers", str(workers)]) for workers in (0, 1)]
-        print(f"\nsteady state, tokens/s: map-style {mapped:.0f}; streaming, 0 workers {streamed[0]:.0f} "
-              f"({streamed[0] / mapped:.2f}x); 1 worker {streamed[1]:.0f} ({streamed[1] / mapped:.2f}x)")
-
-        resume_dir = os.path.join(work, "resume")
-        subprocess.run([sys.executable, "-m", "trainer.mlm", *job_argv(
-            largest, validation, tokenizer, resume_dir, 10, "--streaming", "--save_steps", "10")], env=env,
-            cwd=REPO, check=True, capture_output=True)
-        checkpoint = os.path.join(resume_dir, "checkpoint-10")
-        deep_dir = os.path.join(work, "resume-deep")
-        shutil.copytree(resume_dir, deep_dir)
-        corpus_bytes = sum(os.path.getsize(os.path.join(largest, name)) for name in os.listdir(largest))
-        deepen(os.path.join(deep_dir, "checkpoint-10"), corpus_bytes, 1_000_000)
-        shutil.move(os.path.join(deep_dir, "checkpoint-10"), os.path.join(deep_dir, "checkpoint-1000000"))
-        fresh = timed_run(job_argv(largest, validation, tokenizer, os.path.join(work, "fresh"), 12, "--streaming"),
-                          env, opts.timeout)["first_step_s"]
-        near = resume_latency(largest, validation, tokenizer, resume_dir, env, 12, opts.timeout)
-        deep = resume_latency(largest, validation, tokenizer, deep_dir, env, 1_000_002, opts.timeout)
-        print(f"\nresume, s to the first step after it: from step 10 {near:.1f}; from step 1,000,000 (lanes 90% "
-              f"into {corpus_bytes / 1e9:.2f} GB) {deep:.1f} ({deep / near:.2f}x); a fresh start {fresh:.1f}")
-        assert os.path.isdir(checkpoint)
+        if not os.path.isdir(largest):
+            write_shards(largest, max(opts.sizes_mb), template)
+        if "steady" in opts.parts:  # on the first 2 MB: the map-style side tokenizes it all first
+            small = os.path.join(work, "steady.txt")
+            with open(template) as source, open(small, "w") as handle:
+                handle.writelines(line for _, line in zip(range(STEADY_LINES), source))
+            mapped = steady_state(small, validation, tokenizer, out, env, opts.steady_steps, [])
+            streamed = [steady_state(small, validation, tokenizer, out, env, opts.steady_steps,
+                                     ["--streaming", "--dataloader_num_workers", str(workers)]) for workers in (0, 1)]
+            print(f"\nsteady state, tokens/s: map-style {mapped:.0f}; streaming, 0 workers {streamed[0]:.0f} "
+                  f"({streamed[0] / mapped:.2f}x); 1 worker {streamed[1]:.0f} ({streamed[1] / mapped:.2f}x)")
+        if "resume" in opts.parts:
+            resume_table(opts, work, largest, validation, tokenizer, env)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def startup_table(opts, work, template, validation, tokenizer, out, env) -> None:
+    print("| corpus | streaming: s to step 1 | peak RSS MiB | map-style: s to step 1 | peak RSS MiB |")
+    print("|---|---|---|---|---|")
+    for megabytes in opts.sizes_mb:
+        shards = write_shards(os.path.join(work, f"corpus-{megabytes}"), megabytes, template)
+        stream = isolated(startup, env, os.path.dirname(shards[0]), validation, tokenizer, out, True, opts.timeout)
+        row = [f"{megabytes} MB", fmt(stream["first_step_s"]), f"{stream['peak_rss_mib']:.0f}"]
+        if megabytes <= opts.map_style_cap_mb:
+            single = os.path.join(work, f"single-{megabytes}.txt")
+            with open(single, "wb") as handle:
+                for shard in shards:
+                    with open(shard, "rb") as part:
+                        shutil.copyfileobj(part, handle)
+            mapped = isolated(startup, env, single, validation, tokenizer, out, False, opts.timeout)
+            row += [fmt(mapped["first_step_s"], opts.timeout), f"{mapped['peak_rss_mib']:.0f}"]
+            os.remove(single)
+        else:
+            row += ["not run (capped)", "-"]
+        print("| " + " | ".join(row) + " |", flush=True)
+        if megabytes != max(opts.sizes_mb):
+            shutil.rmtree(os.path.dirname(shards[0]))
+
+
+def resume_table(opts, work, largest, validation, tokenizer, env) -> None:
+    resume_dir = os.path.join(work, "resume")
+    subprocess.run([sys.executable, "-m", "trainer.mlm", *job_argv(
+        largest, validation, tokenizer, resume_dir, 10, "--streaming", "--save_steps", "10")], env=env,
+        cwd=REPO, check=True, capture_output=True)
+    deep_dir = os.path.join(work, "resume-deep")
+    shutil.copytree(resume_dir, deep_dir)
+    corpus_bytes = sum(os.path.getsize(os.path.join(largest, name)) for name in os.listdir(largest))
+    deepen(os.path.join(deep_dir, "checkpoint-10"), corpus_bytes, 1_000_000)
+    shutil.move(os.path.join(deep_dir, "checkpoint-10"), os.path.join(deep_dir, "checkpoint-1000000"))
+    fresh = timed_run(job_argv(largest, validation, tokenizer, os.path.join(work, "fresh"), 12, "--streaming"),
+                      env, opts.timeout)["first_step_s"]
+    near = resume_latency(largest, validation, tokenizer, resume_dir, env, 12, opts.timeout)
+    deep = resume_latency(largest, validation, tokenizer, deep_dir, env, 1_000_002, opts.timeout)
+    print(f"\nresume, s to the first step after it: from step 10 {near:.1f}; from step 1,000,000 (lanes 90% "
+          f"into {corpus_bytes / 1e9:.2f} GB) {deep:.1f} ({deep / near:.2f}x); a fresh start {fresh:.1f}")
 
 
 def resume_latency(train, validation, tokenizer, output_dir, env, steps, timeout) -> float:
