@@ -317,7 +317,7 @@ def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: int, seed: 
                                           ).permutation(len(texts))
             for first in range(document, len(texts), ENCODE_BATCH):
                 chosen = [texts[i] for i in order[first:first + ENCODE_BATCH]]
-                encoded = stream.encode(chosen)
+                encoded = stream.encode(chosen)  # one row per text: blank texts never reach it (`read`)
                 for offset in range(len(chosen)):
                     columns = {name: rows[offset] for name, rows in encoded.items()}
                     index = first + offset
