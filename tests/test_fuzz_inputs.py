@@ -785,3 +785,130 @@ def test_unreadable_training_file(corpus, tokenizer_dir, tmp_path, env, capsys):
     argv = mlm_args(corpus, tokenizer_dir, tmp_path / "out", "--max_steps", "1")
     argv[argv.index("--train_file") + 1] = str(locked)
     check_outcome(main, argv, tmp_path / "out", "is not readable", capsys)
+
+
+# ------------------------------------------------------------------------------------------------ --streaming
+def streaming_shards(corpus, directory, second_column: str = "text", corrupt: bool = False) -> str:
+    """Two .jsonl shards of the corpus's lines; the second's text under `second_column`, optionally with a line cut
+    off mid-object."""
+    lines = corpus_lines(corpus, 400)
+    shards = directory / "shards"
+    shards.mkdir()
+    write_bytes(shards / "a.jsonl", jsonl({"text": line} for line in lines[0::2]))
+    second = jsonl({second_column: line} for line in lines[1::2]).splitlines(keepends=True)
+    if corrupt:  # three quarters in: inside some lane's part, whichever order a pass lays the shards out in
+        second.insert(len(second) * 3 // 4, b'{"text": "cut off\n')
+    write_bytes(shards / "b.jsonl", b"".join(second))
+    return str(shards)
+
+
+def streaming_case(case: str, corpus, directory) -> tuple[list[str], str]:
+    """(flags added to mlm_args with the training data replaced, expected)."""
+    shards = streaming_shards(corpus, directory, "body" if case == "shard_without_text_column" else "text")
+    stream = ["--streaming", "--train_file", shards]
+    cases = {
+        "directory": ([*stream, "--max_steps", "2"], "ok"),
+        "glob_line_by_line": (["--streaming", "--train_file", os.path.join(shards, "*.jsonl"), "--line_by_line",
+                               "--max_steps", "2"], "ok"),
+        "no_max_steps": (stream, "--streaming needs --max_steps"),
+        "empty_glob": (["--streaming", "--train_file", str(directory / "none-*.jsonl"), "--max_steps", "2"],
+                       "the pattern matches no file"),
+        "shard_without_text_column": ([*stream, "--max_steps", "2"], "b.jsonl has no column 'text'"),
+        "max_train_samples": ([*stream, "--max_steps", "2", "--max_train_samples", "8"],
+                              "--max_train_samples does not apply to --streaming"),
+        "directory_without_streaming": (["--train_file", shards, "--max_steps", "2"], "is a directory"),
+    }
+    return cases[case]
+
+
+STREAMING_CASES = ["directory", "glob_line_by_line", "no_max_steps", "empty_glob", "shard_without_text_column",
+                   "max_train_samples", "directory_without_streaming"]
+
+
+@pytest.mark.parametrize("case", STREAMING_CASES)
+def test_mlm_streaming_inputs(case, corpus, tokenizer_dir, tmp_path, env, capsys):
+    from trainer.mlm import main
+
+    extra, expected = streaming_case(case, corpus, tmp_path)
+    out = tmp_path / "out"
+    argv = mlm_args(corpus, tokenizer_dir, out, "--per_device_train_batch_size", "2", "--max_eval_samples", "4",
+                    "--peak_tflops", "1")
+    del argv[argv.index("--train_file"):argv.index("--train_file") + 2]
+    check_outcome(main, [*argv, *extra], out, expected, capsys)
+
+
+@pytest.mark.parametrize("drop, expected", [("--validation_file", "give --validation_file"),
+                                             ("--tokenizer_name", "--streaming trains no tokenizer")])
+def test_mlm_streaming_needs_validation_data_and_a_tokenizer(drop, expected, corpus, tokenizer_dir, tmp_path, env,
+                                                             capsys):
+    from trainer.mlm import main
+
+    out = tmp_path / "out"
+    argv = mlm_args(corpus, tokenizer_dir, out, "--streaming", "--max_steps", "2")
+    del argv[argv.index(drop):argv.index(drop) + 2]
+    check_outcome(main, argv, out, expected, capsys)
+
+
+def test_clm_streams_a_glob_with_document_packing(corpus, bpe_tokenizer_dir, tmp_path, env, capsys):  # noqa: F811
+    from trainer.clm import main
+
+    out = tmp_path / "out"
+    argv = clm_args(corpus, bpe_tokenizer_dir, out, "--streaming", "--max_steps", "2", "--max_eval_samples", "4",
+                    "--packing", "documents", "--peak_tflops", "1")
+    argv[argv.index("--train_file") + 1] = os.path.join(streaming_shards(corpus, tmp_path), "*.jsonl")
+    check_outcome(main, argv, out, "ok", capsys)
+
+
+def test_classify_refuses_streaming(sentiment, tmp_path, env, capsys):  # noqa: F811
+    from trainer.classify import main
+
+    out = tmp_path / "out"
+    check_outcome(main, [*classify_args(sentiment, out), "--streaming", "--max_steps", "1"], out,
+                  "--streaming is for trainer.mlm and trainer.clm", capsys)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("ends", r"ended after 1 pass\(es\) \(--num_train_epochs\) before --max_steps.*The last good checkpoint is none"),
+    ("corrupt", r"b\.jsonl \(byte \d+\) could not be read: JSONDecodeError.*The last good checkpoint is "
+                r"checkpoint-\d+ in"),
+])
+def test_a_stream_that_fails_mid_run_stops_with_one_line_and_no_model(case, expected, corpus, tokenizer_dir,
+                                                                      tmp_path, env, capsys):
+    """Found during training: one line naming the problem and the last good checkpoint, exit code 2, no final
+    model; the data is never skipped."""
+    import re
+
+    from trainer.mlm import main
+
+    out = tmp_path / "out"
+    shards = streaming_shards(corpus, tmp_path, corrupt=case == "corrupt")
+    # 8 lanes run out sooner; the cut-off line, three quarters into its shard, lies 3/4 into one of 2 lanes' parts.
+    flags = (["--num_train_epochs", "1", "--per_device_train_batch_size", "8"] if case == "ends" else
+             ["--num_train_epochs", "3", "--save_steps", "5", "--shuffle_buffer_size", "10",
+              "--per_device_train_batch_size", "2"])
+    argv = mlm_args(corpus, tokenizer_dir, out, "--streaming", "--max_steps", "100000", "--max_eval_samples", "4",
+                    "--logging_steps", "1000", "--peak_tflops", "1", *flags)
+    argv[argv.index("--train_file") + 1] = shards
+    code, err, _ = run_main(main, argv, capsys)
+    assert code == 2, err[-3000:]
+    assert re.search(expected, error_line(err)), error_line(err)
+    assert not os.path.exists(out / "model.safetensors")
+
+
+def test_mlm_streams_a_local_dataset_directory_by_its_splits(corpus, tokenizer_dir, tmp_path, env, capsys):
+    """--dataset_name DIR --streaming: the train and validation files as datasets names the splits."""
+    from trainer.mlm import main
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    lines = corpus_lines(corpus, 300)
+    for shard in range(2):
+        write_bytes(dataset / f"train-{shard}.jsonl", jsonl({"text": line} for line in lines[shard:200:2]))
+    write_bytes(dataset / "validation.jsonl", jsonl({"text": line} for line in lines[200:]))
+    out = tmp_path / "out"
+    argv = mlm_args(corpus, tokenizer_dir, out, "--streaming", "--max_steps", "2", "--max_eval_samples", "4",
+                    "--per_device_train_batch_size", "2", "--peak_tflops", "1", "--dataset_name", str(dataset))
+    for flag in ("--train_file", "--validation_file"):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    check_outcome(main, argv, out, "ok", capsys)
+    check_outcome(main, [*argv[:-1], "no-such/hub-set"], out, "is not a local directory", capsys, snapshot(out))

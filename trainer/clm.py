@@ -68,20 +68,20 @@ class ClmArguments:
 
 
 # ------------------------------------------------------------------------------------------ data preparation
-def tokenize_documents(raw_splits, text_column: str, tokenizer, data_args):
-    """Every non-empty text as the tokenizer encodes it (BOS where it adds one), followed by EOS when it has one."""
-    eos = tokenizer.eos_token_id
+@dataclass(frozen=True)
+class DocumentEncoder:
+    """Texts -> input ids: every non-empty text as the tokenizer encodes it (BOS where it adds one), followed by
+    EOS when it has one. A picklable object: streamed data (trainer.data.streaming) encodes in the loader workers."""
 
-    def tokenize(batch):
-        texts = [text for text in batch[text_column] if text and not text.isspace()]
-        encoded = tokenizer(texts, verbose=False)["input_ids"] if texts else []  # transformers fails on no texts
+    tokenizer: object
+
+    def __call__(self, texts: list[str]) -> dict:
+        eos = self.tokenizer.eos_token_id
+        texts = [text for text in texts if text and not text.isspace()]
+        encoded = self.tokenizer(texts, verbose=False)["input_ids"] if texts else []  # it fails on no texts
         if eos is not None:
             encoded = [ids if ids and ids[-1] == eos else ids + [eos] for ids in encoded]
         return {"input_ids": encoded}
-
-    return raw_splits.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
-                          remove_columns=[text_column], desc="tokenize",
-                          load_from_cache_file=not data_args.overwrite_cache)
 
 
 class ClmTokenization(Tokenization):
@@ -94,8 +94,8 @@ class ClmTokenization(Tokenization):
     new_tokenizer = staticmethod(train_byte_level_bpe_tokenizer)
     model_preset = staticmethod(tiny_gpt2_config)
 
-    def tokenize(self, config, raw, text_column: str, tokenizer):
-        return tokenize_documents(raw, text_column, tokenizer, config.data)
+    def encoder(self, config, tokenizer) -> DocumentEncoder:
+        return DocumentEncoder(tokenizer)
 
     def sequence_length(self, config, model_config, prepared_length: int | None = None) -> int:
         default = min(RUN_CLM_MAX_BLOCK, max_positions(model_config) or RUN_CLM_MAX_BLOCK)
@@ -298,11 +298,8 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
                 f"{ft_args.finetune_strategy} tuning does not pass to the model; use --packing stream")
         data = job_data(config, files, CLM_TOKENIZATION, lambda tokenizer: causal_lm(model_args, tokenizer))
         tokenizer, model, blocks, block_size = data.tokenizer, data.model, data.splits, data.length
-        train_set, eval_set = first_samples(blocks["train"], blocks["validation"], data_args)
-        require(len(train_set) > 0, f"the training text is too short for one block of {block_size} tokens; use "
-                                    f"more text or a smaller --block_size")
-        require(len(eval_set) > 0, f"the evaluation text is too short for one block of {block_size} tokens; use "
-                                   f"more validation text or a smaller --block_size")
+        train_set, eval_set = map_style_blocks(blocks, data_args, block_size) if data.stream is None else (
+            None, blocks["validation"])
         other_sets = other_source_splits(blocks, files)
     trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="CAUSAL_LM")
     # Blocks are full: padding never happens; a tokenizer without a pad token (GPT-2's) is fine.
@@ -310,7 +307,7 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     collator = BlockCollator(pad_token_id, tokenizer.eos_token_id if packed else None)
     return Task(
         model=CausalLMTask(trained_model, clm_args.loss_chunk_tokens),
-        train_dataset=train_set, eval_dataset=eval_set,
+        train_dataset=train_set, eval_dataset=eval_set, train_stream=data.stream,
         other_sources=other_sets,
         train_collator=collator, eval_collator=collator, compute_metrics=perplexity_metrics("predicted_tokens"),
         hf_model=trained_model, tokenizer=tokenizer, columns=["input_ids"],
@@ -327,6 +324,16 @@ def causal_lm(model_args, tokenizer):
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     return load_model(model_args, AutoModelForCausalLM, tokenizer, preset=CLM_TOKENIZATION.model_preset,
                       decoder=True, **new_model_ids)
+
+
+def map_style_blocks(blocks, data_args, block_size: int):
+    """(training set, evaluation set), cut to --max_train_samples/--max_eval_samples and checked to be non-empty."""
+    train_set, eval_set = first_samples(blocks["train"], blocks["validation"], data_args)
+    require(len(train_set) > 0, f"the training text is too short for one block of {block_size} tokens; use "
+                                f"more text or a smaller --block_size")
+    require(len(eval_set) > 0, f"the evaluation text is too short for one block of {block_size} tokens; use "
+                               f"more validation text or a smaller --block_size")
+    return train_set, eval_set
 
 
 def headline(metrics: dict) -> str:

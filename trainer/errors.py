@@ -22,6 +22,11 @@ class UsageError(Exception):
     """Something the user asked for cannot work; the message names the problem and the fix."""
 
 
+class DataSourceFailed(Exception):
+    """The training data failed during the run (a streamed file became unreadable, or the stream ran out before
+    --max_steps): the engine stops with one line naming it and the last good checkpoint (exit code 2)."""
+
+
 class JobStopped(Exception):
     """Training ended early: on a stop signal (after a checkpoint) or on a non-finite loss (keeping the last good
     checkpoint). The job exits with `exit_code` and the message, without a traceback."""

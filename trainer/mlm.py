@@ -61,29 +61,32 @@ class MLMArguments:
 
 
 # ------------------------------------------------------------------------------------------ data preparation
-def tokenize_texts(raw_splits, text_column: str, tokenizer, data_args, mlm_args):
-    """Every non-empty text of every split as token ids and special-token marks (and word starts for whole-word
-    masking); truncated to max_seq_length with --line_by_line, where each line stays one sequence."""
-    import datasets
+@dataclass(frozen=True)
+class MlmEncoder:
+    """Texts -> token columns: input ids with the tokenizer's special tokens, their mask, and with whole-word
+    masking the word starts; truncated to `max_length` (--line_by_line). Blank texts are dropped. A picklable
+    object: streamed data (trainer.data.streaming) encodes in the loader workers."""
 
-    keep_word_starts = mlm_args.whole_word_masking
+    tokenizer: object
+    keep_word_starts: bool
+    max_length: Optional[int]
 
-    def tokenize(batch):
-        texts = [text for text in batch[text_column] if text and not text.isspace()]
+    def __call__(self, texts: list[str]) -> dict:
+        texts = [text for text in texts if text and not text.isspace()]
         if not texts:  # the tokenizer refuses an empty list
-            return {"input_ids": [], "special_tokens_mask": [], **({"word_start": []} if keep_word_starts else {})}
-        encoded = tokenizer(texts, return_special_tokens_mask=True, truncation=mlm_args.line_by_line,
-                            max_length=data_args.max_seq_length if mlm_args.line_by_line else None, verbose=False)
+            return {"input_ids": [], "special_tokens_mask": [], **({"word_start": []} if self.keep_word_starts
+                                                                   else {})}
+        encoded = self.tokenizer(texts, return_special_tokens_mask=True, truncation=self.max_length is not None,
+                                 max_length=self.max_length, verbose=False)
         columns = {"input_ids": encoded["input_ids"], "special_tokens_mask": encoded["special_tokens_mask"]}
-        if keep_word_starts:
+        if self.keep_word_starts:
             columns["word_start"] = [word_starts(encoded.word_ids(i)) for i in range(len(texts))]
         return columns
 
-    return datasets.DatasetDict({
-        split: dataset.map(tokenize, batched=True, num_proc=data_args.preprocessing_num_workers,
-                           remove_columns=dataset.column_names, desc="tokenize",
-                           load_from_cache_file=not data_args.overwrite_cache)
-        for split, dataset in raw_splits.items()})
+
+def mlm_encoder(tokenizer, data_args, mlm_args) -> MlmEncoder:
+    return MlmEncoder(tokenizer, mlm_args.whole_word_masking,
+                      data_args.max_seq_length if mlm_args.line_by_line else None)
 
 
 class MLMTokenization(Tokenization):
@@ -92,8 +95,8 @@ class MLMTokenization(Tokenization):
 
     job = "mlm"
 
-    def tokenize(self, config, raw, text_column: str, tokenizer):
-        return tokenize_texts(raw, text_column, tokenizer, config.data, config.mlm)
+    def encoder(self, config, tokenizer) -> MlmEncoder:
+        return mlm_encoder(tokenizer, config.data, config.mlm)
 
     def concatenates(self, config) -> bool:
         return not config.mlm.line_by_line
@@ -305,12 +308,8 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         masker = Masker(mlm_args.mlm_probability, len(tokenizer), tokenizer.mask_token_id, config.optimization.seed,
                         mlm_args.whole_word_masking)
         eval_masker = Masker(**{**masker.__dict__, "seed": mlm_args.eval_mask_seed})
-        train_set, eval_set = processed["train"], processed["validation"]
-        train_set, eval_set = first_samples(train_set, eval_set, data_args)
-        require(len(train_set) > 0, f"the training text is too short for one block of {data_args.max_seq_length} "
-                                    f"tokens; use more text, a smaller --max_seq_length or --line_by_line")
-        require(len(eval_set) > 0, "the evaluation text is too short for one block; use more validation text or a "
-                                   "smaller --max_seq_length")
+        train_set, eval_set = map_style_data(processed, data_args) if data.stream is None else (
+            None, processed["validation"])
         eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
         other_sets = other_source_splits(processed, files)
     padded = mlm_args.line_by_line
@@ -318,8 +317,10 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     head_fraction = mlm_args.mlm_probability if task_model.sparse_head else 1.0
     row_parameters = last_layer_row_parameters(model) if task_model.sparse_last_layer else 0
     return Task(
-        model=task_model, train_dataset=train_set, eval_dataset=eval_set,
-        other_sources=other_sets, after_training=unigram_baseline(train_set, eval_set, len(tokenizer)),
+        model=task_model, train_dataset=train_set, eval_dataset=eval_set, train_stream=data.stream,
+        other_sources=other_sets,
+        # The baseline counts the training tokens: a stream's are not known before training.
+        after_training=None if train_set is None else unigram_baseline(train_set, eval_set, len(tokenizer)),
         train_collator=TrainCollator(masker, tokenizer.pad_token_id, padded),
         eval_collator=EvalCollator(tokenizer.pad_token_id, padded), compute_metrics=perplexity_metrics("masked_tokens"),
         hf_model=model, tokenizer=tokenizer, after_evaluation=fill_mask_probes(tokenizer, mlm_args.probe_sentences),
@@ -331,6 +332,16 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     )
 
 
+def map_style_data(processed, data_args):
+    """(training set, evaluation set), cut to --max_train_samples/--max_eval_samples and checked to be non-empty."""
+    train_set, eval_set = first_samples(processed["train"], processed["validation"], data_args)
+    require(len(train_set) > 0, f"the training text is too short for one block of {data_args.max_seq_length} "
+                                f"tokens; use more text, a smaller --max_seq_length or --line_by_line")
+    require(len(eval_set) > 0, "the evaluation text is too short for one block; use more validation text or a "
+                               "smaller --max_seq_length")
+    return train_set, eval_set
+
+
 def unigram_baseline(train_set, eval_set, vocab_size: int):
     """Logs the baseline to beat now; the task's after-training step puts it beside the final metrics."""
     unigram = unigram_perplexity(train_set, eval_set, vocab_size)
@@ -340,8 +351,10 @@ def unigram_baseline(train_set, eval_set, vocab_size: int):
 
 
 def headline(metrics: dict) -> str:
-    return (f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f} (smoothed "
-            f"unigram baseline {metrics['eval_unigram_perplexity']:.2f})")
+    line = f"perplexity {metrics['init_eval_perplexity']:.2f} -> {metrics['eval_perplexity']:.2f}"
+    if "eval_unigram_perplexity" in metrics:  # not under --streaming
+        line += f" (smoothed unigram baseline {metrics['eval_unigram_perplexity']:.2f})"
+    return line
 
 
 MLM_JOB = JobSpec(

@@ -118,7 +118,9 @@ class Checkpointer:
 
     Besides the model (`ModelFiles`), every part is an entry of one of three mappings of name -> object with
     `state_dict()`/`load_state_dict()`, so that a new stateful part is one more entry:
-    - `states`: JSON-serialisable, the same on every rank (train state, data position): trainer_state.json;
+    - `states`: JSON-serialisable, the same on every rank (train state, data position): trainer_state.json; a part
+      whose state is spread over the ranks (a stream's lane positions) has `gather_across_ranks()`, a collective
+      called on every rank before each save;
     - `tensor_states`, by file name (trainer.layout): the same on every rank (optimizer, scheduler, scaler), each
       `torch.save`d by rank 0;
     - `rank_states`: each rank's own (RNG, logging window): rank-<r>.pt. When the world size changed, rank 0 hands
@@ -151,6 +153,9 @@ class Checkpointer:
         checkpoint, after removing the partial directory; the previous checkpoints stay as they were (rotation only
         runs after a complete save)."""
         accelerator = self.accelerator
+        for part in self.states.values():  # a state spread over the ranks (a stream's lanes) is collected first
+            if hasattr(part, "gather_across_ranks"):
+                part.gather_across_ranks()
         final = os.path.join(self.config.output_dir, checkpoint_name(step))
         temporary = final + TEMPORARY_SUFFIX
         writes = Writes(temporary)

@@ -26,7 +26,8 @@ class CorpusArguments:
                                             "the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
     train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet, or a directory "
-                                          "written by python -m trainer.prepare (tokenized once, opened at once).")
+                                          "written by python -m trainer.prepare (tokenized once, opened at once); with "
+                                          "--streaming also a directory or a glob of such files (quote it).")
     train_files: list[str] = arg(
         [], "Training data as a weighted mixture, instead of --train_file or --dataset_name: one or more sources "
         "PATTERN[:WEIGHT], each a file, a directory (its data files, recursively) or a glob (quote it), read as one "
@@ -38,7 +39,8 @@ class CorpusArguments:
         f"fresh seeded order per pass. The log and {RESULTS_FILE} report the samples and (unpadded) tokens taken "
         f"from each.", nargs="+")
     validation_file: Optional[str] = arg(None, "Evaluation data, same formats. Unset: split off the training data "
-                                               "(with --train_files: off its first, primary source).")
+                                               "(with --train_files: off its first, primary source; with --streaming it "
+                                               "is needed).")
     text_column: Optional[str] = arg(None, "Column holding the text (default: 'text', or the only/first string "
                                            "column).")
     validation_split_percentage: int = arg(5, "Percent of the training data held out for evaluation when no "
@@ -47,16 +49,31 @@ class CorpusArguments:
     overwrite_cache: bool = arg(False, "Tokenize again instead of reusing the datasets cache.")
     max_train_samples: Optional[int] = arg(None, "Keep only this many training sequences (debugging; with "
                                                  "--train_files, of the primary source).")
-    max_eval_samples: Optional[int] = arg(None, "Keep only this many evaluation sequences (debugging).")
+    max_eval_samples: Optional[int] = arg(None, "Keep only this many evaluation sequences (debugging). With "
+                                                "--streaming: the evaluation set is this many sequences from the "
+                                                "start of the validation data (default 512).")
+    streaming: bool = arg(False, "Read, tokenize and pack the training data as training goes (nothing up front), in "
+                                 "a seeded order that is the same at every world size and resumes at once. Needs "
+                                 "--max_steps (the run's length) and --validation_file; the data is read at most "
+                                 "--num_train_epochs times (rounded up), a shorter stream stops the run.")
+    shuffle_buffer_size: int = arg(1000, "With --streaming: documents per shuffle window of each lane (a resume "
+                                         "re-reads at most one window).")
 
     def __post_init__(self):
         require(not (self.dataset_name and self.train_file), "give either --dataset_name or --train_file, not both")
         self.check_train_files()
         for flag in ("train_file", "validation_file"):
             path = getattr(self, flag)
-            # A prepared directory (python -m trainer.prepare) is checked by its manifest when the job opens it.
-            if path is not None and not (flag == "train_file" and is_prepared_directory(path)):
+            # A prepared directory (python -m trainer.prepare) is checked by its manifest when the job opens it; a
+            # stream takes a directory or glob too, its files checked as it opens them.
+            if path is not None and not self.streaming and not (flag == "train_file" and is_prepared_directory(path)):
                 check_data_file(path, flag)
+        require(self.shuffle_buffer_size > 0, f"--shuffle_buffer_size must be positive, got "
+                                              f"{self.shuffle_buffer_size}")
+        require(not (self.streaming and self.max_train_samples), "--max_train_samples does not apply to "
+                                                                 "--streaming: the run's length is --max_steps")
+        require(not (self.streaming and self.train_files), "--train_files mixes map-style sources; --streaming "
+                                                           "reads one --train_file (a file, directory or glob)")
         require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
         for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):
             value = getattr(self, flag)
@@ -96,7 +113,8 @@ def check_data_file(path: str, flag: str) -> None:
     require(os.path.exists(path) or not os.path.islink(path), f"--{flag} {path} is a broken symbolic link (its "
                                                               f"target is missing, or a symbolic link loop)")
     require(os.path.exists(path), f"--{flag} {path}: no such file")
-    require(not os.path.isdir(path), f"--{flag} {path} is a directory; give a file")
+    require(not os.path.isdir(path), f"--{flag} {path} is a directory; give a file (a directory "
+                                                f"or glob of files takes --streaming)")
     extension = os.path.splitext(path)[1].lower()
     require(extension in DATA_FILE_EXTENSIONS,
             f"--{flag} {path}: unsupported extension '{extension}'; use one of {', '.join(DATA_FILE_EXTENSIONS)}")

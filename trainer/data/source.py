@@ -57,6 +57,10 @@ class TrainingBatches:
                          f"(weight {source.weight:g}), {size} sequences; {role}")
         return lines
 
+    def describe_position(self) -> str:
+        """For the log line of a resume."""
+        return f"epoch {self.epoch}, {self.samples_in_epoch} samples into the epoch"
+
     def micro_batches(self):
         """Micro-batches forever, epoch after epoch, from the current position."""
         batches = EpochBatches(self.sampler, self.epoch, self.samples_in_epoch, self.positions)
@@ -84,6 +88,7 @@ class TrainingBatches:
                 "samples_per_source": list(self.samples_per_source), "tokens_per_source": list(self.tokens_per_source)}
 
     def load_state_dict(self, saved: dict) -> None:
+        require("lanes" not in saved, "the checkpoint was written by a --streaming run; resume it with --streaming")
         require("samples_per_source" in saved, "the checkpoint's data position predates weighted mixtures (it has "
                                                "no samples_per_source); resume it with the trainer version that "
                                                "wrote it, or start a new run")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from trainer.data.arguments import DataFiles
 from trainer.data.loading import check_text_column, group_into_blocks, load_source, load_text_splits, source_split
 from trainer.data.prepared import PreparedData, is_prepared_directory
+from trainer.data.streaming import streamed_data, streamed_texts_refused
 from trainer.errors import require
 from trainer.models.loading import check_sequence_length, load_tokenizer
 
@@ -25,9 +26,21 @@ class Tokenization:
     new_tokenizer = None  # trains a tokenizer when none is named (`load_tokenizer`'s train_new; None: WordPiece)
     model_preset = None  # the job's model preset from scratch (`load_model`'s preset; None: tiny BERT)
 
+    def encoder(self, config, tokenizer):
+        """The job's picklable texts -> token columns function (one row per non-empty text), run by `tokenize`
+        and, under --streaming, in the loader workers (trainer.data.streaming)."""
+        raise NotImplementedError
+
     def tokenize(self, config, raw, text_column: str, tokenizer):
         """A DatasetDict of text rows -> the same splits as token rows (one per non-empty text)."""
-        raise NotImplementedError
+        import datasets
+
+        encode, data_args = self.encoder(config, tokenizer), config.data
+        return datasets.DatasetDict({
+            split: dataset.map(lambda batch: encode(batch[text_column]), batched=True,
+                               num_proc=data_args.preprocessing_num_workers, remove_columns=dataset.column_names,
+                               desc="tokenize", load_from_cache_file=not data_args.overwrite_cache)
+            for split, dataset in raw.items()})
 
     def concatenates(self, config) -> bool:
         """Whether the token rows are concatenated and cut into blocks of the sequence length."""
@@ -62,7 +75,8 @@ class JobData:
     tokenizer: object
     model: object
     length: int
-    splits: dict
+    splits: dict  # under --streaming: "validation" alone
+    stream: object = None  # under --streaming: the training `TrainStream` (trainer.data.streaming)
 
 
 def job_data(config, files: DataFiles, tokenization: Tokenization, build_model) -> JobData:
@@ -70,6 +84,8 @@ def job_data(config, files: DataFiles, tokenization: Tokenization, build_model) 
     `build_model(tokenizer)` builds the job's model once the tokenizer is known."""
     if is_prepared_directory(files.train):
         return prepared_job_data(config, files, tokenization, build_model)
+    if config.data.streaming:
+        return streamed_job_data(config, files, tokenization, build_model)
     raw, text_column = load_text_splits(config.data, files, keep_linebreaks=tokenization.keep_linebreaks(config))
     tokenizer = load_tokenizer(config.model, lambda: raw["train"][text_column], tokenization.new_tokenizer)
     tokenization.check_tokenizer(config, tokenizer)
@@ -77,6 +93,20 @@ def job_data(config, files: DataFiles, tokenization: Tokenization, build_model) 
     length = tokenization.sequence_length(config, model.config)
     check_sequence_length(length, model.config, tokenization.length_flag)
     return JobData(tokenizer, model, length, tokenization.sequences(config, raw, text_column, tokenizer, length))
+
+
+def streamed_job_data(config, files: DataFiles, tokenization: Tokenization, build_model) -> JobData:
+    """--streaming: nothing tokenized up front but the fixed evaluation sample; the training stream encodes as
+    training goes."""
+    tokenizer = load_tokenizer(config.model, streamed_texts_refused, tokenization.new_tokenizer)
+    tokenization.check_tokenizer(config, tokenizer)
+    model = build_model(tokenizer)
+    length = tokenization.sequence_length(config, model.config)
+    check_sequence_length(length, model.config, tokenization.length_flag)
+    stream, evaluation = streamed_data(config.data, files, tokenization.encoder(config, tokenizer), length,
+                                       not tokenization.concatenates(config), config.optimization.seed,
+                                       tokenization.keep_linebreaks(config))
+    return JobData(tokenizer, model, length, {"validation": evaluation}, stream)
 
 
 def prepared_job_data(config, files: DataFiles, tokenization: Tokenization, build_model) -> JobData:

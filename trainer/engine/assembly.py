@@ -20,6 +20,7 @@ from trainer.data.batches import loader_workers
 from trainer.data.mixture import mixture_counts, mixture_sources, training_data
 from trainer.data.samplers import CyclingSource, GlobalBatchSampler
 from trainer.data.source import TrainingBatches, token_counts
+from trainer.data.streaming import StreamingBatches, passes_of
 from trainer.distributed.launch import prepare_for_model, sharded_state_name
 from trainer.engine.evaluation import BestMetric
 from trainer.engine.fault_injection import FaultInjection
@@ -79,9 +80,17 @@ def metrics_log(config: JobConfig, accelerator) -> MetricsLog:
                       choose_trackers(config.tracking.report_to, run_name, output_dir), config.as_dict())
 
 
-def training_batches(config: JobConfig, task: Task, accelerator) -> TrainingBatches:
-    """The training samples (then each other source's: a mixture, replay) in the global order of every step."""
-    optimization, size = config.optimization, len(task.train_dataset)
+def training_batches(config: JobConfig, task: Task, accelerator) -> TrainingBatches | StreamingBatches:
+    """The training samples (then each other source's: a mixture, replay) in the global order of every step; under
+    --streaming, the stream's lanes."""
+    optimization = config.optimization
+    if task.train_stream is not None:
+        return StreamingBatches(task.train_stream, task.train_collator, optimization.per_device_train_batch_size,
+                                accelerator.num_processes, accelerator.process_index,
+                                optimization.gradient_accumulation_steps, data_loader_workers(config, accelerator),
+                                passes_of(optimization.num_train_epochs), optimization.seed,
+                                config.data.train_file or config.data.dataset_name)
+    size = len(task.train_dataset)
     sources = mixture_sources(config)
     global_batch_size = optimization.global_batch_size(accelerator.num_processes)
     counts = mixture_counts(sources, global_batch_size)

@@ -10,6 +10,7 @@ from trainer.errors import require
 
 def check_sections(config: JobConfig) -> None:
     """Before the processes start."""
+    check_streaming(config)
     finetune = config.get("finetune")
     require(finetune is None or not (finetune.finetune_strategy == "gradual_unfreeze"
                                      and deepspeed_requested(config.parallelism)),
@@ -21,3 +22,24 @@ def check_with_processes(config: JobConfig, world_size: int) -> None:
     """Once the processes are known, before any data is prepared: the --train_files weights and --replay_ratio
     leave at least one sample of every training source in a global batch."""
     mixture_counts(mixture_sources(config), config.optimization.global_batch_size(world_size))
+
+
+def check_streaming(config: JobConfig) -> None:
+    """--streaming: the run's length is --max_steps, and what needs the whole training set up front is refused."""
+    if not config.data.streaming:
+        return
+    require(config.optimization.max_steps > 0, "--streaming needs --max_steps: a stream's length is not known "
+                                               "up front, so it cannot set the number of steps")
+    require(config.get("classify") is None, "--streaming is for trainer.mlm and trainer.clm; trainer.classify reads "
+                                            "its (labelled) data map-style: drop --streaming")
+    require(not config.data.train_files, "--train_files mixes map-style sources; --streaming reads one "
+                                         "--train_file (a file, directory or glob)")
+    continual = config.continual
+    require(continual.replay_file is None, "--replay_file mixes a map-style replay set into map-style training "
+                                           "data; drop --streaming or --replay_file")
+    require(not continual.save_fisher, "--save_fisher reads the first training samples after training, which a "
+                                       "stream does not keep; drop --streaming or --save_fisher")
+    finetune = config.get("finetune")
+    require(finetune is None or finetune.finetune_strategy != "gradual_unfreeze" or finetune.unfreeze_unit != "epochs",
+            "--unfreeze_unit epochs: a stream's lanes are in different passes at any one time; use --unfreeze_unit "
+            "steps with --streaming")

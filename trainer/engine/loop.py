@@ -25,7 +25,7 @@ from trainer.continual.ewc import ElasticWeightConsolidation, FisherPass, save_f
 from trainer.data.batches import make_loader
 from trainer.data.samplers import shard_for_evaluation
 from trainer.data.source import TrainingBatches, describe_consumed
-from trainer.distributed.collectives import all_gather_objects, all_reduce_sum, host_sum
+from trainer.distributed.collectives import all_gather_objects, all_reduce_sum, any_rank, host_sum
 from trainer.distributed.launch import describe_parallelism, describe_threads, parameters_sharded
 from trainer.distributed.parameters import full_state_dict
 from trainer.distributed.steps import backward, clip_gradients, set_gradient_sync, step_deepspeed_engine
@@ -35,13 +35,14 @@ from trainer.engine.signals import STOPPED_EXIT_CODE, StopSignals
 from trainer.engine.state import TrainState
 from trainer.engine.task import EvalOutput, Task
 from trainer.engine.throughput import Throughput
-from trainer.errors import JobStopped, require
+from trainer.errors import DataSourceFailed, JobStopped, require
 from trainer.layout import checkpoint_name
 from trainer.models.compilation import evaluation_stance
 from trainer.tracking import MetricsLog
 from trainer.tracking.console import logger, show_progress_bars
 
 DIVERGED_EXIT_CODE = 3
+BAD_DATA_EXIT_CODE = 2  # bad input, found during the run
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class EngineParts:
 
     task: Task
     model: torch.nn.Module  # the task model, prepared (DDP, DeepSpeed or FSDP)
-    data: TrainingBatches  # resumable micro-batches; its position is one of the checkpointer's states
+    data: TrainingBatches  # or StreamingBatches: resumable micro-batches; its position is a checkpointer state
     optimizer: torch.optim.Optimizer
     scheduler: object
     checkpointer: Checkpointer
@@ -114,7 +115,7 @@ class Engine:
         started = time.perf_counter()
         while state.step < settings.total_steps:
             step_started = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(settings.accumulation_steps)]
+            micro_batches = self.next_micro_batches(batches)
             window.data_wait += time.perf_counter() - step_started
             self.optimizer_step(micro_batches, window)
             window.seconds += time.perf_counter() - step_started
@@ -126,9 +127,10 @@ class Engine:
         progress.close()
         runtime = time.perf_counter() - started
         state.metrics.update(self.evaluate(prefix="eval_"))
+        consumed = self.data.consumed()
         state.metrics.update(train_runtime=runtime, train_steps=state.step,
-                             train_tokens_per_second=state.tokens_seen / runtime, **self.data.consumed())
-        logger.info("trained on %s", describe_consumed(self.data.consumed()))
+                             train_tokens_per_second=state.tokens_seen / runtime, **consumed)
+        logger.info("trained on %s", describe_consumed(consumed))
         if self.checkpointer.last_saved_step != state.step:
             self.save_checkpoint(window)
         state.metrics.update(self.checkpointer.restore_best_model())
@@ -145,8 +147,28 @@ class Engine:
             self.state.metrics.update(self.evaluate(prefix="init_eval_", check=self.check_best_model_metric))
             return
         self.check_best_model_metric(self.state.metrics)
-        logger.info("resumed from %s: step %d, epoch %d, %d samples into the epoch", path, self.state.step,
-                    self.data.epoch, self.data.samples_in_epoch)
+        logger.info("resumed from %s: step %d, %s", path, self.state.step, self.data.describe_position())
+
+    def next_micro_batches(self, batches) -> list[dict]:
+        """One optimizer step's micro-batches. A data source that fails on any rank (e.g. a streamed file that
+        became unreadable) stops every rank at this step with that rank's line, naming the last good checkpoint:
+        data is never skipped, and no rank is left waiting in the step's collectives."""
+        failure = None
+        try:
+            micro_batches = [next(batches) for _ in range(self.settings.accumulation_steps)]
+        except DataSourceFailed as error:
+            failure, micro_batches = str(error), []
+        if any_rank(failure is not None):
+            failure = next(message for message in all_gather_objects(failure) if message)
+            raise JobStopped(f"{failure}; stopping at optimizer step {self.state.step + 1}. The last good "
+                             f"checkpoint is {self.last_good_checkpoint()}; fix the data, then run the same command "
+                             f"again to resume", BAD_DATA_EXIT_CODE)
+        return micro_batches
+
+    def last_good_checkpoint(self) -> str:
+        last_good = self.checkpointer.last_saved_step
+        return (f"{checkpoint_name(last_good) if last_good is not None else 'none (none was saved yet)'} in "
+                f"{self.settings.output_dir}")
 
     def optimizer_step(self, micro_batches: list[dict], window: "Window") -> None:
         # The counts are on the host: summed over ranks there, so that the step never waits for the device.
@@ -219,12 +241,9 @@ class Engine:
         grad_norm_finite = window.grad_norm is None or math.isfinite(float(window.grad_norm))
         if math.isfinite(reduced_loss_sum) and grad_norm_finite:
             return
-        last_good = self.checkpointer.last_saved_step
         raise JobStopped(f"non-finite training loss or gradient between optimizer steps {window.first_step} and "
-                         f"{self.state.step}; stopping. The last good checkpoint is "
-                         f"{checkpoint_name(last_good) if last_good is not None else 'none (none was saved yet)'} "
-                         f"in {self.settings.output_dir}; lower the learning rate or check the data, then resume",
-                         DIVERGED_EXIT_CODE)
+                         f"{self.state.step}; stopping. The last good checkpoint is {self.last_good_checkpoint()}; "
+                         f"lower the learning rate or check the data, then resume", DIVERGED_EXIT_CODE)
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def evaluate_and_save_when_due(self, window: "Window") -> None:

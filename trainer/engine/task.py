@@ -14,7 +14,7 @@ class Task:
     """What a job gives the engine."""
 
     model: torch.nn.Module  # forward(**batch) -> {"loss_sum": Tensor, optional "predictions": Tensor}
-    train_dataset: object  # datasets.Dataset
+    train_dataset: object  # datasets.Dataset; None under --streaming
     eval_dataset: object
     train_collator: Callable  # columnar batch (with its "epoch") -> tensors + "num_loss_items"
     eval_collator: Callable
@@ -42,6 +42,8 @@ class Task:
     # On every rank after training, given the engine: the job's own after-steps (e.g. predictions on a test set);
     # a dict it returns joins the final metrics.
     after_training: Optional[Callable[[object], Optional[dict]]] = None
+    # --streaming: the training data as a trainer.data.streaming.TrainStream instead of `train_dataset`.
+    train_stream: object = None
 
 
 @dataclass

@@ -1,0 +1,172 @@
+"""--streaming (trainer.data.streaming): the lanes' partition and order, world-size independence, the seek of a
+resume, loader workers; in-process with a character-code "tokenizer". The real runs are in test_streaming_runs.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from trainer.data.streaming import (START, LaneId, StreamingBatches, TrainStream, lane_blocks, open_corpus,
+                                    rank_slots)
+from trainer.data.arguments import source_files
+from trainer.errors import DataSourceFailed, UsageError
+
+
+class CharacterCodes:
+    """A stand-in tokenizer: each text's character codes, then 0 (an "EOS")."""
+
+    def __call__(self, texts):
+        return {"input_ids": [[ord(c) % 97 + 1 for c in text] + [0] for text in texts]}
+
+
+def as_batch(batch):
+    return batch
+
+
+def documents(count: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"doc {i} " + "x" * int(rng.integers(1, 90)) for i in range(count)]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Three .txt shards of 40 documents each, with blank lines between some."""
+    texts = documents(120)
+    for shard in range(3):
+        lines = []
+        for text in texts[shard * 40:(shard + 1) * 40]:
+            lines.append(text + "\n")
+            if len(text) % 5 == 0:
+                lines.append("\n")
+        (tmp_path / f"part{shard}.txt").write_text("".join(lines))
+    return str(tmp_path), texts
+
+
+def corpus_of(pattern: str, text_column=None, seed: int = 3):
+    return open_corpus(source_files(pattern, "train_file"), "train_file", text_column, seed)
+
+
+def stream(pattern: str, window: int = 7, block_size: int = 16, seed: int = 3) -> TrainStream:
+    return TrainStream(corpus_of(pattern, seed=seed), CharacterCodes(), block_size, False, window)
+
+
+def test_every_lane_part_together_hold_every_document_once_per_pass(shards):
+    directory, texts = shards
+    corpus = stream(directory).corpus
+    for epoch in (0, 1):
+        for lanes in (1, 5, 16):
+            read = []
+            for lane in range(lanes):
+                start, end = corpus.part(lane, lanes)
+                got, _ = corpus.read(epoch, start, end, limit=10 ** 6)
+                read.extend(got)
+            assert sorted(read) == sorted(texts)
+    first, second = (corpus.read(epoch, 0, corpus.size, 10 ** 6)[0] for epoch in (0, 1))
+    assert first != second  # each pass lays the shards out in another order
+
+
+def test_jsonl_and_parquet_shards_stream_the_same_documents(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = documents(30)
+    (tmp_path / "j").mkdir()
+    (tmp_path / "p").mkdir()
+    for shard in range(2):
+        part = texts[shard * 15:(shard + 1) * 15]
+        (tmp_path / "j" / f"{shard}.jsonl").write_text("".join(json.dumps({"id": 1, "body": t}) + "\n" for t in part))
+        pq.write_table(pa.table({"body": part}), tmp_path / "p" / f"{shard}.parquet", row_group_size=4)
+    for pattern in (str(tmp_path / "j" / "*.jsonl"), str(tmp_path / "p")):
+        corpus = corpus_of(pattern, "body", seed=0)
+        read = [text for lane in range(4) for text in corpus.read(0, *corpus.part(lane, 4), 10 ** 6)[0]]
+        assert sorted(read) == sorted(texts)
+    with pytest.raises(UsageError, match="has no column 'text'"):
+        corpus_of(str(tmp_path / "p"), "text", seed=0)
+    with pytest.raises(UsageError, match="matches no file"):
+        corpus_of(str(tmp_path / "none-*.jsonl"), seed=0)
+
+
+def global_batches(source: TrainStream, per_device: int, world_size: int, accumulation: int, steps: int,
+                   workers: int = 0, positions=None):
+    """Each step's global batch (sample ids and tokens, by slot), composed from every rank's micro-batches."""
+    ranks = [StreamingBatches(source, as_batch, per_device, world_size, rank, accumulation, workers, passes=3,
+                              seed=3) for rank in range(world_size)]
+    for rank in ranks:
+        if positions is not None:
+            rank.load_state_dict(positions)
+    iterators = [rank.micro_batches() for rank in ranks]
+    batches = []
+    for _ in range(steps):
+        by_slot = {}
+        for rank, iterator in zip(ranks, iterators):
+            for slots in rank.micro_slots:
+                batch = next(iterator)
+                for slot, sample_id, row in zip(slots, batch["sample_id"], batch["input_ids"]):
+                    by_slot[slot] = (int(sample_id), row.tolist())
+            rank.advance()
+        batches.append([by_slot[slot] for slot in sorted(by_slot)])
+    for rank in ranks:
+        rank.gather_across_ranks()  # single process: each rank's own lanes
+    state = {"global_batch_size": ranks[0].global_batch_size,
+             "lanes": {key: value for rank in ranks for key, value in rank.state_dict()["lanes"].items()
+                       if int(key) in rank.own_slots}}
+    return batches, state
+
+
+def test_the_global_batches_are_the_same_at_every_world_size_and_worker_count(shards):
+    source = stream(shards[0])
+    one, _ = global_batches(source, 8, 1, 1, steps=6)
+    assert one == global_batches(source, 4, 2, 1, steps=6)[0]
+    assert one == global_batches(source, 2, 2, 2, steps=6)[0]
+    assert one == global_batches(source, 8, 1, 1, steps=6, workers=2)[0]
+    ids = [sample_id for batch in one for sample_id, _ in batch]
+    assert len(set(ids)) == len(ids)  # masks are keyed by sample id: never one twice
+
+
+def test_a_resume_continues_the_order_at_another_world_size(shards):
+    source = stream(shards[0])
+    expected, _ = global_batches(source, 8, 1, 1, steps=9)
+    _, state = global_batches(source, 4, 2, 1, steps=4)
+    assert global_batches(source, 2, 1, 4, steps=5, positions=state)[0] == expected[4:]
+
+
+def test_a_lane_seeks_to_its_position_reading_one_window_not_the_consumed_data(shards):
+    """Resumed from its position after block k, a lane yields exactly the blocks k+1.. of an uninterrupted one, and
+    reads at most one shuffle window (plus what the next block needs) before the first."""
+    source = stream(shards[0], window=5, block_size=32)
+    lane = LaneId(slot=1, source=0, index=1, lanes=2)
+    blocks = lane_blocks(source, lane, START, passes=3, seed=3)
+    uninterrupted = [next(blocks) for _ in range(150)]  # into the second pass
+    assert uninterrupted[-1][1][0] == 1
+    for k in (3, 40, 120):
+        fresh = stream(shards[0], window=5, block_size=32)
+        resumed = lane_blocks(fresh, lane, uninterrupted[k][1], passes=3, seed=3)
+        first = next(resumed)
+        assert fresh.corpus.documents_read <= 5 + 5
+        later = [first] + [next(resumed) for _ in range(150 - k - 2)]
+        assert all(np.array_equal(a[0]["input_ids"], b[0]["input_ids"]) and a[1] == b[1]
+                   for a, b in zip(later, uninterrupted[k + 1:]))
+
+
+def test_a_stream_that_runs_out_of_passes_stops(shards):
+    source = stream(shards[0], block_size=64)
+    blocks = lane_blocks(source, LaneId(0, 0, 0, 1), START, passes=1, seed=3)
+    with pytest.raises(DataSourceFailed, match=r"ended after 1 pass\(es\) \(--num_train_epochs\) before --max_steps"):
+        for _ in range(10 ** 4):
+            next(blocks)
+
+
+def test_a_corrupt_line_mid_stream_names_the_file(tmp_path):
+    good = "".join(f"{json.dumps({'text': t})}\n" for t in documents(20))
+    (tmp_path / "a.jsonl").write_text(good)
+    (tmp_path / "b.jsonl").write_text(good + '{"text": "cut off\n')
+    source = stream(str(tmp_path), block_size=8)
+    with pytest.raises(DataSourceFailed, match=r"b\.jsonl \(byte \d+\) could not be read: JSONDecodeError"):
+        blocks = lane_blocks(source, LaneId(0, 0, 0, 1), START, passes=1, seed=3)
+        for _ in range(10 ** 4):
+            next(blocks)
+
+
+def test_rank_slots_are_the_global_batch_samplers_layout():
+    assert rank_slots(2, 2, 1, 2) == [[2, 3], [6, 7]]
