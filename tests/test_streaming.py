@@ -91,7 +91,7 @@ def global_batches(source: TrainStream, per_device: int, world_size: int, accumu
                    workers: int = 0, positions=None):
     """Each step's global batch (sample ids and tokens, by slot), composed from every rank's micro-batches."""
     ranks = [StreamingBatches(source, as_batch, per_device, world_size, rank, accumulation, workers, passes=3,
-                              seed=3) for rank in range(world_size)]
+                              seed=3, source_name="corpus") for rank in range(world_size)]
     for rank in ranks:
         if positions is not None:
             rank.load_state_dict(positions)
