@@ -74,6 +74,26 @@ def two_process_resume_run(corpus, tokenizer_dir, job_env, tmp_path_factory):
     return uninterrupted_run(corpus, tokenizer_dir, job_env, tmp_path_factory.mktemp("resume-ddp"), 2)
 
 
+@pytest.fixture
+def in_process_job(job_env, monkeypatch):
+    """Run a job's `main` in this process (no interpreter start-up) with the test caches and extra variables."""
+    for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(key, job_env[key])
+
+    def run(main, argv, **variables):
+        for key in ("TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH", "TRAINER_DEBUG_SAMPLE_LOG"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in variables.items():
+            monkeypatch.setenv(key, str(value))
+        try:
+            return main(argv)
+        except SystemExit as stop:  # a stop signal: checkpoint saved, exit code 0
+            assert stop.code == 0
+            return None
+
+    return run
+
+
 def run_job(module: str, args: list[str], env: dict, nproc: int = 1, check: bool = True,
             timeout: float = 600, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m module args` (or torchrun with `nproc` processes on gloo, or under `launcher`, a command

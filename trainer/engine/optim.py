@@ -2,6 +2,7 @@
 biases and norm weights, and the learning-rate schedule."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,17 +26,49 @@ def adafactor(groups: list[dict], optimization) -> torch.optim.Optimizer:
                      warmup_init=False)
 
 
+def quantized_adamw(groups: list[dict], optimization, bits: int) -> torch.optim.Optimizer:
+    """torchao's AdamW with its two moments kept in `bits` bits per value (block-wise quantized, dynamic-tree
+    code book), the moments of tensors under 4096 values in fp32; the update itself is computed in fp32. Each
+    parameter's update is a torch.compile'd function (inductor): the first step compiles one per parameter shape."""
+    torchao_optim = import_torchao_optim()
+    optimizer, state = {8: (torchao_optim.AdamW8bit, torchao_optim.subclass_8bit.OptimState8bit),
+                        4: (torchao_optim.AdamW4bit, torchao_optim.subclass_4bit.OptimState4bit)}[bits]
+    # The checkpointer reads optimizer.pt with torch.load(weights_only=True), which takes only allow-listed classes.
+    torch.serialization.add_safe_globals([state])
+    return optimizer(groups, lr=optimization.learning_rate, betas=(optimization.adam_beta1, optimization.adam_beta2),
+                     eps=optimization.adam_epsilon)
+
+
+def import_torchao_optim():
+    """torchao.optim, imported without its import-time noise: the CUDA kernels its wheel ships fail to load on a
+    CPU build of torch (one warning each; the optimizers do not use them), and it registers an enum with torch's
+    pytree in a way torch 2.13 calls deprecated."""
+    quieted = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.optim
+    finally:
+        for logger, level in zip(quieted, levels):
+            logger.setLevel(level)
+    return torchao.optim
+
+
 # --optim: name -> (parameter groups, the optimization section) -> optimizer.
 OPTIMIZERS = {
     "adamw_torch_fused": lambda groups, optimization: adamw(groups, optimization, fused=True),
     "adamw_torch": lambda groups, optimization: adamw(groups, optimization, fused=False),
+    "adamw_torch_8bit": lambda groups, optimization: quantized_adamw(groups, optimization, bits=8),
+    "adamw_torch_4bit": lambda groups, optimization: quantized_adamw(groups, optimization, bits=4),
     "adafactor": adafactor,
     "sgd": lambda groups, optimization: torch.optim.SGD(groups, lr=optimization.learning_rate),
 }
 
 
-def is_adamw(optim: str) -> bool:
-    return optim.startswith("adamw")
+def is_fp32_adamw(optim: str) -> bool:
+    """torch's AdamW: the update DeepSpeed's own AdamW (and DeepSpeedCPUAdam) computes, with fp32 moments."""
+    return optim in ("adamw_torch_fused", "adamw_torch")
 
 
 @dataclass
