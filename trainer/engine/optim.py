@@ -81,8 +81,9 @@ class OptimizationArguments:
     gradient_accumulation_steps: int = arg(1, "Micro-steps per optimizer step.")
     optim: str = arg("adamw_torch_fused", "Optimizer: adamw_torch_fused (AdamW, fused kernel), adamw_torch (AdamW, "
                      "per-tensor loop), adafactor (transformers' Adafactor with the Trainer's settings: fixed "
-                     "--learning_rate, no parameter scaling, no relative step), sgd (torch.optim.SGD, no momentum). "
-                     "Its state is checkpointed and resumed exactly.", choices=list(OPTIMIZERS))
+                     "--learning_rate, no parameter scaling, no relative step), sgd (torch.optim.SGD, no momentum), "
+                     "adamw_torch_8bit / adamw_torch_4bit (torchao's AdamW with both moments block-quantized to 8 or "
+                     "4 bits; the first step compiles the update). Its state is checkpointed and resumed exactly.", choices=list(OPTIMIZERS))
     learning_rate: float = arg(5e-5, "Peak learning rate.")
     weight_decay: float = arg(0.0, "Weight decay (never applied to biases and norm weights): decoupled for AdamW "
                                    "and Adafactor, L2 for sgd.")
