@@ -2,7 +2,6 @@
 biases and norm weights, and the learning-rate schedule."""
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -30,29 +29,14 @@ def quantized_adamw(groups: list[dict], optimization, bits: int) -> torch.optim.
     """torchao's AdamW with its two moments kept in `bits` bits per value (block-wise quantized, dynamic-tree
     code book), the moments of tensors under 4096 values in fp32; the update itself is computed in fp32. Each
     parameter's update is a torch.compile'd function (inductor): the first step compiles one per parameter shape."""
-    torchao_optim = import_torchao_optim()
+    import torchao.optim as torchao_optim  # its import-time warnings: trainer.quiet_torchao_import
+
     optimizer, state = {8: (torchao_optim.AdamW8bit, torchao_optim.subclass_8bit.OptimState8bit),
                         4: (torchao_optim.AdamW4bit, torchao_optim.subclass_4bit.OptimState4bit)}[bits]
     # The checkpointer reads optimizer.pt with torch.load(weights_only=True), which takes only allow-listed classes.
     torch.serialization.add_safe_globals([state])
     return optimizer(groups, lr=optimization.learning_rate, betas=(optimization.adam_beta1, optimization.adam_beta2),
                      eps=optimization.adam_epsilon)
-
-
-def import_torchao_optim():
-    """torchao.optim, imported without its import-time noise: the CUDA kernels its wheel ships fail to load on a
-    CPU build of torch (one warning each; the optimizers do not use them), and it registers an enum with torch's
-    pytree in a way torch 2.13 calls deprecated."""
-    quieted = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in quieted]
-    for logger in quieted:
-        logger.setLevel(logging.ERROR)
-    try:
-        import torchao.optim
-    finally:
-        for logger, level in zip(quieted, levels):
-            logger.setLevel(level)
-    return torchao.optim
 
 
 # --optim: name -> (parameter groups, the optimization section) -> optimizer.
