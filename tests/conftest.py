@@ -75,7 +75,7 @@ def two_process_resume_run(corpus, tokenizer_dir, job_env, tmp_path_factory):
 
 
 @pytest.fixture
-def in_process(job_env, monkeypatch):
+def in_process_job(job_env, monkeypatch):
     """Run a job's `main` in this process (no interpreter start-up) with the test caches and extra variables."""
     for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, job_env[key])

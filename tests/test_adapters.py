@@ -131,6 +131,19 @@ def test_the_saved_adapter_loads_into_a_pipeline_that_reproduces_the_predictions
         assert {s["label"]: s["score"] for s in scores} == pytest.approx(written["probabilities"], abs=1e-5)
 
 
+def test_the_adapters_and_their_base_load_in_the_dtype_that_torch_dtype_names(two_tasks):
+    """Loaded (as trainer.classify does, models.loading.pretrained_model) in float32, fingerprint-checked, then
+    cast: the float32 model rounded to bfloat16, bit for bit."""
+    from trainer.finetune.adapters import load_base_with_adapters
+
+    as_saved = load_base_with_adapters(str(two_tasks["b"]))
+    rounded = load_base_with_adapters(str(two_tasks["b"]), dtype=torch.bfloat16)
+    assert {p.dtype for p in as_saved.parameters()} == {torch.float32}
+    assert {p.dtype for p in rounded.parameters()} == {torch.bfloat16}
+    expected = as_saved.state_dict()
+    assert all(torch.equal(tensor, expected[name].to(torch.bfloat16)) for name, tensor in rounded.state_dict().items())
+
+
 def test_a_second_task_leaves_the_first_bit_identical_and_both_load_by_name(two_tasks):
     from transformers import AutoTokenizer
 

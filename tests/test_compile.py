@@ -1,5 +1,5 @@
 """--torch_compile: the transformer blocks compile once, never recompile in training or evaluation, and train like
-eager. On the CPU the test uses the aot_eager backend (dynamo's graph capture and AOT autograd without inductor's
+eager, with --gradient_checkpointing too. On the CPU the test uses the aot_eager backend (dynamo's graph capture and AOT autograd without inductor's
 code generation, which takes minutes on 2 cores); bench/gpu_check.sh runs it with inductor on a GPU
 (TRAINER_TEST_COMPILE_BACKEND=inductor)."""
 import os
@@ -23,7 +23,7 @@ def run_in_process(corpus, tokenizer_dir, output_dir, *extra):
     return main(args)
 
 
-@pytest.mark.slow  # ~45 s on 2 cores: two runs, one of them compiled
+@pytest.mark.slow  # ~60 s on 2 cores: three runs, two of them compiled (one with --gradient_checkpointing)
 def test_compiled_blocks_compile_once_and_match_eager(corpus, tokenizer_dir, job_env, tmp_path, monkeypatch):
     for key in ("TRAINER_CACHE", "HF_DATASETS_CACHE", "HF_HOME", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(key, job_env[key])
@@ -47,3 +47,12 @@ def test_compiled_blocks_compile_once_and_match_eager(corpus, tokenizer_dir, job
     assert a.keys() == b.keys()  # compiled in place: the parameter names of the eager model
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=10 * tolerance, atol=tolerance / 10)
+    # --gradient_checkpointing: the checkpoint is traced into the same single graph, which trains like eager.
+    torch._dynamo.reset()
+    counters.clear()
+    run_in_process(corpus, tokenizer_dir, tmp_path / "checkpointed", "--torch_compile", "--torch_compile_backend",
+                   backend, "--gradient_checkpointing")
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    c = load_parameters(tmp_path / "checkpointed")
+    for name in a:
+        torch.testing.assert_close(c[name], a[name], rtol=10 * tolerance, atol=tolerance / 10)

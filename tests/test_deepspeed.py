@@ -29,14 +29,19 @@ def runs(corpus, tokenizer_dir, job_env, tmp_path_factory, two_process_resume_ru
     (`deepspeed --num_gpus 2 --module ...`, which works on the CPU too) and round-trips its sharded checkpoint after
     training (tests/deepspeed_roundtrip.py); ZeRO-3 with optimizer and parameters offloaded to the CPU steps with
     DeepSpeedCPUAdam (accelerate swaps it in). ZeRO-1 is ZeRO-2's optimizer without gradient partitioning: only
-    its config is checked here."""
+    its config is checked here. ZeRO-2 and offloaded ZeRO-3 also run with --gradient_checkpointing, which changes
+    no parameter (dropout draws the same masks when a block is recomputed): they still match DDP without it."""
     root = tmp_path_factory.mktemp("zero")
     outputs = {"ddp": two_process_resume_run[0], "zero2": root / "zero2"}
+    checkpointed = ["--gradient_checkpointing"]
     run_job("tests.deepspeed_roundtrip", resume_args(corpus, tokenizer_dir, outputs["zero2"], 2, "--deepspeed",
-                                                     ds_config("zero2")), job_env, launcher=deepspeed_launch())
-    for name in ("zero3", "zero3_offload"):
+                                                     ds_config("zero2"), *checkpointed), job_env,
+            launcher=deepspeed_launch())
+    for name, extra in (("zero3", []), ("zero3_offload", checkpointed)):
         outputs[name] = root / name
-        run_two_process_resume_job(corpus, tokenizer_dir, job_env, outputs[name], ["--deepspeed", ds_config(name)])
+        result = run_two_process_resume_job(corpus, tokenizer_dir, job_env, outputs[name],
+                                            ["--deepspeed", ds_config(name), *extra])
+        assert ("gradient checkpointing" in result.stdout + result.stderr) == bool(extra)
     return outputs
 
 

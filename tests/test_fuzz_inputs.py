@@ -273,6 +273,8 @@ FLAG_CASES = [
     (["--optim", "adamw_8bit"], "--optim: invalid choice: 'adamw_8bit'"),
     (["--optim", "sgd", "--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero2.json")],
      "ds_configs/zero2.json, which sets an optimizer (DeepSpeed then trains with AdamW)"),
+    (["--optim", "adamw_torch_8bit", "--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero3_offload.json")],
+     "--optim adamw_torch_8bit with"),
     (["--torch_dtype", "float64"], "--torch_dtype: invalid choice: 'float64'"),
     (["--torch_dtype", "bfloat16"], "--torch_dtype bfloat16 trains the weights in bfloat16 without float32 master"),
     (["--torch_dtype", "float16"], "--torch_dtype float16 trains the weights in float16 without float32 master"),

@@ -1,7 +1,7 @@
 """--gradient_checkpointing (trainer/models/checkpointing.py): every repeated block really runs twice per training
 step, and training with it ends with the parameters of training without it, dropout on (the recomputation draws
 the same masks): mlm (BERT, its sparse last layer checkpointed too), clm (GPT-2 and Llama, fused loss), a LoRA
-model under the reentrant variant, and 2 processes under FSDP2 against 1 process.
+model under the reentrant variant, prefix tuning, and 2 processes under FSDP2 against 1 process.
 
 Attention key biases are left out of the comparisons: they add the same number to every score of a query, so their
 gradient is zero in exact arithmetic and only rounding noise, which Adam scales up, moves them.
@@ -112,6 +112,33 @@ def test_lora_blocks_get_the_gradients_of_the_plain_model(reentrant):
         assert checkpointed[name] is not None, name
         torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-5, atol=1e-7)
     assert any(gradient.abs().sum() > 0 for gradient in plain.values())
+
+
+def test_prefix_tuning_gets_the_gradients_of_the_plain_model_and_refuses_the_reentrant_variant():
+    """Prefix tuning hands every block a cache holding its virtual keys and values, which the block appends its own
+    to: the recomputation starts from the cache as the forward found it (it would otherwise attend to its keys
+    twice and fail on the shapes)."""
+    import peft
+
+    from trainer.errors import UsageError
+
+    def prefix_gradients(options: str | None) -> dict:
+        torch.manual_seed(0)
+        config = peft.PrefixTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=4)
+        model = peft.get_peft_model(tiny_gpt2(100, n_layer=2), config)
+        if options is not None:
+            checkpoint_blocks(model.base_model, checkpoint_options(options))
+        ids = torch.arange(32).view(2, 16)
+        model.train()(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = prefix_gradients(None), prefix_gradients("{}")
+    assert plain.keys() == checkpointed.keys() and len(plain) == 1
+    for name, gradient in plain.items():
+        torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-5, atol=1e-7)
+        assert gradient.abs().sum() > 0
+    with pytest.raises(UsageError, match="use_reentrant true cannot carry gradients to prefix tuning"):
+        prefix_gradients('{"use_reentrant": true}')
 
 
 @pytest.mark.slow  # one 2-process run (~30 s on 2 cores)

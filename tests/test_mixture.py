@@ -167,7 +167,7 @@ def two_sources(corpus, tmp_path) -> list[str]:
 
 
 def test_two_processes_train_a_mixture_as_one_and_report_each_sources_figures(
-        corpus, tokenizer_dir, two_sources, job_env, in_process, tmp_path):
+        corpus, tokenizer_dir, two_sources, job_env, in_process_job, tmp_path):
     """A global batch of 8, 1 process x 8 against 2 x 2 x accumulation 2: the same samples in every step, the same
     parameters, and the per-source figures that the steps hold: 6 and 2 samples of 32 tokens each."""
     from trainer.mlm import main
@@ -180,7 +180,7 @@ def test_two_processes_train_a_mixture_as_one_and_report_each_sources_figures(
         return argv[2:]  # without --train_file
 
     one, two = tmp_path / "one", tmp_path / "two"
-    in_process(main, args(one, 1, 8), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "one-samples")
+    in_process_job(main, args(one, 1, 8), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "one-samples")
     run_job("trainer.mlm", args(two, 2, 2), with_env(job_env, TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "two-samples"),
             nproc=2)
     steps = samples_per_step(tmp_path / "one-samples")
@@ -194,7 +194,7 @@ def test_two_processes_train_a_mixture_as_one_and_report_each_sources_figures(
 
 @pytest.mark.parametrize("job", ["trainer.clm", "trainer.classify"])
 def test_every_job_prepares_each_source_as_its_training_data(job, corpus, bpe_tokenizer_dir, tokenizer_dir,  # noqa: F811
-                                                             sentiment, two_sources, in_process, tmp_path):  # noqa: F811
+                                                             sentiment, two_sources, in_process_job, tmp_path):  # noqa: F811
     """clm cuts every source into its blocks of 32 tokens; classify tokenizes and labels every source as its
     training data (labels among the primary's classes), one sequence per row, the tokens counted unpadded."""
     import importlib
@@ -210,7 +210,7 @@ def test_every_job_prepares_each_source_as_its_training_data(job, corpus, bpe_to
         (tmp_path / "old.jsonl").write_text("".join(rows))
         sources = [f"{sentiment['train']}:3", f"{tmp_path / 'old.jsonl'}:1"]
         argv = classify_args(sentiment, out, "--tokenizer_name", tokenizer_dir, *TINY_BERT)[2:]
-    in_process(importlib.import_module(job).main, [*argv, "--max_steps", "2", "--max_eval_samples", "8",
+    in_process_job(importlib.import_module(job).main, [*argv, "--max_steps", "2", "--max_eval_samples", "8",
                                                    "--peak_tflops", "1", "--train_files", *sources],
                TRAINER_DEBUG_SAMPLE_LOG=sample_log)
     results = read_results(out)

@@ -40,3 +40,22 @@ def test_a_bf16_checkpoint_is_upcast_by_default_and_auto_keeps_bf16_only_when_al
     model(input_ids=torch.arange(16)[None], labels=torch.arange(16)[None]).loss.backward()
     optimizer.step()
     assert not torch.equal(before, model.transformer.wte.weight)  # it trains, in bfloat16
+
+
+@pytest.mark.parametrize("flags, dtype", [({}, torch.float32), ({"torch_dtype": "auto"}, torch.bfloat16),
+                                          ({"torch_dtype": "float32"}, torch.float32)])
+def test_the_lwf_teacher_loads_in_the_dtype_that_torch_dtype_names(flags, dtype, tmp_path):
+    """The teacher goes through load_model's from_pretrained (models.loading.pretrained_model and weights_dtype)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from trainer.continual.distillation import load_teacher
+    from trainer.models.loading import weights_dtype
+
+    torch.manual_seed(0)
+    labels = {0: "negative", 1: "positive"}
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, id2label=labels)
+    BertForSequenceClassification(config).to(torch.bfloat16).save_pretrained(tmp_path / "teacher")
+    model_args = ModelArguments(allow_low_precision_weights=True, **flags)
+    teacher, _ = load_teacher(str(tmp_path / "teacher"), labels, "cpu", weights_dtype(model_args, from_checkpoint=True))
+    assert {p.dtype for p in teacher.parameters()} == {dtype}

@@ -123,7 +123,7 @@ def test_training_data_is_the_training_samples_then_the_replay_samples_in_one_sc
 # ------------------------------------------------------------------------------------------ jobs, in-process
 @pytest.mark.parametrize("spelling", ["replay", "train_files"])
 def test_mlm_with_replay_resumes_bit_exactly_and_every_step_holds_its_replay_share(
-        spelling, corpus, tokenizer_dir, in_process, tmp_path):
+        spelling, corpus, tokenizer_dir, in_process_job, tmp_path):
     """resume_helpers' run (dropout on; 4 x accumulation 2) on 24 sequences with a quarter of every step replayed:
     2 replay + 6 new sequences a step, 4 steps an epoch, 6 steps. Stopped in step 3 and resumed across the epoch
     boundary, it ends bit-identical to the run that never stopped, having trained on the same samples in every
@@ -141,14 +141,14 @@ def test_mlm_with_replay_resumes_bit_exactly_and_every_step_holds_its_replay_sha
         return argv
 
     expected, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
-    in_process(main, args(expected), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "expected")
-    in_process(main, args(resumed), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "resumed",
-               TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=5)
+    in_process_job(main, args(expected), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "expected")
+    in_process_job(main, args(resumed), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "resumed",
+                   TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=5)
     with open(resumed / "checkpoint-3" / "trainer_state.json") as handle:
         state = json.load(handle)
     data = state["states"]["data"]
     assert (state["step"], data["epoch"], data["samples_in_epoch"], data["samples_per_source"][1]) == (3, 0, 18, 6)
-    in_process(main, args(resumed), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "resumed")
+    in_process_job(main, args(resumed), TRAINER_DEBUG_SAMPLE_LOG=tmp_path / "resumed")
     assert_same_parameters(expected, resumed)
     assert logged_losses(resumed) == logged_losses(expected)
     assert read_results(resumed)["train_loss"] == read_results(expected)["train_loss"]
@@ -185,14 +185,14 @@ def write_rows(path, rows) -> str:
                                                           "data's columns (text)"),
 ])
 def test_bad_replay_input_to_mlm_is_one_line_exit_2_and_writes_nothing(flags, expected, corpus, tokenizer_dir,
-                                                                        in_process, tmp_path, capsys):
+                                                                        in_process_job, tmp_path, capsys):
     from trainer.mlm import main
 
     rows = write_rows(tmp_path / "rows.jsonl", [{"sentence": "a film .", "label": "positive"}])
     flags = [{"CORPUS": corpus["validation"], "ROWS": rows}.get(flag, flag) for flag in flags]
     out = tmp_path / "out"
-    message = in_process(lambda argv: fails_cleanly(main, argv, capsys),
-                         mlm_args(corpus, tokenizer_dir, out, "--max_steps", "2", *flags))
+    message = in_process_job(lambda argv: fails_cleanly(main, argv, capsys),
+                             mlm_args(corpus, tokenizer_dir, out, "--max_steps", "2", *flags))
     assert expected.replace("ROWS", rows) in message
     assert not out.exists()
 
@@ -203,11 +203,11 @@ def test_bad_replay_input_to_mlm_is_one_line_exit_2_and_writes_nothing(flags, ex
     ([{"sentence": "a film .", "label": "neutral"}], "the replay data has labels never seen in training: neutral"),
 ])
 def test_bad_replay_input_to_classify_is_one_line_exit_2_and_writes_nothing(replay_rows, expected, sentiment,
-                                                                             in_process, tmp_path, capsys):
+                                                                             in_process_job, tmp_path, capsys):
     from trainer.classify import main
 
     out = tmp_path / "out"
     argv = classify_args(sentiment, out, "--max_steps", "2", "--replay_file",
                          write_rows(tmp_path / "old.jsonl", replay_rows), "--replay_ratio", "0.25")
-    assert expected in in_process(lambda args: fails_cleanly(main, args, capsys), argv)
+    assert expected in in_process_job(lambda args: fails_cleanly(main, args, capsys), argv)
     assert not out.exists()

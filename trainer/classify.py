@@ -33,7 +33,8 @@ from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune.adapters import load_base_with_adapters, loading_code
 from trainer.finetune.strategies import FinetuneArguments, apply_strategy
 from trainer.layout import PREDICTIONS_FILE
-from trainer.models.loading import check_sequence_length, is_adapter_directory, load_model, load_tokenizer
+from trainer.models.loading import (check_sequence_length, is_adapter_directory, load_model, load_tokenizer,
+                                    weights_dtype)
 from trainer.tracking.console import logger
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
@@ -286,11 +287,15 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         if test_raw is not None:
             input_columns(test_raw, data_args, cls_args, "test")
         teacher, shared_labels = (load_teacher(cls_args.teacher_model_name_or_path, labels.id2label,
-                                               accelerator.device)
+                                               accelerator.device, weights_dtype(model_args, from_checkpoint=True))
                                   if cls_args.teacher_model_name_or_path else (None, None))
         tokenizer = load_tokenizer(model_args, lambda: [t for c in columns for t in raw["train"][c]])
         if is_adapter_directory(model_args.model_name_or_path):  # its base model, with the tasks' adapters inside
-            model = load_base_with_adapters(model_args.model_name_or_path, labels.id2label)
+            model = load_base_with_adapters(model_args.model_name_or_path, labels.id2label,
+                                            weights_dtype(model_args, from_checkpoint=True))
+            model_args.check_weights_dtype(str(model.dtype).removeprefix("torch."),
+                                           f"--torch_dtype auto on the base model of {model_args.model_name_or_path} "
+                                           f"({model.dtype})")
         else:
             model = load_model(model_args, AutoModelForSequenceClassification, tokenizer,
                                num_labels=len(labels.values), id2label=labels.id2label, label2id=labels.label2id)

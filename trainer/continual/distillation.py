@@ -41,18 +41,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * soft + (1 - alpha) * hard
 
 
-def load_teacher(path: str, id2label: dict, device):
-    """(the teacher, frozen in eval mode; the labels it shares with the student, or None when its labels are the
-    student's, in the same order). Label sets that differ are distilled on their shared labels (by name); fewer
-    than two shared labels leave nothing to distil and are refused."""
+def load_teacher(path: str, id2label: dict, device, dtype="auto"):
+    """(the teacher in `dtype` (--torch_dtype, as models.loading.weights_dtype gives it), frozen in eval mode; the
+    labels it shares with the student, or None when its labels are the student's, in the same order). Label sets
+    that differ are distilled on their shared labels (by name); fewer than two shared labels leave nothing to
+    distil and are refused. A teacher is never trained, so bfloat16/float16 weights need no master copy."""
     from transformers import AutoModelForSequenceClassification
 
-    from trainer.hub.reachability import check_loadable
-    from trainer.models.loading import loading
+    from trainer.models.loading import pretrained_model
 
-    check_loadable(path, "model", "--teacher_model_name_or_path")
-    with loading("--teacher_model_name_or_path", path, "model"):
-        teacher = AutoModelForSequenceClassification.from_pretrained(path)
+    teacher, _ = pretrained_model(AutoModelForSequenceClassification, path, "--teacher_model_name_or_path", dtype)
     teacher_labels = {int(i): str(label) for i, label in teacher.config.id2label.items()}
     shared = None if teacher_labels == id2label else shared_labels(path, teacher_labels, id2label)
     logger.info("distilling from teacher %s (%s parameters)", path, f"{sum(p.numel() for p in teacher.parameters()):,}")

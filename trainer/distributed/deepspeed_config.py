@@ -13,7 +13,7 @@ import copy
 import json
 import os
 
-from trainer.engine.optim import is_adamw, warmup_steps
+from trainer.engine.optim import is_fp32_adamw, warmup_steps
 from trainer.errors import UsageError, require
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -131,12 +131,14 @@ def check_zero_section(zero: dict, source: str) -> None:
 
 
 def check_optim(config: dict, optim: str, source: str) -> None:
-    """A non-AdamW --optim only where DeepSpeed keeps the engine's optimizer: a config naming an optimizer means
-    AdamW, and with the optimizer offloaded accelerate swaps any optimizer for DeepSpeedCPUAdam (AdamW)."""
+    """Any --optim but torch's AdamW only where DeepSpeed keeps the engine's optimizer: a config naming an optimizer
+    means AdamW (fp32 moments), and with the optimizer offloaded accelerate swaps any optimizer for DeepSpeedCPUAdam
+    (the same)."""
     offloaded = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
     what = "sets an optimizer" if "optimizer" in config else "offloads the optimizer" if offloaded else None
-    require(is_adamw(optim) or what is None, f"--optim {optim} with {source}, which {what} (DeepSpeed then trains "
-                                             f"with AdamW): remove that from the config or use --optim adamw_torch_fused")
+    require(is_fp32_adamw(optim) or what is None, f"--optim {optim} with {source}, which {what} (DeepSpeed then "
+                                                  f"trains with AdamW): remove that from the config or use --optim "
+                                                  f"adamw_torch_fused")
 
 
 def check_optimizer_section(section: dict | None, optimization, fill: Filler) -> None:

@@ -216,7 +216,7 @@ class Engine:
         self.state.tokens_seen += int(tokens)
         seconds = max(window.seconds, 1e-9)
         record = {"loss": loss_sum / max(items, 1), "loss_items": int(items),
-                  "learning_rate": self.scheduler.get_last_lr()[0],
+                  "learning_rate": float(self.scheduler.get_last_lr()[0]),  # a tensor for torchao's optimizers
                   "tokens_per_second": tokens / seconds, "samples_per_second": samples / seconds,
                   "data_wait_fraction": window.data_wait / seconds, "epoch": self.data.epoch}
         record.update(self.parts.throughput.mfu(tokens, seconds, samples, self.world_size))

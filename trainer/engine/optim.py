@@ -25,17 +25,34 @@ def adafactor(groups: list[dict], optimization) -> torch.optim.Optimizer:
                      warmup_init=False)
 
 
+def quantized_adamw(groups: list[dict], optimization, bits: int) -> torch.optim.Optimizer:
+    """torchao's AdamW with its two moments kept in `bits` bits per value (block-wise quantized, dynamic-tree
+    code book), the moments of tensors under 4096 values in fp32; the update itself is computed in fp32. Each
+    parameter's update is a torch.compile'd function (inductor): the first step compiles one per parameter shape."""
+    import torchao.optim as torchao_optim  # its import-time warnings: trainer.quiet_torchao_import
+
+    optimizer, state = {8: (torchao_optim.AdamW8bit, torchao_optim.subclass_8bit.OptimState8bit),
+                        4: (torchao_optim.AdamW4bit, torchao_optim.subclass_4bit.OptimState4bit)}[bits]
+    # The checkpointer reads optimizer.pt with torch.load(weights_only=True), which takes only allow-listed classes.
+    torch.serialization.add_safe_globals([state])
+    return optimizer(groups, lr=optimization.learning_rate, betas=(optimization.adam_beta1, optimization.adam_beta2),
+                     eps=optimization.adam_epsilon)
+
+
 # --optim: name -> (parameter groups, the optimization section) -> optimizer.
 OPTIMIZERS = {
     "adamw_torch_fused": lambda groups, optimization: adamw(groups, optimization, fused=True),
     "adamw_torch": lambda groups, optimization: adamw(groups, optimization, fused=False),
+    "adamw_torch_8bit": lambda groups, optimization: quantized_adamw(groups, optimization, bits=8),
+    "adamw_torch_4bit": lambda groups, optimization: quantized_adamw(groups, optimization, bits=4),
     "adafactor": adafactor,
     "sgd": lambda groups, optimization: torch.optim.SGD(groups, lr=optimization.learning_rate),
 }
 
 
-def is_adamw(optim: str) -> bool:
-    return optim.startswith("adamw")
+def is_fp32_adamw(optim: str) -> bool:
+    """torch's AdamW: the update DeepSpeed's own AdamW (and DeepSpeedCPUAdam) computes, with fp32 moments."""
+    return optim in ("adamw_torch_fused", "adamw_torch")
 
 
 @dataclass
@@ -48,8 +65,9 @@ class OptimizationArguments:
     gradient_accumulation_steps: int = arg(1, "Micro-steps per optimizer step.")
     optim: str = arg("adamw_torch_fused", "Optimizer: adamw_torch_fused (AdamW, fused kernel), adamw_torch (AdamW, "
                      "per-tensor loop), adafactor (transformers' Adafactor with the Trainer's settings: fixed "
-                     "--learning_rate, no parameter scaling, no relative step), sgd (torch.optim.SGD, no momentum). "
-                     "Its state is checkpointed and resumed exactly.", choices=list(OPTIMIZERS))
+                     "--learning_rate, no parameter scaling, no relative step), sgd (torch.optim.SGD, no momentum), "
+                     "adamw_torch_8bit / adamw_torch_4bit (torchao's AdamW with both moments block-quantized to 8 or "
+                     "4 bits; the first step compiles the update). Its state is checkpointed and resumed exactly.", choices=list(OPTIMIZERS))
     learning_rate: float = arg(5e-5, "Peak learning rate.")
     weight_decay: float = arg(0.0, "Weight decay (never applied to biases and norm weights): decoupled for AdamW "
                                    "and Adafactor, L2 for sgd.")

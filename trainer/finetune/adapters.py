@@ -42,10 +42,9 @@ from typing import Optional
 import torch
 
 from trainer.errors import UsageError, require
-from trainer.hub.reachability import check_loadable
 from trainer.layout import ADAPTER_MANIFEST_FILE, ADAPTER_WEIGHTS_FILE
 from trainer.models.blocks import encoder_layers
-from trainer.models.loading import is_adapter_directory, loading
+from trainer.models.loading import is_adapter_directory, pretrained_model
 
 ADAPTER_CONFIGS = ("houlsby", "pfeiffer")
 FORMAT = "trainer.bottleneck_adapters/1"
@@ -324,10 +323,12 @@ def read_manifest(directory: str) -> dict:
                          f"); give a directory written by --finetune_strategy adapter") from None
 
 
-def load_base_with_adapters(directory: str, id2label: Optional[dict] = None):
+def load_base_with_adapters(directory: str, id2label: Optional[dict] = None, dtype="auto"):
     """The base model named in `directory`'s manifest, every saved adapter and head loaded into it and checked
     against the base's fingerprint; no adapter active yet. `id2label`: the labels of the model's own head, the
-    template of new tasks' heads (default: those of the adapter trained last)."""
+    template of new tasks' heads (default: those of the adapter trained last). `dtype`: --torch_dtype as
+    models.loading.weights_dtype gives it; the base is loaded in the dtype its fingerprint was taken in, checked,
+    and then cast (a fingerprint over rounded weights could not be checked)."""
     from transformers import AutoModelForSequenceClassification
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -338,20 +339,20 @@ def load_base_with_adapters(directory: str, id2label: Optional[dict] = None):
     config = CONFIG_MAPPING[settings.pop("model_type")].from_dict(settings)
     config.id2label = dict(id2label or saved[manifest["active_adapter"]]["id2label"])
     config.label2id = {label: i for i, label in config.id2label.items()}
-    flag = f"the base model of {directory}"
-    check_loadable(base, "model", flag)
-    with loading(flag, base, "model"), quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(base, config=config)
+    dtypes = manifest["base_dtype"].split(",")
+    fingerprinted = getattr(torch, dtypes[0]) if len(dtypes) == 1 else None
+    with quiet_transformers():
+        model, _ = pretrained_model(AutoModelForSequenceClassification, base, f"the base model of {directory}",
+                                    fingerprinted or dtype, config=config)
     model.__dict__["bottleneck_adapter_base"] = base
     for name, adapter in saved.items():
         add_adapter(model, name, adapter["config"], adapter["reduction_factor"], adapter["id2label"])
     load_adapter_weights(model, directory)
-    dtypes = manifest["base_dtype"].split(",")
-    fingerprint, _ = base_fingerprint(model, model.state_dict(), getattr(torch, dtypes[0]) if len(dtypes) == 1 else None)
+    fingerprint, _ = base_fingerprint(model, model.state_dict(), fingerprinted)
     require(fingerprint == manifest["base_parameters_sha256"],
             f"the base model {base} is not the one the adapters in {directory} were trained on (its parameters "
             f"changed since); restore that base model")
-    return model
+    return model if dtype == "auto" else model.to(dtype)
 
 
 @contextlib.contextmanager

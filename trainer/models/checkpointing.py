@@ -23,6 +23,7 @@ import json
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
 
 from trainer.errors import UsageError, require
 from trainer.models.blocks import repeated_blocks
@@ -66,5 +67,28 @@ def checkpoint_blocks(hf_model: torch.nn.Module, options: dict) -> int:
 def checkpointed_forward(forward, block: torch.nn.Module, options: dict, *args, **kwargs):
     if not (block.training and torch.is_grad_enabled()):  # evaluation: nothing to recompute
         return forward(*args, **kwargs)
+    caches = [value for value in (*args, *kwargs.values()) if isinstance(value, Cache)]
+    if caches:  # prefix tuning's virtual keys and values
+        require(not options["use_reentrant"], "--gradient_checkpointing_kwargs use_reentrant true cannot carry "
+                                              "gradients to prefix tuning's virtual tokens (they are no input of "
+                                              "the block); use the default, use_reentrant false")
+        forward = with_caches_rolled_back(forward, caches)
     # Keyword arguments bound by partial: the reentrant variant takes positional tensors only.
     return checkpoint(functools.partial(forward, **kwargs), *args, **options)
+
+
+def with_caches_rolled_back(forward, caches: list[Cache]):
+    """`forward`, each call starting from the caches as they are now. A block appends its keys and values to the
+    cache (prefix tuning passes its virtual tokens as one): recomputed as it is, it would append them a second
+    time and attend to both copies. Each update makes new tensors, so holding the layers' attributes is enough."""
+    saved = [(cache, list(cache.layers), [dict(vars(layer)) for layer in cache.layers]) for cache in caches]
+
+    def from_saved_caches(*args, **kwargs):
+        for cache, layers, states in saved:
+            cache.layers[:] = layers
+            for layer, state in zip(layers, states):
+                vars(layer).clear()
+                vars(layer).update(state)
+        return forward(*args, **kwargs)
+
+    return from_saved_caches

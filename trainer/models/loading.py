@@ -90,12 +90,9 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
         require(not is_adapter_directory(model_args.model_name_or_path),
                 f"--model_name_or_path {model_args.model_name_or_path} holds bottleneck adapters for sequence "
                 f"classification; use it with trainer.classify, or give a whole model")
-        check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
-        with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
-            if decoder:
-                config_kwargs.update(decoder_switch(AutoConfig.from_pretrained(model_args.model_name_or_path)))
-            model, loading_info = auto_class.from_pretrained(model_args.model_name_or_path, dtype=weights_dtype(
-                model_args, from_checkpoint=True), output_loading_info=True, **attention, **config_kwargs)
+        model, loading_info = pretrained_model(auto_class, model_args.model_name_or_path, "--model_name_or_path",
+                                               weights_dtype(model_args, from_checkpoint=True), decoder,
+                                               **attention, **config_kwargs)
         log_loading_report(loading_info)
         model_args.check_weights_dtype(str(model.dtype).removeprefix("torch."),
                                        f"--torch_dtype auto on {model_args.model_name_or_path} ({model.dtype})")
@@ -127,6 +124,18 @@ def load_model_config(model_args, preset=None):
     check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
     with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
         return AutoConfig.from_pretrained(model_args.model_name_or_path)
+
+
+def pretrained_model(auto_class, path: str, flag: str, dtype, decoder: bool = False, **kwargs):
+    """(`auto_class.from_pretrained(path)` in `dtype` (weights_dtype's answer), its loading info): every model the
+    jobs load from a checkpoint, checked as loadable first and with load errors naming `flag`."""
+    from transformers import AutoConfig
+
+    check_loadable(path, "model", flag)
+    with loading(flag, path, "model"):
+        if decoder:
+            kwargs.update(decoder_switch(AutoConfig.from_pretrained(path)))
+        return auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
 
 
 def weights_dtype(model_args, from_checkpoint: bool):
