@@ -26,11 +26,13 @@ from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, 
 from trainer.data.loading import first_samples, group_into_blocks, load_text_splits, pad_rows
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
+from trainer.engine.memory_plan import Head, PlannedModel
 from trainer.engine.task import Task, perplexity_metrics
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.finetune.strategies import FinetuneArguments, apply_strategy
 from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
-from trainer.models.loading import check_sequence_length, load_model, load_tokenizer, max_positions
+from trainer.models.loading import (check_sequence_length, load_model, load_tokenizer, max_positions, meta_model,
+                                    planned_tokenizer_size)
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clm_demo.yaml")
 RUN_CLM_MAX_BLOCK = 1024  # run_clm.py's cap on the default block size
@@ -255,6 +257,25 @@ def generation_probes(tokenizer, prompts: list[str], new_tokens: int):
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def training_block_size(clm_args: ClmArguments, model_config) -> int:
+    """--block_size, or the model's positions at most 1024 (run_clm.py's default), checked against the model."""
+    block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model_config) or RUN_CLM_MAX_BLOCK)
+    check_sequence_length(block_size, model_config, "--block_size")
+    return block_size
+
+
+def planned_model(config: JobConfig) -> PlannedModel:
+    """The memory plan's view of the job: the model on the meta device, the block size and the output layer
+    (CausalLMTask's chunked, fused loss; the model's full logits with --loss_chunk_tokens 0)."""
+    from transformers import AutoModelForCausalLM
+
+    model = meta_model(config.model, AutoModelForCausalLM, planned_tokenizer_size(config.model),
+                       preset=tiny_gpt2_config, decoder=True)
+    chunk = config.clm.loss_chunk_tokens
+    return PlannedModel(model, training_block_size(config.clm, model.config),
+                        Head("fused", chunk_tokens=chunk) if chunk else Head("logits"))
+
+
 def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     from transformers import AutoModelForCausalLM
 
@@ -275,8 +296,7 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
             "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
         model = load_model(model_args, AutoModelForCausalLM, tokenizer, preset=tiny_gpt2_config, decoder=True,
                            **new_model_ids)
-        block_size = clm_args.block_size or min(RUN_CLM_MAX_BLOCK, max_positions(model.config) or RUN_CLM_MAX_BLOCK)
-        check_sequence_length(block_size, model.config, "--block_size")
+        block_size = training_block_size(clm_args, model.config)
         blocks = group_into_blocks(tokenize_documents(raw, text_column, tokenizer, data_args), block_size, data_args)
         train_set, eval_set = first_samples(blocks["train"], blocks["validation"], data_args)
         require(len(train_set) > 0, f"the training text is too short for one block of {block_size} tokens; use "
@@ -306,7 +326,8 @@ def headline(metrics: dict) -> str:
 CLM_JOB = JobSpec(
     sections={"data": CorpusArguments, "finetune": FinetuneArguments, "clm": ClmArguments}, build_task=build_task,
     demo_config=DEMO_CONFIG, write_demo_data=write_mlm_corpus, demo_name="movie-review corpus",
-    model_card_task="causal language modelling", pipeline_tag="text-generation", headline=headline)
+    model_card_task="causal language modelling", pipeline_tag="text-generation", headline=headline,
+    planned_model=planned_model)
 
 
 @exits_cleanly_on_usage_error

@@ -100,6 +100,20 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
         model_args.check_weights_dtype(str(model.dtype).removeprefix("torch."),
                                        f"--torch_dtype auto on {model_args.model_name_or_path} ({model.dtype})")
         return model
+    config = scratch_config(model_args, auto_class, len(tokenizer), preset, decoder, config_kwargs)
+    config.pad_token_id = tokenizer.pad_token_id
+    for name in ("bos", "eos", "cls", "sep"):  # ModernBERT's defaults are ids of its own 50k vocabulary
+        if getattr(config, f"{name}_token_id", None) is not None:
+            setattr(config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+    logger.info("training a new %s model from scratch", config.model_type)
+    return auto_class.from_config(config, dtype=weights_dtype(model_args, from_checkpoint=False), **attention)
+
+
+def scratch_config(model_args, auto_class, tokenizer_size: int, preset=None, decoder: bool = False,
+                   config_kwargs: dict | None = None):
+    """The config of a model trained from scratch (see `load_model`), for a tokenizer of `tokenizer_size` tokens."""
+    from transformers import AutoConfig
+
     config = new_model_config(model_args, AutoConfig, preset)
     # from_config would raise a ValueError listing every architecture that has this job's head.
     source = (f"--config_name {model_args.config_name}" if model_args.config_name
@@ -107,15 +121,39 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
     require(type(config) in auto_class._model_mapping, f"{source}: transformers has no {auto_class.__name__} for a "
                                                        f"{config.model_type} model; choose an architecture that has one")
     # New models get a vocabulary padded to a multiple of 64: faster matrix products, same tokenizer.
-    config.vocab_size = 64 * math.ceil(len(tokenizer) / 64)
-    config.pad_token_id = tokenizer.pad_token_id
-    for name in ("bos", "eos", "cls", "sep"):  # ModernBERT's defaults are ids of its own 50k vocabulary
-        if getattr(config, f"{name}_token_id", None) is not None:
-            setattr(config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
-    for key, value in {**config_kwargs, **(decoder_switch(config) if decoder else {})}.items():
+    config.vocab_size = 64 * math.ceil(tokenizer_size / 64)
+    for key, value in {**(config_kwargs or {}), **(decoder_switch(config) if decoder else {})}.items():
         setattr(config, key, value)
-    logger.info("training a new %s model from scratch", config.model_type)
-    return auto_class.from_config(config, dtype=weights_dtype(model_args, from_checkpoint=False), **attention)
+    return config
+
+
+def planned_tokenizer_size(model_args) -> int:
+    """The tokenizer's length for a model from scratch, without training one: the named tokenizer's, else the
+    vocabulary a tokenizer trained on the text aims at (--tokenizer_vocab_size, an upper bound)."""
+    if not model_args.tokenizer_name:
+        return model_args.tokenizer_vocab_size
+    return len(load_tokenizer(model_args, training_texts=None))
+
+
+def meta_model(model_args, auto_class, tokenizer_size: int, preset=None, decoder: bool = False):
+    """The model `load_model` would build, on the meta device: its shapes and dtypes without any weights (a 70B
+    config costs seconds and no memory). `tokenizer_size`: the tokenizer's length, for a model from scratch."""
+    import torch
+    from transformers import AutoConfig
+
+    if model_args.model_name_or_path:
+        check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
+        with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
+            config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+        for key, value in (decoder_switch(config) if decoder else {}).items():
+            setattr(config, key, value)
+        dtype = weights_dtype(model_args, from_checkpoint=True)
+        dtype = (getattr(config, "dtype", None) or torch.float32) if dtype == "auto" else dtype
+    else:
+        config = scratch_config(model_args, auto_class, tokenizer_size, preset, decoder)
+        dtype = weights_dtype(model_args, from_checkpoint=False)
+    with torch.device("meta"):
+        return auto_class.from_config(config, dtype=dtype)
 
 
 def weights_dtype(model_args, from_checkpoint: bool):
