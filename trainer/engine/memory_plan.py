@@ -20,8 +20,9 @@ Training Trillion Parameter Models", section 3, for this engine's choices):
   accelerate keeps gradient_as_bucket_view off); ZeRO-1 keeps them whole plus the fp32 partition, ZeRO-2/3 only the
   fp32 partition plus one reduce bucket; FSDP2 the sharded gradient.
 - optimizer state: `OPTIMIZER_STATE[--optim]` of the tensors the optimizer updates (flat 1-D partitions under ZeRO).
-- activations: `layer_activation_bytes` per token and layer (below), the head's (`head_bytes`), and under autocast
-  the bf16 copies of the weights that autocast caches for the forward.
+- activations: `layer_activation_bytes` per token and layer (below), one layer more for the backward's gradients
+  of a block's saved tensors, the head's (`head_bytes`), and under autocast the bf16 copies of the weights that
+  autocast caches for the forward.
 - working set: ZeRO-3's gathered parameters (one block and the largest other module), FSDP2's unsharded root module
   (embeddings, head) and two blocks (the one running and the one prefetched), their unsharded gradients.
 With --offload_optimizer (DeepSpeed config) the optimizer state, master weights and fp32 gradient partition live in
@@ -262,15 +263,16 @@ def head_bytes(model: ModelShape, training: Training) -> int:
 
 
 def activations(model: ModelShape, training: Training) -> int:
-    """Blocks (with checkpointing: each block's input, plus one block's working set while it is recomputed), the
-    embedding's dropout mask, the head, and autocast's cached 16-bit weights."""
+    """Blocks (with checkpointing: each block's input, plus one block's saved tensors while it is recomputed), one
+    block's backward working set (the gradients of its saved tensors, about as large as they are: measured with
+    bench/memory_plan.py), the embedding's dropout mask, the head, and autocast's cached 16-bit weights."""
     tokens = training.batch_size * training.sequence_length
     _, residual, mask = activation_bytes(model, training)
     per_layer = layer_activation_bytes(model, training)
     if training.gradient_checkpointing:
-        blocks = tokens * (model.layers * residual * model.hidden + per_layer)
+        blocks = tokens * (model.layers * residual * model.hidden + 2 * per_layer)
     else:
-        blocks = tokens * model.layers * per_layer
+        blocks = tokens * (model.layers + 1) * per_layer
     embedding_dropout = tokens * mask * model.hidden if model.hidden_dropout else 0
     weight_copies = 2 * model.numel if autocast_copies(model, training) else 0
     return int(blocks) + embedding_dropout + head_bytes(model, training) + weight_copies
