@@ -105,7 +105,8 @@ def main() -> None:
         child(args.child, job[1:] if job[:1] == ["--"] else job)
         return
     mib = 2 ** 20
-    print(f"{'configuration':<22}{'rank':>5}{'plan MiB':>10}{'measured MiB':>14}{'measured / plan':>17}   plan parts MiB")
+    print(f"{'configuration':<22}{'rank':>5}{'plan MiB':>10}{'measured MiB':>14}{'measured / plan':>17}   "
+          f"plan parts MiB")
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer_dir = tokenizer(scratch)
         for name in args.only or CONFIGURATIONS:

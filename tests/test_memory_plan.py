@@ -66,7 +66,7 @@ def test_parameters_are_numel_times_the_dtype_size():
 def test_zero3_and_fsdp2_divide_the_parameters_by_the_world_size():
     model = llama()
     for world in (1, 2, 3):
-        zero3 = plan_memory(shape(model), training(backend="deepspeed", zero_stage=3, world_size=world,
+        zero3 = plan_memory(shape(model), training(backend="zero", zero_stage=3, world_size=world,
                                                    persistence_threshold=100))
         # ceil(numel / world) of each parameter; those below the persistence threshold whole on every process.
         partition = sum(n if n < 100 else math.ceil(n / world) for n in (p.numel() for p in model.parameters()))
@@ -75,7 +75,7 @@ def test_zero3_and_fsdp2_divide_the_parameters_by_the_world_size():
         fsdp2 = plan_memory(shape(model), training(backend="fsdp2", world_size=world))
         rows = sum(math.ceil(s[0] / world) * math.prod(s[1:]) for s in shapes_of(model))  # dim 0 padded
         assert fsdp2.parameters == rows * 4 and fsdp2.gradients == rows * 4 and fsdp2.optimizer_state == rows * 8
-    bf16 = plan_memory(shape(model), training(backend="deepspeed", zero_stage=3, world_size=2, mixed_precision="bf16",
+    bf16 = plan_memory(shape(model), training(backend="zero", zero_stage=3, world_size=2, mixed_precision="bf16",
                                               persistence_threshold=1))
     halves = sum(math.ceil(p.numel() / 2) for p in model.parameters())
     assert bf16.parameters == halves * 2 and bf16.master_weights == halves * 4  # 16-bit module, fp32 master
@@ -86,16 +86,16 @@ def test_zero1_and_zero2_partition_the_optimizer_state_and_gradients():
     numel = sum(p.numel() for p in model.parameters())
     for world in (2, 4):
         partition = math.ceil(numel / (2 * world)) * 2  # the flat group aligned to 2 x world elements
-        stage1 = plan_memory(shape(model), training(backend="deepspeed", zero_stage=1, world_size=world,
+        stage1 = plan_memory(shape(model), training(backend="zero", zero_stage=1, world_size=world,
                                                     reduce_bucket=1000))
-        stage2 = plan_memory(shape(model), training(backend="deepspeed", zero_stage=2, world_size=world,
+        stage2 = plan_memory(shape(model), training(backend="zero", zero_stage=2, world_size=world,
                                                     reduce_bucket=1000))
         for plan in (stage1, stage2):
             assert plan.parameters == numel * 4 and plan.master_weights == partition * 4
             assert plan.optimizer_state == partition * 8
         assert stage1.gradients == numel * 4 + partition * 4  # whole, plus the fp32 partition
         assert stage2.gradients == partition * 4 + 1000 * 4  # the partition and one reduce bucket
-    offloaded = plan_memory(shape(model), training(backend="deepspeed", zero_stage=2, world_size=2,
+    offloaded = plan_memory(shape(model), training(backend="zero", zero_stage=2, world_size=2,
                                                    reduce_bucket=1000, offload_optimizer=True))
     partition = math.ceil(numel / 4) * 2
     assert offloaded.optimizer_state == offloaded.master_weights == 0 and offloaded.gradients == 1000 * 4
@@ -199,7 +199,7 @@ def test_a_plan_that_fits_is_accepted_and_one_that_does_not_names_the_flags_that
     assert combined and all(peak < strongest.peak for _, peak in combined)
 
 
-def test_the_startup_check_refuses_a_plan_above_the_free_gpu_memory(monkeypatch):
+def test_the_startup_check_refuses_a_plan_above_the_free_gpu_memory(monkeypatch, caplog):
     from trainer.clm import CLM_JOB
     from trainer.config.job_config import parse_job_config
     from trainer.engine import jobs, memory_plan
@@ -208,11 +208,14 @@ def test_the_startup_check_refuses_a_plan_above_the_free_gpu_memory(monkeypatch)
     accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"), distributed_type="NO")
     monkeypatch.setattr(memory_plan, "accelerator_backend", lambda accelerator: ("single", None))
     monkeypatch.setattr(memory_plan, "free_device_memory", lambda device: 100 * 2 ** 20)  # a 100 MiB "GPU"
-    with pytest.raises(UsageError, match="any of these fits: --gradient_checkpointing .*--per_device_train_batch"):
+    with pytest.raises(UsageError, match="any of these fits: .*--per_device_train_batch_size 8 "
+                                         "--gradient_accumulation_steps 2"):
         jobs.plan_before_start(CLM_JOB, config, accelerator)
     skipping = parse_job_config(CLM_JOB.all_sections, ["--output_dir", "unused", "--skip_memory_check"],
                                 default_config=CLM_JOB.demo_config)
-    jobs.plan_before_start(CLM_JOB, skipping, accelerator)
+    with caplog.at_level("INFO", logger="trainer"):
+        jobs.plan_before_start(CLM_JOB, skipping, accelerator)  # logged, not refused
+    assert "memory plan per process: peak 126.8 MiB (parameters 5.5 MiB, gradients 5.5 MiB" in caplog.text
 
 
 LLAMA_70B = ("hidden_size=8192,intermediate_size=28672,num_hidden_layers=80,num_attention_heads=64,"

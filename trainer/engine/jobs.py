@@ -112,7 +112,8 @@ def estimate_memory(job: JobSpec, config: JobConfig) -> dict:
     printed by the first process, with the fit on a GPU; nothing started, built, read or written."""
     import torch
 
-    from trainer.engine.memory_plan import fit_error, fitting_changes, free_device_memory, gib, launch_backend, plan_table
+    from trainer.engine.memory_plan import (fit_error, fitting_changes, free_device_memory, gib, launch_backend,
+                                            plan_table)
 
     require(job.planned_model is not None, "--estimate_memory is not available for this job yet; drop it")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

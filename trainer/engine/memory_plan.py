@@ -75,9 +75,9 @@ OPTIMIZER_STATE: dict[str, Callable] = {
 @dataclass(frozen=True)
 class Head:
     """The job's output layer as the plan counts it. kind: "fused" (clm's chunked output layer + loss,
-    models/fused_loss.py: never all the logits), "logits" (the model's own logits on `rows_per_token` of the
-    positions: clm with --loss_chunk_tokens 0, the MLM head on the masked rows, models/sparse_mlm.py, or on all of
-    them), "small" (a classifier: [batch, labels])."""
+    models/fused_loss.py: never all the logits), "logits" (the model's own logits at every position, the loss on
+    `rows_per_token` of them: clm with --loss_chunk_tokens 0, MLM on other architectures), "rows" (the head on
+    `rows_per_token` of the positions only: MLM's masked rows, models/sparse_mlm.py)."""
 
     kind: str
     rows_per_token: float = 1.0
@@ -118,7 +118,8 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Training:
-    """How the model is trained, as far as memory goes. backend: "single", "ddp", "deepspeed" or "fsdp2"."""
+    """How the model is trained, as far as memory goes. backend: "single", "ddp", "zero" (DeepSpeed ZeRO) or
+    "fsdp2"."""
 
     backend: str = "single"
     world_size: int = 1
@@ -247,8 +248,9 @@ def layer_activation_bytes(model: ModelShape, training: Training) -> float:
 def head_bytes(model: ModelShape, training: Training) -> int:
     """The output layer's activations. fused: the final norm, the gradient of the predicting rows (r h each), the
     float32 head-weight gradient built in the forward (vocab x h), and one chunk's float32 logits (whose storage
-    becomes their gradient; under autocast also its 16-bit copy). logits: the final norm, the logits (c), their float32 copy and log-softmax (4 + 4) on the head's rows,
-    and the model's full logits (c) at every position while the rows are picked."""
+    becomes their gradient; under autocast also its 16-bit copy). logits and rows: the final norm, the logits (c),
+    their float32 copy and log-softmax (4 + 4) on the head's rows, and with "logits" the model's full logits (c) at
+    every position while the rows are picked."""
     compute, residual, _ = activation_bytes(model, training)
     tokens = training.batch_size * training.sequence_length
     h, vocab, head = model.hidden, model.vocab, model.head
@@ -256,10 +258,9 @@ def head_bytes(model: ModelShape, training: Training) -> int:
     if head.kind == "fused":
         chunk = min(head.chunk_tokens, tokens)
         return final_norm + tokens * residual * h + 4 * vocab * h + chunk * vocab * (4 if compute == 4 else 6)
-    if head.kind == "logits":
-        rows = math.ceil(tokens * head.rows_per_token)
-        return final_norm + rows * vocab * (compute + 8) + tokens * vocab * compute
-    return final_norm
+    rows = math.ceil(tokens * head.rows_per_token)
+    full = tokens * vocab * compute if head.kind == "logits" else 0
+    return final_norm + rows * vocab * (compute + 8) + full
 
 
 def activations(model: ModelShape, training: Training) -> int:
@@ -362,17 +363,17 @@ def candidate_changes(training: Training) -> list[Change]:
     changes = []
     if not training.gradient_checkpointing:
         changes.append(Change("--gradient_checkpointing", replace(training, gradient_checkpointing=True)))
-    sharded = training.backend == "fsdp2" or (training.backend == "deepspeed" and training.zero_stage == 3)
+    sharded = training.backend == "fsdp2" or (training.backend == "zero" and training.zero_stage == 3)
     if training.world_size > 1 and not sharded:
-        deepspeed = replace(training, backend="deepspeed", offload_optimizer=False, offload_parameters=False)
-        if training.backend != "deepspeed" or training.zero_stage < 2:
+        deepspeed = replace(training, backend="zero", offload_optimizer=False, offload_parameters=False)
+        if training.backend != "zero" or training.zero_stage < 2:
             changes.append(Change("--deepspeed ds_configs/zero2.json", replace(deepspeed, zero_stage=2)))
         changes.append(Change("--deepspeed ds_configs/zero3.json", replace(deepspeed, zero_stage=3)))
         changes.append(Change("FSDP2 (accelerate launch --config_file launch/accelerate/fsdp2.yaml)",
                               replace(training, backend="fsdp2")))
     if not (training.offload_optimizer and training.offload_parameters):
         changes.append(Change("--deepspeed ds_configs/zero3_offload.json",
-                              replace(training, backend="deepspeed", zero_stage=3, offload_optimizer=True,
+                              replace(training, backend="zero", zero_stage=3, offload_optimizer=True,
                                       offload_parameters=True)))
     batch = training.batch_size // 2
     while batch >= 1:
@@ -386,9 +387,9 @@ def candidate_changes(training: Training) -> list[Change]:
 
 def fitting_changes(plan: MemoryPlan, capacity: int) -> Optional[list[tuple[str, int]]]:
     """None when `plan` fits `capacity` bytes; else each single change whose recomputed plan fits, with its peak
-    (of the DeepSpeed configs the cheapest, of the batch sizes the largest that fits), or, when none alone does, the first combination that fits, taking
-    the changes one by one in `candidate_changes`' order (a later --deepspeed config or batch size replaces an
-    earlier one); [] when nothing does."""
+    (of the DeepSpeed configs the cheapest, of the batch sizes the largest that fits), or, when none alone does,
+    the first combination that fits, taking the changes one by one in `candidate_changes`' order (a later
+    --deepspeed config or batch size replaces an earlier one); [] when nothing does."""
     if plan.peak <= capacity:
         return None
     fits = []
@@ -525,7 +526,7 @@ def launch_backend(parallelism, optimization, world_size: int) -> tuple[str, Opt
     from trainer.distributed.launch import deepspeed_requested, fsdp_requested, requested_deepspeed_config
 
     if deepspeed_requested(parallelism):
-        return "deepspeed", requested_deepspeed_config(parallelism, optimization, world_size)
+        return "zero", requested_deepspeed_config(parallelism, optimization, world_size)
     if fsdp_requested():
         return "fsdp2", None
     return ("ddp" if world_size > 1 else "single"), None
@@ -536,7 +537,7 @@ def accelerator_backend(accelerator) -> tuple[str, Optional[dict]]:
     from trainer.distributed.launch import uses_deepspeed, uses_fsdp
 
     if uses_deepspeed(accelerator):
-        return "deepspeed", accelerator.deepspeed_plugin.deepspeed_config
+        return "zero", accelerator.deepspeed_plugin.deepspeed_config
     if uses_fsdp(accelerator):
         return "fsdp2", None
     return ("ddp" if accelerator.num_processes > 1 else "single"), None

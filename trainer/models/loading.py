@@ -118,8 +118,9 @@ def scratch_config(model_args, auto_class, tokenizer_size: int, preset=None, dec
     # from_config would raise a ValueError listing every architecture that has this job's head.
     source = (f"--config_name {model_args.config_name}" if model_args.config_name
               else f"--model_type {model_args.model_type}")
-    require(type(config) in auto_class._model_mapping, f"{source}: transformers has no {auto_class.__name__} for a "
-                                                       f"{config.model_type} model; choose an architecture that has one")
+    require(type(config) in auto_class._model_mapping, f"{source}: transformers has no {auto_class.__name__} for "
+                                                       f"a {config.model_type} model; choose an architecture that "
+                                                       f"has one")
     # New models get a vocabulary padded to a multiple of 64: faster matrix products, same tokenizer.
     config.vocab_size = 64 * math.ceil(tokenizer_size / 64)
     for key, value in {**(config_kwargs or {}), **(decoder_switch(config) if decoder else {})}.items():
@@ -151,6 +152,9 @@ def meta_model(model_args, auto_class, tokenizer_size: int, preset=None, decoder
         dtype = (getattr(config, "dtype", None) or torch.float32) if dtype == "auto" else dtype
     else:
         config = scratch_config(model_args, auto_class, tokenizer_size, preset, decoder)
+        for name in ("pad", "bos", "eos", "cls", "sep"):  # defaults of a bigger vocabulary (ModernBERT's): no shape
+            if (getattr(config, f"{name}_token_id", None) or 0) >= config.vocab_size:
+                setattr(config, f"{name}_token_id", 0)
         dtype = weights_dtype(model_args, from_checkpoint=False)
     with torch.device("meta"):
         return auto_class.from_config(config, dtype=dtype)
