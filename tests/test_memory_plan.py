@@ -241,3 +241,19 @@ def test_estimate_memory_plans_a_70b_llama_without_building_it(tmp_path, job_env
     assert not output_dir.exists() and os.listdir(tmp_path) == []
     # 280 GB of fp32 weights never built: the run is imports and a meta-device model.
     assert time.perf_counter() - start < 120
+
+
+def test_clm_plans_what_its_finetune_strategy_trains():
+    from trainer.clm import CLM_JOB, planned_model
+    from trainer.config.job_config import parse_job_config
+    from trainer.finetune.strategies import apply_strategy
+
+    flags = ["--model_type", "llama", "--config_overrides", "hidden_size=64,intermediate_size=172,num_hidden_layers=2,"
+             "num_attention_heads=4,num_key_value_heads=2,head_dim=16,max_position_embeddings=128", "--finetune_strategy",
+             "lora"]
+    config = parse_job_config(CLM_JOB.all_sections, flags, default_config=CLM_JOB.demo_config)
+    planned = model_shape(planned_model(config))
+    real, _ = apply_strategy(llama(device="cpu"), config.finetune, task_type="CAUSAL_LM")
+    # The same adapters on the same shapes (the demo's vocabulary aside, which LoRA leaves frozen).
+    assert planned.trainable_numel == sum(p.numel() for p in real.parameters() if p.requires_grad) > 0
+    assert plan_memory(planned, training()).optimizer_state == 8 * planned.trainable_numel

@@ -265,14 +265,17 @@ def training_block_size(clm_args: ClmArguments, model_config) -> int:
 
 
 def planned_model(config: JobConfig) -> PlannedModel:
-    """The memory plan's view of the job: the model on the meta device, the block size and the output layer
-    (CausalLMTask's chunked, fused loss; the model's full logits with --loss_chunk_tokens 0)."""
+    """The memory plan's view of the job: the model on the meta device with its --finetune_strategy applied (what
+    it trains), the block size and the output layer (CausalLMTask's chunked, fused loss; the model's full logits
+    with --loss_chunk_tokens 0)."""
     from transformers import AutoModelForCausalLM
 
     model = meta_model(config.model, AutoModelForCausalLM, planned_tokenizer_size(config.model),
                        preset=tiny_gpt2_config, decoder=True)
+    block_size = training_block_size(config.clm, model.config)
+    model, _ = apply_strategy(model, config.finetune, task_type="CAUSAL_LM")
     chunk = config.clm.loss_chunk_tokens
-    return PlannedModel(model, training_block_size(config.clm, model.config),
+    return PlannedModel(model, block_size,
                         Head("fused", chunk_tokens=chunk) if chunk else Head("logits"))
 
 

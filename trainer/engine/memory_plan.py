@@ -96,7 +96,8 @@ class ModelShape:
     largest_other_numel: int  # the largest parameter outside the blocks (the embedding, an untied head)
     hidden: int
     heads: int
-    kv_hidden: int  # hidden x key-value heads / heads (grouped-query attention)
+    query_hidden: int  # heads x head dimension (the hidden size unless a config sets head_dim apart)
+    kv_hidden: int  # key-value heads x head dimension (grouped-query attention)
     intermediate: int
     vocab: int
     gated_mlp: bool  # SwiGLU-style: gate and up projections (Llama, Qwen, Mistral)
@@ -222,7 +223,7 @@ def layer_activation_bytes(model: ModelShape, training: Training) -> float:
     - two norms: each its input (r h); RMSNorm also its normalised copy (r h);
     - the norms' outputs as the projections' input: one tensor (c h) each, but under autocast every projection
       saves its own 16-bit cast (q, k, v apart: 3; fused c_attn: 1; gate and up: 2; a plain MLP: 1);
-    - attention: q (h), k and v (2 kv), its output (h), in c (SDPA's fused kernels keep no probabilities);
+    - attention: q and its output (2 q, the heads' width, h unless head_dim says otherwise), k and v (2 kv), in c (SDPA's fused kernels keep no probabilities);
     - MLP: gated 4 I (gate, up, act(gate), their product), plain 2 I (the up projection and its activation), in c
       (the engine runs tanh-GELU as one kernel, models/kernels.py);
     - dropout: a mask of its input's size and dtype per residual dropout (2 h); attention dropout on the CPU
@@ -230,13 +231,13 @@ def layer_activation_bytes(model: ModelShape, training: Training) -> float:
       copy, 3 a s (1 a s without dropout, eager).
     """
     compute, residual, mask = activation_bytes(model, training)
-    h, kv, inter = model.hidden, model.kv_hidden, model.intermediate
+    h, q, kv, inter = model.hidden, model.query_hidden, model.kv_hidden, model.intermediate
     norms = 2 * residual * h * (2 if model.rms_norm else 1)
     if autocast_copies(model, training):
         norm_outputs = compute * h * ((3 if model.separate_qkv else 1) + (2 if model.gated_mlp else 1))
     else:
         norm_outputs = 2 * compute * h
-    attention = compute * (2 * h + 2 * kv)
+    attention = compute * (2 * q + 2 * kv)
     mlp = compute * (4 if model.gated_mlp else 2) * inter
     dropout = 2 * mask * h if model.hidden_dropout else 0
     stores_probabilities = model.eager_attention or (model.attention_dropout and training.device == "cpu")
@@ -458,6 +459,7 @@ def model_shape(planned: PlannedModel, attn_implementation: Optional[str] = None
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv_heads = first_setting(config, ["num_key_value_heads"], heads)
+    head_dim = first_setting(config, ["head_dim"], hidden // heads)
     return ModelShape(
         trainable_shapes=tuple(tuple(p.shape) for p in parameters if p.requires_grad),
         frozen_numel=sum(p.numel() for p in parameters if not p.requires_grad),
@@ -465,7 +467,7 @@ def model_shape(planned: PlannedModel, attn_implementation: Optional[str] = None
         layers=len(blocks) if blocks is not None else 0,
         layer_numel=sum(p.numel() for p in block.parameters()) if block is not None else 0,
         largest_other_numel=max((p.numel() for p in parameters if id(p) not in in_blocks), default=0),
-        hidden=hidden, heads=heads, kv_hidden=hidden * kv_heads // heads,
+        hidden=hidden, heads=heads, query_hidden=heads * head_dim, kv_hidden=kv_heads * head_dim,
         intermediate=first_setting(config, ["intermediate_size", "n_inner"], 4 * hidden),
         vocab=config.vocab_size,
         gated_mlp=any("gate" in name for name in names),
