@@ -217,8 +217,8 @@ def layer_activation_bytes(model: ModelShape, training: Training) -> float:
     Derived from what autograd saves in a pre-norm block (counted with torch.autograd.graph.saved_tensors_hooks on
     transformers' GPT-2 and Llama, see tests/test_memory_plan.py; the same accounting as Korthikanti et al. 2022,
     "Reducing Activation Recomputation in Large Transformer Models", section 4.1, whose 34 s b h + 5 a s^2 b is
-    GPT-3's block in 16 bits with dropout everywhere and attention probabilities stored). With h hidden, kv the
-    key-value width, I intermediate, a heads, s the sequence length, c the compute element size and r the
+    GPT-3's block in 16 bits with dropout everywhere and attention probabilities stored). With h hidden, q and kv the
+    query and key-value widths, I intermediate, a heads, s the sequence length, c the compute element size and r the
     residual's (float32 under autocast):
     - two norms: each its input (r h); RMSNorm also its normalised copy (r h);
     - the norms' outputs as the projections' input: one tensor (c h) each, but under autocast every projection
