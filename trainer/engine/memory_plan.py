@@ -4,8 +4,9 @@
 `plan_memory(model, training)` is a pure function of what it is given (`ModelShape`: the model's parameters and
 sizes; `Training`: backend, world size, precision, optimizer, checkpointing, batch), as is the fit check
 `fitting_changes(plan, capacity)`, which recomputes the plan for each flag that could make it fit. Start-up logs the
-plan (`start_plan`); `--estimate_memory` prints it and exits; on a GPU a plan above the free device memory is a
-one-line error naming those flags (`check_fits`), unless `--skip_memory_check`.
+plan (engine/jobs.py `plan_before_start`); `--estimate_memory` prints it and exits (`estimate_memory`); on a GPU a
+plan above the free device memory is a one-line error naming those flags (`check_fits`), unless
+`--skip_memory_check`.
 
 What is counted, per process (the figures of ZeRO, Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward
 Training Trillion Parameter Models", section 3, for this engine's choices):
@@ -35,7 +36,7 @@ counts; with accumulation the gradients of the earlier micro-steps wait through 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 GIB = 2 ** 30
@@ -163,7 +164,7 @@ class MemoryPlan:
     activations: int
     working_set: int
     host: int = 0
-    buckets: int = field(default=0)  # DDP's reducer buckets (persistent)
+    buckets: int = 0  # DDP's reducer buckets (persistent)
 
     @property
     def peak(self) -> int:
