@@ -26,11 +26,13 @@ from trainer.data.loading import first_samples, other_source_splits, pad_rows
 from trainer.data.tokenization import Tokenization, job_data
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
+from trainer.engine.memory_plan import Head, PlannedModel
 from trainer.engine.task import Task, perplexity_metrics
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.finetune.strategies import FinetuneArguments, apply_strategy
 from trainer.models.fused_loss import cross_entropy_in_place, fused_linear_cross_entropy
-from trainer.models.loading import load_model, max_positions
+from trainer.models.loading import (check_sequence_length, load_model, max_positions, meta_model,
+                                    planned_tokenizer_size)
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "clm_demo.yaml")
 RUN_CLM_MAX_BLOCK = 1024  # run_clm.py's cap on the default block size
@@ -287,6 +289,22 @@ def generation_probes(tokenizer, prompts: list[str], new_tokens: int):
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def planned_model(config: JobConfig) -> PlannedModel:
+    """The memory plan's view of the job: the model on the meta device with its --finetune_strategy applied (what
+    it trains), the block size and the output layer (CausalLMTask's chunked, fused loss; the model's full logits
+    with --loss_chunk_tokens 0)."""
+    from transformers import AutoModelForCausalLM
+
+    model = meta_model(config.model, AutoModelForCausalLM, planned_tokenizer_size(config.model),
+                       preset=tiny_gpt2_config, decoder=True)
+    block_size = CLM_TOKENIZATION.sequence_length(config, model.config)
+    check_sequence_length(block_size, model.config, CLM_TOKENIZATION.length_flag)
+    model, _ = apply_strategy(model, config.finetune, task_type="CAUSAL_LM")
+    chunk = config.clm.loss_chunk_tokens
+    return PlannedModel(model, block_size,
+                        Head("fused", chunk_tokens=chunk) if chunk else Head("logits"))
+
+
 def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     model_args, data_args, ft_args, clm_args = config.model, config.data, config.finetune, config.clm
 
@@ -344,7 +362,7 @@ CLM_JOB = JobSpec(
     sections={"data": CorpusArguments, "finetune": FinetuneArguments, "clm": ClmArguments}, build_task=build_task,
     demo_config=DEMO_CONFIG, write_demo_data=write_mlm_corpus, demo_name="movie-review corpus",
     model_card_task="causal language modelling", pipeline_tag="text-generation", headline=headline,
-    tokenization=CLM_TOKENIZATION)
+    tokenization=CLM_TOKENIZATION, planned_model=planned_model)
 
 
 @exits_cleanly_on_usage_error

@@ -26,10 +26,12 @@ from trainer.data.loading import first_samples, other_source_splits, pad_rows
 from trainer.data.tokenization import Tokenization, job_data
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
+from trainer.engine.memory_plan import Head, PlannedModel
 from trainer.engine.task import Task, perplexity_metrics
 from trainer.engine.throughput import training_flops_per_token
 from trainer.errors import exits_cleanly_on_usage_error, require
-from trainer.models.loading import load_model
+from trainer.models.loading import (check_sequence_length, load_model, meta_model,
+                                    planned_tokenizer_size)
 from trainer.models.sparse_mlm import (IGNORE, MaskedRows, SPARSE_HEAD_TYPES, can_sparsify_last_layer,
                                        install_sparse_last_layer, last_encoder_layer, last_layer_row_parameters,
                                        masked_row_tensors, prediction_head)
@@ -296,6 +298,18 @@ def fill_mask_probes(tokenizer, sentences: list[str]):
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def planned_model(config: JobConfig) -> PlannedModel:
+    """The memory plan's view of the job: the model on the meta device, --max_seq_length, and the head on the
+    masked rows (sparse_mlm's architectures) or the model's logits at every position (the others)."""
+    from transformers import AutoModelForMaskedLM
+
+    model = meta_model(config.model, AutoModelForMaskedLM, planned_tokenizer_size(config.model))
+    check_sequence_length(config.data.max_seq_length, model.config)
+    sparse = model.config.model_type in SPARSE_HEAD_TYPES
+    return PlannedModel(model, config.data.max_seq_length,
+                        Head("rows" if sparse else "logits", rows_per_token=config.mlm.mlm_probability))
+
+
 def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
     from transformers import AutoModelForMaskedLM
 
@@ -360,7 +374,7 @@ def headline(metrics: dict) -> str:
 MLM_JOB = JobSpec(
     sections={"data": DataArguments, "mlm": MLMArguments}, build_task=build_task, demo_config=DEMO_CONFIG,
     write_demo_data=write_mlm_corpus, demo_name="movie-review corpus", model_card_task="masked-language modelling",
-    pipeline_tag="fill-mask", headline=headline, tokenization=MLM_TOKENIZATION)
+    pipeline_tag="fill-mask", headline=headline, tokenization=MLM_TOKENIZATION, planned_model=planned_model)
 
 
 @exits_cleanly_on_usage_error

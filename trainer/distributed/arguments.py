@@ -40,6 +40,12 @@ class ParallelismArguments:
                               "LOCAL_RANK environment variable it also sets is what counts).")
     deepspeed: Optional[str] = arg(None, "DeepSpeed config JSON (e.g. ds_configs/zero2.json): train with DeepSpeed "
                                          "ZeRO. Its \"auto\" values are filled from these arguments.")
+    estimate_memory: bool = arg(False, "Print the memory plan per process (parameters, gradients, optimizer state, "
+                                       "activations, for this backend, world size, precision and batch) and exit, "
+                                       "without building the model or reading data; writes nothing. The world size "
+                                       "is the launcher's (WORLD_SIZE=8 python -m ... plans for 8 processes).")
+    skip_memory_check: bool = arg(False, "Start even when the memory plan exceeds the GPU's free memory (for when "
+                                         "the estimate is wrong); the plan is still logged.")
 
     def __post_init__(self):
         require(self.ddp_timeout > 0, f"--ddp_timeout must be positive, got {self.ddp_timeout}")

@@ -173,16 +173,22 @@ def make_deepspeed_plugin(parallelism, optimization, timeout: datetime.timedelta
         return None
     from accelerate.utils import DeepSpeedPlugin
 
+    config = requested_deepspeed_config(parallelism, optimization, default_single_process_environment())
+    start_deepspeed_process_group(timeout)
+    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)  # see `without_zero_init`
+
+
+def requested_deepspeed_config(parallelism, optimization, world_size: int) -> dict:
+    """The DeepSpeed config asked for (`--deepspeed PATH`, else accelerate's), every "auto" filled and checked."""
+    from accelerate.utils import DeepSpeedPlugin
+
     if parallelism.deepspeed:
         source = f"--deepspeed {parallelism.deepspeed}"
         config = load_deepspeed_config(parallelism.deepspeed)
     else:
         source = "the accelerate DeepSpeed config"
         config = DeepSpeedPlugin().deepspeed_config
-    world_size = default_single_process_environment()
-    config = resolve_deepspeed_config(config, optimization, parallelism, world_size, source)
-    start_deepspeed_process_group(timeout)
-    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)  # see `without_zero_init`
+    return resolve_deepspeed_config(config, optimization, parallelism, world_size, source)
 
 
 def default_single_process_environment() -> int:

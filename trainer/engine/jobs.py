@@ -54,6 +54,9 @@ class JobSpec:
     # How the job makes its sequences from text (trainer.data.tokenization.Tokenization), shared by the job and
     # `python -m trainer.prepare`; None: a job that trainer.prepare does not prepare for (classify).
     tokenization: Optional[object] = None
+    # (config) -> engine.memory_plan.PlannedModel: the model on the meta device, the sequence length and the head,
+    # for the memory plan (logged at start-up, --estimate_memory, the GPU fit check).
+    planned_model: Optional[Callable] = None
 
     @property
     def all_sections(self) -> dict:
@@ -63,32 +66,98 @@ class JobSpec:
 
 
 def run(job: JobSpec, argv: list[str] | None = None) -> dict:
-    """The whole job: start, build the task, train, finish. Returns the final metrics."""
-    config, files, accelerator = start_job(job, argv)
-    return run_job(job, config, files, job.build_task(config, files, accelerator), accelerator)
-
-
-def start_job(job: JobSpec, argv: list[str] | None):
-    """Every job's first steps: parse the configuration, check it across sections and the output directory, start
-    the processes, check it against their number, set up logging, find the data files (the embedded demo's when
-    none are named), seed. Returns (config, data files, accelerator)."""
-    from accelerate.utils import set_seed
-
-    from trainer.distributed.launch import make_accelerator
-    from trainer.engine.checks import check_sections, check_with_processes
-    from trainer.tracking import check_trackers
-    from trainer.tracking.console import setup_logging
+    """The whole job: start, build the task, train, finish. Returns the final metrics (with --estimate_memory:
+    the memory plan, printed, and nothing else done)."""
+    from trainer.engine.checks import check_sections
 
     config = parse_job_config(job.all_sections, argv, default_config=job.demo_config)
     check_sections(config)
+    if config.parallelism.estimate_memory:
+        return estimate_memory(job, config)
+    config, files, accelerator = start_job(job, config)
+    return run_job(job, config, files, job.build_task(config, files, accelerator), accelerator)
+
+
+def start_job(job: JobSpec, config: JobConfig):
+    """Every job's first steps with its parsed configuration: check the output directory, start the processes,
+    check the configuration against their number, set up logging, log the memory plan (refused on a GPU it cannot
+    fit), find the data files (the embedded demo's when none are named), seed. Returns (config, data files,
+    accelerator)."""
+    from accelerate.utils import set_seed
+
+    from trainer.distributed.launch import make_accelerator
+    from trainer.engine.checks import check_with_processes
+    from trainer.tracking import check_trackers
+    from trainer.tracking.console import setup_logging
+
     check_output_dir(config.checkpointing)
     check_trackers(config.tracking.report_to)
     accelerator = make_accelerator(config.parallelism, config.optimization)
     check_with_processes(config, accelerator.num_processes)
     setup_logging(accelerator.is_main_process)
+    plan_before_start(job, config, accelerator)
     files = data_files(config, accelerator, job)
     set_seed(config.optimization.seed)
     return config, files, accelerator
+
+
+def job_memory_plan(job: JobSpec, config: JobConfig, backend: tuple, world_size: int, device: str):
+    """The job's memory plan for `backend` ((kind, DeepSpeed config)) and `world_size` processes on `device`."""
+    from trainer.engine.memory_plan import model_shape, plan_memory, training_setup
+
+    planned = job.planned_model(config)
+    training = training_setup(config, planned, backend[0], world_size, backend[1], device)
+    return plan_memory(model_shape(planned, config.model.attn_implementation), training)
+
+
+def estimate_memory(job: JobSpec, config: JobConfig) -> dict:
+    """--estimate_memory: the plan for the launch's backend and world size (WORLD_SIZE, 1 without a launcher),
+    printed by the first process, with the fit on a GPU; nothing started, built, read or written."""
+    import torch
+
+    from trainer.engine.memory_plan import (fit_error, fitting_changes, free_device_memory, gib, launch_backend,
+                                            plan_table)
+
+    require(job.planned_model is not None, "--estimate_memory is not available for this job yet; drop it")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = "cuda" if torch.cuda.is_available() and not config.parallelism.use_cpu else "cpu"
+    plan = job_memory_plan(job, config, launch_backend(config.parallelism, config.optimization, world_size),
+                           world_size, device)
+    lines = plan_table(plan)
+    capacity = free_device_memory(device)
+    if capacity is not None:
+        fits = fitting_changes(plan, capacity)
+        lines.append(f"fits: the GPU has {gib(capacity)} free" if fits is None else fit_error(plan, capacity, fits))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(lines), flush=True)
+    return {"memory_plan": {**plan.parts(), "host": plan.host, "peak": plan.peak}}
+
+
+def plan_before_start(job: JobSpec, config: JobConfig, accelerator) -> None:
+    """Log the memory plan of the started processes; on a GPU, refuse one that does not fit the free memory of the
+    tightest process (unless --skip_memory_check)."""
+    from trainer.engine.memory_plan import accelerator_backend, check_fits, free_device_memory
+
+    if job.planned_model is None:
+        return
+    plan = job_memory_plan(job, config, accelerator_backend(accelerator), accelerator.num_processes,
+                           accelerator.device.type)
+    logger.info("%s", plan.describe())
+    capacity = free_device_memory(accelerator.device)
+    if capacity is not None and not config.parallelism.skip_memory_check:
+        check_fits(plan, smallest_across_processes(capacity, accelerator))
+
+
+def smallest_across_processes(value: int, accelerator) -> int:
+    """The minimum of `value` over the processes: every process then takes the same decision."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value], dtype=torch.int64, device=accelerator.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
 
 
 def run_job(job: JobSpec, config: JobConfig, files: DataFiles, task, accelerator) -> dict:

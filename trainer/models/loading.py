@@ -97,20 +97,11 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
         model_args.check_weights_dtype(str(model.dtype).removeprefix("torch."),
                                        f"--torch_dtype auto on {model_args.model_name_or_path} ({model.dtype})")
         return model
-    config = new_model_config(model_args, AutoConfig, preset)
-    # from_config would raise a ValueError listing every architecture that has this job's head.
-    source = (f"--config_name {model_args.config_name}" if model_args.config_name
-              else f"--model_type {model_args.model_type}")
-    require(type(config) in auto_class._model_mapping, f"{source}: transformers has no {auto_class.__name__} for a "
-                                                       f"{config.model_type} model; choose an architecture that has one")
-    # New models get a vocabulary padded to a multiple of 64: faster matrix products, same tokenizer.
-    config.vocab_size = 64 * math.ceil(len(tokenizer) / 64)
+    config = scratch_config(model_args, auto_class, len(tokenizer), preset, decoder, config_kwargs)
     config.pad_token_id = tokenizer.pad_token_id
     for name in ("bos", "eos", "cls", "sep"):  # ModernBERT's defaults are ids of its own 50k vocabulary
         if getattr(config, f"{name}_token_id", None) is not None:
             setattr(config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
-    for key, value in {**config_kwargs, **(decoder_switch(config) if decoder else {})}.items():
-        setattr(config, key, value)
     logger.info("training a new %s model from scratch", config.model_type)
     return auto_class.from_config(config, dtype=weights_dtype(model_args, from_checkpoint=False), **attention)
 
@@ -136,6 +127,57 @@ def pretrained_model(auto_class, path: str, flag: str, dtype, decoder: bool = Fa
         if decoder:
             kwargs.update(decoder_switch(AutoConfig.from_pretrained(path)))
         return auto_class.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
+
+
+def scratch_config(model_args, auto_class, tokenizer_size: int, preset=None, decoder: bool = False,
+                   config_kwargs: dict | None = None):
+    """The config of a model trained from scratch (see `load_model`), for a tokenizer of `tokenizer_size` tokens."""
+    from transformers import AutoConfig
+
+    config = new_model_config(model_args, AutoConfig, preset)
+    # from_config would raise a ValueError listing every architecture that has this job's head.
+    source = (f"--config_name {model_args.config_name}" if model_args.config_name
+              else f"--model_type {model_args.model_type}")
+    require(type(config) in auto_class._model_mapping, f"{source}: transformers has no {auto_class.__name__} for "
+                                                       f"a {config.model_type} model; choose an architecture that "
+                                                       f"has one")
+    # New models get a vocabulary padded to a multiple of 64: faster matrix products, same tokenizer.
+    config.vocab_size = 64 * math.ceil(tokenizer_size / 64)
+    for key, value in {**(config_kwargs or {}), **(decoder_switch(config) if decoder else {})}.items():
+        setattr(config, key, value)
+    return config
+
+
+def planned_tokenizer_size(model_args) -> int:
+    """The tokenizer's length for a model from scratch, without training one: the named tokenizer's, else the
+    vocabulary a tokenizer trained on the text aims at (--tokenizer_vocab_size, an upper bound)."""
+    if not model_args.tokenizer_name:
+        return model_args.tokenizer_vocab_size
+    return len(load_tokenizer(model_args, training_texts=None))
+
+
+def meta_model(model_args, auto_class, tokenizer_size: int, preset=None, decoder: bool = False):
+    """The model `load_model` would build, on the meta device: its shapes and dtypes without any weights (a 70B
+    config costs seconds and no memory). `tokenizer_size`: the tokenizer's length, for a model from scratch."""
+    import torch
+    from transformers import AutoConfig
+
+    if model_args.model_name_or_path:
+        check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
+        with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
+            config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+        for key, value in (decoder_switch(config) if decoder else {}).items():
+            setattr(config, key, value)
+        dtype = weights_dtype(model_args, from_checkpoint=True)
+        dtype = (getattr(config, "dtype", None) or torch.float32) if dtype == "auto" else dtype
+    else:
+        config = scratch_config(model_args, auto_class, tokenizer_size, preset, decoder)
+        for name in ("pad", "bos", "eos", "cls", "sep"):  # defaults of a bigger vocabulary (ModernBERT's): no shape
+            if (getattr(config, f"{name}_token_id", None) or 0) >= config.vocab_size:
+                setattr(config, f"{name}_token_id", 0)
+        dtype = weights_dtype(model_args, from_checkpoint=False)
+    with torch.device("meta"):
+        return auto_class.from_config(config, dtype=dtype)
 
 
 def weights_dtype(model_args, from_checkpoint: bool):
