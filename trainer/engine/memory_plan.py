@@ -63,6 +63,24 @@ def factored_second_moment(shapes, element_bytes: int) -> int:
     return total * element_bytes
 
 
+def block_quantized_moments(bits: int, block_size: int) -> Callable:
+    """torchao's low-bit AdamW (engine/optim.py quantized_adamw): the two moments of a tensor of at least 4096
+    values that its block size divides kept as `bits`-bit codes with one fp32 scale per block and a code book of
+    2**bits fp32 values; the moments of the other tensors in fp32 (torchao.optim's `_new_buffer` rule)."""
+
+    def state_bytes(shapes, element_bytes: int) -> int:
+        total = 0
+        for shape in shapes:
+            count = numel(shape)
+            if count >= 4096 and count % block_size == 0:
+                total += 2 * (count * bits // 8 + 4 * (count // block_size) + 4 * 2 ** bits)
+            else:
+                total += 2 * 4 * count
+        return total
+
+    return state_bytes
+
+
 # --optim -> (shapes of the tensors it updates, their element size in bytes) -> bytes of optimizer state.
 # A new --optim in engine/optim.py adds its line here (tests/test_memory_plan.py checks that every one has it).
 OPTIMIZER_STATE: dict[str, Callable] = {
@@ -70,6 +88,8 @@ OPTIMIZER_STATE: dict[str, Callable] = {
     "adamw_torch": elementwise(2),
     "adafactor": factored_second_moment,
     "sgd": elementwise(0),  # momentum 0: torch keeps no buffer
+    "adamw_torch_8bit": block_quantized_moments(8, block_size=256),  # torchao.optim.AdamW8bit's defaults
+    "adamw_torch_4bit": block_quantized_moments(4, block_size=128),  # torchao.optim.AdamW4bit's
 }
 
 
