@@ -82,7 +82,7 @@ def result(clock: StepClock, opts, flops_per_token: float, dense_flops_per_token
 def run_engine(directory: str, opts, compiled: bool, deepspeed: bool) -> dict:
     """trainer.mlm's task and engine, stepped by hand the way Engine.train steps (no evaluation, no saving)."""
     from trainer.engine.assembly import assemble
-    from trainer.engine.jobs import start_job
+    from trainer.engine.jobs import job_config, start_job
     from trainer.engine.loop import Window
     from trainer.mlm import MLM_JOB, build_task
 
@@ -97,7 +97,7 @@ def run_engine(directory: str, opts, compiled: bool, deepspeed: bool) -> dict:
     argv += ["--torch_compile", "--torch_compile_backend", opts.compile_backend,
              "--torch_compile_mode", opts.compile_mode] if compiled else []
     argv += ["--deepspeed", ZERO2] if deepspeed else []
-    config, files, accelerator = start_job(MLM_JOB, argv)
+    config, files, accelerator = start_job(MLM_JOB, job_config(MLM_JOB, argv))
     engine = assemble(config, build_task(config, files, accelerator), accelerator)
     batches, window, clock = engine.data.micro_batches(), Window(accelerator.device), StepClock(opts.warmup)
     for _ in range(opts.warmup + opts.steps):

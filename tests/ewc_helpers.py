@@ -30,9 +30,9 @@ def clm_engine(argv: list[str]):
     """trainer.clm's engine for `argv`, built as its `main` builds it, without training."""
     from trainer.clm import CLM_JOB
     from trainer.engine.assembly import assemble
-    from trainer.engine.jobs import start_job
+    from trainer.engine.jobs import job_config, start_job
 
-    config, files, accelerator = start_job(CLM_JOB, argv)
+    config, files, accelerator = start_job(CLM_JOB, job_config(CLM_JOB, argv))
     return assemble(config, CLM_JOB.build_task(config, files, accelerator), accelerator)
 
 

@@ -13,10 +13,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def engine_for(argv):
     from trainer.engine.assembly import assemble
-    from trainer.engine.jobs import start_job
+    from trainer.engine.jobs import job_config, start_job
     from trainer.mlm import MLM_JOB
 
-    config, files, accelerator = start_job(MLM_JOB, argv)
+    config, files, accelerator = start_job(MLM_JOB, job_config(MLM_JOB, argv))
     return assemble(config, MLM_JOB.build_task(config, files, accelerator), accelerator)
 
 

@@ -70,12 +70,17 @@ def run(job: JobSpec, argv: list[str] | None = None) -> dict:
     the memory plan, printed, and nothing else done)."""
     from trainer.engine.checks import check_sections
 
-    config = parse_job_config(job.all_sections, argv, default_config=job.demo_config)
+    config = job_config(job, argv)
     check_sections(config)
     if config.parallelism.estimate_memory:
         return estimate_memory(job, config)
     config, files, accelerator = start_job(job, config)
     return run_job(job, config, files, job.build_task(config, files, accelerator), accelerator)
+
+
+def job_config(job: JobSpec, argv: list[str] | None) -> JobConfig:
+    """The job's command line (None: sys.argv) parsed into its sections; with no data named, over the demo config."""
+    return parse_job_config(job.all_sections, argv, default_config=job.demo_config)
 
 
 def start_job(job: JobSpec, config: JobConfig):
