@@ -17,20 +17,16 @@ import time
 
 import torch
 
+from harness import small_llama
+
 SHAPE = dict(layers=12, hidden=128, block=512, batch=8, vocab=8000)
 
 
 def train(checkpointed: bool, steps: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from trainer.models.checkpointing import checkpoint_blocks, checkpoint_options
     from trainer.models.fused_loss import fused_linear_cross_entropy
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=4 * SHAPE["hidden"],
-                         num_hidden_layers=SHAPE["layers"], num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=SHAPE["block"])
-    model = LlamaForCausalLM(config).train()
+    model = small_llama(SHAPE["layers"], SHAPE["hidden"], SHAPE["vocab"], positions=SHAPE["block"])
     if checkpointed:
         checkpoint_blocks(model, checkpoint_options(None))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

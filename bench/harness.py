@@ -30,6 +30,17 @@ from trainer.engine.throughput import measure_matmul_peak, training_flops_per_to
 SIDES = ("transformers", "ours")
 
 
+def small_llama(layers: int, hidden: int, vocab: int, positions: int):
+    """A seeded Llama from scratch for the CPU benches: `layers` blocks of width `hidden`, 4 heads, an MLP 4x wide,
+    in training mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=positions)
+    return LlamaForCausalLM(config).train()
+
+
 def parser(description: str, **defaults) -> argparse.ArgumentParser:
     """The options every benchmark takes; `defaults` override the model/batch defaults per job."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

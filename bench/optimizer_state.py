@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from harness import small_llama
+
 from trainer.engine.optim import OPTIMIZERS, OptimizationArguments, parameter_groups
 
 SHAPE = dict(layers=4, hidden=256, vocab=8000, block=128, batch=4)
@@ -26,13 +28,7 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def measure(optim: str, steps: int) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=SHAPE["vocab"], hidden_size=SHAPE["hidden"], intermediate_size=4 * SHAPE["hidden"],
-                         num_hidden_layers=SHAPE["layers"], num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=SHAPE["block"])
-    model = LlamaForCausalLM(config).train()
+    model = small_llama(SHAPE["layers"], SHAPE["hidden"], SHAPE["vocab"], positions=SHAPE["block"])
     optimization = OptimizationArguments(optim=optim, learning_rate=1e-4)
     optimizer = OPTIMIZERS[optim](parameter_groups(model, 0.01), optimization)
     ids = torch.randint(0, SHAPE["vocab"], (SHAPE["batch"], SHAPE["block"]))

@@ -22,6 +22,8 @@ class TrainingBatches:
     `micro_batches()` after `load_state_dict` continues exactly where the saved run was. Another data source (e.g.
     streaming) is another class with the same methods."""
 
+    reads_during_training = False  # the data is prepared before training: nothing can fail mid-run (Engine)
+
     def __init__(self, dataset, columns, collator, sampler, workers: int, pin_memory: bool,
                  sources: list[MixtureSource], token_counts: np.ndarray):
         self.dataset, self.columns, self.collator = dataset, columns, collator

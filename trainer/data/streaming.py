@@ -395,6 +395,7 @@ class StreamingBatches:
     The run's length is --max_steps (`steps_per_epoch` is None: a stream's length is not known)."""
 
     steps_per_epoch = None
+    reads_during_training = True  # a file can turn unreadable mid-run: the ranks agree to stop (Engine)
 
     def __init__(self, stream: TrainStream, collator, per_device: int, world_size: int, rank: int,
                  accumulation: int, workers: int, passes: int, seed: int, source_name: str):

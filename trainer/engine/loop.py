@@ -152,7 +152,10 @@ class Engine:
     def next_micro_batches(self, batches) -> list[dict]:
         """One optimizer step's micro-batches. A data source that fails on any rank (e.g. a streamed file that
         became unreadable) stops every rank at this step with that rank's line, naming the last good checkpoint:
-        data is never skipped, and no rank is left waiting in the step's collectives."""
+        data is never skipped, and no rank is left waiting in the step's collectives. Only a source that reads
+        files during training can fail so: the others skip the ranks' agreement, one host all-reduce a step."""
+        if not self.data.reads_during_training:
+            return [next(batches) for _ in range(self.settings.accumulation_steps)]
         failure = None
         try:
             micro_batches = [next(batches) for _ in range(self.settings.accumulation_steps)]
