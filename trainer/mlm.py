@@ -22,7 +22,7 @@ from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
 from trainer.data.arguments import DataArguments, DataFiles
 from trainer.data.demo import write_mlm_corpus
-from trainer.data.loading import first_samples, other_source_splits, pad_rows
+from trainer.data.loading import first_samples, pad_rows
 from trainer.data.tokenization import Tokenization, job_data
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
@@ -325,7 +325,7 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         train_set, eval_set = map_style_data(processed, data_args) if data.stream is None else (
             None, processed["validation"])
         eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
-        other_sets = other_source_splits(processed, files)
+        other_sets = data.other_sources(files)
     padded = mlm_args.line_by_line
     task_model = MaskedLMTask(model)
     head_fraction = mlm_args.mlm_probability if task_model.sparse_head else 1.0

@@ -3,8 +3,10 @@ independent of the world size, resumable at once from a few numbers per lane.
 
 Lanes. A global batch has G = per-device batch x processes x accumulation slots; slot g of every step is fed by
 lane g (the same slot layout as `GlobalBatchSampler`: micro-step m of rank r takes slots
-[(m x world size + r) x batch, +batch)). Slot g's lane is lane `index` of the `lanes` lanes of its source
-(trainer.data.mixture's `slot_sources`; one source for now, so lane g of G). Each pass ("epoch") over a source
+[(m x world size + r) x batch, +batch)). Slot g's lane is lane `index` of the `lanes` lanes of its source: a
+weighted mixture (--train_files, --replay_file) gives source i the slots trainer.data.mixture gives it for map-style
+data (`mixture_counts`, `slot_sources`), each source's lanes reading its own files. The primary source (0) is read at
+most --num_train_epochs passes; the others cycle, pass after pass. Each pass ("epoch") over a source
 shuffles its files by a permutation seeded by (seed, pass), lays them end to end, and cuts that space into `lanes`
 equal parts: bytes for .txt/.json/.jsonl/.csv (a line belongs to the part its first byte lies in), rows for .parquet.
 A lane reads its part sequentially in windows of --shuffle_buffer_size documents, each window permuted by a
@@ -36,7 +38,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from trainer.data.mixture import slot_sources
+from trainer.data.mixture import MixtureSource, describe_sources, mixture_counts, slot_sources
 from trainer.distributed.collectives import all_gather_objects
 from trainer.errors import DataSourceFailed, UsageError, require
 
@@ -299,9 +301,10 @@ def rank_slots(per_device: int, world_size: int, rank: int, accumulation: int) -
     return [[(micro * world_size + rank) * per_device + i for i in range(per_device)] for micro in range(accumulation)]
 
 
-def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: int, seed: int) -> Iterator[tuple]:
+def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: Optional[int], seed: int) -> Iterator[tuple]:
     """Lane `lane`'s blocks from `position`, each as (token columns, the position after it). Ends the run with
-    `DataSourceFailed` when a lane would start pass `passes` (the data ran out before --max_steps)."""
+    `DataSourceFailed` when a lane would start pass `passes` (the data ran out before --max_steps; None: a cycling
+    source, never), or when its part of a pass holds no text (a cycling source would look for it forever)."""
     corpus = stream.corpus
     epoch, window_start, document, token, blocks = position
     part_start, part_end = corpus.part(lane.index, lane.lanes)
@@ -312,6 +315,8 @@ def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: int, seed: 
         while True:
             texts, next_start = corpus.read(epoch, start, part_end, stream.window)
             if not texts:
+                if passes is None and start == part_start:
+                    raise DataSourceFailed(no_text_in_part(corpus, lane))
                 break
             order = np.random.default_rng([seed, WINDOW_SEED_KEY, lane.source, epoch, lane.index, start]
                                           ).permutation(len(texts))
@@ -330,12 +335,18 @@ def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: int, seed: 
         epoch, window_start, document, token = epoch + 1, -1, 0, 0
 
 
-def require_passes(epoch: int, passes: int, corpus: StreamCorpus) -> None:
-    if epoch >= passes:
+def require_passes(epoch: int, passes: Optional[int], corpus: StreamCorpus) -> None:
+    if passes is not None and epoch >= passes:
         raise StreamEnded(
             f"the training data ({len(corpus.files)} file(s) of --{corpus.flag}) ended after {passes} pass(es) "
             f"(--num_train_epochs) before --max_steps; give more data, a larger --num_train_epochs or a smaller "
             f"--max_steps")
+
+
+def no_text_in_part(corpus: StreamCorpus, lane: LaneId) -> str:
+    return (f"--{corpus.flag} {', '.join(file.path for file in corpus.files[:3])}: lane {lane.index} of its "
+            f"{lane.lanes} (its share of every global batch) finds no text in its 1/{lane.lanes} of the data; give "
+            f"the source more text, or fewer lanes (a smaller weight or global batch)")
 
 
 def cut(columns: dict, carry: dict, skip: int, stream: TrainStream):
@@ -364,9 +375,9 @@ class RankLanes(torch.utils.data.IterableDataset):
     consecutive items are one micro-batch. A lane's state thus lives in one worker. Errors come as items (`error`),
     so that the main process ends the run with one line, not a worker's traceback."""
 
-    def __init__(self, stream: TrainStream, micro_slots: list[list[int]], lanes: list[LaneId], positions: dict,
-                 workers: int, passes: int, seed: int):
-        self.stream, self.micro_slots, self.lanes, self.positions = stream, micro_slots, lanes, positions
+    def __init__(self, streams: list[TrainStream], micro_slots: list[list[int]], lanes: list[LaneId],
+                 positions: dict, workers: int, passes: int, seed: int):
+        self.streams, self.micro_slots, self.lanes, self.positions = streams, micro_slots, lanes, positions
         self.workers, self.passes, self.seed = max(workers, 1), passes, seed
 
     def __iter__(self):
@@ -374,8 +385,7 @@ class RankLanes(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         parts = [slots[worker * len(slots) // self.workers:(worker + 1) * len(slots) // self.workers]
                  for slots in self.micro_slots]
-        running = {slot: lane_blocks(self.stream, self.lanes[slot], self.positions[slot], self.passes, self.seed)
-                   for slots in parts for slot in slots}
+        running = {slot: self.blocks(self.lanes[slot], self.positions[slot]) for slots in parts for slot in slots}
         try:
             while True:
                 for slots in parts:
@@ -384,26 +394,34 @@ class RankLanes(torch.utils.data.IterableDataset):
         except DataSourceFailed as failure:
             yield {"error": str(failure)}
 
+    def blocks(self, lane: LaneId, position) -> Iterator[tuple]:
+        """The lane's blocks over its source's stream: the primary's for at most `passes` passes, the others'
+        cycling."""
+        return lane_blocks(self.streams[lane.source], lane, position, self.passes if lane.source == 0 else None,
+                           self.seed)
+
 
 def as_is(item):
     return item
 
 
 class StreamingBatches:
-    """The engine's training data under --streaming: `TrainingBatches`'s methods over lanes (module docstring).
+    """The engine's training data under --streaming: `TrainingBatches`'s methods over lanes (module docstring), of
+    one stream per training source (`streams`, in the order of `sources`: the primary first).
 
     The run's length is --max_steps (`steps_per_epoch` is None: a stream's length is not known)."""
 
     steps_per_epoch = None
     reads_during_training = True  # a file can turn unreadable mid-run: the ranks agree to stop (Engine)
 
-    def __init__(self, stream: TrainStream, collator, per_device: int, world_size: int, rank: int,
-                 accumulation: int, workers: int, passes: int, seed: int, source_name: str):
-        self.stream, self.collator, self.source_name = stream, collator, source_name  # name: as given
+    def __init__(self, streams: list[TrainStream], sources: list[MixtureSource], collator, per_device: int,
+                 world_size: int, rank: int, accumulation: int, workers: int, passes: int, seed: int):
+        self.streams, self.sources, self.collator = streams, sources, collator
         self.per_device, self.world_size, self.accumulation = per_device, world_size, accumulation
         self.global_batch_size = per_device * world_size * accumulation
+        self.counts = mixture_counts(sources, self.global_batch_size)
         self.micro_slots = rank_slots(per_device, world_size, rank, accumulation)
-        self.lanes = global_lanes(self.global_batch_size)
+        self.lanes = global_lanes(self.global_batch_size, self.counts)
         self.workers = min(workers, per_device)  # each worker owns at least one lane of each micro-step
         self.passes, self.seed = passes, seed
         self.positions = {lane.slot: START for lane in self.lanes}  # after the last completed step
@@ -416,16 +434,16 @@ class StreamingBatches:
 
     @property
     def epoch(self) -> int:
-        """The pass the slowest of this rank's lanes is in."""
-        return min(self.positions[slot][0] for slot in self.own_slots)
+        """The pass the slowest of this rank's lanes of the primary source is in (0 on a rank with none)."""
+        return min((self.positions[slot][0] for slot in self.own_slots if self.lanes[slot].source == 0), default=0)
 
     def describe(self) -> list[str]:
-        corpus = self.stream.corpus
+        sizes = [f"{len(stream.corpus.files)} file(s) ({stream.corpus.size} "
+                 f"{'rows' if stream.corpus.files[0].kind == 'parquet' else 'bytes'})" for stream in self.streams]
         return [f"{self.global_batch_size} sequences/step ({self.per_device} per device x {self.world_size} "
-                f"processes x {self.accumulation} accumulation), streamed from {len(corpus.files)} file(s) "
-                f"({corpus.size} {'rows' if corpus.files[0].kind == 'parquet' else 'bytes'}) in "
-                f"{self.global_batch_size} lanes, shuffled in windows of {self.stream.window} documents, "
-                f"at most {self.passes} pass(es)"]
+                f"processes x {self.accumulation} accumulation), streamed from {', '.join(sizes)} in "
+                f"{self.global_batch_size} lanes, shuffled in windows of {self.streams[0].window} documents, "
+                f"at most {self.passes} pass(es)", *describe_sources(self.sources, self.counts, sizes)]
 
     def describe_position(self) -> str:
         return f"pass {self.epoch} of the stream (slowest lane of this rank)"
@@ -433,7 +451,7 @@ class StreamingBatches:
     def micro_batches(self):
         """Micro-batches forever from the current position; each one's lane positions go into `pending`."""
         self.pending = {}
-        dataset = RankLanes(self.stream, self.micro_slots, self.lanes, self.positions, self.workers, self.passes,
+        dataset = RankLanes(self.streams, self.micro_slots, self.lanes, self.positions, self.workers, self.passes,
                             self.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=as_is, num_workers=self.workers,
                                              prefetch_factor=4 if self.workers else None)
@@ -452,7 +470,7 @@ class StreamingBatches:
         for part in parts:
             self.pending.update(zip(part["slots"], part["positions"]))
         batch = {name: [block[name] for block in blocks] for name in blocks[0]}
-        if not self.stream.one_per_document:  # full blocks: one array, as the map-style loader gives them
+        if not self.streams[0].one_per_document:  # full blocks: one array, as the map-style loader gives them
             batch = {name: np.stack(rows) for name, rows in batch.items()}
         # Unique over the run and independent of the world size: the lane's block count and the slot.
         batch["sample_id"] = np.asarray([(self.pending[slot][4] - 1) * self.global_batch_size + slot
@@ -466,14 +484,18 @@ class StreamingBatches:
         self.pending = {}
 
     def consumed(self) -> dict:
-        """For the final metrics (every rank calls it): the blocks trained on, summed over every lane, and their
-        tokens: full blocks of `block_size` tokens; line by line (ragged blocks) the tokens are not counted (None),
-        since a lane's position keeps its block count alone."""
+        """For the final metrics (every rank calls it): the blocks trained on from each source, summed over its
+        lanes, and their tokens: full blocks of `block_size` tokens; line by line (ragged blocks) the tokens are not
+        counted (None), since a lane's position keeps its block count alone."""
         self.gather_across_ranks()
-        samples = sum(position[4] for position in self.gathered.values())
-        tokens = None if self.stream.one_per_document else samples * self.stream.block_size
-        return {"train_samples_per_source": {self.source_name: samples},
-                "train_tokens_per_source": {self.source_name: tokens}}
+        samples = [0] * len(self.sources)
+        for slot, position in self.gathered.items():
+            samples[self.lanes[slot].source] += position[4]
+        names = [source.name for source in self.sources]
+        tokens = [None if self.streams[0].one_per_document else count * self.streams[0].block_size
+                  for count in samples]
+        return {"train_samples_per_source": dict(zip(names, samples)),
+                "train_tokens_per_source": dict(zip(names, tokens))}
 
     def gather_across_ranks(self) -> None:
         """Called on every rank before a checkpoint: every lane's position, from the rank that owns it."""
@@ -482,7 +504,7 @@ class StreamingBatches:
 
     def state_dict(self) -> dict:
         positions = self.gathered if self.gathered is not None else self.positions
-        return {"global_batch_size": self.global_batch_size,
+        return {"global_batch_size": self.global_batch_size, "counts": list(self.counts),
                 "lanes": {str(slot): list(position) for slot, position in sorted(positions.items())}}
 
     def load_state_dict(self, saved: dict) -> None:
@@ -492,6 +514,11 @@ class StreamingBatches:
                 f"the checkpoint streamed {saved['global_batch_size']} lanes (its global batch) and this run has "
                 f"a global batch of {self.global_batch_size}; resume with the same per-device batch x processes x "
                 f"accumulation")
+        counts = saved.get("counts", [saved["global_batch_size"]])  # one source before mixtures streamed
+        require(counts == self.counts,
+                f"the checkpoint streamed {counts} sequences of each training source per step and this run's "
+                f"sources (--train_files weights, --replay_ratio) give {self.counts}; resume with the same sources "
+                f"and weights")
         self.positions = {int(slot): tuple(position) for slot, position in saved["lanes"].items()}
 
 
@@ -551,14 +578,18 @@ DEFAULT_EVAL_SAMPLES = 512
 
 def streamed_data(data_args, files, encode, block_size: int, one_per_document: bool, seed: int,
                   keep_linebreaks: bool = False):
-    """(the training `TrainStream`, the evaluation Dataset) of a job under --streaming: the training files (of
-    --train_file, or of --dataset_name's train split) streamed, the first --max_eval_samples blocks (default
-    DEFAULT_EVAL_SAMPLES) of the validation files (--validation_file, or the dataset's validation split) tokenized
-    now."""
+    """(each training source's `TrainStream`, the primary's first; the evaluation Dataset) of a job under
+    --streaming: the training sources' files (--train_file's, or --dataset_name's train split, or --train_files';
+    then --replay_file's) streamed, the first --max_eval_samples blocks (default DEFAULT_EVAL_SAMPLES) of the
+    validation files (--validation_file, or the dataset's validation split) tokenized now. Every source is read by
+    the primary's text column."""
     from trainer.data.arguments import source_files
 
     if files.train is not None:
         train_files, train_flag = source_files(files.train, "train_file"), "train_file"
+        splits = {}
+    elif files.mixture:
+        train_files, train_flag = files.mixture[0].files("train_files"), "train_files"
         splits = {}
     else:
         splits = dataset_splits(data_args.dataset_name, data_args.dataset_config_name)
@@ -570,11 +601,14 @@ def streamed_data(data_args, files, encode, block_size: int, one_per_document: b
                                         "none; give --validation_file (a file, directory or glob)")
         validation_files, validation_flag = splits["validation"], "dataset_name"
     train = open_corpus(train_files, train_flag, data_args.text_column, seed, keep_linebreaks)
+    others = [open_corpus(source.files, source.flag, train.text_column, seed, keep_linebreaks)
+              for source in files.other_sources()]
     validation = open_corpus(validation_files, validation_flag, train.text_column, seed, keep_linebreaks)
     window = data_args.shuffle_buffer_size
     evaluation = evaluation_blocks(TrainStream(validation, encode, block_size, one_per_document, window),
                                    data_args.max_eval_samples or DEFAULT_EVAL_SAMPLES)
-    return TrainStream(train, encode, block_size, one_per_document, window), evaluation
+    streams = [TrainStream(corpus, encode, block_size, one_per_document, window) for corpus in [train, *others]]
+    return streams, evaluation
 
 
 def streamed_texts_refused():
