@@ -14,8 +14,9 @@ generator seeded by (seed, source, pass, lane, window start), tokenizes, and cut
 exactly as the map-style job does (run_mlm/run_clm's concatenate-and-chunk, or one sequence per line). A lane that
 ends its part goes on with the next pass. Every lane yields one block per optimizer step.
 
-So the samples of a step do not depend on the world size, and a rank reads and tokenizes only its own lanes'
-parts: preprocessing is spread over every rank and its loader workers. A lane's position after a block is
+So the samples of a step do not depend on the world size, and a rank reads, tokenizes and (the per-sample stage of
+a `SampleWiseCollator`, e.g. mlm's masks) collates only its own lanes' blocks: preprocessing is spread over every
+rank and its loader workers. A lane's position after a block is
 (pass, window start, document index in the window, tokens of that document already used, blocks yielded): the
 block boundary always falls inside a document or at its end, so no tokens need to be carried in the state. A resume
 seeks to the window start and re-reads that one window (never the data before it), re-tokenizing from the saved
@@ -38,6 +39,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from trainer.data.batches import SampleWiseCollator
 from trainer.data.mixture import MixtureSource, describe_sources, mixture_counts, slot_sources
 from trainer.distributed.collectives import all_gather_objects
 from trainer.errors import DataSourceFailed, UsageError, require
@@ -372,13 +374,15 @@ def cut(columns: dict, carry: dict, skip: int, stream: TrainStream):
 class RankLanes(torch.utils.data.IterableDataset):
     """This rank's lanes, as parts of its micro-batches. With n loader workers, worker w owns part w of the lanes
     of every micro-step (n contiguous parts); torch's loader takes one item from each worker in turn, so n
-    consecutive items are one micro-batch. A lane's state thus lives in one worker. Errors come as items (`error`),
-    so that the main process ends the run with one line, not a worker's traceback."""
+    consecutive items are one micro-batch. A lane's state thus lives in one worker, and so does the per-sample stage
+    of collation (`rows`, e.g. mlm's masks) of its blocks. Errors come as items (`error`), so that the main process
+    ends the run with one line, not a worker's traceback."""
 
     def __init__(self, streams: list[TrainStream], micro_slots: list[list[int]], lanes: list[LaneId],
-                 positions: dict, workers: int, passes: int, seed: int):
+                 positions: dict, workers: int, passes: int, seed: int, rows: Callable[[dict], dict]):
         self.streams, self.micro_slots, self.lanes, self.positions = streams, micro_slots, lanes, positions
-        self.workers, self.passes, self.seed = max(workers, 1), passes, seed
+        self.workers, self.passes, self.seed, self.rows = max(workers, 1), passes, seed, rows
+        self.global_batch_size = len(lanes)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -390,9 +394,21 @@ class RankLanes(torch.utils.data.IterableDataset):
             while True:
                 for slots in parts:
                     blocks, positions = zip(*(next(running[slot]) for slot in slots))
-                    yield {"blocks": list(blocks), "slots": slots, "positions": list(positions)}
+                    yield {"rows": self.rows(self.part_batch(blocks, slots, positions)), "slots": slots,
+                           "positions": list(positions)}
         except DataSourceFailed as failure:
             yield {"error": str(failure)}
+
+    def part_batch(self, blocks, slots: list[int], positions) -> dict:
+        """A part of a micro-batch as the map-style loader gives a batch: token columns, sample ids, epoch."""
+        batch = {name: [block[name] for block in blocks] for name in blocks[0]}
+        if not self.streams[0].one_per_document:  # full blocks: one array, as the map-style loader gives them
+            batch = {name: np.stack(rows) for name, rows in batch.items()}
+        # Unique over the run and independent of the world size: the lane's block count and the slot.
+        batch["sample_id"] = np.asarray([(position[4] - 1) * self.global_batch_size + slot
+                                         for slot, position in zip(slots, positions)], dtype=np.int64)
+        batch["epoch"] = 0  # the sample ids never repeat: masks need no pass number
+        return batch
 
     def blocks(self, lane: LaneId, position) -> Iterator[tuple]:
         """The lane's blocks over its source's stream: the primary's for at most `passes` passes, the others'
@@ -403,6 +419,23 @@ class RankLanes(torch.utils.data.IterableDataset):
 
 def as_is(item):
     return item
+
+
+def collation_stages(collator) -> tuple[Callable[[dict], dict], Callable[[dict], dict]]:
+    """(the per-sample stage, run in the loader workers; the batch stage, run on whole micro-batches) of a training
+    collator: a `SampleWiseCollator`'s `rows` and `assemble`, or nothing and the whole collator."""
+    if isinstance(collator, SampleWiseCollator):
+        return collator.rows, collator.assemble
+    return as_is, collator
+
+
+def joined(parts: list[dict]) -> dict:
+    """One micro-batch's rows from its parts' (in slot order): arrays concatenated, lists joined, the rest (e.g.
+    the epoch) the same in every part."""
+    first = parts[0]
+    return {name: np.concatenate([part[name] for part in parts]) if isinstance(value, np.ndarray)
+            else [row for part in parts for row in part[name]] if isinstance(value, list) else value
+            for name, value in first.items()}
 
 
 class StreamingBatches:
@@ -416,7 +449,8 @@ class StreamingBatches:
 
     def __init__(self, streams: list[TrainStream], sources: list[MixtureSource], collator, per_device: int,
                  world_size: int, rank: int, accumulation: int, workers: int, passes: int, seed: int):
-        self.streams, self.sources, self.collator = streams, sources, collator
+        self.streams, self.sources = streams, sources
+        self.rows, self.assemble = collation_stages(collator)
         self.per_device, self.world_size, self.accumulation = per_device, world_size, accumulation
         self.global_batch_size = per_device * world_size * accumulation
         self.counts = mixture_counts(sources, self.global_batch_size)
@@ -452,31 +486,19 @@ class StreamingBatches:
         """Micro-batches forever from the current position; each one's lane positions go into `pending`."""
         self.pending = {}
         dataset = RankLanes(self.streams, self.micro_slots, self.lanes, self.positions, self.workers, self.passes,
-                            self.seed)
+                            self.seed, self.rows)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=as_is, num_workers=self.workers,
                                              prefetch_factor=4 if self.workers else None)
-        # Collated here: a micro-batch is whole only here (its lanes come from every worker).
+        # Assembled here: a micro-batch is whole only here (its lanes come from every worker).
         items = iter(loader)
         while True:
             parts = [next(items) for _ in range(max(self.workers, 1))]
             failed = [part["error"] for part in parts if "error" in part]
             if failed:
                 raise DataSourceFailed(failed[0])
-            yield self.collator(self.micro_batch(parts))
-
-    def micro_batch(self, parts: list[dict]) -> dict:
-        blocks = [block for part in parts for block in part["blocks"]]
-        slots = [slot for part in parts for slot in part["slots"]]
-        for part in parts:
-            self.pending.update(zip(part["slots"], part["positions"]))
-        batch = {name: [block[name] for block in blocks] for name in blocks[0]}
-        if not self.streams[0].one_per_document:  # full blocks: one array, as the map-style loader gives them
-            batch = {name: np.stack(rows) for name, rows in batch.items()}
-        # Unique over the run and independent of the world size: the lane's block count and the slot.
-        batch["sample_id"] = np.asarray([(self.pending[slot][4] - 1) * self.global_batch_size + slot
-                                         for slot in slots], dtype=np.int64)
-        batch["epoch"] = 0  # the sample ids never repeat: masks need no pass number
-        return batch
+            for part in parts:
+                self.pending.update(zip(part["slots"], part["positions"]))
+            yield self.assemble(joined([part["rows"] for part in parts]))
 
     def advance(self) -> None:
         """One optimizer step's micro-batches consumed: their lanes' positions are the position."""
