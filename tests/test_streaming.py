@@ -212,6 +212,18 @@ def test_a_streamed_mixture_holds_each_sources_count_in_its_slots_at_every_world
                                "train_tokens_per_source": {"corpus": 6 * 30 * 16, "other": 2 * 30 * 16}}
 
 
+def test_line_by_line_each_sources_tokens_are_those_of_its_blocks(shards, other_source):
+    """Ragged blocks (one per document): a source's tokens are its blocks' unpadded lengths, as map-style counts."""
+    streams = [TrainStream(corpus_of(pattern), CharacterCodes(), 16, True, 7) for pattern in (shards[0], other_source)]
+    batches, state = global_batches(streams, 4, 2, 1, steps=5, sources=MIXTURE)
+    owners = slot_sources(mixture_counts(MIXTURE, 8)).tolist()
+    data = StreamingBatches(streams, MIXTURE, as_batch, 8, 1, 0, 1, 0, passes=3, seed=3)
+    data.load_state_dict(state)
+    assert data.consumed()["train_tokens_per_source"] == {
+        name: sum(len(row) for batch in batches for owner, (_, row) in zip(owners, batch) if owner == source)
+        for source, name in enumerate(["corpus", "other"])}
+
+
 def test_a_streamed_mixture_resumes_at_another_world_size_and_only_with_its_own_counts(shards, other_source):
     streams = [stream(shards[0]), stream(other_source)]
     expected, _ = global_batches(streams, 8, 1, 1, steps=12, sources=MIXTURE)
@@ -222,6 +234,9 @@ def test_a_streamed_mixture_resumes_at_another_world_size_and_only_with_its_own_
     with pytest.raises(UsageError, match=r"streamed \[6, 2\] sequences of each training source per step and this "
                                          r"run's sources .* give \[4, 4\]"):
         global_batches(streams, 8, 1, 1, steps=1, positions=state, sources=reweighted)
+    older = {**state, "lanes": {slot: position[:5] for slot, position in state["lanes"].items()}}  # no tokens
+    with pytest.raises(UsageError, match="predate per-source token counts"):
+        global_batches(streams, 8, 1, 1, steps=1, positions=older, sources=MIXTURE)
 
 
 def test_a_cycling_lane_that_finds_no_text_in_its_part_stops_instead_of_looking_forever(tmp_path):

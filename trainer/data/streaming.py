@@ -17,8 +17,8 @@ ends its part goes on with the next pass. Every lane yields one block per optimi
 So the samples of a step do not depend on the world size, and a rank reads, tokenizes and (the per-sample stage of
 a `SampleWiseCollator`, e.g. mlm's masks) collates only its own lanes' blocks: preprocessing is spread over every
 rank and its loader workers. A lane's position after a block is
-(pass, window start, document index in the window, tokens of that document already used, blocks yielded): the
-block boundary always falls inside a document or at its end, so no tokens need to be carried in the state. A resume
+(pass, window start, document index in the window, tokens of that document already used, blocks yielded, their
+tokens: the per-source figures): the block boundary always falls inside a document or at its end, so no tokens need to be carried in the state. A resume
 seeks to the window start and re-reads that one window (never the data before it), re-tokenizing from the saved
 document on. Positions ride along with every micro-batch, so the state is that of what the engine consumed,
 whatever the loader has prefetched; the checkpoint holds every lane's position (gathered from all ranks), so a
@@ -278,8 +278,9 @@ class LaneId:
     lanes: int  # of its source
 
 
-# A lane's position: (pass, window start (-1: its part's start), document in the window, its tokens used, blocks).
-START = (0, -1, 0, 0, 0)
+# A lane's position: (pass, window start (-1: its part's start), document in the window, its tokens used, blocks,
+# their tokens).
+START = (0, -1, 0, 0, 0, 0)
 
 
 class StreamEnded(DataSourceFailed):
@@ -308,7 +309,7 @@ def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: Optional[in
     `DataSourceFailed` when a lane would start pass `passes` (the data ran out before --max_steps; None: a cycling
     source, never), or when its part of a pass holds no text (a cycling source would look for it forever)."""
     corpus = stream.corpus
-    epoch, window_start, document, token, blocks = position
+    epoch, window_start, document, token, blocks, tokens = position
     part_start, part_end = corpus.part(lane.index, lane.lanes)
     carry: dict = {}
     while True:
@@ -329,9 +330,9 @@ def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: Optional[in
                     columns = {name: rows[offset] for name, rows in encoded.items()}
                     index = first + offset
                     for block, used in cut(columns, carry, token if index == document else 0, stream):
-                        blocks += 1
+                        blocks, tokens = blocks + 1, tokens + len(block["input_ids"])
                         after = (epoch, start, index + 1, 0) if used is None else (epoch, start, index, used)
-                        yield block, (*after, blocks)
+                        yield block, (*after, blocks, tokens)
                     token = 0
             start, document = next_start, 0
         epoch, window_start, document, token = epoch + 1, -1, 0, 0
@@ -506,16 +507,14 @@ class StreamingBatches:
         self.pending = {}
 
     def consumed(self) -> dict:
-        """For the final metrics (every rank calls it): the blocks trained on from each source, summed over its
-        lanes, and their tokens: full blocks of `block_size` tokens; line by line (ragged blocks) the tokens are not
-        counted (None), since a lane's position keeps its block count alone."""
+        """For the final metrics (every rank calls it): the blocks trained on from each source and their tokens
+        (unpadded, as map-style data counts them), summed over its lanes."""
         self.gather_across_ranks()
-        samples = [0] * len(self.sources)
+        samples, tokens = [0] * len(self.sources), [0] * len(self.sources)
         for slot, position in self.gathered.items():
             samples[self.lanes[slot].source] += position[4]
+            tokens[self.lanes[slot].source] += position[5]
         names = [source.name for source in self.sources]
-        tokens = [None if self.streams[0].one_per_document else count * self.streams[0].block_size
-                  for count in samples]
         return {"train_samples_per_source": dict(zip(names, samples)),
                 "train_tokens_per_source": dict(zip(names, tokens))}
 
@@ -541,6 +540,9 @@ class StreamingBatches:
                 f"the checkpoint streamed {counts} sequences of each training source per step and this run's "
                 f"sources (--train_files weights, --replay_ratio) give {self.counts}; resume with the same sources "
                 f"and weights")
+        require(all(len(position) == len(START) for position in saved["lanes"].values()),
+                "the checkpoint's lane positions predate per-source token counts under --streaming; resume it with "
+                "the trainer version that wrote it, or start a new run")
         self.positions = {int(slot): tuple(position) for slot, position in saved["lanes"].items()}
 
 
