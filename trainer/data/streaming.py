@@ -476,7 +476,8 @@ class StreamingBatches:
         sizes = [f"{len(stream.corpus.files)} file(s) ({stream.corpus.size} "
                  f"{'rows' if stream.corpus.files[0].kind == 'parquet' else 'bytes'})" for stream in self.streams]
         return [f"{self.global_batch_size} sequences/step ({self.per_device} per device x {self.world_size} "
-                f"processes x {self.accumulation} accumulation), streamed from {', '.join(sizes)} in "
+                f"processes x {self.accumulation} accumulation), streamed from "
+                f"{sizes[0] if len(sizes) == 1 else f'{len(sizes)} sources'} in "
                 f"{self.global_batch_size} lanes, shuffled in windows of {self.streams[0].window} documents, "
                 f"at most {self.passes} pass(es)", *describe_sources(self.sources, self.counts, sizes)]
 
