@@ -16,11 +16,11 @@ ends its part goes on with the next pass. Every lane yields one block per optimi
 
 So the samples of a step do not depend on the world size, and a rank reads, tokenizes and (the per-sample stage of
 a `SampleWiseCollator`, e.g. mlm's masks) collates only its own lanes' blocks: preprocessing is spread over every
-rank and its loader workers. A lane's position after a block is
-(pass, window start, document index in the window, tokens of that document already used, blocks yielded, their
-tokens: the per-source figures): the block boundary always falls inside a document or at its end, so no tokens need to be carried in the state. A resume
-seeks to the window start and re-reads that one window (never the data before it), re-tokenizing from the saved
-document on. Positions ride along with every micro-batch, so the state is that of what the engine consumed,
+rank and its loader workers. A lane's position after a block is (pass, window start, document index in the window,
+tokens of that document already used, blocks yielded, their tokens: the per-source figures): the block boundary
+always falls inside a document or at its end, so no token ids need to be carried in the state. A resume seeks to the
+window start and re-reads that one window (never the data before it), re-tokenizing from the saved document on.
+Positions ride along with every micro-batch, so the state is that of what the engine consumed,
 whatever the loader has prefetched; the checkpoint holds every lane's position (gathered from all ranks), so a
 resume at any world size continues the same global order.
 
@@ -536,14 +536,13 @@ class StreamingBatches:
                 f"the checkpoint streamed {saved['global_batch_size']} lanes (its global batch) and this run has "
                 f"a global batch of {self.global_batch_size}; resume with the same per-device batch x processes x "
                 f"accumulation")
-        counts = saved.get("counts", [saved["global_batch_size"]])  # one source before mixtures streamed
-        require(counts == self.counts,
-                f"the checkpoint streamed {counts} sequences of each training source per step and this run's "
-                f"sources (--train_files weights, --replay_ratio) give {self.counts}; resume with the same sources "
-                f"and weights")
         require(all(len(position) == len(START) for position in saved["lanes"].values()),
                 "the checkpoint's lane positions predate per-source token counts under --streaming; resume it with "
                 "the trainer version that wrote it, or start a new run")
+        require(saved["counts"] == self.counts,
+                f"the checkpoint streamed {saved['counts']} sequences of each training source per step and this "
+                f"run's sources (--train_files weights, --replay_ratio) give {self.counts}; resume with the same "
+                f"sources and weights")
         self.positions = {int(slot): tuple(position) for slot, position in saved["lanes"].items()}
 
 
@@ -610,12 +609,11 @@ def streamed_data(data_args, files, encode, block_size: int, one_per_document: b
     the primary's text column."""
     from trainer.data.arguments import source_files
 
+    splits = {}
     if files.train is not None:
         train_files, train_flag = source_files(files.train, "train_file"), "train_file"
-        splits = {}
     elif files.mixture:
         train_files, train_flag = files.mixture[0].files("train_files"), "train_files"
-        splits = {}
     else:
         splits = dataset_splits(data_args.dataset_name, data_args.dataset_config_name)
         train_files, train_flag = splits["train"], "dataset_name"
