@@ -41,7 +41,9 @@ def runs(corpus, tokenizer_dir, job_env, tmp_path_factory, two_process_resume_ru
         outputs[name] = root / name
         result = run_two_process_resume_job(corpus, tokenizer_dir, job_env, outputs[name],
                                             ["--deepspeed", ds_config(name), *extra])
-        assert ("gradient checkpointing" in result.stdout + result.stderr) == bool(extra)
+        log = result.stdout + result.stderr
+        assert f"DeepSpeed ZeRO-{shipped(name)['zero_optimization']['stage']} (gloo)" in log
+        assert ("gradient checkpointing" in log) == bool(extra)
     return outputs
 
 
