@@ -1,5 +1,7 @@
 """--gradient_checkpointing: each of the model's repeated blocks (models/blocks.py) keeps only its inputs in the
-forward and runs again in the backward, with torch.utils.checkpoint.
+forward and runs again in the backward, with torch.utils.checkpoint. --gradient_checkpointing_every k does so for
+the 1st, the (k+1)-th, ... block only, the others keeping their activations. Counted from the first block, so the
+last is mostly left out: recomputed, it would add to every block held when the backward starts.
 
 Wrapped here rather than with transformers' `gradient_checkpointing_enable`: that one checkpoints every
 `GradientCheckpointingLayer` the model happens to contain (not only its stack of blocks, and nothing in a model
