@@ -179,6 +179,12 @@ def mlm_args(corpus, tokenizer_dir, output_dir, *extra) -> list[str]:
             "--report_to", "none", "--probe_sentences", "", *extra]
 
 
+def with_model(args: list[str], model_flags: list[str]) -> list[str]:
+    """A job's command line with its `--model_type T --config_overrides C` replaced by `model_flags`."""
+    start = args.index("--model_type")
+    return args[:start] + model_flags + args[start + 4:]
+
+
 def changed_tensors(before_dir, after_dir, prefix: str) -> set[str]:
     """Names of `before_dir`'s saved tensors under `prefix` (e.g. the base model's) that differ bitwise in
     `after_dir`: what a fine-tuning strategy actually trained."""

@@ -78,10 +78,10 @@ def assert_same_parameters(directory_a, directory_b) -> None:
     assert not different, f"parameters differ: {different[:5]}"
 
 
-def assert_same_run(expected_dir, actual_dir) -> None:
+def assert_same_run(expected_dir, actual_dir, steps: int = STEPS) -> None:
     assert_same_parameters(expected_dir, actual_dir)
     assert logged_losses(actual_dir) == logged_losses(expected_dir)
-    assert read_results(actual_dir)["train_steps"] == STEPS
+    assert read_results(actual_dir)["train_steps"] == steps
     # The run's mean training loss: the checkpoint carries its sums, so a resumed run reports the same number.
     assert read_results(actual_dir)["train_loss"] == read_results(expected_dir)["train_loss"]
 

@@ -28,25 +28,27 @@ def runs(corpus, tokenizer_dir, job_env, tmp_path_factory, two_process_resume_ru
     """The 2-process DDP reference and ZeRO-2/3 runs of the same job. ZeRO-2 is started by DeepSpeed's own launcher
     (`deepspeed --num_gpus 2 --module ...`, which works on the CPU too) and round-trips its sharded checkpoint after
     training (tests/deepspeed_roundtrip.py); ZeRO-3 with optimizer and parameters offloaded to the CPU steps with
-    DeepSpeedCPUAdam (accelerate swaps it in). ZeRO-1 is ZeRO-2's optimizer without gradient partitioning: only
-    its config is checked here. ZeRO-2 and offloaded ZeRO-3 also run with --gradient_checkpointing, which changes
-    no parameter (dropout draws the same masks when a block is recomputed): they still match DDP without it."""
+    DeepSpeedCPUAdam (accelerate swaps it in). ZeRO-1, ZeRO-2 and offloaded ZeRO-3 also run with
+    --gradient_checkpointing, which changes no parameter (dropout draws the same masks when a block is recomputed):
+    they still match DDP without it."""
     root = tmp_path_factory.mktemp("zero")
     outputs = {"ddp": two_process_resume_run[0], "zero2": root / "zero2"}
     checkpointed = ["--gradient_checkpointing"]
     run_job("tests.deepspeed_roundtrip", resume_args(corpus, tokenizer_dir, outputs["zero2"], 2, "--deepspeed",
                                                      ds_config("zero2"), *checkpointed), job_env,
             launcher=deepspeed_launch())
-    for name, extra in (("zero3", []), ("zero3_offload", checkpointed)):
+    for name, extra in (("zero1", checkpointed), ("zero3", []), ("zero3_offload", checkpointed)):
         outputs[name] = root / name
         result = run_two_process_resume_job(corpus, tokenizer_dir, job_env, outputs[name],
                                             ["--deepspeed", ds_config(name), *extra])
-        assert ("gradient checkpointing" in result.stdout + result.stderr) == bool(extra)
+        log = result.stdout + result.stderr
+        assert f"DeepSpeed ZeRO-{shipped(name)['zero_optimization']['stage']} (gloo)" in log
+        assert ("gradient checkpointing" in log) == bool(extra)
     return outputs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_zero_parameters_and_losses_match_ddp(runs, stage):
     reference = load_parameters(runs["ddp"])
     difference = relative_difference(reference, load_parameters(runs[stage]))

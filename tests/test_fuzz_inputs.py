@@ -282,6 +282,9 @@ FLAG_CASES = [
     (["--tf32", "true"], "--tf32 needs a CUDA GPU"),
     (["--tf32", "sometimes"], "--tf32: Truthy value expected"),
     (["--gradient_checkpointing_kwargs", "[1]"], "--gradient_checkpointing_kwargs must be a JSON object"),
+    (["--gradient_checkpointing", "--gradient_checkpointing_every", "0"],
+     "--gradient_checkpointing_every must be at least 1"),
+    (["--gradient_checkpointing_every", "2"], "--gradient_checkpointing_every 2 needs --gradient_checkpointing"),
     (["--gradient_checkpointing_kwargs", '{"reentrant": false}'],
      "--gradient_checkpointing_kwargs: unknown option reentrant"),
 ]

@@ -1,7 +1,9 @@
 """--gradient_checkpointing (trainer/models/checkpointing.py): every repeated block really runs twice per training
-step, and training with it ends with the parameters of training without it, dropout on (the recomputation draws
-the same masks): mlm (BERT, its sparse last layer checkpointed too), clm (GPT-2 and Llama, fused loss), a LoRA
-model under the reentrant variant, prefix tuning, and 2 processes under FSDP2 against 1 process.
+step (with --gradient_checkpointing_every k, every k-th), and training with it ends with the parameters of training
+without it, dropout on (the recomputation draws the same masks): mlm (BERT, its sparse last layer checkpointed too),
+clm (GPT-2 and Llama, fused loss; Llama with every 2nd block), a LoRA model under the reentrant variant, prefix
+tuning, and 2 processes under FSDP2 against 1 process. 2-process DDP and ZeRO-1/2/3 with checkpointing are compared
+with runs without it in test_mlm_equivalence.py and test_deepspeed.py.
 
 Attention key biases are left out of the comparisons: they add the same number to every score of a query, so their
 gradient is zero in exact arithmetic and only rounding noise, which Adam scales up, moves them.
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from clm_helpers import bpe_tokenizer_dir, clm_args, tiny_gpt2  # noqa: F401 (fixture)
-from conftest import accelerate_launch, load_parameters, mlm_args, relative_difference, run_job
+from conftest import accelerate_launch, load_parameters, mlm_args, relative_difference, run_job, with_model
 from resume_helpers import DROPOUT_BERT, DROPOUT_GPT2
 from trainer.models.checkpointing import checkpoint_blocks, checkpoint_options
 
@@ -45,15 +47,12 @@ def in_process(job_env, monkeypatch):
         monkeypatch.setenv(key, job_env[key])
 
 
-def with_model(args: list[str], model_flags: list[str]) -> list[str]:
-    start = args.index("--model_type")
-    return args[:start] + model_flags + args[start + 4:]
-
-
-@pytest.mark.parametrize("job, model", [("mlm", DROPOUT_BERT), ("clm", DROPOUT_GPT2), ("clm", TINY_LLAMA)],
-                         ids=["mlm-bert", "clm-gpt2", "clm-llama"])
-def test_checkpointed_training_ends_with_the_same_parameters(job, model, corpus, tokenizer_dir, bpe_tokenizer_dir,
-                                                             tmp_path, in_process):
+@pytest.mark.parametrize("job, model, every", [("mlm", DROPOUT_BERT, 1), ("clm", DROPOUT_GPT2, 1),
+                                               ("clm", TINY_LLAMA, 2)],
+                         ids=["mlm-bert", "clm-gpt2", "clm-llama-every-2nd-block"])
+def test_checkpointed_training_ends_with_the_same_parameters(job, model, every, corpus, tokenizer_dir,
+                                                             bpe_tokenizer_dir, tmp_path, in_process):
+    """Every block checkpointed, or (--gradient_checkpointing_every 2) the first of the two only."""
     from trainer import clm, mlm
 
     def run(name, *extra):
@@ -64,31 +63,35 @@ def test_checkpointed_training_ends_with_the_same_parameters(job, model, corpus,
         return (mlm if job == "mlm" else clm).main(with_model(args, model))
 
     plain = run("plain")
-    checkpointed = run("checkpointed", "--gradient_checkpointing")
+    checkpointed = run("checkpointed", "--gradient_checkpointing", "--gradient_checkpointing_every", str(every))
     assert_same_parameters(tmp_path / "plain", tmp_path / "checkpointed")
     assert checkpointed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=TOLERANCE)
 
 
-def count_calls(modules) -> list:
+def count_calls(blocks) -> list:
+    """The indices of `blocks` whose forward runs, in order, as they run: inside the checkpointed forward (the
+    block's own __call__ stays outside it), so a recomputation is counted too."""
     calls = []
-    for module in modules:
-        # A pre-hook: the recomputation stops once it has every saved tensor back (torch's early stop), before the
-        # last modules' forward hooks.
-        module.register_forward_pre_hook(lambda *_: calls.append(1))
+    for index, block in enumerate(blocks):
+        # A pre-hook on its first module: the recomputation stops once it has every saved tensor back (torch's
+        # early stop), before the last modules' forward hooks.
+        block.ln_1.register_forward_pre_hook(lambda *_, index=index: calls.append(index))
     return calls
 
 
-def test_each_block_runs_again_in_the_backward_and_once_in_evaluation():
+@pytest.mark.parametrize("every, recomputed", [(1, [0, 1, 2]), (2, [0, 2])])
+def test_each_checkpointed_block_runs_again_in_the_backward_and_once_in_evaluation(every, recomputed):
+    """--gradient_checkpointing_every k: the 1st, the (k+1)-th, ... block are recomputed, the others not."""
     model = tiny_gpt2(100, n_layer=3).train()
-    checkpoint_blocks(model, checkpoint_options(None))
-    calls = count_calls(block.mlp for block in model.transformer.h)  # inside the blocks' checkpointed forward
+    assert checkpoint_blocks(model, checkpoint_options(None), every) == len(recomputed)
+    calls = count_calls(model.transformer.h)
     ids = torch.randint(0, 100, (2, 16))
     model(ids, labels=ids, use_cache=False).loss.backward()
-    assert len(calls) == 6  # 3 blocks, each in the forward and again in the backward
+    assert calls == [0, 1, 2] + recomputed[::-1]  # each block in the forward, the checkpointed ones backwards again
     calls.clear()
     with torch.no_grad():
         model.eval()(ids)
-    assert len(calls) == 3
+    assert calls == [0, 1, 2]
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.engine.memory_plan import (Head, OPTIMIZER_STATE, PlannedModel, Training, activations, check_fits,
-                                        fit_error, fitting_changes, layer_activation_bytes, model_shape,
-                                        plan_memory)
+from trainer.engine.memory_plan import (Head, OPTIMIZER_STATE, PlannedModel, Training, activations, blocks_held,
+                                        candidate_changes, check_fits, fit_error, fitting_changes,
+                                        layer_activation_bytes, model_shape, plan_memory)
 from trainer.engine.optim import OPTIMIZERS
 from trainer.errors import UsageError
 
@@ -180,6 +180,24 @@ def test_checkpointing_keeps_the_block_inputs_and_one_block():
     difference = activations(model, plain) - activations(model, checkpointed)
     assert difference == int(tokens * 9 * per_layer) - int(tokens * (8 * 4 * model.hidden + 2 * per_layer))
     assert activations(model, checkpointed) < activations(model, plain) / 2
+
+
+def test_checkpointing_every_kth_block_keeps_the_other_blocks_activations():
+    """Blocks 0, 2, 4, 6 of 8 checkpointed: their inputs, and at most 4 blocks' saved tensors at once (the 4 that
+    are not checkpointed, or 3 of them and block 6 recomputed), plus one block's working set."""
+    model = shape(llama(layers=8))
+    plain, every_block = training(), training(gradient_checkpointing=True)
+    every_2nd = training(gradient_checkpointing=True, checkpoint_every=2)
+    tokens, per_layer = BATCH * SEQUENCE, layer_activation_bytes(model, plain)
+    difference = activations(model, plain) - activations(model, every_2nd)
+    assert difference == int(tokens * 9 * per_layer) - int(tokens * (4 * 4 * model.hidden + 5 * per_layer))
+    assert activations(model, every_block) < activations(model, every_2nd) < activations(model, plain)
+    # 13 blocks, every 3rd: the last one (12) is checkpointed, and recomputing it adds its saved tensors to those of
+    # the 8 kept below it.
+    assert blocks_held(12, 3) == (4, 8) and blocks_held(13, 3) == (5, 9)
+    assert blocks_held(8, 1) == (8, 1) and blocks_held(8, None) == (0, 8)
+    assert "gradient checkpointing every 2 blocks" in every_2nd.describe()
+    assert candidate_changes(every_2nd)[0].flags == "--gradient_checkpointing_every 1"
 
 
 def test_a_plan_that_fits_is_accepted_and_one_that_does_not_names_the_flags_that_fit():

@@ -1,4 +1,5 @@
-"""World size, batch split and accumulation must not change the mathematics (fp32, no dropout)."""
+"""World size, batch split and accumulation must not change the mathematics (fp32, no dropout), nor does
+--gradient_checkpointing under DDP: the 2-process run recomputes its blocks, the 1-process runs do not."""
 import pytest
 import torch
 
@@ -15,7 +16,8 @@ def relative_difference(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def three_runs(corpus, tokenizer_dir, job_env, tmp_path_factory):
-    """Same global batch of 16 per step, split three ways; eval batch sizes that leave remainders."""
+    """Same global batch of 16 per step, split three ways; eval batch sizes that leave remainders. The 2-process
+    (DDP) run checkpoints every block."""
     root = tmp_path_factory.mktemp("equivalence")
     layouts = {
         "1x8x2": (1, ["--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
@@ -23,12 +25,13 @@ def three_runs(corpus, tokenizer_dir, job_env, tmp_path_factory):
         "1x16x1": (1, ["--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1",
                        "--per_device_eval_batch_size", "16"]),
         "2x4x2": (2, ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-                      "--per_device_eval_batch_size", "5"]),
+                      "--per_device_eval_batch_size", "5", "--gradient_checkpointing"]),
     }
     runs = {}
     for name, (nproc, layout) in layouts.items():
         out = root / name
-        run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, out, *STEPS, *layout), job_env, nproc=nproc)
+        result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, out, *STEPS, *layout), job_env, nproc=nproc)
+        assert ("gradient checkpointing (" in result.stdout + result.stderr) == (nproc == 2)
         runs[name] = out
     return runs
 

@@ -7,7 +7,8 @@ import signal
 import pytest
 import torch
 
-from conftest import read_results, run_job
+from clm_helpers import bpe_tokenizer_dir  # noqa: F401 (fixture)
+from conftest import read_results, run_job, with_model
 from resume_helpers import (STEPS, assert_same_run, resume_args, samples_per_step, start_job, uninterrupted_run,
                             wait_for_path, with_env)
 
@@ -129,22 +130,49 @@ def test_torchrun_restarts_killed_worker_and_resumes_to_the_same_parameters(
     assert_same_run(two_process_baseline[0], out)
 
 
-# SGD without momentum keeps no state: nothing more to prove. torchao's 4-bit AdamW is its 8-bit one with another
-# state class. In this process: the 8-bit optimizer compiles its update (inductor, slow on 2 cores) once, not once
-# per run.
-@pytest.mark.parametrize("optim", ["adafactor", pytest.param("adamw_torch_8bit", marks=pytest.mark.slow)])
-def test_resume_with_another_optimizer_is_bit_exact(optim, corpus, tokenizer_dir, in_process_job, tmp_path):
-    """--optim's state (Adafactor's factored moments, torchao's 8-bit quantized moments) goes into the checkpoint
-    and comes back."""
+# SGD without momentum keeps no state: nothing more to prove.
+def test_resume_with_adafactor_is_bit_exact(corpus, tokenizer_dir, in_process_job, tmp_path):
+    """Adafactor's factored moments go into the checkpoint and come back."""
     from trainer.mlm import main
 
     expected, out = tmp_path / "expected", tmp_path / "run"
-    in_process_job(main, resume_args(corpus, tokenizer_dir, expected, 1, "--optim", optim))
-    args = resume_args(corpus, tokenizer_dir, out, 1, "--optim", optim)
+    in_process_job(main, resume_args(corpus, tokenizer_dir, expected, 1, "--optim", "adafactor"))
+    args = resume_args(corpus, tokenizer_dir, out, 1, "--optim", "adafactor")
     in_process_job(main, args, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=9)
     assert trainer_state(out / "checkpoint-5")["step"] == 5 and not os.path.exists(out / "model.safetensors")
-    if optim == "adamw_torch_8bit":  # the embeddings' moments (>= 4096 values) are kept quantized
-        moments = torch.load(out / "checkpoint-5" / "optimizer.pt", weights_only=True)["state"].values()
-        assert any(type(state["exp_avg"]).__name__ == "OptimState8bit" for state in moments)
     in_process_job(main, args)
     assert_same_run(expected, out)
+
+
+# torchao's AdamW compiles its update (inductor, slow on 2 cores) once per parameter shape and kind of moment: a
+# Llama with 3 shapes (vocabulary 512 x 32: 16384 values, quantized; 32 x 32 and 32: under torchao's 4096, fp32
+# moments), 3 steps, and both bit widths in one process, so that the fp32 moments' updates compile once.
+QUANTIZED_ADAMW_LLAMA = ["--model_type", "llama", "--config_overrides",
+                         "hidden_size=32,intermediate_size=32,num_hidden_layers=1,num_attention_heads=2,head_dim=16,"
+                         "num_key_value_heads=2,max_position_embeddings=32"]
+
+
+def quantized_adamw_args(corpus, tokenizer_dir, output_dir, bits: int) -> list[str]:
+    return with_model(resume_args(corpus, tokenizer_dir, output_dir, 1, "--optim", f"adamw_torch_{bits}bit",
+                                  "--max_steps", "3", "--logging_steps", "1", module="trainer.clm"),
+                      QUANTIZED_ADAMW_LLAMA)
+
+
+@pytest.mark.slow  # ~80 s on 2 loaded cores with an empty inductor cache, mostly compilation
+def test_resume_with_quantized_adamw_is_bit_exact(corpus, bpe_tokenizer_dir, in_process_job, tmp_path):
+    """torchao's 8-bit and 4-bit moments go into the checkpoint and come back: stopped in step 2 and resumed, the
+    run ends bit-identical to one that never stopped."""
+    from trainer.clm import main
+
+    for bits in (8, 4):
+        expected, out = tmp_path / f"expected{bits}", tmp_path / f"run{bits}"
+        args = quantized_adamw_args(corpus, bpe_tokenizer_dir, out, bits)
+        in_process_job(main, quantized_adamw_args(corpus, bpe_tokenizer_dir, expected, bits))
+        in_process_job(main, args, TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=3)
+        assert trainer_state(out / "checkpoint-2")["step"] == 2 and not os.path.exists(out / "model.safetensors")
+        moments = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"].values()
+        # Quantized: the embeddings' and the output layer's moments, the only tensors of >= 4096 values.
+        kinds = [type(state[name]).__name__ for state in moments for name in ("exp_avg", "exp_avg_sq")]
+        assert kinds.count(f"OptimState{bits}bit") == 4 and kinds.count("Tensor") == len(kinds) - 4
+        in_process_job(main, args)
+        assert_same_run(expected, out, steps=3)

@@ -141,7 +141,7 @@ def prepared_model(config: JobConfig, task: Task, accelerator):
     parallelism = config.parallelism
     fuse_activations(task.hf_model)
     if config.model.gradient_checkpointing:  # before compilation, which traces the checkpoint into each graph
-        checkpoint_blocks(task.hf_model, config.model.checkpoint_options)
+        checkpoint_blocks(task.hf_model, config.model.checkpoint_options, config.model.gradient_checkpointing_every)
     if parallelism.torch_compile:
         compile_blocks(task.hf_model, parallelism.torch_compile_backend, parallelism.torch_compile_mode,
                        task.eager_modules)

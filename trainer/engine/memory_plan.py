@@ -153,6 +153,7 @@ class Training:
     optim: str = "adamw_torch_fused"
     mixed_precision: str = "no"  # "bf16", "fp16"
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 1  # --gradient_checkpointing_every
     batch_size: int = 8
     sequence_length: int = 128
     accumulation: int = 1
@@ -168,7 +169,8 @@ class Training:
                 f"{self.mixed_precision if self.mixed_precision != 'no' else 'no mixed precision'}, "
                 f"batch {self.batch_size} x {self.sequence_length}"
                 f"{f' x {self.accumulation} micro-steps' if self.accumulation > 1 else ''}"
-                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}")
+                f"{', gradient checkpointing' if self.gradient_checkpointing else ''}"
+                f"{f' every {self.checkpoint_every} blocks' if self.checkpoint_every > 1 else ''}")
 
 
 @dataclass(frozen=True)
@@ -285,17 +287,30 @@ def head_bytes(model: ModelShape, training: Training) -> int:
     return final_norm + rows * vocab * (compute + 8) + full
 
 
+def blocks_held(layers: int, checkpoint_every: int | None) -> tuple[int, int]:
+    """(checkpointed blocks, the most blocks' saved tensors held at once) with every `checkpoint_every`-th block
+    checkpointed (None: none), as models/checkpointing.py picks them (the 1st, the (k+1)-th, ...). The backward
+    starts holding every block that is not checkpointed; a checkpointed block's are held again while it is
+    recomputed, beside those of the blocks below it that are not checkpointed. The block being differentiated
+    adds its working set on top (activations())."""
+    if checkpoint_every is None:
+        return 0, layers
+    checkpointed = len(range(0, layers, checkpoint_every))
+    highest = (checkpointed - 1) * checkpoint_every
+    kept_below_highest = highest - (checkpointed - 1)
+    return checkpointed, max(layers - checkpointed, kept_below_highest + 1)
+
+
 def activations(model: ModelShape, training: Training) -> int:
-    """Blocks (with checkpointing: each block's input, plus one block's saved tensors while it is recomputed), one
+    """Blocks (a checkpointed block keeps its input; one that is not, its saved tensors; see blocks_held), one
     block's backward working set (the gradients of its saved tensors, about as large as they are: measured with
     bench/memory_plan.py), the embedding's dropout mask, the head, and autocast's cached 16-bit weights."""
     tokens = training.batch_size * training.sequence_length
     _, residual, mask = activation_bytes(model, training)
     per_layer = layer_activation_bytes(model, training)
-    if training.gradient_checkpointing:
-        blocks = tokens * (model.layers * residual * model.hidden + 2 * per_layer)
-    else:
-        blocks = tokens * (model.layers + 1) * per_layer
+    checkpointed, held = blocks_held(model.layers,
+                                     training.checkpoint_every if training.gradient_checkpointing else None)
+    blocks = tokens * (checkpointed * residual * model.hidden + (held + 1) * per_layer)
     embedding_dropout = tokens * mask * model.hidden if model.hidden_dropout else 0
     weight_copies = 2 * model.numel if autocast_copies(model, training) else 0
     return int(blocks) + embedding_dropout + head_bytes(model, training) + weight_copies
@@ -383,8 +398,9 @@ def candidate_changes(training: Training) -> list[Change]:
     FSDP2 (these two need several processes), offload, then a smaller batch with more accumulation (same global
     batch)."""
     changes = []
-    if not training.gradient_checkpointing:
-        changes.append(Change("--gradient_checkpointing", replace(training, gradient_checkpointing=True)))
+    if not training.gradient_checkpointing or training.checkpoint_every > 1:
+        flag = "--gradient_checkpointing_every 1" if training.gradient_checkpointing else "--gradient_checkpointing"
+        changes.append(Change(flag, replace(training, gradient_checkpointing=True, checkpoint_every=1)))
     sharded = training.backend == "fsdp2" or (training.backend == "zero" and training.zero_stage == 3)
     if training.world_size > 1 and not sharded:
         deepspeed = replace(training, backend="zero", offload_optimizer=False, offload_parameters=False)
@@ -531,6 +547,7 @@ def training_setup(config, planned: PlannedModel, backend: str, world_size: int,
     return Training(backend=backend, world_size=world_size, optim=optimization.optim,
                     mixed_precision=config.parallelism.mixed_precision,
                     gradient_checkpointing=config.model.gradient_checkpointing,
+                    checkpoint_every=config.model.gradient_checkpointing_every,
                     batch_size=optimization.per_device_train_batch_size, sequence_length=planned.sequence_length,
                     accumulation=optimization.gradient_accumulation_steps, device=device,
                     **deepspeed_settings(deepspeed_config, planned.hf_model.config.hidden_size))

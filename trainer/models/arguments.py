@@ -44,6 +44,9 @@ class ModelArguments:
     gradient_checkpointing: bool = arg(
         False, "Keep only each transformer block's input in the forward and recompute the block in the backward: "
         "less activation memory for about a third more compute (see trainer/models/checkpointing.py).")
+    gradient_checkpointing_every: int = arg(
+        1, "With --gradient_checkpointing, checkpoint only every k-th transformer block (the 1st, the (k+1)-th, "
+        "...): the others keep their activations, for less recomputation and more memory. 1: every block.")
     gradient_checkpointing_kwargs: Optional[str] = arg(
         None, "Options of torch.utils.checkpoint with --gradient_checkpointing, a JSON object, e.g. "
         "'{\"use_reentrant\": false}' (the default; also preserve_rng_state, determinism_check, debug).")
@@ -54,6 +57,10 @@ class ModelArguments:
                 "--model_name_or_path")
         require(self.tokenizer_vocab_size >= 100, "--tokenizer_vocab_size must be at least 100")
         checkpoint_options(self.gradient_checkpointing_kwargs)  # a bad one is refused before any work
+        every = self.gradient_checkpointing_every
+        require(every >= 1, f"--gradient_checkpointing_every must be at least 1 (1: every block), got {every}")
+        require(every == 1 or self.gradient_checkpointing, f"--gradient_checkpointing_every {every} needs "
+                                                           f"--gradient_checkpointing; add it")
         if self.torch_dtype in LOW_PRECISION:
             self.check_weights_dtype(self.torch_dtype, f"--torch_dtype {self.torch_dtype}")
 

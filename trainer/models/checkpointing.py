@@ -1,5 +1,7 @@
 """--gradient_checkpointing: each of the model's repeated blocks (models/blocks.py) keeps only its inputs in the
-forward and runs again in the backward, with torch.utils.checkpoint.
+forward and runs again in the backward, with torch.utils.checkpoint. --gradient_checkpointing_every k does so for
+the 1st, the (k+1)-th, ... block only, the others keeping their activations. Counted from the first block, so the
+last is mostly left out: recomputed, it would add to every block held when the backward starts.
 
 Wrapped here rather than with transformers' `gradient_checkpointing_enable`: that one checkpoints every
 `GradientCheckpointingLayer` the model happens to contain (not only its stack of blocks, and nothing in a model
@@ -49,19 +51,20 @@ def checkpoint_options(text: str | dict | None) -> dict:
     return {"use_reentrant": False, **options}
 
 
-def checkpoint_blocks(hf_model: torch.nn.Module, options: dict) -> int:
-    """Checkpoint each repeated block of `hf_model` in training; returns how many. Before compilation and before
-    `prepare` (FSDP2 then shards the same blocks)."""
+def checkpoint_blocks(hf_model: torch.nn.Module, options: dict, every: int = 1) -> int:
+    """Checkpoint every `every`-th repeated block of `hf_model` in training (the first, then each `every` blocks
+    on); returns how many. Before compilation and before `prepare` (FSDP2 then shards the same blocks)."""
     blocks = repeated_blocks(hf_model)
     require(blocks is not None, f"--gradient_checkpointing: a {hf_model.config.model_type} model has no repeated "
                                 f"blocks to checkpoint")
-    for block in blocks:
+    checkpointed = blocks[::every]
+    for block in checkpointed:
         block.forward = functools.partial(checkpointed_forward, block.forward, block, options)
     if options["use_reentrant"] and not all(p.requires_grad for p in hf_model.get_input_embeddings().parameters()):
         hf_model.enable_input_require_grads()
-    logger.info("gradient checkpointing (%s): the model's %d %s blocks", json.dumps(options), len(blocks),
-                type(blocks[0]).__name__)
-    return len(blocks)
+    logger.info("gradient checkpointing (%s): %d of the model's %d %s blocks", json.dumps(options),
+                len(checkpointed), len(blocks), type(blocks[0]).__name__)
+    return len(checkpointed)
 
 
 def checkpointed_forward(forward, block: torch.nn.Module, options: dict, *args, **kwargs):
