@@ -801,8 +801,8 @@ def streaming_shards(corpus, directory, second_column: str = "text", corrupt: bo
     shards.mkdir()
     write_bytes(shards / "a.jsonl", jsonl({"text": line} for line in lines[0::2]))
     second = jsonl({second_column: line} for line in lines[1::2]).splitlines(keepends=True)
-    if corrupt:  # three quarters in: inside some lane's part, whichever order a pass lays the shards out in
-        second.insert(len(second) * 3 // 4, b'{"text": "cut off\n')
+    if corrupt:  # a quarter in: inside some lane's part, whichever order a pass lays the shards out in
+        second.insert(len(second) // 4, b'{"text": "cut off\n')
     write_bytes(shards / "b.jsonl", b"".join(second))
     return str(shards)
 
@@ -894,9 +894,10 @@ def test_a_stream_that_fails_mid_run_stops_with_one_line_and_no_model(case, expe
 
     out = tmp_path / "out"
     shards = streaming_shards(corpus, tmp_path, corrupt=case == "corrupt")
-    # 8 lanes run out sooner; the cut-off line, three quarters into its shard, lies 3/4 into one of 2 lanes' parts.
+    # 8 lanes run out sooner; the cut-off line, a quarter into its shard, lies 1/4 into one of 2 lanes' parts
+    # (some 20 steps in, after a checkpoint).
     flags = (["--num_train_epochs", "1", "--per_device_train_batch_size", "8"] if case == "ends" else
-             ["--num_train_epochs", "3", "--save_steps", "5", "--shuffle_buffer_size", "10",
+             ["--num_train_epochs", "3", "--save_steps", "8", "--shuffle_buffer_size", "10",
               "--per_device_train_batch_size", "2"])
     argv = mlm_args(corpus, tokenizer_dir, out, "--streaming", "--max_steps", "100000", "--max_eval_samples", "4",
                     "--logging_steps", "1000", "--peak_tflops", "1", *flags)
