@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from trainer.engine.throughput import (datasheet_peak, device_peak, measure_matmul_peak, precision_name,
-                                       split_parameter_counts, training_flops_per_token)
+from trainer.engine.throughput import (cpu_product_size, datasheet_peak, device_peak, measure_matmul_peak,
+                                      precision_name, split_parameter_counts, training_flops_per_token)
 from trainer.models.sparse_mlm import last_layer_row_parameters
 
 
@@ -26,9 +26,20 @@ def test_flops_count_body_attention_and_head_as_computed():
         dense - 6 * head * 0.85 - 0.85 * (6 * last_layer_rows + 12 * 64 * 32))
 
 
-def test_measured_peak_is_a_plausible_rate():
+def test_measured_peak_is_a_plausible_rate_and_leaves_the_random_stream_alone():
+    """Only the first process measures: the others' random streams would be behind if it drew from the global one."""
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
     peak = measure_matmul_peak(torch.device("cpu"), torch.float32, size=256, repeats=2)
     assert 1e8 < peak < 1e14
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_cpu_product_is_timed_at_the_smallest_size_that_takes_long_enough():
+    generator = torch.Generator().manual_seed(0)
+    assert cpu_product_size(torch.float32, generator, seconds=0.0) == 256  # the first product is long enough
+    assert cpu_product_size(torch.float32, generator, seconds=float("inf"), largest=1024) == 1024  # never: the cap
 
 
 @pytest.mark.parametrize("name, capability, precision, tflops", [

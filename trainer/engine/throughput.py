@@ -135,12 +135,15 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: Optional
                         repeats: Optional[int] = None) -> float:
     """Mean FLOP/s of `repeats` size x size matrix products after a warm-up, the device synchronised at the clock
     points: the ceiling for a device without a datasheet figure. Large products (8192 on a GPU, where one 2048
-    product ran at a third to a half of the 8192 rate; 2048 on a CPU, where each already takes a fraction of a
-    second: every CPU run pays for this at start) so that the figure is the device's rate, not launch overhead."""
+    product ran at a third to a half of the 8192 rate; on a CPU the size `cpu_product_size` finds, 2048 for fp32 on
+    this project's CPU) so that the figure is the device's rate, not launch overhead. The operands come from a
+    generator of their own: this runs on the first process only, and drawing from the global one would leave the
+    ranks' random streams apart."""
     on_gpu = device.type == "cuda"
-    size, repeats = size or (8192 if on_gpu else 2048), repeats or (10 if on_gpu else 3)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    repeats = repeats or (10 if on_gpu else 3)
+    generator = torch.Generator(device=device).manual_seed(0)
+    size = size or (8192 if on_gpu else cpu_product_size(dtype, generator))
+    a, b = (torch.randn(size, size, device=device, dtype=dtype, generator=generator) for _ in range(2))
 
     def synchronize():
         if device.type == "cuda":
@@ -153,3 +156,19 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, size: Optional
         a @ b
     synchronize()
     return 2.0 * size ** 3 * repeats / (time.perf_counter() - started)
+
+
+def cpu_product_size(dtype: torch.dtype, generator: torch.Generator, seconds: float = 0.1,
+                     largest: int = 2048) -> int:
+    """The smallest CPU matrix size from 256 up (doubling, at most `largest`) whose product takes `seconds`: long
+    enough to time the rate, not the call. A fixed 2048 would cost every run without a datasheet figure minutes on a
+    CPU without bfloat16 units (one 2048 bf16 product took 86 s on this project's CPU; 512 took 0.3 s)."""
+    size = 256
+    while size < largest:
+        a, b = (torch.randn(size, size, dtype=dtype, generator=generator) for _ in range(2))
+        started = time.perf_counter()
+        a @ b
+        if time.perf_counter() - started >= seconds:
+            break
+        size *= 2
+    return size
