@@ -71,7 +71,7 @@ def filled_from_first_process(accelerator, model: torch.nn.Module):
         yield
     else:
         accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = True
-        with each_parameter_released_once_sent():
+        with each_parameter_released_once_sent(), parameters_swapped_on_conversion():
             yield
 
 
@@ -87,6 +87,20 @@ def each_parameter_released_once_sent():
         yield
     finally:
         fsdp_utils.fsdp2_load_full_state_dict = load
+
+
+@contextlib.contextmanager
+def parameters_swapped_on_conversion():
+    """accelerate moves the first process's model to the meta device (`model.to("meta")`), which by default gives each
+    module a new Parameter: weights tied across modules (BERT's MLM decoder, GPT-2's `lm_head`) come apart on that
+    process alone (on the others the model is on the meta device already), and its FSDP units then hold more
+    parameters than theirs, a collective mismatch. Swapped in place, each Parameter stays one object, tied as built."""
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
 
 
 def partitioned_from_first_process(accelerator, model: torch.nn.Module) -> None:
