@@ -3,7 +3,8 @@
 
 Each run is the job itself up to and including `assembly.prepared_model`, then it stops (no data loader, no step):
 `--worker` wraps the job's `start_job` and `run_job` to read this process's peak RSS (getrusage) after start-up, after
-the build (the job's task, tokenized data included) and after `prepare`, into one JSON file per process.
+the build (the job's task, tokenized data included), under ZeRO-3 after the partitioning before `prepare`, and after
+`prepare` (under ZeRO-3 it also allocates the optimizer's fp32 partitions), into one JSON file per process.
 
     python bench/construction_memory.py                     # 24 x 1024, MLP 2816: 324M parameters, ~5 min on 2 cores
     python bench/construction_memory.py --layers 2 --hidden 64 --intermediate 128   # a smoke run
@@ -38,10 +39,11 @@ def worker(argv: list[str]) -> None:
     """The clm job, stopped after `prepare`, with this process's peak RSS at each phase printed."""
     sys.path.insert(0, REPO)
     from trainer import clm
+    from trainer.distributed import construction
     from trainer.engine import assembly, jobs
 
     peaks = {}
-    start_job = jobs.start_job
+    start_job, partition = jobs.start_job, construction.partitioned_from_first_process
 
     def started(job, config):
         started_job = start_job(job, config)
@@ -57,7 +59,11 @@ def worker(argv: list[str]) -> None:
             json.dump({"rank": rank, **peaks}, handle)
         return {}
 
-    jobs.start_job, jobs.run_job = started, built
+    def partitioned(accelerator, model):
+        partition(accelerator, model)
+        peaks["partitioned"] = peak_mib()
+
+    jobs.start_job, jobs.run_job, construction.partitioned_from_first_process = started, built, partitioned
     clm.main(argv)
 
 
@@ -84,7 +90,10 @@ def measure(name: str, job_args: list[str], directory: str) -> list[dict]:
     peaks = tempfile.mkdtemp(dir=directory)
     command = [*launcher(kind, processes), os.path.abspath(__file__), "--worker", *job_args, *extra,
                "--output_dir", os.path.join(peaks, "run")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", PEAKS_DIR: peaks}
+    # A fixed mmap threshold, as bench/memory_plan.py: glibc's default one rises as large blocks are freed, after which
+    # freed tensors stay in its heap and RSS counts them.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", PEAKS_DIR: peaks,
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{name} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -111,13 +120,14 @@ def main() -> None:
                        env={**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True)
         size = os.path.getsize(os.path.join(checkpoint, "model.safetensors")) / 2 ** 20
         print(f"model: {opts.layers} x {opts.hidden} Llama, {size:.0f} MiB in fp32\n")
-        print("| launch | model | rank | start-up | after build | after prepare |")
-        print("|---|---|---|---|---|---|")
+        print("| launch | model | rank | start-up | after build | ZeRO-3: after partitioning | after prepare |")
+        print("|---|---|---|---|---|---|---|")
         for source, args in (("scratch", model), ("checkpoint", ["--model_name_or_path", checkpoint])):
             for name in opts.launches:
                 for line in measure(name, [*args, *common], directory):
+                    partitioned = f"{line['partitioned']:.0f} MiB" if "partitioned" in line else ""
                     print(f"| {name} | {source} | {line['rank']} | {line['start']:.0f} MiB | {line['build']:.0f} MiB "
-                          f"| {line['prepare']:.0f} MiB |", flush=True)
+                          f"| {partitioned} | {line['prepare']:.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":
