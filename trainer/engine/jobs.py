@@ -76,7 +76,8 @@ def run(job: JobSpec, argv: list[str] | None = None) -> dict:
     if config.parallelism.estimate_memory:
         return estimate_memory(job, config)
     config, files, accelerator = start_job(job, config)
-    # Under FSDP2 only the first process builds the model whole; --save_fisher copies it whole on every process.
+    # Under FSDP2 and ZeRO-3 only the first process builds the model whole (distributed/construction.py);
+    # --save_fisher keeps a whole copy on every process anyway.
     with model_construction(accelerator, whole=config.continual.save_fisher):
         task = job.build_task(config, files, accelerator)
     return run_job(job, config, files, task, accelerator)
