@@ -118,7 +118,7 @@ def deepen(checkpoint: str, corpus_bytes: int, step: int) -> None:
     lanes = state["states"]["data"]["lanes"]
     for slot, position in lanes.items():
         start, end = int(slot) * corpus_bytes // len(lanes), (int(slot) + 1) * corpus_bytes // len(lanes)
-        lanes[slot] = [0, start + (end - start) * 9 // 10, 0, 0, step]
+        lanes[slot] = [0, start + (end - start) * 9 // 10, 0, 0, step, step * 128]  # blocks of 128 tokens
     state["step"] = step
     with open(path, "w") as handle:
         json.dump(state, handle)

@@ -74,6 +74,30 @@ def two_process_resume_run(corpus, tokenizer_dir, job_env, tmp_path_factory):
     return uninterrupted_run(corpus, tokenizer_dir, job_env, tmp_path_factory.mktemp("resume-ddp"), 2)
 
 
+# What a launcher tells its processes; an in-process DeepSpeed job sets them for itself when they are missing
+# (trainer.distributed.launch.default_single_process_environment), as a plain `python -m` run needs.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def as_a_fresh_process():
+    """After each test, this process is again as a fresh `python -m` finds itself: without the launcher variables
+    an in-process job set, and without accelerate's shared state. Left behind, they make the next in-process job a
+    one-process "distributed" CPU run (accelerate's MULTI_CPU), whose process group the previous job tore down."""
+    saved = {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 @pytest.fixture
 def in_process_job(job_env, monkeypatch):
     """Run a job's `main` in this process (no interpreter start-up) with the test caches and extra variables."""

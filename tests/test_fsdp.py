@@ -13,9 +13,9 @@ import os
 
 import pytest
 
-from conftest import (assert_export_reproduces_eval_perplexity, load_parameters, mlm_args, read_history,
-                      relative_difference, run_job)
-from resume_helpers import assert_sharded_stop_and_resume_is_exact, run_two_process_resume_job, with_env
+from conftest import (assert_export_reproduces_eval_perplexity, fails_cleanly, load_parameters, mlm_args,
+                      read_history, relative_difference)
+from resume_helpers import assert_sharded_stop_and_resume_is_exact, run_two_process_resume_job
 
 TOLERANCE = 1e-5
 YAML = "cpu_fsdp2.yaml"
@@ -64,12 +64,16 @@ def test_fsdp_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(runs,
     ("2", "error: FSDP on the CPU needs 2 or more processes (got 1); launch with accelerate launch "
           "--num_processes 2 or more, or drop the FSDP config"),
 ], ids=["fsdp_version_1", "one_process"])
-def test_fsdp_on_cpu_that_cannot_run_is_refused_not_run_as_something_else(corpus, tokenizer_dir, job_env, tmp_path,
-                                                                         version, message):
-    """The environment `accelerate launch` sets for an FSDP YAML, on one process: exit 2, one line."""
-    env = with_env(job_env, ACCELERATE_USE_FSDP="true", FSDP_VERSION=version)
-    result = run_job("trainer.mlm", mlm_args(corpus, tokenizer_dir, tmp_path / "out"), env, check=False)
-    assert result.returncode == 2 and result.stderr.strip() == message
+def test_fsdp_on_cpu_that_cannot_run_is_refused_not_run_as_something_else(corpus, tokenizer_dir, in_process_job,
+                                                                         monkeypatch, capsys, tmp_path, version,
+                                                                         message):
+    """The environment `accelerate launch` sets for an FSDP YAML, on one process (this one): exit 2, one line."""
+    from trainer.mlm import main
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", version)
+    assert fails_cleanly(main, mlm_args(corpus, tokenizer_dir, tmp_path / "out"), capsys) == message
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("model_class, config, expected", [

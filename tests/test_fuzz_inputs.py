@@ -806,8 +806,10 @@ def streaming_shards(corpus, directory, second_column: str = "text", corrupt: bo
 
 def streaming_case(case: str, corpus, directory) -> tuple[list[str], str]:
     """(flags added to mlm_args with the training data replaced, expected)."""
-    shards = streaming_shards(corpus, directory, "body" if case == "shard_without_text_column" else "text")
+    shards = streaming_shards(corpus, directory, "body" if case.endswith("without_text_column") else "text")
     stream = ["--streaming", "--train_file", shards]
+    mixture = ["--streaming", "--train_files", os.path.join(shards, "a.jsonl:3"), os.path.join(shards, "b.jsonl:1"),
+               "--max_steps", "2"]
     cases = {
         "directory": ([*stream, "--max_steps", "2"], "ok"),
         "glob_line_by_line": (["--streaming", "--train_file", os.path.join(shards, "*.jsonl"), "--line_by_line",
@@ -819,12 +821,17 @@ def streaming_case(case: str, corpus, directory) -> tuple[list[str], str]:
         "max_train_samples": ([*stream, "--max_steps", "2", "--max_train_samples", "8"],
                               "--max_train_samples does not apply to --streaming"),
         "directory_without_streaming": (["--train_file", shards, "--max_steps", "2"], "is a directory"),
+        "mixture": (mixture, "ok"),
+        "replay": ([*stream, "--max_steps", "2", "--replay_file", os.path.join(shards, "b.jsonl"), "--replay_ratio",
+                    "0.5"], "ok"),
+        "mixture_source_without_text_column": (mixture, "b.jsonl has no column 'text'"),
     }
     return cases[case]
 
 
 STREAMING_CASES = ["directory", "glob_line_by_line", "no_max_steps", "empty_glob", "shard_without_text_column",
-                   "max_train_samples", "directory_without_streaming"]
+                   "max_train_samples", "directory_without_streaming", "mixture", "replay",
+                   "mixture_source_without_text_column"]
 
 
 @pytest.mark.parametrize("case", STREAMING_CASES)

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from trainer.data.samplers import GlobalBatchSampler, shard_for_evaluation
+from trainer.data.streaming import joined
 from trainer.mlm import MLM_TOKENIZATION, EvalCollator, MLMArguments, Masker, TrainCollator, mask_evaluation_set
 from trainer.models.sparse_mlm import IGNORE
 
@@ -80,6 +81,29 @@ def test_a_line_by_line_sample_is_masked_the_same_whatever_the_batch_width_it_is
     alone, beside_a_long_row = masked_row([short]), masked_row([short, list(range(10, 210))])
     assert (alone != torch.as_tensor(short)).any()  # some position masked
     assert torch.equal(alone, beside_a_long_row)
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_masks_drawn_in_parts_of_a_batch_assemble_to_the_whole_batchs(ragged):
+    """--streaming's loader workers mask their parts of a micro-batch (`rows`), the main process assembles it:
+    the same tensors as the batch collated in one call, blocks or ragged lines, whole-word masks included."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 30, 6) if ragged else [24] * 6
+    ids = [rng.integers(10, VOCAB, n) for n in lengths]
+    starts = [(rng.random(n) < 0.6).astype(np.int64) for n in lengths]
+
+    def batch(samples):
+        columns = {"input_ids": [ids[i] for i in samples], "word_start": [starts[i] for i in samples],
+                   "special_tokens_mask": [np.zeros(lengths[i], np.int64) for i in samples]}
+        columns = columns if ragged else {name: np.stack(rows) for name, rows in columns.items()}
+        return {**columns, "sample_id": np.asarray(samples) + 100, "epoch": 0}
+
+    collate = TrainCollator(Masker(0.4, VOCAB, MASK_ID, seed=1, whole_word=True), pad_token_id=0, padded=ragged)
+    whole = collate(batch([0, 1, 2, 3, 4, 5]))
+    parts = collate.assemble(joined([collate.rows(batch([0, 1])), collate.rows(batch([2, 3, 4, 5]))]))
+    assert whole.keys() == parts.keys() and whole["num_loss_items"] > 0
+    assert all(torch.equal(whole[name], parts[name]) if torch.is_tensor(whole[name]) else whole[name] == parts[name]
+               for name in whole)
 
 
 def test_whole_word_masking_masks_all_pieces_of_a_word_together(tokenizer_dir):

@@ -10,6 +10,7 @@ import pytest
 from trainer.data.streaming import (START, LaneId, StreamingBatches, TrainStream, lane_blocks, open_corpus,
                                     rank_slots)
 from trainer.data.arguments import source_files
+from trainer.data.mixture import MixtureSource, mixture_counts, slot_sources
 from trainer.errors import DataSourceFailed, UsageError
 
 
@@ -87,11 +88,13 @@ def test_jsonl_and_parquet_shards_stream_the_same_documents(tmp_path):
         corpus_of(str(tmp_path / "none-*.jsonl"), seed=0)
 
 
-def global_batches(source: TrainStream, per_device: int, world_size: int, accumulation: int, steps: int,
-                   workers: int = 0, positions=None):
-    """Each step's global batch (sample ids and tokens, by slot), composed from every rank's micro-batches."""
-    ranks = [StreamingBatches(source, as_batch, per_device, world_size, rank, accumulation, workers, passes=3,
-                              seed=3, source_name="corpus") for rank in range(world_size)]
+def global_batches(source, per_device: int, world_size: int, accumulation: int, steps: int,
+                   workers: int = 0, positions=None, sources=(MixtureSource("corpus"),)):
+    """Each step's global batch (sample ids and tokens, by slot), composed from every rank's micro-batches.
+    `source`: a TrainStream, or one per source of `sources` (a mixture)."""
+    streams = source if isinstance(source, list) else [source]
+    ranks = [StreamingBatches(streams, list(sources), as_batch, per_device, world_size, rank, accumulation, workers,
+                              passes=3, seed=3) for rank in range(world_size)]
     for rank in ranks:
         if positions is not None:
             rank.load_state_dict(positions)
@@ -108,7 +111,7 @@ def global_batches(source: TrainStream, per_device: int, world_size: int, accumu
         batches.append([by_slot[slot] for slot in sorted(by_slot)])
     for rank in ranks:
         rank.gather_across_ranks()  # single process: each rank's own lanes
-    state = {"global_batch_size": ranks[0].global_batch_size,
+    state = {**ranks[0].state_dict(),
              "lanes": {key: value for rank in ranks for key, value in rank.state_dict()["lanes"].items()
                        if int(key) in rank.own_slots}}
     return batches, state
@@ -170,3 +173,74 @@ def test_a_corrupt_line_mid_stream_names_the_file(tmp_path):
 
 def test_rank_slots_are_the_global_batch_samplers_layout():
     assert rank_slots(2, 2, 1, 2) == [[2, 3], [6, 7]]
+
+
+# ---------------------------------------------------------------------------------------------------- mixtures
+MIXTURE = [MixtureSource("corpus", 3.0), MixtureSource("other", 1.0)]  # a global batch of 8: 6 and 2 sequences
+X, Q = ord("x") % 97 + 1, ord("q") % 97 + 1  # every block of the corpus holds an x; the other source is all q
+
+
+@pytest.fixture
+def other_source(tmp_path_factory):
+    """A second source of 12 documents of q's (6 lines each in 2 .jsonl files): a few blocks of 16 per lane and
+    pass."""
+    directory = tmp_path_factory.mktemp("other")
+    for shard in range(2):
+        (directory / f"{shard}.jsonl").write_text("".join(json.dumps({"text": "q" * (5 + shard + i)}) + "\n"
+                                                          for i in range(6)))
+    return str(directory)
+
+
+def test_a_streamed_mixture_holds_each_sources_count_in_its_slots_at_every_world_size(shards, other_source):
+    """Source i's blocks fill exactly the slots mixture.slot_sources gives it, every step; the steps are the same
+    at any world size, accumulation and worker count; the other source cycles past the primary's pass limit; the
+    figures are each source's blocks and tokens."""
+    streams = [stream(shards[0]), stream(other_source)]
+    one, state = global_batches(streams, 8, 1, 1, steps=30, sources=MIXTURE)
+    owners = slot_sources(mixture_counts(MIXTURE, 8)).tolist()
+    assert owners.count(1) == 2
+    for batch in one:
+        for owner, (_, row) in zip(owners, batch):
+            assert X in row and Q not in row if owner == 0 else set(row) == {Q, 0}
+    assert one == global_batches(streams, 2, 2, 2, steps=30, sources=MIXTURE)[0]
+    assert one == global_batches(streams, 4, 1, 2, steps=30, workers=2, sources=MIXTURE)[0]
+    passes = {slot: position[0] for slot, position in state["lanes"].items()}
+    assert max(passes[str(slot)] for slot, owner in enumerate(owners) if owner == 1) >= 3  # passes=3: primary only
+    data = StreamingBatches(streams, MIXTURE, as_batch, 8, 1, 0, 1, 0, passes=3, seed=3)
+    data.load_state_dict(state)
+    assert data.consumed() == {"train_samples_per_source": {"corpus": 6 * 30, "other": 2 * 30},
+                               "train_tokens_per_source": {"corpus": 6 * 30 * 16, "other": 2 * 30 * 16}}
+
+
+def test_line_by_line_each_sources_tokens_are_those_of_its_blocks(shards, other_source):
+    """Ragged blocks (one per document): a source's tokens are its blocks' unpadded lengths, as map-style counts."""
+    streams = [TrainStream(corpus_of(pattern), CharacterCodes(), 16, True, 7) for pattern in (shards[0], other_source)]
+    batches, state = global_batches(streams, 4, 2, 1, steps=5, sources=MIXTURE)
+    owners = slot_sources(mixture_counts(MIXTURE, 8)).tolist()
+    data = StreamingBatches(streams, MIXTURE, as_batch, 8, 1, 0, 1, 0, passes=3, seed=3)
+    data.load_state_dict(state)
+    assert data.consumed()["train_tokens_per_source"] == {
+        name: sum(len(row) for batch in batches for owner, (_, row) in zip(owners, batch) if owner == source)
+        for source, name in enumerate(["corpus", "other"])}
+
+
+def test_a_streamed_mixture_resumes_at_another_world_size_and_only_with_its_own_counts(shards, other_source):
+    streams = [stream(shards[0]), stream(other_source)]
+    expected, _ = global_batches(streams, 8, 1, 1, steps=12, sources=MIXTURE)
+    _, state = global_batches(streams, 4, 2, 1, steps=5, sources=MIXTURE)
+    assert state["counts"] == [6, 2]
+    assert global_batches(streams, 2, 1, 4, steps=7, positions=state, sources=MIXTURE)[0] == expected[5:]
+    reweighted = [MixtureSource("corpus", 1.0), MixtureSource("other", 1.0)]
+    with pytest.raises(UsageError, match=r"streamed \[6, 2\] sequences of each training source per step and this "
+                                         r"run's sources .* give \[4, 4\]"):
+        global_batches(streams, 8, 1, 1, steps=1, positions=state, sources=reweighted)
+    older = {**state, "lanes": {slot: position[:5] for slot, position in state["lanes"].items()}}  # no tokens
+    with pytest.raises(UsageError, match="predate per-source token counts"):
+        global_batches(streams, 8, 1, 1, steps=1, positions=older, sources=MIXTURE)
+
+
+def test_a_cycling_lane_that_finds_no_text_in_its_part_stops_instead_of_looking_forever(tmp_path):
+    (tmp_path / "tiny.txt").write_text("one short line\n")
+    blocks = lane_blocks(stream(str(tmp_path / "tiny.txt")), LaneId(3, 1, 3, 4), START, passes=None, seed=3)
+    with pytest.raises(DataSourceFailed, match=r"tiny\.txt: lane 3 of its 4 .* finds no text in its 1/4 of the data"):
+        next(blocks)

@@ -22,7 +22,7 @@ from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
 from trainer.data.arguments import CorpusArguments, DataFiles
 from trainer.data.demo import tiny_gpt2_config, train_byte_level_bpe_tokenizer, write_mlm_corpus
-from trainer.data.loading import first_samples, other_source_splits, pad_rows
+from trainer.data.loading import first_samples, pad_rows
 from trainer.data.tokenization import Tokenization, job_data
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
@@ -318,7 +318,7 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         tokenizer, model, blocks, block_size = data.tokenizer, data.model, data.splits, data.length
         train_set, eval_set = map_style_blocks(blocks, data_args, block_size) if data.stream is None else (
             None, blocks["validation"])
-        other_sets = other_source_splits(blocks, files)
+        other_sets = data.other_sources(files)
     trained_model, before_optimizer_step = apply_strategy(model, ft_args, task_type="CAUSAL_LM")
     # Blocks are full: padding never happens; a tokenizer without a pad token (GPT-2's) is fine.
     pad_token_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from trainer.config.job_config import JobConfig
 from trainer.config.parsing import arg
 from trainer.data.arguments import DataArguments, DataFiles
+from trainer.data.batches import SampleWiseCollator
 from trainer.data.demo import write_mlm_corpus
-from trainer.data.loading import first_samples, other_source_splits, pad_rows
+from trainer.data.loading import first_samples, pad_rows
 from trainer.data.tokenization import Tokenization, job_data
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
@@ -166,28 +167,39 @@ class Masker:
         return draws
 
 
-def model_inputs(inputs: np.ndarray, labels: np.ndarray, sample_ids, pad_token_id: int, padded: bool) -> dict:
-    """The batch for `MaskedLMTask`: token ids, the masked rows' indices and labels (see sparse_mlm)."""
+def model_inputs(rows: dict, pad_token_id: int, padded: bool) -> dict:
+    """The batch for `MaskedLMTask` from its samples' masked rows ("input_ids", "labels", "sample_id"; ragged rows
+    padded here): token ids, the masked rows' indices and labels (see sparse_mlm)."""
+    inputs, labels = pad_rows(rows["input_ids"], pad_token_id), pad_rows(rows["labels"], IGNORE)
     batch = {"input_ids": torch.from_numpy(inputs), **masked_row_tensors(labels),
-             "num_loss_items": int((labels != IGNORE).sum()), "sample_id": torch.as_tensor(sample_ids)}
+             "num_loss_items": int((labels != IGNORE).sum()), "sample_id": torch.as_tensor(rows["sample_id"])}
     if padded:  # grouped blocks have no padding: no attention mask lets SDPA take its fastest path
         batch["attention_mask"] = torch.from_numpy((inputs != pad_token_id).astype(np.int64))
     return batch
 
 
 @dataclass
-class TrainCollator:
+class TrainCollator(SampleWiseCollator):
+    """Masks each sample (`rows`: its masks depend on the sample alone, so they may be drawn in any part of a
+    batch, e.g. in --streaming's loader workers), then pads and indexes (`assemble`)."""
+
     masker: Masker
     pad_token_id: int
     padded: bool
 
-    def __call__(self, batch: dict) -> dict:
+    def rows(self, batch: dict) -> dict:
+        lengths = [len(row) for row in batch["input_ids"]]
         input_ids = pad_rows(batch["input_ids"], self.pad_token_id)
         special = pad_rows(batch["special_tokens_mask"], 1)
         word_start = pad_rows(batch["word_start"], 0) if "word_start" in batch else None
         inputs, labels = self.masker(input_ids, special, batch["sample_id"], batch["epoch"], TRAIN_STREAM,
-                                     word_start, lengths=[len(row) for row in batch["input_ids"]])
-        return model_inputs(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
+                                     word_start, lengths=lengths)
+        if self.padded:  # ragged rows unpadded again: a micro-batch's parts pad to its longest row together
+            inputs, labels = [row[:n] for row, n in zip(inputs, lengths)], [row[:n] for row, n in zip(labels, lengths)]
+        return {"input_ids": inputs, "labels": labels, "sample_id": np.asarray(batch["sample_id"])}
+
+    def assemble(self, rows: dict) -> dict:
+        return model_inputs(rows, self.pad_token_id, self.padded)
 
 
 @dataclass
@@ -198,9 +210,7 @@ class EvalCollator:
     padded: bool
 
     def __call__(self, batch: dict) -> dict:
-        inputs = pad_rows(batch["input_ids"], self.pad_token_id)
-        labels = pad_rows(batch["labels"], IGNORE)
-        return model_inputs(inputs, labels, batch["sample_id"], self.pad_token_id, self.padded)
+        return model_inputs(batch, self.pad_token_id, self.padded)
 
 
 def mask_evaluation_set(dataset, masker: Masker, pad_token_id: int):
@@ -325,7 +335,7 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         train_set, eval_set = map_style_data(processed, data_args) if data.stream is None else (
             None, processed["validation"])
         eval_set = mask_evaluation_set(eval_set, eval_masker, tokenizer.pad_token_id)
-        other_sets = other_source_splits(processed, files)
+        other_sets = data.other_sources(files)
     padded = mlm_args.line_by_line
     task_model = MaskedLMTask(model)
     head_fraction = mlm_args.mlm_probability if task_model.sparse_head else 1.0

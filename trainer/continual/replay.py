@@ -26,8 +26,9 @@ micro-steps, and a position that a checkpoint saves and restores exactly.
 from __future__ import annotations
 
 
-def describe_replay(ratio: float, size: int, per_step: int, global_batch_size: int) -> str:
-    """For the start-up log: how much of every step is replay, and of how big a replay set."""
+def describe_replay(ratio: float, size: str, per_step: int, global_batch_size: int) -> str:
+    """For the start-up log: how much of every step is replay, and of how big a replay set (`size`, e.g.
+    "50 sequences")."""
     return (f"experience replay: {per_step} of the {global_batch_size} sequences of every step come from the replay "
-            f"set ({size} sequences; --replay_ratio {ratio} -> {per_step / global_batch_size:.4g} "
+            f"set ({size}; --replay_ratio {ratio} -> {per_step / global_batch_size:.4g} "
             f"exactly), {global_batch_size - per_step} from the training data")

@@ -72,8 +72,6 @@ class CorpusArguments:
                                               f"{self.shuffle_buffer_size}")
         require(not (self.streaming and self.max_train_samples), "--max_train_samples does not apply to "
                                                                  "--streaming: the run's length is --max_steps")
-        require(not (self.streaming and self.train_files), "--train_files mixes map-style sources; --streaming "
-                                                           "reads one --train_file (a file, directory or glob)")
         require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
         for flag in ("preprocessing_num_workers", "max_train_samples", "max_eval_samples"):
             value = getattr(self, flag)

@@ -68,6 +68,23 @@ class EpochBatches:
             epoch, start = epoch + 1, 0
 
 
+class SampleWiseCollator:
+    """A training collator in two stages: `rows`, each sample's own work (e.g. its masks), the same for a sample
+    whatever other samples share its batch, and `assemble`, the batch's tensors from the rows of all its samples.
+    Under --streaming, `rows` runs in the loader workers, each on its part of a micro-batch, and `assemble` in the
+    main process on the whole micro-batch (trainer.data.streaming), so the per-sample work spreads over the workers
+    as the map-style loader spreads whole batches; elsewhere a call runs both."""
+
+    def rows(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def assemble(self, rows: dict) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict) -> dict:
+        return self.assemble(self.rows(batch))
+
+
 def loader_workers(requested: int | None, device: torch.device) -> int:
     """--dataloader_num_workers, or unset: none on the CPU (its cores do the training), and on a GPU enough
     processes (up to 4, one core per process left to the training process) to keep masking and collation off the

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from trainer.continual.replay import describe_replay
 from trainer.errors import require
 
 
@@ -114,6 +115,22 @@ def replay_count(ratio: float, global_batch_size: int) -> int:
             f"x accumulation) gives {count} replay samples per step; use a --replay_ratio from "
             f"{0.5 / global_batch_size:.4g} to below {1 - 0.5 / global_batch_size:.4g}, or a larger batch")
     return count
+
+
+def describe_sources(sources: list[MixtureSource], counts: list[int], sizes: list[str]) -> list[str]:
+    """For the start-up log, with several sources: each source's share of every global batch and its size (as the
+    data source gives it, e.g. "50 sequences"); nothing for one source."""
+    if len(sources) == 1:
+        return []
+    global_batch_size, lines = sum(counts), []
+    for index, (source, count, size) in enumerate(zip(sources, counts, sizes)):
+        if source.replay_ratio is not None:
+            lines.append(describe_replay(source.replay_ratio, size, count, global_batch_size))
+            continue
+        role = "primary: its passes are the epochs" if index == 0 else "cycled, a fresh seeded order per pass"
+        lines.append(f"source {source.name}: {count} of the {global_batch_size} sequences of every step "
+                     f"(weight {source.weight:g}), {size}; {role}")
+    return lines
 
 
 def training_data(train_dataset, other_datasets: list, columns=None):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.continual.replay import describe_replay
 from trainer.data.batches import EpochBatches, make_loader
-from trainer.data.mixture import MixtureSource
+from trainer.data.mixture import MixtureSource, describe_sources
 from trainer.errors import require
 
 
@@ -47,17 +46,8 @@ class TrainingBatches:
         lines = [f"{sampler.global_batch_size} sequences/step ({sampler.per_device_batch_size} per device x "
                  f"{sampler.world_size} processes x {sampler.accumulation_steps} accumulation), "
                  f"{sampler.steps_per_epoch} steps/epoch"]
-        if len(self.sources) == 1:
-            return lines
         sizes = [sampler.dataset_size, *(other.size for other in sampler.others)]
-        for index, (source, count, size) in enumerate(zip(self.sources, sampler.counts, sizes)):
-            if source.replay_ratio is not None:
-                lines.append(describe_replay(source.replay_ratio, size, count, sampler.global_batch_size))
-                continue
-            role = "primary: its passes are the epochs" if index == 0 else "cycled, a fresh seeded order per pass"
-            lines.append(f"source {source.name}: {count} of the {sampler.global_batch_size} sequences of every step "
-                         f"(weight {source.weight:g}), {size} sequences; {role}")
-        return lines
+        return lines + describe_sources(self.sources, sampler.counts, [f"{size} sequences" for size in sizes])
 
     def describe_position(self) -> str:
         """For the log line of a resume."""

@@ -3,8 +3,10 @@ independent of the world size, resumable at once from a few numbers per lane.
 
 Lanes. A global batch has G = per-device batch x processes x accumulation slots; slot g of every step is fed by
 lane g (the same slot layout as `GlobalBatchSampler`: micro-step m of rank r takes slots
-[(m x world size + r) x batch, +batch)). Slot g's lane is lane `index` of the `lanes` lanes of its source
-(trainer.data.mixture's `slot_sources`; one source for now, so lane g of G). Each pass ("epoch") over a source
+[(m x world size + r) x batch, +batch)). Slot g's lane is lane `index` of the `lanes` lanes of its source: a
+weighted mixture (--train_files, --replay_file) gives source i the slots trainer.data.mixture gives it for map-style
+data (`mixture_counts`, `slot_sources`), each source's lanes reading its own files. The primary source (0) is read at
+most --num_train_epochs passes; the others cycle, pass after pass. Each pass ("epoch") over a source
 shuffles its files by a permutation seeded by (seed, pass), lays them end to end, and cuts that space into `lanes`
 equal parts: bytes for .txt/.json/.jsonl/.csv (a line belongs to the part its first byte lies in), rows for .parquet.
 A lane reads its part sequentially in windows of --shuffle_buffer_size documents, each window permuted by a
@@ -12,12 +14,13 @@ generator seeded by (seed, source, pass, lane, window start), tokenizes, and cut
 exactly as the map-style job does (run_mlm/run_clm's concatenate-and-chunk, or one sequence per line). A lane that
 ends its part goes on with the next pass. Every lane yields one block per optimizer step.
 
-So the samples of a step do not depend on the world size, and a rank reads and tokenizes only its own lanes'
-parts: preprocessing is spread over every rank and its loader workers. A lane's position after a block is
-(pass, window start, document index in the window, tokens of that document already used, blocks yielded): the
-block boundary always falls inside a document or at its end, so no tokens need to be carried in the state. A resume
-seeks to the window start and re-reads that one window (never the data before it), re-tokenizing from the saved
-document on. Positions ride along with every micro-batch, so the state is that of what the engine consumed,
+So the samples of a step do not depend on the world size, and a rank reads, tokenizes and (the per-sample stage of
+a `SampleWiseCollator`, e.g. mlm's masks) collates only its own lanes' blocks: preprocessing is spread over every
+rank and its loader workers. A lane's position after a block is (pass, window start, document index in the window,
+tokens of that document already used, blocks yielded, their tokens: the per-source figures): the block boundary
+always falls inside a document or at its end, so no token ids need to be carried in the state. A resume seeks to the
+window start and re-reads that one window (never the data before it), re-tokenizing from the saved document on.
+Positions ride along with every micro-batch, so the state is that of what the engine consumed,
 whatever the loader has prefetched; the checkpoint holds every lane's position (gathered from all ranks), so a
 resume at any world size continues the same global order.
 
@@ -36,7 +39,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from trainer.data.mixture import slot_sources
+from trainer.data.batches import SampleWiseCollator
+from trainer.data.mixture import MixtureSource, describe_sources, mixture_counts, slot_sources
 from trainer.distributed.collectives import all_gather_objects
 from trainer.errors import DataSourceFailed, UsageError, require
 
@@ -274,8 +278,9 @@ class LaneId:
     lanes: int  # of its source
 
 
-# A lane's position: (pass, window start (-1: its part's start), document in the window, its tokens used, blocks).
-START = (0, -1, 0, 0, 0)
+# A lane's position: (pass, window start (-1: its part's start), document in the window, its tokens used, blocks,
+# their tokens).
+START = (0, -1, 0, 0, 0, 0)
 
 
 class StreamEnded(DataSourceFailed):
@@ -299,11 +304,12 @@ def rank_slots(per_device: int, world_size: int, rank: int, accumulation: int) -
     return [[(micro * world_size + rank) * per_device + i for i in range(per_device)] for micro in range(accumulation)]
 
 
-def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: int, seed: int) -> Iterator[tuple]:
+def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: Optional[int], seed: int) -> Iterator[tuple]:
     """Lane `lane`'s blocks from `position`, each as (token columns, the position after it). Ends the run with
-    `DataSourceFailed` when a lane would start pass `passes` (the data ran out before --max_steps)."""
+    `DataSourceFailed` when a lane would start pass `passes` (the data ran out before --max_steps; None: a cycling
+    source, never), or when its part of a pass holds no text (a cycling source would look for it forever)."""
     corpus = stream.corpus
-    epoch, window_start, document, token, blocks = position
+    epoch, window_start, document, token, blocks, tokens = position
     part_start, part_end = corpus.part(lane.index, lane.lanes)
     carry: dict = {}
     while True:
@@ -312,6 +318,8 @@ def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: int, seed: 
         while True:
             texts, next_start = corpus.read(epoch, start, part_end, stream.window)
             if not texts:
+                if passes is None and start == part_start:
+                    raise DataSourceFailed(no_text_in_part(corpus, lane))
                 break
             order = np.random.default_rng([seed, WINDOW_SEED_KEY, lane.source, epoch, lane.index, start]
                                           ).permutation(len(texts))
@@ -322,20 +330,26 @@ def lane_blocks(stream: TrainStream, lane: LaneId, position, passes: int, seed: 
                     columns = {name: rows[offset] for name, rows in encoded.items()}
                     index = first + offset
                     for block, used in cut(columns, carry, token if index == document else 0, stream):
-                        blocks += 1
+                        blocks, tokens = blocks + 1, tokens + len(block["input_ids"])
                         after = (epoch, start, index + 1, 0) if used is None else (epoch, start, index, used)
-                        yield block, (*after, blocks)
+                        yield block, (*after, blocks, tokens)
                     token = 0
             start, document = next_start, 0
         epoch, window_start, document, token = epoch + 1, -1, 0, 0
 
 
-def require_passes(epoch: int, passes: int, corpus: StreamCorpus) -> None:
-    if epoch >= passes:
+def require_passes(epoch: int, passes: Optional[int], corpus: StreamCorpus) -> None:
+    if passes is not None and epoch >= passes:
         raise StreamEnded(
             f"the training data ({len(corpus.files)} file(s) of --{corpus.flag}) ended after {passes} pass(es) "
             f"(--num_train_epochs) before --max_steps; give more data, a larger --num_train_epochs or a smaller "
             f"--max_steps")
+
+
+def no_text_in_part(corpus: StreamCorpus, lane: LaneId) -> str:
+    return (f"--{corpus.flag} {', '.join(file.path for file in corpus.files[:3])}: lane {lane.index} of its "
+            f"{lane.lanes} (its share of every global batch) finds no text in its 1/{lane.lanes} of the data; give "
+            f"the source more text, or fewer lanes (a smaller weight or global batch)")
 
 
 def cut(columns: dict, carry: dict, skip: int, stream: TrainStream):
@@ -361,49 +375,88 @@ def cut(columns: dict, carry: dict, skip: int, stream: TrainStream):
 class RankLanes(torch.utils.data.IterableDataset):
     """This rank's lanes, as parts of its micro-batches. With n loader workers, worker w owns part w of the lanes
     of every micro-step (n contiguous parts); torch's loader takes one item from each worker in turn, so n
-    consecutive items are one micro-batch. A lane's state thus lives in one worker. Errors come as items (`error`),
-    so that the main process ends the run with one line, not a worker's traceback."""
+    consecutive items are one micro-batch. A lane's state thus lives in one worker, and so does the per-sample stage
+    of collation (`rows`, e.g. mlm's masks) of its blocks. Errors come as items (`error`), so that the main process
+    ends the run with one line, not a worker's traceback."""
 
-    def __init__(self, stream: TrainStream, micro_slots: list[list[int]], lanes: list[LaneId], positions: dict,
-                 workers: int, passes: int, seed: int):
-        self.stream, self.micro_slots, self.lanes, self.positions = stream, micro_slots, lanes, positions
-        self.workers, self.passes, self.seed = max(workers, 1), passes, seed
+    def __init__(self, streams: list[TrainStream], micro_slots: list[list[int]], lanes: list[LaneId],
+                 positions: dict, workers: int, passes: int, seed: int, rows: Callable[[dict], dict]):
+        self.streams, self.micro_slots, self.lanes, self.positions = streams, micro_slots, lanes, positions
+        self.workers, self.passes, self.seed, self.rows = max(workers, 1), passes, seed, rows
+        self.global_batch_size = len(lanes)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         parts = [slots[worker * len(slots) // self.workers:(worker + 1) * len(slots) // self.workers]
                  for slots in self.micro_slots]
-        running = {slot: lane_blocks(self.stream, self.lanes[slot], self.positions[slot], self.passes, self.seed)
-                   for slots in parts for slot in slots}
+        running = {slot: self.blocks(self.lanes[slot], self.positions[slot]) for slots in parts for slot in slots}
         try:
             while True:
                 for slots in parts:
                     blocks, positions = zip(*(next(running[slot]) for slot in slots))
-                    yield {"blocks": list(blocks), "slots": slots, "positions": list(positions)}
+                    yield {"rows": self.rows(self.part_batch(blocks, slots, positions)), "slots": slots,
+                           "positions": list(positions)}
         except DataSourceFailed as failure:
             yield {"error": str(failure)}
+
+    def part_batch(self, blocks, slots: list[int], positions) -> dict:
+        """A part of a micro-batch as the map-style loader gives a batch: token columns, sample ids, epoch."""
+        batch = {name: [block[name] for block in blocks] for name in blocks[0]}
+        if not self.streams[0].one_per_document:  # full blocks: one array, as the map-style loader gives them
+            batch = {name: np.stack(rows) for name, rows in batch.items()}
+        # Unique over the run and independent of the world size: the lane's block count and the slot.
+        batch["sample_id"] = np.asarray([(position[4] - 1) * self.global_batch_size + slot
+                                         for slot, position in zip(slots, positions)], dtype=np.int64)
+        batch["epoch"] = 0  # the sample ids never repeat: masks need no pass number
+        return batch
+
+    def blocks(self, lane: LaneId, position) -> Iterator[tuple]:
+        """The lane's blocks over its source's stream: the primary's for at most `passes` passes, the others'
+        cycling."""
+        return lane_blocks(self.streams[lane.source], lane, position, self.passes if lane.source == 0 else None,
+                           self.seed)
 
 
 def as_is(item):
     return item
 
 
+def collation_stages(collator) -> tuple[Callable[[dict], dict], Callable[[dict], dict]]:
+    """(the per-sample stage, run in the loader workers; the batch stage, run on whole micro-batches) of a training
+    collator: a `SampleWiseCollator`'s `rows` and `assemble`, or nothing and the whole collator."""
+    if isinstance(collator, SampleWiseCollator):
+        return collator.rows, collator.assemble
+    return as_is, collator
+
+
+def joined(parts: list[dict]) -> dict:
+    """One micro-batch's rows from its parts' (in slot order): arrays concatenated, lists joined, the rest (e.g.
+    the epoch) the same in every part."""
+    first = parts[0]
+    return {name: np.concatenate([part[name] for part in parts]) if isinstance(value, np.ndarray)
+            else [row for part in parts for row in part[name]] if isinstance(value, list) else value
+            for name, value in first.items()}
+
+
 class StreamingBatches:
-    """The engine's training data under --streaming: `TrainingBatches`'s methods over lanes (module docstring).
+    """The engine's training data under --streaming: `TrainingBatches`'s methods over lanes (module docstring), of
+    one stream per training source (`streams`, in the order of `sources`: the primary first).
 
     The run's length is --max_steps (`steps_per_epoch` is None: a stream's length is not known)."""
 
     steps_per_epoch = None
     reads_during_training = True  # a file can turn unreadable mid-run: the ranks agree to stop (Engine)
 
-    def __init__(self, stream: TrainStream, collator, per_device: int, world_size: int, rank: int,
-                 accumulation: int, workers: int, passes: int, seed: int, source_name: str):
-        self.stream, self.collator, self.source_name = stream, collator, source_name  # name: as given
+    def __init__(self, streams: list[TrainStream], sources: list[MixtureSource], collator, per_device: int,
+                 world_size: int, rank: int, accumulation: int, workers: int, passes: int, seed: int):
+        self.streams, self.sources = streams, sources
+        self.rows, self.assemble = collation_stages(collator)
         self.per_device, self.world_size, self.accumulation = per_device, world_size, accumulation
         self.global_batch_size = per_device * world_size * accumulation
+        self.counts = mixture_counts(sources, self.global_batch_size)
         self.micro_slots = rank_slots(per_device, world_size, rank, accumulation)
-        self.lanes = global_lanes(self.global_batch_size)
+        self.lanes = global_lanes(self.global_batch_size, self.counts)
         self.workers = min(workers, per_device)  # each worker owns at least one lane of each micro-step
         self.passes, self.seed = passes, seed
         self.positions = {lane.slot: START for lane in self.lanes}  # after the last completed step
@@ -416,16 +469,17 @@ class StreamingBatches:
 
     @property
     def epoch(self) -> int:
-        """The pass the slowest of this rank's lanes is in."""
-        return min(self.positions[slot][0] for slot in self.own_slots)
+        """The pass the slowest of this rank's lanes of the primary source is in (0 on a rank with none)."""
+        return min((self.positions[slot][0] for slot in self.own_slots if self.lanes[slot].source == 0), default=0)
 
     def describe(self) -> list[str]:
-        corpus = self.stream.corpus
+        sizes = [f"{len(stream.corpus.files)} file(s) ({stream.corpus.size} "
+                 f"{'rows' if stream.corpus.files[0].kind == 'parquet' else 'bytes'})" for stream in self.streams]
         return [f"{self.global_batch_size} sequences/step ({self.per_device} per device x {self.world_size} "
-                f"processes x {self.accumulation} accumulation), streamed from {len(corpus.files)} file(s) "
-                f"({corpus.size} {'rows' if corpus.files[0].kind == 'parquet' else 'bytes'}) in "
-                f"{self.global_batch_size} lanes, shuffled in windows of {self.stream.window} documents, "
-                f"at most {self.passes} pass(es)"]
+                f"processes x {self.accumulation} accumulation), streamed from "
+                f"{sizes[0] if len(sizes) == 1 else f'{len(sizes)} sources'} in "
+                f"{self.global_batch_size} lanes, shuffled in windows of {self.streams[0].window} documents, "
+                f"at most {self.passes} pass(es)", *describe_sources(self.sources, self.counts, sizes)]
 
     def describe_position(self) -> str:
         return f"pass {self.epoch} of the stream (slowest lane of this rank)"
@@ -433,32 +487,20 @@ class StreamingBatches:
     def micro_batches(self):
         """Micro-batches forever from the current position; each one's lane positions go into `pending`."""
         self.pending = {}
-        dataset = RankLanes(self.stream, self.micro_slots, self.lanes, self.positions, self.workers, self.passes,
-                            self.seed)
+        dataset = RankLanes(self.streams, self.micro_slots, self.lanes, self.positions, self.workers, self.passes,
+                            self.seed, self.rows)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, collate_fn=as_is, num_workers=self.workers,
                                              prefetch_factor=4 if self.workers else None)
-        # Collated here: a micro-batch is whole only here (its lanes come from every worker).
+        # Assembled here: a micro-batch is whole only here (its lanes come from every worker).
         items = iter(loader)
         while True:
             parts = [next(items) for _ in range(max(self.workers, 1))]
             failed = [part["error"] for part in parts if "error" in part]
             if failed:
                 raise DataSourceFailed(failed[0])
-            yield self.collator(self.micro_batch(parts))
-
-    def micro_batch(self, parts: list[dict]) -> dict:
-        blocks = [block for part in parts for block in part["blocks"]]
-        slots = [slot for part in parts for slot in part["slots"]]
-        for part in parts:
-            self.pending.update(zip(part["slots"], part["positions"]))
-        batch = {name: [block[name] for block in blocks] for name in blocks[0]}
-        if not self.stream.one_per_document:  # full blocks: one array, as the map-style loader gives them
-            batch = {name: np.stack(rows) for name, rows in batch.items()}
-        # Unique over the run and independent of the world size: the lane's block count and the slot.
-        batch["sample_id"] = np.asarray([(self.pending[slot][4] - 1) * self.global_batch_size + slot
-                                         for slot in slots], dtype=np.int64)
-        batch["epoch"] = 0  # the sample ids never repeat: masks need no pass number
-        return batch
+            for part in parts:
+                self.pending.update(zip(part["slots"], part["positions"]))
+            yield self.assemble(joined([part["rows"] for part in parts]))
 
     def advance(self) -> None:
         """One optimizer step's micro-batches consumed: their lanes' positions are the position."""
@@ -466,14 +508,16 @@ class StreamingBatches:
         self.pending = {}
 
     def consumed(self) -> dict:
-        """For the final metrics (every rank calls it): the blocks trained on, summed over every lane, and their
-        tokens: full blocks of `block_size` tokens; line by line (ragged blocks) the tokens are not counted (None),
-        since a lane's position keeps its block count alone."""
+        """For the final metrics (every rank calls it): the blocks trained on from each source and their tokens
+        (unpadded, as map-style data counts them), summed over its lanes."""
         self.gather_across_ranks()
-        samples = sum(position[4] for position in self.gathered.values())
-        tokens = None if self.stream.one_per_document else samples * self.stream.block_size
-        return {"train_samples_per_source": {self.source_name: samples},
-                "train_tokens_per_source": {self.source_name: tokens}}
+        samples, tokens = [0] * len(self.sources), [0] * len(self.sources)
+        for slot, position in self.gathered.items():
+            samples[self.lanes[slot].source] += position[4]
+            tokens[self.lanes[slot].source] += position[5]
+        names = [source.name for source in self.sources]
+        return {"train_samples_per_source": dict(zip(names, samples)),
+                "train_tokens_per_source": dict(zip(names, tokens))}
 
     def gather_across_ranks(self) -> None:
         """Called on every rank before a checkpoint: every lane's position, from the rank that owns it."""
@@ -482,7 +526,7 @@ class StreamingBatches:
 
     def state_dict(self) -> dict:
         positions = self.gathered if self.gathered is not None else self.positions
-        return {"global_batch_size": self.global_batch_size,
+        return {"global_batch_size": self.global_batch_size, "counts": list(self.counts),
                 "lanes": {str(slot): list(position) for slot, position in sorted(positions.items())}}
 
     def load_state_dict(self, saved: dict) -> None:
@@ -492,6 +536,13 @@ class StreamingBatches:
                 f"the checkpoint streamed {saved['global_batch_size']} lanes (its global batch) and this run has "
                 f"a global batch of {self.global_batch_size}; resume with the same per-device batch x processes x "
                 f"accumulation")
+        require(all(len(position) == len(START) for position in saved["lanes"].values()),
+                "the checkpoint's lane positions predate per-source token counts under --streaming; resume it with "
+                "the trainer version that wrote it, or start a new run")
+        require(saved["counts"] == self.counts,
+                f"the checkpoint streamed {saved['counts']} sequences of each training source per step and this "
+                f"run's sources (--train_files weights, --replay_ratio) give {self.counts}; resume with the same "
+                f"sources and weights")
         self.positions = {int(slot): tuple(position) for slot, position in saved["lanes"].items()}
 
 
@@ -551,15 +602,18 @@ DEFAULT_EVAL_SAMPLES = 512
 
 def streamed_data(data_args, files, encode, block_size: int, one_per_document: bool, seed: int,
                   keep_linebreaks: bool = False):
-    """(the training `TrainStream`, the evaluation Dataset) of a job under --streaming: the training files (of
-    --train_file, or of --dataset_name's train split) streamed, the first --max_eval_samples blocks (default
-    DEFAULT_EVAL_SAMPLES) of the validation files (--validation_file, or the dataset's validation split) tokenized
-    now."""
+    """(each training source's `TrainStream`, the primary's first; the evaluation Dataset) of a job under
+    --streaming: the training sources' files (--train_file's, or --dataset_name's train split, or --train_files';
+    then --replay_file's) streamed, the first --max_eval_samples blocks (default DEFAULT_EVAL_SAMPLES) of the
+    validation files (--validation_file, or the dataset's validation split) tokenized now. Every source is read by
+    the primary's text column."""
     from trainer.data.arguments import source_files
 
+    splits = {}
     if files.train is not None:
         train_files, train_flag = source_files(files.train, "train_file"), "train_file"
-        splits = {}
+    elif files.mixture:
+        train_files, train_flag = files.mixture[0].files("train_files"), "train_files"
     else:
         splits = dataset_splits(data_args.dataset_name, data_args.dataset_config_name)
         train_files, train_flag = splits["train"], "dataset_name"
@@ -570,11 +624,14 @@ def streamed_data(data_args, files, encode, block_size: int, one_per_document: b
                                         "none; give --validation_file (a file, directory or glob)")
         validation_files, validation_flag = splits["validation"], "dataset_name"
     train = open_corpus(train_files, train_flag, data_args.text_column, seed, keep_linebreaks)
+    others = [open_corpus(source.files, source.flag, train.text_column, seed, keep_linebreaks)
+              for source in files.other_sources()]
     validation = open_corpus(validation_files, validation_flag, train.text_column, seed, keep_linebreaks)
     window = data_args.shuffle_buffer_size
     evaluation = evaluation_blocks(TrainStream(validation, encode, block_size, one_per_document, window),
                                    data_args.max_eval_samples or DEFAULT_EVAL_SAMPLES)
-    return TrainStream(train, encode, block_size, one_per_document, window), evaluation
+    streams = [TrainStream(corpus, encode, block_size, one_per_document, window) for corpus in [train, *others]]
+    return streams, evaluation
 
 
 def streamed_texts_refused():

@@ -8,10 +8,11 @@ and still write exactly the job's blocks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trainer.data.arguments import DataFiles
-from trainer.data.loading import check_text_column, group_into_blocks, load_source, load_text_splits, source_split
+from trainer.data.loading import (check_text_column, group_into_blocks, load_source, load_text_splits,
+                                  other_source_splits, source_split)
 from trainer.data.prepared import PreparedData, is_prepared_directory
 from trainer.data.streaming import streamed_data, streamed_texts_refused
 from trainer.errors import require
@@ -76,7 +77,18 @@ class JobData:
     model: object
     length: int
     splits: dict  # under --streaming: "validation" alone
-    stream: object = None  # under --streaming: the training `TrainStream` (trainer.data.streaming)
+    # Under --streaming: each training source's `TrainStream` (trainer.data.streaming), the primary first.
+    streams: list = field(default_factory=list)
+
+    @property
+    def stream(self):
+        """The primary training source's stream under --streaming; None otherwise."""
+        return self.streams[0] if self.streams else None
+
+    def other_sources(self, files: DataFiles) -> list:
+        """The training sources after the primary, for `Task.other_sources`: their streams, or their prepared
+        splits (`other_source_splits`)."""
+        return self.streams[1:] if self.streams else other_source_splits(self.splits, files)
 
 
 def job_data(config, files: DataFiles, tokenization: Tokenization, build_model) -> JobData:
@@ -103,10 +115,10 @@ def streamed_job_data(config, files: DataFiles, tokenization: Tokenization, buil
     model = build_model(tokenizer)
     length = tokenization.sequence_length(config, model.config)
     check_sequence_length(length, model.config, tokenization.length_flag)
-    stream, evaluation = streamed_data(config.data, files, tokenization.encoder(config, tokenizer), length,
-                                       not tokenization.concatenates(config), config.optimization.seed,
-                                       tokenization.keep_linebreaks(config))
-    return JobData(tokenizer, model, length, {"validation": evaluation}, stream)
+    streams, evaluation = streamed_data(config.data, files, tokenization.encoder(config, tokenizer), length,
+                                        not tokenization.concatenates(config), config.optimization.seed,
+                                        tokenization.keep_linebreaks(config))
+    return JobData(tokenizer, model, length, {"validation": evaluation}, streams)
 
 
 def prepared_job_data(config, files: DataFiles, tokenization: Tokenization, build_model) -> JobData:

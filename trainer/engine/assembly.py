@@ -85,14 +85,14 @@ def training_batches(config: JobConfig, task: Task, accelerator) -> TrainingBatc
     """The training samples (then each other source's: a mixture, replay) in the global order of every step; under
     --streaming, the stream's lanes."""
     optimization = config.optimization
-    if task.train_stream is not None:
-        return StreamingBatches(task.train_stream, task.train_collator, optimization.per_device_train_batch_size,
-                                accelerator.num_processes, accelerator.process_index,
-                                optimization.gradient_accumulation_steps, data_loader_workers(config, accelerator),
-                                passes_of(optimization.num_train_epochs), optimization.seed,
-                                config.data.train_file or config.data.dataset_name)
-    size = len(task.train_dataset)
     sources = mixture_sources(config)
+    if task.train_stream is not None:
+        return StreamingBatches([task.train_stream, *task.other_sources], sources, task.train_collator,
+                                optimization.per_device_train_batch_size, accelerator.num_processes,
+                                accelerator.process_index, optimization.gradient_accumulation_steps,
+                                data_loader_workers(config, accelerator), passes_of(optimization.num_train_epochs),
+                                optimization.seed)
+    size = len(task.train_dataset)
     global_batch_size = optimization.global_batch_size(accelerator.num_processes)
     counts = mixture_counts(sources, global_batch_size)
     firsts = list(itertools.accumulate([size, *(len(other) for other in task.other_sources)]))  # in the data

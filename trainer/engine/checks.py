@@ -32,11 +32,7 @@ def check_streaming(config: JobConfig) -> None:
                                                "up front, so it cannot set the number of steps")
     require(config.get("classify") is None, "--streaming is for trainer.mlm and trainer.clm; trainer.classify reads "
                                             "its (labelled) data map-style: drop --streaming")
-    require(not config.data.train_files, "--train_files mixes map-style sources; --streaming reads one "
-                                         "--train_file (a file, directory or glob)")
     continual = config.continual
-    require(continual.replay_file is None, "--replay_file mixes a map-style replay set into map-style training "
-                                           "data; drop --streaming or --replay_file")
     require(not continual.save_fisher, "--save_fisher reads the first training samples after training, which a "
                                        "stream does not keep; drop --streaming or --save_fisher")
     finetune = config.get("finetune")

@@ -37,7 +37,8 @@ class Task:
     # them eager, so that the compiled blocks never see a new shape.
     eager_modules: list = field(default_factory=list)
     # The training sources after the primary (trainer.data.mixture): --train_files' others, then experience replay's
-    # --replay_file (trainer.continual.replay), each prepared exactly as `train_dataset` (same columns).
+    # --replay_file (trainer.continual.replay), each prepared exactly as `train_dataset` (same columns); under
+    # --streaming, each a TrainStream as `train_stream`.
     other_sources: list = field(default_factory=list)
     # On every rank after training, given the engine: the job's own after-steps (e.g. predictions on a test set);
     # a dict it returns joins the final metrics.
