@@ -109,16 +109,22 @@ def partitioned_from_first_process(accelerator, model: torch.nn.Module) -> None:
 
     # Not entered as a context: only its conversion of built parameters is used (zero.Init(module=...)'s own).
     zero_init = deepspeed.zero.Init(config_dict_or_path=accelerator.deepspeed_plugin.deepspeed_config)
-    zero_init._convert_to_zero_parameters(one_at_a_time(model))
+    # The engine casts a model it partitions itself to bf16/fp16 and leaves a partitioned one as it is: cast here.
+    zero_init._convert_to_zero_parameters(one_at_a_time(model, None if zero_init.dtype == torch.float32
+                                                        else zero_init.dtype))
     zero_init._keep_in_fp32(model)
 
 
-def one_at_a_time(model: torch.nn.Module):
-    """The model's parameters, each given host memory (if it is on the meta device) only when its turn comes."""
+def one_at_a_time(model: torch.nn.Module, dtype):
+    """The model's parameters, each in `dtype` (floating point ones; None: as built) and given host memory (if it is
+    on the meta device) only when its turn comes."""
     for parameter in model.parameters():
+        target = dtype if dtype is not None and parameter.is_floating_point() else parameter.dtype
         if parameter.is_meta:  # `.data` cannot change a tensor's device: swapped in place (the optimizer holds it)
             torch.utils.swap_tensors(parameter, torch.nn.Parameter(
-                torch.empty(parameter.shape, dtype=parameter.dtype), requires_grad=parameter.requires_grad))
+                torch.empty(parameter.shape, dtype=target), requires_grad=parameter.requires_grad))
+        elif parameter.dtype != target:
+            parameter.data = parameter.data.to(target)
         yield parameter
 
 
