@@ -15,6 +15,9 @@ Every model family clm's tests use trains under ZeRO-3 and FSDP2 to the paramete
 loss meets the head's weight as each backend holds it: GPT-2, whose output layer is tied, in the runs above (against
 DDP); Llama, whose head is a weight of its own (as Qwen's and Mistral's), on 2 processes against 1 (tiny, no dropout,
 3 steps).
+
+A model from scratch starts under ZeRO-3 and FSDP2 on 2 processes with exactly the parameters of 1 process (there
+the second process builds it on the meta device and receives its shards from the first).
 """
 import os
 
@@ -153,3 +156,27 @@ def test_an_untied_head_trains_under_zero3_and_fsdp2_to_the_parameters_of_one_pr
     assert difference <= TOLERANCE, f"the untied Llama under {name} differs from 1 process by {difference:.2e}"
     losses = [r["train_loss"] for r in read_history(one) if "train_loss" in r]
     assert len(losses) == 3 and losses[-1] < losses[0]  # training moved: the comparison is not vacuous
+
+
+@pytest.fixture(scope="module")
+def initial_runs(corpus, bpe_tokenizer_dir, job_env, tmp_path_factory) -> dict:
+    """{"one": 1 process, "zero3": ZeRO-3 (torchrun), "fsdp": FSDP2 (accelerate launch) on 2: output directory} of
+    one step at learning rate 1e-30 of the tiny Llama from scratch. Adam's first step moves a weight by at most the
+    learning rate, far below half a unit in the last place of any weight the initialisation draws (Llama has no
+    biases; its norms start at 1), so each export holds the model's initial weights bit for bit."""
+    root = tmp_path_factory.mktemp("clm-initial")
+    launches = {"one": (1, None, []), "zero3": (2, None, ZERO3), "fsdp": (2, accelerate_launch(FSDP_YAML), [])}
+    for name, (nproc, launcher, extra) in launches.items():
+        args = [a for a in clm_args(corpus, bpe_tokenizer_dir, root / name, "--max_steps", "1", "--max_eval_samples",
+                                    "2", *extra, "--per_device_train_batch_size", str(2 // nproc))
+                if a not in TINY_GPT2_FLAGS]
+        run_job(CLM, [*args, *UNTIED_LLAMA, "--learning_rate", "1e-30"], job_env, nproc=nproc,
+                launcher=launcher)
+    return {name: root / name for name in launches}
+
+
+@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+def test_a_model_from_scratch_starts_on_two_processes_with_the_parameters_of_one(initial_runs, name):
+    reference, exported = load_parameters(initial_runs["one"]), load_parameters(initial_runs[name])
+    assert exported.keys() == reference.keys()
+    assert [key for key in reference if not torch.equal(exported[key], reference[key])] == []

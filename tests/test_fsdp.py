@@ -98,3 +98,45 @@ def test_fsdp_wraps_the_model_own_blocks_when_the_yaml_names_none(model_class, c
     named = SimpleNamespace(auto_wrap_policy=transformer_auto_wrap_policy, transformer_cls_names_to_wrap=["X"])
     name_fsdp_blocks(named, model)  # a class the YAML names wins
     assert named.transformer_cls_names_to_wrap == ["X"]
+
+
+def shapes(model) -> dict:
+    return {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in [*model.named_parameters(),
+                                                                            *model.named_buffers()]}
+
+
+@pytest.mark.parametrize("auto_class, source", [
+    ("AutoModelForCausalLM", "scratch"),
+    ("AutoModelForCausalLM", "bf16 checkpoint"),  # --torch_dtype auto: the checkpoint's dtype
+    ("AutoModelForSequenceClassification", "checkpoint"),  # a new head, its size from the labels
+])
+def test_processes_that_receive_their_fsdp2_shards_build_the_model_on_the_meta_device(tokenizer_dir, tmp_path,
+                                                                                       auto_class, source):
+    """Under FSDP2 every process but the first builds the model inside `shapes_only`: the first process's modules,
+    shapes and dtypes, with no weights."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, GPT2Config
+
+    from trainer.models.arguments import ModelArguments
+    from trainer.models.loading import load_model, shapes_only
+
+    tiny = {"n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 32}
+    if source == "scratch":
+        model_args = ModelArguments(model_type="gpt2", config_overrides=",".join(f"{k}={v}" for k, v in tiny.items()))
+    else:
+        dtype = torch.bfloat16 if source.startswith("bf16") else torch.float32
+        transformers.AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, **tiny)).to(dtype).save_pretrained(
+            tmp_path)
+        model_args = ModelArguments(model_name_or_path=str(tmp_path), torch_dtype="auto",
+                                    allow_low_precision_weights=True)
+    labels = {"num_labels": 3} if auto_class.endswith("Classification") else {}
+    build = getattr(transformers, auto_class)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    whole = load_model(model_args, build, tokenizer, **labels)
+    with shapes_only():
+        empty = load_model(model_args, build, tokenizer, **labels)
+    assert shapes(empty) == shapes(whole)
+    assert {tensor.device.type for tensor in [*empty.parameters(), *empty.buffers()]} == {"meta"}
+    assert {tensor.device.type for tensor in [*whole.parameters(), *whole.buffers()]} == {"cpu"}
+    assert load_model(model_args, build, tokenizer, **labels).device.type == "cpu"  # only inside the context

@@ -21,6 +21,7 @@ from trainer.data.mixture import mixture_counts, mixture_sources, training_data
 from trainer.data.samplers import CyclingSource, GlobalBatchSampler
 from trainer.data.source import TrainingBatches, token_counts
 from trainer.data.streaming import StreamingBatches, passes_of
+from trainer.distributed.construction import filled_from_first_process
 from trainer.distributed.launch import prepare_for_model, sharded_state_name
 from trainer.engine.evaluation import BestMetric
 from trainer.engine.fault_injection import FaultInjection
@@ -147,7 +148,8 @@ def prepared_model(config: JobConfig, task: Task, accelerator):
                        task.eager_modules)
     optimizer = build_optimizer(task.model, config.optimization)
     prepare_for_model(accelerator, task.hf_model)
-    return accelerator.prepare(task.model, optimizer)
+    with filled_from_first_process(accelerator, task.model):
+        return accelerator.prepare(task.model, optimizer)
 
 
 def throughput(parallelism, task: Task, accelerator) -> Throughput:

@@ -15,6 +15,7 @@ from trainer.continual.arguments import ContinualArguments
 from trainer.data.arguments import DataFiles
 from trainer.distributed.arguments import ParallelismArguments
 from trainer.distributed.collectives import main_process_first
+from trainer.distributed.construction import model_construction
 from trainer.engine.evaluation import EvalArguments
 from trainer.engine.optim import OptimizationArguments
 from trainer.errors import require
@@ -75,7 +76,11 @@ def run(job: JobSpec, argv: list[str] | None = None) -> dict:
     if config.parallelism.estimate_memory:
         return estimate_memory(job, config)
     config, files, accelerator = start_job(job, config)
-    return run_job(job, config, files, job.build_task(config, files, accelerator), accelerator)
+    # Under FSDP2 and ZeRO-3 only the first process builds the model whole (distributed/construction.py);
+    # --save_fisher keeps a whole copy on every process anyway.
+    with model_construction(accelerator, whole=config.continual.save_fisher):
+        task = job.build_task(config, files, accelerator)
+    return run_job(job, config, files, task, accelerator)
 
 
 def job_config(job: JobSpec, argv: list[str] | None) -> JobConfig:

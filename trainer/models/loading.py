@@ -15,6 +15,9 @@ from trainer.tracking.console import logger
 # Architectures whose position ids start after the padding index, leaving fewer usable positions.
 POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2}
 
+# Set by `shapes_only`: `load_model` builds on the meta device (shapes and dtypes, no weights).
+_shapes_only = False
+
 
 def cache_dir(*parts: str) -> str:
     root = os.environ.get("TRAINER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "trainer"))
@@ -78,11 +81,24 @@ def train_tokenizer(texts: list[str], vocab_size: int, train_new):
     return AutoTokenizer.from_pretrained(directory)
 
 
+@contextlib.contextmanager
+def shapes_only(enabled: bool = True):
+    """While enabled, `load_model` builds its model on the meta device, the checkpoint's or the new one alike: the
+    same modules, shapes and dtypes, no weights, nothing read and no random draws. For the processes whose values
+    another process sends them afterwards (trainer.distributed.construction)."""
+    global _shapes_only
+    before, _shapes_only = _shapes_only, enabled
+    try:
+        yield
+    finally:
+        _shapes_only = before
+
+
 def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = False, **config_kwargs):
     """`auto_class` (e.g. AutoModelForMaskedLM) from a checkpoint, or a new model from a config, a --model_type or
     `preset(vocab_size)` (default: a tiny BERT). `decoder`: a causal LM, so architectures that attend both ways
-    unless their config says `is_decoder` (BERT, RoBERTa, ...) get it."""
-    from transformers import AutoConfig
+    unless their config says `is_decoder` (BERT, RoBERTa, ...) get it. Inside `shapes_only`, on the meta device."""
+    import torch
 
     attention = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     if model_args.model_name_or_path:
@@ -90,6 +106,8 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
         require(not is_adapter_directory(model_args.model_name_or_path),
                 f"--model_name_or_path {model_args.model_name_or_path} holds bottleneck adapters for sequence "
                 f"classification; use it with trainer.classify, or give a whole model")
+        if _shapes_only:  # from_pretrained refuses the meta device: the checkpoint's config, built empty
+            return checkpoint_shapes(model_args, auto_class, decoder, **attention, **config_kwargs)
         model, loading_info = pretrained_model(auto_class, model_args.model_name_or_path, "--model_name_or_path",
                                                weights_dtype(model_args, from_checkpoint=True), decoder,
                                                **attention, **config_kwargs)
@@ -103,7 +121,8 @@ def load_model(model_args, auto_class, tokenizer, preset=None, decoder: bool = F
         if getattr(config, f"{name}_token_id", None) is not None:
             setattr(config, f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
     logger.info("training a new %s model from scratch", config.model_type)
-    return auto_class.from_config(config, dtype=weights_dtype(model_args, from_checkpoint=False), **attention)
+    with torch.device("meta") if _shapes_only else contextlib.nullcontext():
+        return auto_class.from_config(config, dtype=weights_dtype(model_args, from_checkpoint=False), **attention)
 
 
 def load_model_config(model_args, preset=None):
@@ -160,24 +179,33 @@ def meta_model(model_args, auto_class, tokenizer_size: int, preset=None, decoder
     """The model `load_model` would build, on the meta device: its shapes and dtypes without any weights (a 70B
     config costs seconds and no memory). `tokenizer_size`: the tokenizer's length, for a model from scratch."""
     import torch
-    from transformers import AutoConfig
 
     if model_args.model_name_or_path:
-        check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
-        with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
-            config = AutoConfig.from_pretrained(model_args.model_name_or_path)
-        for key, value in (decoder_switch(config) if decoder else {}).items():
-            setattr(config, key, value)
-        dtype = weights_dtype(model_args, from_checkpoint=True)
-        dtype = (getattr(config, "dtype", None) or torch.float32) if dtype == "auto" else dtype
-    else:
-        config = scratch_config(model_args, auto_class, tokenizer_size, preset, decoder)
-        for name in ("pad", "bos", "eos", "cls", "sep"):  # defaults of a bigger vocabulary (ModernBERT's): no shape
-            if (getattr(config, f"{name}_token_id", None) or 0) >= config.vocab_size:
-                setattr(config, f"{name}_token_id", 0)
-        dtype = weights_dtype(model_args, from_checkpoint=False)
+        return checkpoint_shapes(model_args, auto_class, decoder)
+    config = scratch_config(model_args, auto_class, tokenizer_size, preset, decoder)
+    for name in ("pad", "bos", "eos", "cls", "sep"):  # defaults of a bigger vocabulary (ModernBERT's): no shape
+        if (getattr(config, f"{name}_token_id", None) or 0) >= config.vocab_size:
+            setattr(config, f"{name}_token_id", 0)
     with torch.device("meta"):
-        return auto_class.from_config(config, dtype=dtype)
+        return auto_class.from_config(config, dtype=weights_dtype(model_args, from_checkpoint=False))
+
+
+def checkpoint_shapes(model_args, auto_class, decoder: bool = False, attn_implementation=None, **config_kwargs):
+    """--model_name_or_path's model as `load_model` would load it, on the meta device: built from its config (with
+    `config_kwargs`, e.g. a classification head's labels) in the dtype from_pretrained gives it."""
+    import torch
+    from transformers import AutoConfig
+
+    check_loadable(model_args.model_name_or_path, "model", "--model_name_or_path")
+    with loading("--model_name_or_path", model_args.model_name_or_path, "model"):
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, **config_kwargs)
+    for key, value in (decoder_switch(config) if decoder else {}).items():
+        setattr(config, key, value)
+    dtype = weights_dtype(model_args, from_checkpoint=True)
+    dtype = (getattr(config, "dtype", None) or torch.float32) if dtype == "auto" else dtype
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        return auto_class.from_config(config, dtype=dtype, **attention)
 
 
 def weights_dtype(model_args, from_checkpoint: bool):
