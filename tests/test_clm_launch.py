@@ -39,6 +39,7 @@ pytestmark = pytest.mark.slow
 CLM = "trainer.clm"
 TOLERANCE = 1e-5
 FSDP_YAML = "cpu_fsdp2.yaml"
+ZERO3_YAML = "cpu_deepspeed_zero3.yaml"
 ZERO3 = ["--deepspeed", os.path.join(REPO_ROOT, "ds_configs", "zero3.json")]
 PARALLELISM = {"ddp": "DDP", "zero3": "DeepSpeed ZeRO-3", "fsdp": "FSDP2"}
 FISHER_RUN = ["--save_fisher", "--fisher_samples", "12"]
@@ -160,18 +161,20 @@ def test_an_untied_head_trains_under_zero3_and_fsdp2_to_the_parameters_of_one_pr
 
 @pytest.fixture(scope="module")
 def initial_runs(corpus, bpe_tokenizer_dir, job_env, tmp_path_factory) -> dict:
-    """{"one": 1 process, "zero3": ZeRO-3 (torchrun), "fsdp": FSDP2 (accelerate launch) on 2: output directory} of
-    one step at learning rate 1e-30 of the tiny Llama from scratch. Adam's first step moves a weight by at most the
-    learning rate, far below half a unit in the last place of any weight the initialisation draws (Llama has no
-    biases; its norms start at 1), so each export holds the model's initial weights bit for bit."""
+    """{"one": 1 process, "zero3": ZeRO-3, "fsdp": FSDP2 (both accelerate launch) on 2: output directory} of one step
+    at learning rate 1e-30 of the tiny Llama from scratch. Adam's first step moves a weight by at most the learning
+    rate, far below half a unit in the last place of any weight the initialisation draws (Llama has no biases; its
+    norms start at 1), so each export holds the model's initial weights bit for bit."""
     root = tmp_path_factory.mktemp("clm-initial")
-    launches = {"one": (1, None, []), "zero3": (2, None, ZERO3), "fsdp": (2, accelerate_launch(FSDP_YAML), [])}
-    for name, (nproc, launcher, extra) in launches.items():
+    launches = {"one": (1, None), "zero3": (2, accelerate_launch(ZERO3_YAML)),
+                "fsdp": (2, accelerate_launch(FSDP_YAML))}
+    for name, (nproc, launcher) in launches.items():
         args = [a for a in clm_args(corpus, bpe_tokenizer_dir, root / name, "--max_steps", "1", "--max_eval_samples",
-                                    "2", *extra, "--per_device_train_batch_size", str(2 // nproc))
+                                    "2", "--per_device_train_batch_size", str(2 // nproc))
                 if a not in TINY_GPT2_FLAGS]
-        run_job(CLM, [*args, *UNTIED_LLAMA, "--learning_rate", "1e-30"], job_env, nproc=nproc,
-                launcher=launcher)
+        result = run_job(CLM, [*args, *UNTIED_LLAMA, "--learning_rate", "1e-30"], job_env, nproc=nproc,
+                         launcher=launcher)
+        assert name == "one" or f"with {PARALLELISM[name]} (gloo)" in result.stdout + result.stderr
     return {name: root / name for name in launches}
 
 

@@ -74,3 +74,19 @@ def test_deepspeed_cpu_warning_is_dropped_and_other_deepspeed_warnings_kept():
         deepspeed_logger.setLevel(level)
     assert collected.messages == ["some other DeepSpeed warning"]
     assert len(deepspeed_logger.filters) == 1
+
+
+def test_a_run_without_deepspeed_unwraps_its_model_without_importing_deepspeed():
+    """accelerate's unwrap_model imports DeepSpeed wherever it is installed (seconds of start-up in every process);
+    after `unwrapping_without_deepspeed` a process that never imported it unwraps models without it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    code = ("import sys, torch; from accelerate.utils import extract_model_from_parallel; "
+            "from trainer.distributed.launch import unwrapping_without_deepspeed; unwrapping_without_deepspeed(); "
+            "model = torch.nn.Linear(2, 2); "
+            "print(extract_model_from_parallel(torch.nn.DataParallel(model)) is model, 'deepspeed' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert result.stdout.split() == ["True", "False"]

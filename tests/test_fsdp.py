@@ -109,6 +109,8 @@ def shapes(model) -> dict:
     ("AutoModelForCausalLM", "scratch"),
     ("AutoModelForCausalLM", "bf16 checkpoint"),  # --torch_dtype auto: the checkpoint's dtype
     ("AutoModelForSequenceClassification", "checkpoint"),  # a new head, its size from the labels
+    ("AutoModelForSequenceClassification", "checkpoint lora"),  # peft's adapters, added on the meta device too
+    ("AutoModelForSequenceClassification", "checkpoint adapter"),  # bottleneck adapters (trainer/finetune)
 ])
 def test_processes_that_receive_their_fsdp2_shards_build_the_model_on_the_meta_device(tokenizer_dir, tmp_path,
                                                                                        auto_class, source):
@@ -116,8 +118,9 @@ def test_processes_that_receive_their_fsdp2_shards_build_the_model_on_the_meta_d
     shapes and dtypes, with no weights."""
     import torch
     import transformers
-    from transformers import AutoTokenizer, GPT2Config
+    from transformers import AutoTokenizer, BertConfig, GPT2Config
 
+    from trainer.finetune.strategies import FinetuneArguments, apply_strategy
     from trainer.models.arguments import ModelArguments
     from trainer.models.loading import load_model, shapes_only
 
@@ -126,17 +129,31 @@ def test_processes_that_receive_their_fsdp2_shards_build_the_model_on_the_meta_d
         model_args = ModelArguments(model_type="gpt2", config_overrides=",".join(f"{k}={v}" for k, v in tiny.items()))
     else:
         dtype = torch.bfloat16 if source.startswith("bf16") else torch.float32
-        transformers.AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, **tiny)).to(dtype).save_pretrained(
-            tmp_path)
+        if source.endswith("adapter"):  # bottleneck adapters know BERT-style layouts
+            pretrained = transformers.AutoModelForMaskedLM.from_config(BertConfig(
+                vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+        else:
+            pretrained = transformers.AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, **tiny))
+        pretrained.to(dtype).save_pretrained(tmp_path)
         model_args = ModelArguments(model_name_or_path=str(tmp_path), torch_dtype="auto",
                                     allow_low_precision_weights=True)
     labels = {"num_labels": 3} if auto_class.endswith("Classification") else {}
     build = getattr(transformers, auto_class)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    whole = load_model(model_args, build, tokenizer, **labels)
+    strategy = FinetuneArguments(finetune_strategy=source.split()[-1]) if source.endswith(("lora", "adapter")) else None
+
+    def built():  # as classify's build_task: the model, then its fine-tuning strategy (which adds parameters)
+        model = load_model(model_args, build, tokenizer, **labels)
+        return model if strategy is None else apply_strategy(model, strategy)[0]
+
+    whole = built()
     with shapes_only():
-        empty = load_model(model_args, build, tokenizer, **labels)
+        empty = built()
     assert shapes(empty) == shapes(whole)
+    trainable = {name for name, parameter in whole.named_parameters() if parameter.requires_grad}
+    assert {name for name, parameter in empty.named_parameters() if parameter.requires_grad} == trainable
+    assert strategy is None or any(strategy.finetune_strategy.replace("adapter", "adapters") in name
+                                   for name in trainable)
     assert {tensor.device.type for tensor in [*empty.parameters(), *empty.buffers()]} == {"meta"}
     assert {tensor.device.type for tensor in [*whole.parameters(), *whole.buffers()]} == {"cpu"}
     assert load_model(model_args, build, tokenizer, **labels).device.type == "cpu"  # only inside the context

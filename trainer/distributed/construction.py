@@ -1,7 +1,8 @@
 """Sharded construction: under FSDP2 and ZeRO-3 with several processes the model is built (or loaded) whole by the
 first process alone; the others build it on the meta device (`models.loading.shapes_only`: no memory, nothing read,
 no random draws), and each process's shards are filled from the first process's values before or in `prepare`, one
-parameter at a time: every process but the first peaks at its shards plus one parameter, the first at one model.
+parameter at a time: every process but the first peaks at its shards plus one parameter, the first at one model
+(from scratch) or at its shards (from a checkpoint, whose mapped pages go back to the kernel once sent).
 
 - FSDP2: accelerate's `cpu_ram_efficient_loading` (accelerate 1.16 `fsdp2_prepare_model`) shards the model on the
   meta device, then broadcasts every parameter from the first process, each process keeping its shard. It keeps the
@@ -26,6 +27,10 @@ The jobs build their model inside `main_process_first`: nothing here is a collec
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
+import sys
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -119,6 +124,7 @@ def one_at_a_time(model: torch.nn.Module, dtype):
     """The model's parameters, each in `dtype` (floating point ones; None: as built) and given host memory (if it is
     on the meta device) only when its turn comes."""
     for parameter in model.parameters():
+        read = file_pages(parameter)
         target = dtype if dtype is not None and parameter.is_floating_point() else parameter.dtype
         if parameter.is_meta:  # `.data` cannot change a tensor's device: swapped in place (the optimizer holds it)
             torch.utils.swap_tensors(parameter, torch.nn.Parameter(
@@ -126,6 +132,7 @@ def one_at_a_time(model: torch.nn.Module, dtype):
         elif parameter.dtype != target:
             parameter.data = parameter.data.to(target)
         yield parameter
+        give_back_file_pages(read)  # partitioned by now: the whole parameter is no longer read
 
 
 class ReleasedOnRead(dict):
@@ -135,6 +142,7 @@ class ReleasedOnRead(dict):
     def __init__(self, source: dict):
         super().__init__()
         self.source = source
+        self.last_read: Optional[range] = None
 
     def __contains__(self, key) -> bool:
         return key in self.source
@@ -143,6 +151,9 @@ class ReleasedOnRead(dict):
         return len(self.source)
 
     def __getitem__(self, key):
+        # Read in turn: the previous entry is sent by now (accelerate asks for the next one after its broadcast).
+        give_back_file_pages(self.last_read)
+        self.last_read = file_pages(self.source[key])
         return self.source.pop(key)
 
 
@@ -157,3 +168,42 @@ def set_buffer(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     owner, _, local_name = name.rpartition(".")
     module = model.get_submodule(owner)
     module.register_buffer(local_name, value, persistent=local_name not in module._non_persistent_buffers_set)
+
+
+# ------------------------------------------------------------------------------------------- file-backed weights
+# from_pretrained maps a safetensors checkpoint (a private file mapping) and its parameters are views of it. The
+# mapped pages a fill reads count in the first process's resident memory until the last tensor of the mapping is
+# let go of, adding up to the whole checkpoint on top of the shards being made. No library gives them back: the
+# pages of each parameter already sent are handed to the kernel with madvise(MADV_PAGEOUT), a reclaim hint that
+# never loses data (a clean page is read again from the file if touched; a written one is kept, or swapped).
+MADV_PAGEOUT = 21  # Linux 5.4+; elsewhere, or refused, the pages just stay
+
+
+def file_pages(tensor: torch.Tensor) -> Optional[range]:
+    """The whole pages of `tensor`'s bytes (addresses, page-aligned inwards: a page it shares with another tensor
+    is kept) where they lie in a file mapping; None for memory of its own, on another OS or device."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return None
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not in_file_mapping(start, end):
+        return None
+    return range(-(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE)
+
+
+def in_file_mapping(start: int, end: int) -> bool:
+    """Whether the addresses [start, end) lie in one mapping of a file (/proc/self/maps names its path)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(address, 16) for address in fields[0].split("-"))
+            if low <= start and end <= high:
+                return len(fields) == 6 and fields[5].startswith("/")
+    return False
+
+
+def give_back_file_pages(pages: Optional[range]) -> None:
+    """Hand `pages` (from `file_pages`) back to the kernel; see above."""
+    if pages:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(pages.start), ctypes.c_size_t(len(pages)), MADV_PAGEOUT)

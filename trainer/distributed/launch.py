@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ def make_accelerator(parallelism, optimization, **plugins):
         **plugins,
     )
     if deepspeed_plugin is None:
+        unwrapping_without_deepspeed()
         quiet_deepspeed_accelerator_warning()
     else:
         without_zero_init()
@@ -72,11 +74,27 @@ def make_accelerator(parallelism, optimization, **plugins):
     return accelerator
 
 
+def unwrapping_without_deepspeed() -> None:
+    """Keep `accelerator.unwrap_model` from importing DeepSpeed in runs that do not use it.
+
+    accelerate 1.16's `extract_model_from_parallel` imports DeepSpeed wherever it is installed, to check whether the
+    model is a DeepSpeedEngine: 3-4 s of CPU in every process of every run, at its first evaluation or save. A
+    DeepSpeedEngine can only exist once DeepSpeed is imported, so that check asks whether it is."""
+    from accelerate.utils import other
+
+    other.is_deepspeed_available = deepspeed_imported
+
+
+def deepspeed_imported() -> bool:
+    return "deepspeed" in sys.modules
+
+
 def quiet_deepspeed_accelerator_warning() -> None:
     """Drop DeepSpeed's "Setting accelerator to CPU ..." warning in runs that do not use DeepSpeed.
 
-    Where DeepSpeed is installed, accelerate imports it (e.g. `unwrap_model` checks for a DeepSpeedEngine), and
-    DeepSpeed's first `get_accelerator()` logs that warning on every machine without CUDA. The filter sits on
+    Where DeepSpeed is installed, libraries may import it (accelerate's `unwrap_model` did until
+    `unwrapping_without_deepspeed`), and DeepSpeed's first `get_accelerator()` logs that warning on every machine
+    without CUDA. The filter sits on
     DeepSpeed's own logger, so it also catches the imports that come later; DeepSpeed runs keep the warning.
     """
     deepspeed_logger = logging.getLogger("DeepSpeed")
