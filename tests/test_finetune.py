@@ -225,3 +225,22 @@ def test_distillation_run_leaves_the_student_trained_and_the_teacher_untouched(s
     assert changed_base_tensors(mlm_checkpoint, student) == base_names(mlm_checkpoint)
     after = load_file(os.path.join(teacher, "model.safetensors"))
     assert all(torch.equal(teacher_weights[n], after[n]) for n in teacher_weights)
+
+
+@pytest.mark.parametrize("strategy, weights", [("lora", "adapter_model.safetensors"),
+                                               ("adapter", "ADAPTER_WEIGHTS_FILE")])
+def test_gradient_checkpointing_trains_the_adapters_of_classify_to_the_same_weights(sentiment, mlm_checkpoint,
+                                                                                    tmp_path, strategy, weights):
+    """trainer.classify with --gradient_checkpointing over peft's LoRA and the bottleneck adapters: each block runs
+    again in the backward (dropout drawing the same masks), and the trained weights are those of a plain run."""
+    import trainer.layout
+    from conftest import relative_difference
+
+    weights = getattr(trainer.layout, weights, weights)
+    plain, checkpointed = (run(sentiment, mlm_checkpoint, tmp_path / name, "--finetune_strategy", strategy, *extra)
+                           for name, extra in (("plain", []), ("checkpointed", ["--gradient_checkpointing"])))
+    expected, got = (load_file(os.path.join(out, weights)) for out in (plain, checkpointed))
+    assert got.keys() == expected.keys()
+    assert relative_difference(expected, got) <= 1e-5
+    zero_at_the_start = [name for name in expected if "lora_B" in name or ".up.weight" in name]
+    assert zero_at_the_start and all(torch.count_nonzero(expected[name]) > 0 for name in zero_at_the_start)
