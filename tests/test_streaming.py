@@ -3,6 +3,7 @@ resume, loader workers; in-process with a character-code "tokenizer". The real r
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -244,3 +245,58 @@ def test_a_cycling_lane_that_finds_no_text_in_its_part_stops_instead_of_looking_
     blocks = lane_blocks(stream(str(tmp_path / "tiny.txt")), LaneId(3, 1, 3, 4), START, passes=None, seed=3)
     with pytest.raises(DataSourceFailed, match=r"tiny\.txt: lane 3 of its 4 .* finds no text in its 1/4 of the data"):
         next(blocks)
+
+
+# -------------------------------------------------------------------------------------------------------------- URLs
+@pytest.fixture
+def local_and_memory_data(corpus, tmp_path):
+    """The same files twice: local paths and memory:// URLs (fsspec's file system inside this process), each
+    {"shards": a directory of two .jsonl files, "other": a .parquet file, "validation": a .txt file}."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = open(corpus["train"]).read().splitlines()[:600]
+    local = tmp_path / "data"
+    (local / "shards").mkdir(parents=True)
+    for shard in range(2):
+        (local / "shards" / f"{shard}.jsonl").write_text("".join(json.dumps({"text": line}) + "\n"
+                                                                 for line in lines[shard:400:2]))
+    pq.write_table(pa.table({"text": lines[400:]}), local / "other.parquet", row_group_size=50)
+    (local / "validation.txt").write_text(open(corpus["validation"]).read())
+    memory, root = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    memory.put(str(local), root, recursive=True)
+    names = {"shards": "shards", "other": "other.parquet", "validation": "validation.txt"}
+    yield ({key: str(local / name) for key, name in names.items()},
+           {key: f"memory://{root}/{name}" for key, name in names.items()})
+    memory.rm(root, recursive=True)
+
+
+def test_a_stream_of_urls_trains_as_its_local_files_and_resumes_bit_identical(local_and_memory_data, tokenizer_dir,
+                                                                              in_process_job, tmp_path):
+    """A mixture of memory:// URLs (a directory of .jsonl shards, weight 3, and a .parquet file, weight 1; a .txt
+    validation file), stopped in step 2 and resumed, ends bit-identical to the same run over the local paths, with
+    the same per-source figures."""
+    from conftest import TINY_BERT, read_results
+    from resume_helpers import assert_same_run, logged_losses
+    from trainer.mlm import main
+
+    def args(files, out):
+        return ["--streaming", "--train_files", f"{files['shards']}:3", f"{files['other']}:1", "--validation_file",
+                files["validation"], "--tokenizer_name", tokenizer_dir, *TINY_BERT, "--max_seq_length", "32",
+                "--output_dir", str(out), "--learning_rate", "5e-3", "--logging_steps", "1", "--report_to", "none",
+                "--probe_sentences", "", "--max_eval_samples", "8", "--per_device_train_batch_size", "4",
+                "--gradient_accumulation_steps", "2", "--max_steps", "4", "--save_steps", "2",
+                "--shuffle_buffer_size", "16", "--peak_tflops", "1"]
+
+    local, memory = local_and_memory_data
+    expected, out = tmp_path / "local", tmp_path / "memory"
+    in_process_job(main, args(local, expected))
+    in_process_job(main, args(memory, out), TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=3)
+    assert os.path.isdir(out / "checkpoint-2") and not os.path.exists(out / "model.safetensors")
+    in_process_job(main, args(memory, out))
+    assert_same_run(expected, out, steps=4)
+    assert len(logged_losses(out)) > 4
+    for figure in ("train_samples_per_source", "train_tokens_per_source"):
+        assert read_results(out)[figure] == {memory[key]: read_results(expected)[figure][local[key]]
+                                             for key in ("shards", "other")}
