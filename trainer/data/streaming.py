@@ -600,13 +600,11 @@ def evaluation_blocks(stream: TrainStream, count: int):
 DEFAULT_EVAL_SAMPLES = 512
 
 
-def streamed_data(data_args, files, encode, block_size: int, one_per_document: bool, seed: int,
-                  keep_linebreaks: bool = False):
-    """(each training source's `TrainStream`, the primary's first; the evaluation Dataset) of a job under
-    --streaming: the training sources' files (--train_file's, or --dataset_name's train split, or --train_files';
-    then --replay_file's) streamed, the first --max_eval_samples blocks (default DEFAULT_EVAL_SAMPLES) of the
-    validation files (--validation_file, or the dataset's validation split) tokenized now. Every source is read by
-    the primary's text column."""
+def open_corpora(data_args, files, seed: int, keep_linebreaks: bool = False):
+    """(each training source's corpus, the primary's first; the validation corpus) of a job under --streaming: the
+    training sources' files (--train_file's, or --dataset_name's train split, or --train_files'; then
+    --replay_file's) and the validation files (--validation_file, or the dataset's validation split). Every source
+    is read by the primary's text column. Opened before the tokenizer and the model: bad data fails in seconds."""
     from trainer.data.arguments import source_files
 
     splits = {}
@@ -627,10 +625,18 @@ def streamed_data(data_args, files, encode, block_size: int, one_per_document: b
     others = [open_corpus(source.files, source.flag, train.text_column, seed, keep_linebreaks)
               for source in files.other_sources()]
     validation = open_corpus(validation_files, validation_flag, train.text_column, seed, keep_linebreaks)
+    return [train, *others], validation
+
+
+def streamed_data(data_args, corpora, encode, block_size: int, one_per_document: bool):
+    """(each training source's `TrainStream`, the primary's first; the evaluation Dataset) of the `open_corpora`:
+    the training sources streamed, the first --max_eval_samples blocks (default DEFAULT_EVAL_SAMPLES) of the
+    validation corpus tokenized now."""
+    sources, validation = corpora
     window = data_args.shuffle_buffer_size
     evaluation = evaluation_blocks(TrainStream(validation, encode, block_size, one_per_document, window),
                                    data_args.max_eval_samples or DEFAULT_EVAL_SAMPLES)
-    streams = [TrainStream(corpus, encode, block_size, one_per_document, window) for corpus in [train, *others]]
+    streams = [TrainStream(corpus, encode, block_size, one_per_document, window) for corpus in sources]
     return streams, evaluation
 
 
