@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from trainer.data.streaming import (START, LaneId, StreamingBatches, TrainStream, lane_blocks, open_corpus,
-                                    rank_slots)
+from trainer.data.streaming import (START, LaneId, StreamingBatches, TrainStream, dataset_splits, lane_blocks,
+                                    open_corpus, rank_slots)
 from trainer.data.arguments import source_files
 from trainer.data.mixture import MixtureSource, mixture_counts, slot_sources
 from trainer.errors import DataSourceFailed, UsageError
@@ -68,7 +68,8 @@ def test_every_lane_part_together_hold_every_document_once_per_pass(shards):
     assert first != second  # each pass lays the shards out in another order
 
 
-def test_jsonl_and_parquet_shards_stream_the_same_documents(tmp_path):
+def test_jsonl_and_parquet_shards_stream_the_same_documents_from_local_paths_and_urls(tmp_path):
+    import fsspec
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -79,10 +80,17 @@ def test_jsonl_and_parquet_shards_stream_the_same_documents(tmp_path):
         part = texts[shard * 15:(shard + 1) * 15]
         (tmp_path / "j" / f"{shard}.jsonl").write_text("".join(json.dumps({"id": 1, "body": t}) + "\n" for t in part))
         pq.write_table(pa.table({"body": part}), tmp_path / "p" / f"{shard}.parquet", row_group_size=4)
-    for pattern in (str(tmp_path / "j" / "*.jsonl"), str(tmp_path / "p")):
-        corpus = corpus_of(pattern, "body", seed=0)
-        read = [text for lane in range(4) for text in corpus.read(0, *corpus.part(lane, 4), 10 ** 6)[0]]
-        assert sorted(read) == sorted(texts)
+    memory, root = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    memory.put(str(tmp_path), root, recursive=True)
+    try:  # the same files as memory:// URLs: a glob and a directory, listed and read through fsspec
+        for pattern in ("j/*.jsonl", "p"):
+            local, url = (corpus_of(f"{base}/{pattern}", "body", seed=0) for base in (tmp_path, f"memory://{root}"))
+            read = [text for lane in range(4) for text in local.read(0, *local.part(lane, 4), 10 ** 6)[0]]
+            assert sorted(read) == sorted(texts)
+            assert [url.read(0, *url.part(lane, 4), 10 ** 6) for lane in range(4)] == [
+                local.read(0, *local.part(lane, 4), 10 ** 6) for lane in range(4)]
+    finally:
+        memory.rm(root, recursive=True)
     with pytest.raises(UsageError, match="has no column 'text'"):
         corpus_of(str(tmp_path / "p"), "text", seed=0)
     with pytest.raises(UsageError, match="matches no file"):
@@ -174,6 +182,18 @@ def test_a_corrupt_line_mid_stream_names_the_file(tmp_path):
 
 def test_rank_slots_are_the_global_batch_samplers_layout():
     assert rank_slots(2, 2, 1, 2) == [[2, 3], [6, 7]]
+
+
+def test_a_dataset_split_of_compressed_files_is_refused_by_name(tmp_path):
+    """--dataset_name's files are datasets' resolution (here of a local directory; hf:// URLs for a Hub name): the
+    stream seeks in them, which it cannot in a compressed file."""
+    import gzip
+
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"text": "a few words"}) + "\n")
+    (tmp_path / "validation.jsonl").write_text(json.dumps({"text": "a few words"}) + "\n")
+    with pytest.raises(UsageError, match=r"its train files are \.gz, and --streaming reads .* \(uncompressed\)"):
+        dataset_splits(str(tmp_path), None)
 
 
 # ---------------------------------------------------------------------------------------------------- mixtures
@@ -272,6 +292,7 @@ def local_and_memory_data(corpus, tmp_path):
     memory.rm(root, recursive=True)
 
 
+@pytest.mark.slow  # three short in-process runs: 12-23 s on 2 shared cores
 def test_a_stream_of_urls_trains_as_its_local_files_and_resumes_bit_identical(local_and_memory_data, tokenizer_dir,
                                                                               in_process_job, tmp_path):
     """A mixture of memory:// URLs (a directory of .jsonl shards, weight 3, and a .parquet file, weight 1; a .txt
