@@ -1,5 +1,7 @@
 """--streaming (trainer.data.streaming): the lanes' partition and order, world-size independence, the seek of a
-resume, loader workers; in-process with a character-code "tokenizer". The real runs are in test_streaming_runs.py."""
+resume, loader workers; in-process with a character-code "tokenizer". URLs (memory://, fsspec's in-process file
+system) read as their local files, down to an in-process job's parameters. The multi-process runs are in
+test_streaming_runs.py."""
 from __future__ import annotations
 
 import json

@@ -24,12 +24,14 @@ class CorpusArguments:
 
     _argument_group_name = "data"
 
-    dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file(s): "
-                                            "the embedded offline demo corpus.")
+    dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network; with --streaming its data files are "
+                                            "streamed from the Hub), or a local dataset directory. Unset with no "
+                                            "--train_file(s): the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
     train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet, or a directory "
                                           "written by python -m trainer.prepare (tokenized once, opened at once); with "
-                                          "--streaming also a directory or a glob of such files (quote it).")
+                                          "--streaming also a directory or a glob of such files (quote it), local or "
+                                          "a URL fsspec opens (hf://, s3://, https://, ...).")
     train_files: list[str] = arg(
         [], "Training data as a weighted mixture, instead of --train_file or --dataset_name: one or more sources "
         "PATTERN[:WEIGHT], each a file, a directory (its data files, recursively) or a glob (quote it), read as one "
