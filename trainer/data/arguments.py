@@ -245,8 +245,8 @@ class WeightedSource:
 
 
 def source_files(pattern: str, flag: str) -> list[str]:
-    """A file, every data file under a directory (recursively), or a glob's matches, local or URLs: sorted, of one format, each
-    checked as `check_data_file` checks a file. Nothing found is a usage error."""
+    """A file, every data file under a directory (recursively), or a glob's matches, local or URLs: sorted, of one
+    format, each checked as `check_data_file` checks a file. Nothing found is a usage error."""
     if is_directory(pattern, flag):
         found = [path for path in files_under(pattern, flag)
                  if os.path.splitext(path)[1].lower() in DATA_FILE_EXTENSIONS]

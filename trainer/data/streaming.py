@@ -44,8 +44,8 @@ import torch
 
 from trainer.data.batches import SampleWiseCollator
 from trainer.data.mixture import MixtureSource, describe_sources, mixture_counts, slot_sources
-from trainer.distributed.collectives import all_gather_objects
 from trainer.data.urls import file_size, open_binary, parquet_file, raise_unreadable, reading
+from trainer.distributed.collectives import all_gather_objects
 from trainer.errors import DataSourceFailed, UsageError, require
 from trainer.hub.reachability import check_loadable
 
