@@ -828,17 +828,43 @@ def streaming_case(case: str, corpus, directory) -> tuple[list[str], str]:
         "replay": ([*stream, "--max_steps", "2", "--replay_file", os.path.join(shards, "b.jsonl"), "--replay_ratio",
                     "0.5"], "ok"),
         "mixture_source_without_text_column": (mixture, "b.jsonl has no column 'text'"),
+        "hub_dataset_offline": (["--streaming", "--dataset_name", "someone/some-dataset", "--max_steps", "2"],
+                                "--dataset_name someone/some-dataset: no such local directory, and the Hugging Face "
+                                "Hub cannot be reached to download this dataset; pass a local directory or run with "
+                                "network access"),
+        "missing_url": (["--streaming", "--train_file", "memory://no-such-bucket/train.jsonl", "--max_steps", "2"],
+                        "--train_file memory://no-such-bucket/train.jsonl: no such file"),
+        "unknown_protocol": (["--streaming", "--train_file", "nosuch://bucket/train.jsonl", "--max_steps", "2"],
+                             "--train_file nosuch://bucket/train.jsonl could not be read: ValueError: Protocol not "
+                             "known: nosuch"),
+        "url_without_streaming": (["--train_file", "memory://bucket/train.jsonl", "--max_steps", "2"],
+                                  "--train_file memory://bucket/train.jsonl is a URL, which only --streaming reads"),
     }
     return cases[case]
 
 
 STREAMING_CASES = ["directory", "glob_line_by_line", "no_max_steps", "empty_glob", "shard_without_text_column",
                    "max_train_samples", "directory_without_streaming", "mixture", "replay",
-                   "mixture_source_without_text_column"]
+                   "mixture_source_without_text_column", "hub_dataset_offline", "missing_url", "unknown_protocol",
+                   "url_without_streaming"]
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """The Hub unreachable, whatever this process saw before: huggingface_hub reads HF_HUB_OFFLINE when it is
+    first imported, and trainer.hub.reachability caches its answer."""
+    from huggingface_hub import constants
+
+    from trainer.hub.reachability import hub_is_reachable
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub_is_reachable.cache_clear()
+    yield
+    hub_is_reachable.cache_clear()
 
 
 @pytest.mark.parametrize("case", STREAMING_CASES)
-def test_mlm_streaming_inputs(case, corpus, tokenizer_dir, tmp_path, env, capsys):
+def test_mlm_streaming_inputs(case, corpus, tokenizer_dir, tmp_path, env, hub_offline, capsys):
     from trainer.mlm import main
 
     extra, expected = streaming_case(case, corpus, tmp_path)
@@ -924,4 +950,3 @@ def test_mlm_streams_a_local_dataset_directory_by_its_splits(corpus, tokenizer_d
     for flag in ("--train_file", "--validation_file"):
         del argv[argv.index(flag):argv.index(flag) + 2]
     check_outcome(main, argv, out, "ok", capsys)
-    check_outcome(main, [*argv[:-1], "no-such/hub-set"], out, "is not a local directory", capsys, snapshot(out))

@@ -1,14 +1,17 @@
 """--streaming (trainer.data.streaming): the lanes' partition and order, world-size independence, the seek of a
-resume, loader workers; in-process with a character-code "tokenizer". The real runs are in test_streaming_runs.py."""
+resume, loader workers; in-process with a character-code "tokenizer". URLs (memory://, fsspec's in-process file
+system) read as their local files, down to an in-process job's parameters. The multi-process runs are in
+test_streaming_runs.py."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from trainer.data.streaming import (START, LaneId, StreamingBatches, TrainStream, lane_blocks, open_corpus,
-                                    rank_slots)
+from trainer.data.streaming import (START, LaneId, StreamingBatches, TrainStream, dataset_splits, lane_blocks,
+                                    open_corpus, rank_slots)
 from trainer.data.arguments import source_files
 from trainer.data.mixture import MixtureSource, mixture_counts, slot_sources
 from trainer.errors import DataSourceFailed, UsageError
@@ -67,7 +70,8 @@ def test_every_lane_part_together_hold_every_document_once_per_pass(shards):
     assert first != second  # each pass lays the shards out in another order
 
 
-def test_jsonl_and_parquet_shards_stream_the_same_documents(tmp_path):
+def test_jsonl_and_parquet_shards_stream_the_same_documents_from_local_paths_and_urls(tmp_path):
+    import fsspec
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -78,10 +82,17 @@ def test_jsonl_and_parquet_shards_stream_the_same_documents(tmp_path):
         part = texts[shard * 15:(shard + 1) * 15]
         (tmp_path / "j" / f"{shard}.jsonl").write_text("".join(json.dumps({"id": 1, "body": t}) + "\n" for t in part))
         pq.write_table(pa.table({"body": part}), tmp_path / "p" / f"{shard}.parquet", row_group_size=4)
-    for pattern in (str(tmp_path / "j" / "*.jsonl"), str(tmp_path / "p")):
-        corpus = corpus_of(pattern, "body", seed=0)
-        read = [text for lane in range(4) for text in corpus.read(0, *corpus.part(lane, 4), 10 ** 6)[0]]
-        assert sorted(read) == sorted(texts)
+    memory, root = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    memory.put(str(tmp_path), root, recursive=True)
+    try:  # the same files as memory:// URLs: a glob and a directory, listed and read through fsspec
+        for pattern in ("j/*.jsonl", "p"):
+            local, url = (corpus_of(f"{base}/{pattern}", "body", seed=0) for base in (tmp_path, f"memory://{root}"))
+            read = [text for lane in range(4) for text in local.read(0, *local.part(lane, 4), 10 ** 6)[0]]
+            assert sorted(read) == sorted(texts)
+            assert [url.read(0, *url.part(lane, 4), 10 ** 6) for lane in range(4)] == [
+                local.read(0, *local.part(lane, 4), 10 ** 6) for lane in range(4)]
+    finally:
+        memory.rm(root, recursive=True)
     with pytest.raises(UsageError, match="has no column 'text'"):
         corpus_of(str(tmp_path / "p"), "text", seed=0)
     with pytest.raises(UsageError, match="matches no file"):
@@ -175,6 +186,18 @@ def test_rank_slots_are_the_global_batch_samplers_layout():
     assert rank_slots(2, 2, 1, 2) == [[2, 3], [6, 7]]
 
 
+def test_a_dataset_split_of_compressed_files_is_refused_by_name(tmp_path):
+    """--dataset_name's files are datasets' resolution (here of a local directory; hf:// URLs for a Hub name): the
+    stream seeks in them, which it cannot in a compressed file."""
+    import gzip
+
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"text": "a few words"}) + "\n")
+    (tmp_path / "validation.jsonl").write_text(json.dumps({"text": "a few words"}) + "\n")
+    with pytest.raises(UsageError, match=r"its train files are \.gz, and --streaming reads .* \(uncompressed\)"):
+        dataset_splits(str(tmp_path), None)
+
+
 # ---------------------------------------------------------------------------------------------------- mixtures
 MIXTURE = [MixtureSource("corpus", 3.0), MixtureSource("other", 1.0)]  # a global batch of 8: 6 and 2 sequences
 X, Q = ord("x") % 97 + 1, ord("q") % 97 + 1  # every block of the corpus holds an x; the other source is all q
@@ -244,3 +267,59 @@ def test_a_cycling_lane_that_finds_no_text_in_its_part_stops_instead_of_looking_
     blocks = lane_blocks(stream(str(tmp_path / "tiny.txt")), LaneId(3, 1, 3, 4), START, passes=None, seed=3)
     with pytest.raises(DataSourceFailed, match=r"tiny\.txt: lane 3 of its 4 .* finds no text in its 1/4 of the data"):
         next(blocks)
+
+
+# -------------------------------------------------------------------------------------------------------------- URLs
+@pytest.fixture
+def local_and_memory_data(corpus, tmp_path):
+    """The same files twice: local paths and memory:// URLs (fsspec's file system inside this process), each
+    {"shards": a directory of two .jsonl files, "other": a .parquet file, "validation": a .txt file}."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = open(corpus["train"]).read().splitlines()[:600]
+    local = tmp_path / "data"
+    (local / "shards").mkdir(parents=True)
+    for shard in range(2):
+        (local / "shards" / f"{shard}.jsonl").write_text("".join(json.dumps({"text": line}) + "\n"
+                                                                 for line in lines[shard:400:2]))
+    pq.write_table(pa.table({"text": lines[400:]}), local / "other.parquet", row_group_size=50)
+    (local / "validation.txt").write_text(open(corpus["validation"]).read())
+    memory, root = fsspec.filesystem("memory"), f"/{tmp_path.name}"
+    memory.put(str(local), root, recursive=True)
+    names = {"shards": "shards", "other": "other.parquet", "validation": "validation.txt"}
+    yield ({key: str(local / name) for key, name in names.items()},
+           {key: f"memory://{root}/{name}" for key, name in names.items()})
+    memory.rm(root, recursive=True)
+
+
+@pytest.mark.slow  # three short in-process runs: 12-23 s on 2 shared cores
+def test_a_stream_of_urls_trains_as_its_local_files_and_resumes_bit_identical(local_and_memory_data, tokenizer_dir,
+                                                                              in_process_job, tmp_path):
+    """A mixture of memory:// URLs (a directory of .jsonl shards, weight 3, and a .parquet file, weight 1; a .txt
+    validation file), stopped in step 2 and resumed, ends bit-identical to the same run over the local paths, with
+    the same per-source figures."""
+    from conftest import TINY_BERT, read_results
+    from resume_helpers import assert_same_run, logged_losses
+    from trainer.mlm import main
+
+    def args(files, out):
+        return ["--streaming", "--train_files", f"{files['shards']}:3", f"{files['other']}:1", "--validation_file",
+                files["validation"], "--tokenizer_name", tokenizer_dir, *TINY_BERT, "--max_seq_length", "32",
+                "--output_dir", str(out), "--learning_rate", "5e-3", "--logging_steps", "1", "--report_to", "none",
+                "--probe_sentences", "", "--max_eval_samples", "8", "--per_device_train_batch_size", "4",
+                "--gradient_accumulation_steps", "2", "--max_steps", "4", "--save_steps", "2",
+                "--shuffle_buffer_size", "16", "--peak_tflops", "1"]
+
+    local, memory = local_and_memory_data
+    expected, out = tmp_path / "local", tmp_path / "memory"
+    in_process_job(main, args(local, expected))
+    in_process_job(main, args(memory, out), TRAINER_FAULT_SIGNAL_AT_MICRO_BATCH=3)
+    assert os.path.isdir(out / "checkpoint-2") and not os.path.exists(out / "model.safetensors")
+    in_process_job(main, args(memory, out))
+    assert_same_run(expected, out, steps=4)
+    assert len(logged_losses(out)) > 4
+    for figure in ("train_samples_per_source", "train_tokens_per_source"):
+        assert read_results(out)[figure] == {memory[key]: read_results(expected)[figure][local[key]]
+                                             for key in ("shards", "other")}

@@ -9,6 +9,8 @@ from typing import NamedTuple, Optional
 
 from trainer.config.parsing import arg
 from trainer.data.prepared import is_prepared_directory
+from trainer.data.urls import (exists, file_size, files_under, glob_files, is_directory, is_url, open_binary,
+                               reading)
 from trainer.errors import require
 from trainer.layout import RESULTS_FILE
 
@@ -22,12 +24,14 @@ class CorpusArguments:
 
     _argument_group_name = "data"
 
-    dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network). Unset with no --train_file(s): "
-                                            "the embedded offline demo corpus.")
+    dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network; with --streaming its data files are "
+                                            "streamed from the Hub), or a local dataset directory. Unset with no "
+                                            "--train_file(s): the embedded offline demo corpus.")
     dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
     train_file: Optional[str] = arg(None, "Training data: .txt, .json/.jsonl, .csv or .parquet, or a directory "
                                           "written by python -m trainer.prepare (tokenized once, opened at once); with "
-                                          "--streaming also a directory or a glob of such files (quote it).")
+                                          "--streaming also a directory or a glob of such files (quote it), local or "
+                                          "a URL fsspec opens (hf://, s3://, https://, ...).")
     train_files: list[str] = arg(
         [], "Training data as a weighted mixture, instead of --train_file or --dataset_name: one or more sources "
         "PATTERN[:WEIGHT], each a file, a directory (its data files, recursively) or a glob (quote it), read as one "
@@ -61,6 +65,7 @@ class CorpusArguments:
 
     def __post_init__(self):
         require(not (self.dataset_name and self.train_file), "give either --dataset_name or --train_file, not both")
+        self.check_urls()
         self.check_train_files()
         for flag in ("train_file", "validation_file"):
             path = getattr(self, flag)
@@ -77,6 +82,15 @@ class CorpusArguments:
             value = getattr(self, flag)
             require(value is None or value > 0, f"--{flag} must be positive, got {value}")
 
+
+    def check_urls(self) -> None:
+        """Before any file is looked at (a URL may be slow to reach): URLs only with --streaming."""
+        if self.streaming:
+            return
+        for flag in ("train_file", "validation_file"):
+            url_needs_streaming(flag, getattr(self, flag))
+        for source in self.train_sources():
+            url_needs_streaming("train_files", source.pattern)
 
     def check_train_files(self) -> None:
         """--train_files alone names the training data, each source once, each with data files."""
@@ -108,18 +122,28 @@ class DataArguments(CorpusArguments):
 
 
 def check_data_file(path: str, flag: str) -> None:
-    require(os.path.exists(path) or not os.path.islink(path), f"--{flag} {path} is a broken symbolic link (its "
-                                                              f"target is missing, or a symbolic link loop)")
-    require(os.path.exists(path), f"--{flag} {path}: no such file")
-    require(not os.path.isdir(path), f"--{flag} {path} is a directory; give a file (a directory "
-                                                f"or glob of files takes --streaming)")
+    """A local path or a URL (trainer.data.urls) names a non-empty data file of a supported format."""
+    url = is_url(path)
+    require(url or os.path.exists(path) or not os.path.islink(path), f"--{flag} {path} is a broken symbolic link "
+                                                                     f"(its target is missing, or a symbolic link "
+                                                                     f"loop)")
+    require(exists(path, flag), f"--{flag} {path}: no such file")
+    require(not is_directory(path, flag), f"--{flag} {path} is a directory; give a file (a directory "
+                                          f"or glob of files takes --streaming)")
     extension = os.path.splitext(path)[1].lower()
     require(extension in DATA_FILE_EXTENSIONS,
             f"--{flag} {path}: unsupported extension '{extension}'; use one of {', '.join(DATA_FILE_EXTENSIONS)}")
-    require(os.access(path, os.R_OK), f"--{flag} {path} is not readable; check its permissions")
-    require(os.path.getsize(path) > 0, f"--{flag} {path} is empty")
-    if DATA_FILE_EXTENSIONS[extension] == "text":
-        check_holds_text_lines(path, flag)
+    require(url or os.access(path, os.R_OK), f"--{flag} {path} is not readable; check its permissions")
+    with reading(path, flag):
+        require(file_size(path) > 0, f"--{flag} {path} is empty")
+        if DATA_FILE_EXTENSIONS[extension] == "text":
+            check_holds_text_lines(path, flag)
+
+
+def url_needs_streaming(flag: str, path: Optional[str]) -> None:
+    """Only --streaming reads a URL: the map-style loaders read local files."""
+    require(path is None or not is_url(path), f"--{flag} {path} is a URL, which only --streaming reads; add "
+                                              f"--streaming, or download the file and give its local path")
 
 
 TEXT_SCAN_CHUNK = 1 << 20
@@ -136,7 +160,7 @@ def check_holds_text_lines(path: str, flag: str) -> None:
     real corpus costs one chunk's read."""
     seen_text = seen_newline = False
     carried, read = b"", 0  # the start of a BOM cut by the chunk's end
-    with open(path, "rb") as handle:
+    with open_binary(path) as handle:
         while not (seen_text and seen_newline):
             chunk = handle.read(TEXT_SCAN_CHUNK)
             if not chunk:
@@ -221,15 +245,15 @@ class WeightedSource:
 
 
 def source_files(pattern: str, flag: str) -> list[str]:
-    """A file, every data file under a directory (recursively), or a glob's matches: sorted, of one format, each
-    checked as `check_data_file` checks a file. Nothing found is a usage error."""
-    if os.path.isdir(pattern):
-        found = [os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
-                 if os.path.splitext(name)[1].lower() in DATA_FILE_EXTENSIONS]
+    """A file, every data file under a directory (recursively), or a glob's matches, local or URLs: sorted, of one
+    format, each checked as `check_data_file` checks a file. Nothing found is a usage error."""
+    if is_directory(pattern, flag):
+        found = [path for path in files_under(pattern, flag)
+                 if os.path.splitext(path)[1].lower() in DATA_FILE_EXTENSIONS]
         require(bool(found), f"--{flag} {pattern}: the directory holds no data file "
                              f"({', '.join(DATA_FILE_EXTENSIONS)})")
     elif glob.has_magic(pattern):
-        found = [path for path in glob.glob(pattern, recursive=True) if not os.path.isdir(path)]
+        found = glob_files(pattern, flag)
         require(bool(found), f"--{flag} {pattern}: the pattern matches no file; check the path and the quoting")
     else:
         found = [pattern]

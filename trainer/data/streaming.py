@@ -24,8 +24,11 @@ Positions ride along with every micro-batch, so the state is that of what the en
 whatever the loader has prefetched; the checkpoint holds every lane's position (gathered from all ranks), so a
 resume at any world size continues the same global order.
 
-Hand-written: datasets' `IterableDataset` shards by file across ranks and workers (the order then depends on the
-world size) and resumes by replaying its shuffle buffer; transformers' Trainer skips consumed batches one by one.
+Files are local paths or URLs (hf://, s3://, https://, memory://: whatever fsspec opens, as datasets' own streaming
+reads them; trainer.data.urls), and --dataset_name resolves a Hub dataset's data files per split as datasets does.
+The reader is hand-written nonetheless: datasets' streaming `IterableDataset` shards by file across ranks and workers
+(the order then depends on the world size) and resumes by replaying its shuffle buffer, with no seek to a position;
+transformers' Trainer skips consumed batches one by one.
 """
 from __future__ import annotations
 
@@ -41,8 +44,10 @@ import torch
 
 from trainer.data.batches import SampleWiseCollator
 from trainer.data.mixture import MixtureSource, describe_sources, mixture_counts, slot_sources
+from trainer.data.urls import file_size, open_binary, parquet_file, raise_unreadable, reading
 from trainer.distributed.collectives import all_gather_objects
 from trainer.errors import DataSourceFailed, UsageError, require
+from trainer.hub.reachability import check_loadable
 
 WINDOW_SEED_KEY, FILE_ORDER_KEY = 0x57_12_EA, 0xF1_1E_5  # keep these draws apart from every other seeded stream
 ENCODE_BATCH = 64  # documents per call of the (fast, batch-encoding) tokenizer
@@ -68,36 +73,31 @@ class StreamFile:
 def stream_file(path: str, kind: str, text_column: str, flag: str) -> StreamFile:
     """`path` described for the stream, its first record checked to have `text_column` (a .txt file's lines are
     the column "text")."""
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            handle = pq.ParquetFile(path)
-        except Exception as error:  # pyarrow raises several types for a file that is not parquet
-            raise_unreadable(path, error, flag, usage=True)
-        names = handle.schema_arrow.names
-        require(text_column in names, no_column(flag, path, text_column, names))
-        return StreamFile(path, kind, 0, handle.metadata.num_rows)
-    size = os.path.getsize(path)
-    if kind == "csv":
-        with open(path, "rb") as handle:
-            header = handle.readline()
-        names = next(csv.reader([header.decode("utf-8-sig", errors="replace")]))
-        require(text_column in names, no_column(flag, path, text_column, names))
-        return StreamFile(path, kind, len(header), size, names.index(text_column))
+    with reading(path, flag):  # pyarrow, json and remote file systems raise many types for what they cannot read
+        if kind == "parquet":
+            handle = parquet_file(path)
+            names = handle.schema_arrow.names
+            require(text_column in names, no_column(flag, path, text_column, names))
+            return StreamFile(path, kind, 0, handle.metadata.num_rows)
+        size = file_size(path)
+        first = first_line(path) if kind in ("csv", "json") else b""
+        if kind == "csv":
+            names = next(csv.reader([first.decode("utf-8-sig", errors="replace")]))
+            require(text_column in names, no_column(flag, path, text_column, names))
+            return StreamFile(path, kind, len(first), size, names.index(text_column))
+        record = json.loads(first) if kind == "json" else None
     if kind == "json":
-        with open(path, "rb") as handle:
-            first = handle.readline()
-        try:
-            record = json.loads(first)
-        except ValueError as error:
-            raise_unreadable(path, error, flag, usage=True)
         require(isinstance(record, dict), f"--{flag} {path}: its first line is not a JSON object; --streaming reads "
                                           f"JSON lines (one object per line)")
         require(text_column in record, no_column(flag, path, text_column, list(record)))
     else:
         require(text_column == "text", f"--text_column {text_column}: a .txt file has one column, 'text'")
     return StreamFile(path, kind, 0, size)
+
+
+def first_line(path: str) -> bytes:
+    with open_binary(path) as handle:
+        return handle.readline()
 
 
 def no_column(flag: str, path: str, column: str, names) -> str:
@@ -113,29 +113,16 @@ def stream_text_column(path: str, kind: str, requested: Optional[str]) -> str:
     try:
         if kind == "parquet":
             import pyarrow as pa
-            import pyarrow.parquet as pq
 
-            schema = pq.ParquetFile(path).schema_arrow
+            schema = parquet_file(path).schema_arrow
             names = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
         elif kind == "csv":
-            with open(path, encoding="utf-8-sig", errors="replace") as handle:
-                names = next(csv.reader([handle.readline()]))
+            names = next(csv.reader([first_line(path).decode("utf-8-sig", errors="replace")]))
         else:
-            with open(path, "rb") as handle:
-                record = json.loads(handle.readline())
-            names = [name for name, value in record.items() if isinstance(value, str)]
-    except Exception:  # pyarrow, csv and json raise many types for a file that is not what it says
+            names = [name for name, value in json.loads(first_line(path)).items() if isinstance(value, str)]
+    except Exception:  # pyarrow, csv, json and file systems raise many types for a file that is not what it says
         names = []
     return "text" if "text" in names or not names else names[0]
-
-
-def raise_unreadable(path: str, error: Exception, flag: str, usage: bool = False, where: str = ""):
-    """A file that cannot be read: bad input before training (`usage`), a failed source during it."""
-    detail = str(error).splitlines()[0] if str(error) else ""
-    message = f"--{flag} {path}{where} could not be read: {type(error).__name__}: {detail}"
-    if usage:
-        raise UsageError(message)
-    raise DataSourceFailed(message)
 
 
 # ----------------------------------------------------------------------------------------------------- corpus
@@ -185,12 +172,13 @@ class StreamCorpus:
             return self.read_lines(file, offset, end, limit)
         except DataSourceFailed:
             raise
-        except (OSError, ValueError, csv.Error) as error:  # removed, truncated, corrupt, not UTF-8
+        # Removed, truncated, corrupt, not UTF-8; or a remote file system's own error (network, credentials).
+        except Exception as error:
             raise_unreadable(file.path, error, self.flag)
 
     def read_lines(self, file: StreamFile, offset: int, end: int, limit: int) -> tuple[list[str], int]:
         documents = []
-        with open(file.path, "rb") as handle:
+        with open_binary(file.path) as handle:
             if offset > file.start:  # inside a line: it belongs to the part its first byte is in
                 handle.seek(offset - 1)
                 if handle.read(1) != b"\n":
@@ -235,9 +223,7 @@ class StreamCorpus:
         return value
 
     def read_rows(self, file: StreamFile, offset: int, end: int, limit: int) -> tuple[list[str], int]:
-        import pyarrow.parquet as pq
-
-        handle = pq.ParquetFile(file.path)
+        handle = parquet_file(file.path)
         documents, group_start, position = [], 0, offset
         for group in range(handle.num_row_groups):
             rows = handle.metadata.row_group(group).num_rows
@@ -561,13 +547,12 @@ def open_corpus(paths: list[str], flag: str, text_column: Optional[str], seed: i
 
 
 def dataset_splits(name: str, config_name: Optional[str]) -> dict[str, list[str]]:
-    """--dataset_name under --streaming: the data files of each split of a local dataset directory, as datasets
-    resolves them (its README's configs, or file names such as train-*.parquet, validation.jsonl)."""
+    """--dataset_name under --streaming: the data files of each split of a local dataset directory or a Hub dataset
+    (hf:// URLs), as datasets resolves them (its README's configs, or file names such as train-*.parquet,
+    validation.jsonl). Offline, a Hub name fails at once (`check_loadable`)."""
     import datasets
 
-    require(os.path.isdir(name), f"--streaming reads local files, and --dataset_name {name} is not a local "
-                                 f"directory; download the dataset's data files and give that directory as "
-                                 f"--dataset_name or --train_file")
+    check_loadable(name, "dataset", "--dataset_name", cached_file="README.md", repo_type="dataset")
     try:
         builder = datasets.load_dataset_builder(name, config_name)
     except Exception as error:  # datasets raises many types for a directory it cannot make a dataset of
@@ -575,7 +560,22 @@ def dataset_splits(name: str, config_name: Optional[str]) -> dict[str, list[str]
                          f"{str(error).splitlines()[0] if str(error) else ''}") from None
     splits = {str(split): sorted(files) for split, files in (builder.config.data_files or {}).items()}
     require("train" in splits, f"--dataset_name {name} has no 'train' split (splits: {', '.join(splits)})")
+    for split in ("train", "validation"):
+        check_split_format(name, split, splits.get(split, []))
     return splits
+
+
+def check_split_format(name: str, split: str, files: list[str]) -> None:
+    """A split's files are of one format the stream reads (seekable: no compressed or Arrow files)."""
+    from trainer.data.arguments import DATA_FILE_EXTENSIONS
+
+    extensions = sorted({os.path.splitext(path)[1].lower() for path in files})
+    require(all(extension in DATA_FILE_EXTENSIONS for extension in extensions),
+            f"--dataset_name {name}: its {split} files are {', '.join(extensions)}, and --streaming reads "
+            f"{', '.join(DATA_FILE_EXTENSIONS)} files (uncompressed); drop --streaming, or convert the data")
+    require(len({DATA_FILE_EXTENSIONS[extension] for extension in extensions}) <= 1,
+            f"--dataset_name {name}: its {split} files mix formats ({', '.join(extensions)}); --streaming reads one "
+            f"format per split")
 
 
 def evaluation_blocks(stream: TrainStream, count: int):
@@ -600,13 +600,11 @@ def evaluation_blocks(stream: TrainStream, count: int):
 DEFAULT_EVAL_SAMPLES = 512
 
 
-def streamed_data(data_args, files, encode, block_size: int, one_per_document: bool, seed: int,
-                  keep_linebreaks: bool = False):
-    """(each training source's `TrainStream`, the primary's first; the evaluation Dataset) of a job under
-    --streaming: the training sources' files (--train_file's, or --dataset_name's train split, or --train_files';
-    then --replay_file's) streamed, the first --max_eval_samples blocks (default DEFAULT_EVAL_SAMPLES) of the
-    validation files (--validation_file, or the dataset's validation split) tokenized now. Every source is read by
-    the primary's text column."""
+def open_corpora(data_args, files, seed: int, keep_linebreaks: bool = False):
+    """(each training source's corpus, the primary's first; the validation corpus) of a job under --streaming: the
+    training sources' files (--train_file's, or --dataset_name's train split, or --train_files'; then
+    --replay_file's) and the validation files (--validation_file, or the dataset's validation split). Every source
+    is read by the primary's text column. Opened before the tokenizer and the model: bad data fails in seconds."""
     from trainer.data.arguments import source_files
 
     splits = {}
@@ -627,10 +625,18 @@ def streamed_data(data_args, files, encode, block_size: int, one_per_document: b
     others = [open_corpus(source.files, source.flag, train.text_column, seed, keep_linebreaks)
               for source in files.other_sources()]
     validation = open_corpus(validation_files, validation_flag, train.text_column, seed, keep_linebreaks)
+    return [train, *others], validation
+
+
+def streamed_data(data_args, corpora, encode, block_size: int, one_per_document: bool):
+    """(each training source's `TrainStream`, the primary's first; the evaluation Dataset) of the `open_corpora`:
+    the training sources streamed, the first --max_eval_samples blocks (default DEFAULT_EVAL_SAMPLES) of the
+    validation corpus tokenized now."""
+    sources, validation = corpora
     window = data_args.shuffle_buffer_size
     evaluation = evaluation_blocks(TrainStream(validation, encode, block_size, one_per_document, window),
                                    data_args.max_eval_samples or DEFAULT_EVAL_SAMPLES)
-    streams = [TrainStream(corpus, encode, block_size, one_per_document, window) for corpus in [train, *others]]
+    streams = [TrainStream(corpus, encode, block_size, one_per_document, window) for corpus in sources]
     return streams, evaluation
 
 

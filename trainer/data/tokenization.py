@@ -14,7 +14,7 @@ from trainer.data.arguments import DataFiles
 from trainer.data.loading import (check_text_column, group_into_blocks, load_source, load_text_splits,
                                   other_source_splits, source_split)
 from trainer.data.prepared import PreparedData, is_prepared_directory
-from trainer.data.streaming import streamed_data, streamed_texts_refused
+from trainer.data.streaming import open_corpora, streamed_data, streamed_texts_refused
 from trainer.errors import require
 from trainer.models.loading import check_sequence_length, load_tokenizer
 
@@ -110,14 +110,14 @@ def job_data(config, files: DataFiles, tokenization: Tokenization, build_model) 
 def streamed_job_data(config, files: DataFiles, tokenization: Tokenization, build_model) -> JobData:
     """--streaming: nothing tokenized up front but the fixed evaluation sample; the training stream encodes as
     training goes."""
+    corpora = open_corpora(config.data, files, config.optimization.seed, tokenization.keep_linebreaks(config))
     tokenizer = load_tokenizer(config.model, streamed_texts_refused, tokenization.new_tokenizer)
     tokenization.check_tokenizer(config, tokenizer)
     model = build_model(tokenizer)
     length = tokenization.sequence_length(config, model.config)
     check_sequence_length(length, model.config, tokenization.length_flag)
-    streams, evaluation = streamed_data(config.data, files, tokenization.encoder(config, tokenizer), length,
-                                        not tokenization.concatenates(config), config.optimization.seed,
-                                        tokenization.keep_linebreaks(config))
+    streams, evaluation = streamed_data(config.data, corpora, tokenization.encoder(config, tokenizer), length,
+                                        not tokenization.concatenates(config))
     return JobData(tokenizer, model, length, {"validation": evaluation}, streams)
 
 

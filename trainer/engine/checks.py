@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from trainer.config.job_config import JobConfig
+from trainer.data.arguments import url_needs_streaming
 from trainer.data.mixture import mixture_counts, mixture_sources
 from trainer.distributed.launch import deepspeed_requested
 from trainer.errors import require
@@ -25,8 +26,10 @@ def check_with_processes(config: JobConfig, world_size: int) -> None:
 
 
 def check_streaming(config: JobConfig) -> None:
-    """--streaming: the run's length is --max_steps, and what needs the whole training set up front is refused."""
+    """--streaming: the run's length is --max_steps, and what needs the whole training set up front is refused.
+    Without it, the replay data is a local file (the data section checks its own files)."""
     if not config.data.streaming:
+        url_needs_streaming("replay_file", config.continual.replay_file)
         return
     require(config.optimization.max_steps > 0, "--streaming needs --max_steps: a stream's length is not known "
                                                "up front, so it cannot set the number of steps")
