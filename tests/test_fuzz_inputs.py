@@ -828,6 +828,9 @@ def streaming_case(case: str, corpus, directory) -> tuple[list[str], str]:
         "replay": ([*stream, "--max_steps", "2", "--replay_file", os.path.join(shards, "b.jsonl"), "--replay_ratio",
                     "0.5"], "ok"),
         "mixture_source_without_text_column": (mixture, "b.jsonl has no column 'text'"),
+        "replay_too_small_for_its_lanes": ([*stream, "--max_steps", "2", "--replay_file", write_bytes(
+            directory / "one.jsonl", jsonl([{"text": "the one line"}])), "--replay_ratio", "0.5",
+            "--per_device_train_batch_size", "8"], "lane 1 of its 4 (its share of every global batch) finds no text"),
         "hub_dataset_offline": (["--streaming", "--dataset_name", "someone/some-dataset", "--max_steps", "2"],
                                 "--dataset_name someone/some-dataset: no such local directory, and the Hugging Face "
                                 "Hub cannot be reached to download this dataset; pass a local directory or run with "
@@ -845,7 +848,7 @@ def streaming_case(case: str, corpus, directory) -> tuple[list[str], str]:
 
 STREAMING_CASES = ["directory", "glob_line_by_line", "no_max_steps", "empty_glob", "shard_without_text_column",
                    "max_train_samples", "directory_without_streaming", "mixture", "replay",
-                   "mixture_source_without_text_column", "hub_dataset_offline", "missing_url", "unknown_protocol",
+                   "mixture_source_without_text_column", "replay_too_small_for_its_lanes", "hub_dataset_offline", "missing_url", "unknown_protocol",
                    "url_without_streaming"]
 
 

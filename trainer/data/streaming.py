@@ -425,6 +425,9 @@ def joined(parts: list[dict]) -> dict:
             for name, value in first.items()}
 
 
+SMALL_PART = 1 << 16  # bytes (rows of a parquet source) of a lane's part checked for text before training
+
+
 class StreamingBatches:
     """The engine's training data under --streaming: `TrainingBatches`'s methods over lanes (module docstring), of
     one stream per training source (`streams`, in the order of `sources`: the primary first).
@@ -448,6 +451,23 @@ class StreamingBatches:
         self.positions = {lane.slot: START for lane in self.lanes}  # after the last completed step
         self.pending: dict = {}  # after the micro-batches of the step under way
         self.gathered: Optional[dict] = None
+        self.check_small_parts_hold_text()
+
+    def check_small_parts_hold_text(self) -> None:
+        """Before anything is written: a lane whose part of a pass holds no document stops the run at its first
+        step (`lane_blocks`). A part of a few bytes can: a small source (a replay file, a light mixture source) cut
+        into many lanes. Each part under SMALL_PART bytes (rows) reads its first document now, on every rank (the
+        same answer everywhere); larger parts are left to `lane_blocks` (reading one from each would cost a
+        request per lane on remote storage)."""
+        for lane in self.lanes:
+            corpus = self.streams[lane.source].corpus
+            start, end = corpus.part(lane.index, lane.lanes)
+            if end - start < SMALL_PART:
+                try:
+                    texts, _ = corpus.read(0, start, end, limit=1)
+                except DataSourceFailed as failure:  # before training: bad input
+                    raise UsageError(str(failure)) from None
+                require(bool(texts), no_text_in_part(corpus, lane))
 
     @property
     def own_slots(self) -> list[int]:
