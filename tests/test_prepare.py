@@ -5,9 +5,11 @@ from __future__ import annotations
 import datasets
 import pytest
 
+from classify_helpers import classify_args
 from clm_helpers import bpe_tokenizer_dir, clm_args  # noqa: F401 (fixture)
-from conftest import load_parameters, mlm_args, read_results, relative_difference, run_job
-from prepare_helpers import JOB_ENVIRONMENT, corpus, prepare_args, prepared_mlm, tokenizer_dir  # noqa: F401
+from conftest import TINY_BERT, load_parameters, mlm_args, read_results, relative_difference, run_job
+from prepare_helpers import (JOB_ENVIRONMENT, corpus, prepare_args, prepared_classify, prepared_mlm,  # noqa: F401
+                             sentiment, tokenizer_dir)
 from trainer.data.prepared import SPLITS, PreparedData
 
 STEPS = ("--max_steps", "2", "--per_device_train_batch_size", "8", "--max_eval_samples", "16", "--peak_tflops", "1")
@@ -57,6 +59,31 @@ def test_clm_trains_from_the_prepared_directory_with_its_tokenizer_and_block_siz
     main(from_prepared(clm_args(corpus, bpe_tokenizer_dir, tmp_path / "prepared", *STEPS), str(tmp_path / "data"),
                        "--tokenizer_name", "--block_size"))
     assert_same_training(tmp_path / "raw", tmp_path / "prepared")
+
+
+def test_classify_trains_from_the_prepared_directory_to_the_same_parameters(prepared_classify, sentiment,
+                                                                            tokenizer_dir, tmp_path,
+                                                                            env):  # noqa: F811
+    """One row per example, the labels from the manifest, the directory's tokenizer (none named): bit-identical
+    parameters and the same metrics as from the text."""
+    import torch
+
+    from trainer.classify import main
+
+    steps = ("--max_steps", "2", "--max_eval_samples", "16", "--metrics", "accuracy", "--peak_tflops", "1",
+             *TINY_BERT)
+    main(classify_args(sentiment, tmp_path / "raw", "--tokenizer_name", tokenizer_dir, *steps))
+    main(from_prepared(classify_args(sentiment, tmp_path / "prepared", *steps), prepared_classify))
+    raw, prepared = load_parameters(tmp_path / "raw"), load_parameters(tmp_path / "prepared")
+    assert raw.keys() == prepared.keys() and all(torch.equal(raw[name], prepared[name]) for name in raw)
+    timings = ("train_runtime", "train_tokens_per_second")
+    metrics = [{key: list(value.values()) if key.endswith("_per_source") else value  # keyed by the source's name
+                for key, value in read_results(directory).items() if key not in timings}
+               for directory in (tmp_path / "raw", tmp_path / "prepared")]
+    assert metrics[0] == metrics[1] and "eval_accuracy" in metrics[0]
+    manifest = PreparedData.open(prepared_classify).manifest
+    assert manifest["labels"] == ["negative", "positive"] and manifest["splits"]["train"]["sequences"] == 400
+    assert PreparedData.open(prepared_classify).split("train").column_names == ["input_ids", "length", "labels"]
 
 
 @pytest.mark.slow
