@@ -101,6 +101,30 @@ def test_two_processes_prepare_exactly_what_one_does(prepared_mlm, corpus, token
     assert two.manifest["processes"] == 2
 
 
+def test_classify_processes_write_the_rows_of_one_with_the_whole_splits_labels(sentiment, tokenizer_dir, tmp_path,
+                                                                               env):  # noqa: F811
+    """What each process of `torchrun --nproc_per_node 2 -m trainer.prepare --job classify` writes, both played here
+    (classify's rows need no collective: write_shards saves each process's part as it is). The training rows are
+    sorted by label, so the second process holds one class: its class id is still that of the whole split."""
+    from trainer.config.job_config import parse_job_config
+    from trainer.data.arguments import DataFiles
+    from trainer.prepare import JOBS, prepare_sections, write_shards
+
+    config = parse_job_config(prepare_sections("classify"),
+                              prepare_args(sentiment, tokenizer_dir, tmp_path / "out", "classify"))
+    tokenization = JOBS["classify"].tokenization
+    raw, inputs = tokenization.read_text(config, DataFiles(sentiment["train"], sentiment["validation"]))
+    raw["train"] = raw["train"].sort("label")
+    tokenizer = tokenization.text_tokenizer(config, raw, inputs)
+    shards = [write_shards(config, tokenization, raw, inputs, tokenizer, 64, str(tmp_path), rank, 2) for rank in (0, 1)]
+    whole = tokenization.tokenize(config, raw, inputs, tokenizer)
+    for split in SPLITS:
+        parts = [datasets.load_from_disk(str(tmp_path / written[split]["path"])) for written in shards]
+        assert datasets.concatenate_datasets(parts).to_dict() == whole[split].to_dict()
+        if split == "train":
+            assert set(parts[1]["labels"]) == {1}  # "positive", of ["negative", "positive"]
+
+
 @pytest.mark.parametrize("world", [2, 3, 5])
 def test_blocks_cut_in_processes_parts_are_the_blocks_cut_whole(world):
     from types import SimpleNamespace

@@ -149,24 +149,23 @@ def prepared_job_data(config, files: DataFiles, tokenization: Tokenization, buil
 
 
 def open_prepared(config, files: DataFiles, tokenization: Tokenization) -> tuple[PreparedData, object]:
-    """(the prepared --train_file directory, checked to be for this job and alone, its tokenizer (`prepared_tokenizer`),
-    checked for the job)."""
+    """(the prepared --train_file directory, checked to be for this job, alone, and made with the job's options that
+    change the sequences, its tokenizer (`prepared_tokenizer`), checked for the job)."""
     prepared = PreparedData.open(files.train)
     prepared.check_job(tokenization.job)
     require(not files.validation, f"--train_file {files.train} is prepared and holds its validation split; drop "
                                   f"--validation_file (or prepare the data with it)")
+    prepared.check_token_options(tokenization.token_options(config))
     tokenizer = prepared_tokenizer(config.model, prepared)
     tokenization.check_tokenizer(config, tokenizer)
     return prepared, tokenizer
 
 
 def prepared_sequences(config, tokenization: Tokenization, prepared: PreparedData, model_config) -> tuple[int, dict]:
-    """(the sequence length, checked against the directory and the model, {split: its sequences, memory-mapped}),
-    once the job's options that change the sequences are checked to be those the directory was prepared with."""
+    """(the sequence length, checked against the directory and the model, {split: its sequences, memory-mapped})."""
     length = tokenization.sequence_length(config, model_config, prepared.manifest["sequence_length"])
     prepared.check_sequence_length(length)
     check_sequence_length(length, model_config, tokenization.length_flag)
-    prepared.check_token_options(tokenization.token_options(config))
     return length, {split: prepared.split(split) for split in SPLITS}
 
 
