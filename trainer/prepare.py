@@ -14,8 +14,9 @@ exactly the sequences the job would make from the same flags, and trains to the 
 
 Under torchrun each of N processes tokenizes a contiguous 1/N of the rows of every split, then (a job that
 concatenates: mlm, clm) cuts a contiguous run of whole CHUNK_ROWS-row batches of all the token rows into blocks: the
-blocks (classify: the rows) are those of one process (and of the job), whatever N; process i writes shard i. Process 0 writes the tokenizer and the manifest last, into
-DIR.tmp, which then takes the name DIR: a crash leaves no half-written DIR (trainer/data/prepared.py describes it).
+blocks (classify: the rows) are those of one process (and of the job), whatever N; process i writes shard i.
+Process 0 writes the tokenizer and the manifest last, into DIR.tmp, which then takes the name DIR: a crash leaves no
+half-written DIR (trainer/data/prepared.py describes it).
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ class PrepareArguments:
     _argument_group_name = "prepare"
 
     job: Optional[str] = arg(None, "The job the sequences are for (required, on the command line): mlm, clm or "
-                                   "classify. "
-                                   "Its data, tokenizer and sequence options follow; --job mlm --help lists them.",
+                                   "classify. Its data, tokenizer and sequence options follow; --job mlm --help "
+                                   "lists them.",
                              choices=list(JOBS))
     output_dir: Optional[str] = arg(None, "Directory to write the prepared data to (required); give it to the job "
                                           "as --train_file.")
