@@ -22,7 +22,7 @@ import pytest
 from classify_helpers import classify_args, sentiment  # noqa: F401
 from clm_helpers import TINY_GPT2_FLAGS, bpe_tokenizer_dir, clm_args, gpt2_checkpoint  # noqa: F401
 from conftest import REPO_ROOT, TINY_BERT, free_port, mlm_args, mounted_tmpfs, run_job
-from prepare_helpers import prepare_args, prepared_mlm  # noqa: F401
+from prepare_helpers import prepare_args, prepared_classify, prepared_mlm  # noqa: F401
 from trainer.config.parsing import arg
 
 KB = 1024
@@ -643,14 +643,14 @@ def test_clm_inputs(case, corpus, bpe_tokenizer_dir, gpt2_checkpoint, tmp_path, 
 
 
 # --------------------------------------------------------------------------------- prepared data (trainer.prepare)
-def damaged_copy(prepared_mlm, directory, case: str) -> str:  # noqa: F811
-    """A copy of the prepared directory, damaged as `case` says."""
+def damaged_copy(prepared, directory, case: str) -> str:
+    """A copy of the `prepared` directory, damaged as `case` says."""
     import shutil
 
     from trainer.layout import PREPARED_MANIFEST_FILE, prepared_shard_dir
 
     copy = directory / "prepared"
-    shutil.copytree(prepared_mlm, copy)
+    shutil.copytree(prepared, copy)
     manifest, shard = copy / PREPARED_MANIFEST_FILE, copy / prepared_shard_dir("train", 0)
     if case == "manifest_truncated":
         manifest.write_bytes(manifest.read_bytes()[:40])
@@ -665,7 +665,22 @@ def damaged_copy(prepared_mlm, directory, case: str) -> str:  # noqa: F811
         content = json.loads(manifest.read_text())
         content["splits"]["train"]["shards"][0]["sequences"] += 1
         manifest.write_text(json.dumps(content))
+    elif case == "manifest_without_labels":
+        content = json.loads(manifest.read_text())
+        del content["labels"]
+        manifest.write_text(json.dumps(content))
     return str(copy)
+
+
+def from_prepared_data(argv: list[str], data: str, changes: list[str], keep_validation: bool = False) -> list[str]:
+    """`argv` training from the prepared directory `data`, with the flags (and values) `changes` replacing theirs."""
+    argv = list(argv)
+    argv[argv.index("--train_file") + 1] = data
+    if not keep_validation:
+        del argv[argv.index("--validation_file"):argv.index("--validation_file") + 2]
+    for flag in set(changes) & set(argv):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    return [*argv, *changes]
 
 
 PREPARED_CASES = [
@@ -693,30 +708,63 @@ def test_job_from_prepared_data(case, expected, prepared_mlm, corpus, tokenizer_
     if case == "other_job":
         main, argv = clm, clm_args(corpus, bpe_tokenizer_dir, out, "--max_steps", "1")
     data = damaged_copy(prepared_mlm, tmp_path, case) if case.startswith(("manifest", "shard")) else prepared_mlm
-    argv[argv.index("--train_file") + 1] = data
-    if case != "validation_file_too":
-        del argv[argv.index("--validation_file"):argv.index("--validation_file") + 2]
     changes = {"tokenizer_mismatch": ["--tokenizer_name", bpe_tokenizer_dir], "length_mismatch": ["--max_seq_length",
                "64"], "option_mismatch": ["--whole_word_masking"]}.get(case, [])
-    for flag in set(changes) & set(argv):
-        del argv[argv.index(flag):argv.index(flag) + 2]
-    check_outcome(main, [*argv, *changes], out, expected, capsys)
+    check_outcome(main, from_prepared_data(argv, data, changes, case == "validation_file_too"), out, expected, capsys)
+
+
+PREPARED_CLASSIFY_CASES = [
+    ("tokenizer_mismatch", "is not the tokenizer"),
+    ("length_mismatch", "--max_seq_length 32 does not match"),
+    ("label_column_mismatch", "--label_column sentence does not match"),
+    ("text_column_mismatch", "--text_column label does not match"),
+    ("replay_label_not_prepared", "the replay data has labels never seen in training: neutral"),
+    ("manifest_without_labels", "its manifest lists no labels"),
+    ("mlm_directory", "was prepared for trainer.mlm, not trainer.classify"),
+    ("classify_directory_to_mlm", "was prepared for trainer.classify, not trainer.mlm"),
+]
+
+
+@pytest.mark.parametrize("case, expected", PREPARED_CLASSIFY_CASES, ids=[case for case, _ in PREPARED_CLASSIFY_CASES])
+def test_classify_from_prepared_data(case, expected, prepared_classify, prepared_mlm, sentiment, corpus, tokenizer_dir,
+                                     bpe_tokenizer_dir, tmp_path, env, capsys):  # noqa: F811
+    """The directory's labels, tokenizer, length and columns are the run's; a directory for another job is refused
+    both ways."""
+    from trainer.classify import main as classify
+    from trainer.mlm import main as mlm
+
+    out = tmp_path / "out"
+    main, argv = classify, classify_args(sentiment, out, "--max_steps", "1", *TINY_BERT, "--max_eval_samples", "16",
+                                         "--peak_tflops", "1")
+    if case == "classify_directory_to_mlm":
+        main, argv = mlm, mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1")
+    data = prepared_mlm if case == "mlm_directory" else prepared_classify
+    if case == "manifest_without_labels":
+        data = damaged_copy(prepared_classify, tmp_path, case)
+    replay = write_bytes(tmp_path / "old.jsonl", jsonl([{"sentence": "a film .", "label": "neutral"}]))
+    changes = {"tokenizer_mismatch": ["--tokenizer_name", bpe_tokenizer_dir], "length_mismatch": ["--max_seq_length",
+               "32"], "label_column_mismatch": ["--label_column", "sentence"], "text_column_mismatch": [
+               "--text_column", "label"], "replay_label_not_prepared": ["--replay_file", replay, "--replay_ratio",
+                                                                        "0.25"]}.get(case, [])
+    check_outcome(main, from_prepared_data(argv, data, changes), out, expected, capsys)
 
 
 PREPARE_CASES = [
     ("no_job", "--job is required"),
-    ("unknown_job", "--job: invalid choice: 'classify'"),
+    ("unknown_job", "--job: invalid choice: 'translate'"),
     ("no_data", "name the text to prepare with --train_file or --dataset_name"),
     ("output_dir_not_empty", "is not empty; pass --overwrite_output_dir"),
     ("max_train_samples", "--max_train_samples applies when training"),
     ("already_prepared", "is already prepared"),
     ("text_too_short", "too short for one sequence of 32 tokens"),
     ("mlm_flag_for_clm", "unknown option --max_seq_length"),
+    ("classify_label_column", "the training data has no label column 'rating'"),
 ]
 
 
 @pytest.mark.parametrize("case, expected", PREPARE_CASES, ids=[case for case, _ in PREPARE_CASES])
-def test_prepare_inputs(case, expected, prepared_mlm, corpus, tokenizer_dir, tmp_path, env, capsys):  # noqa: F811
+def test_prepare_inputs(case, expected, prepared_mlm, corpus, sentiment, tokenizer_dir, tmp_path, env,
+                        capsys):  # noqa: F811
     from trainer.layout import TEMPORARY_SUFFIX
     from trainer.prepare import main
 
@@ -725,13 +773,15 @@ def test_prepare_inputs(case, expected, prepared_mlm, corpus, tokenizer_dir, tmp
     if case == "output_dir_not_empty":
         out.mkdir()
         (out / "notes.txt").write_text("precious")
-    edits = {"no_job": lambda: argv[2:], "unknown_job": lambda: ["--job", "classify", *argv[2:]],
+    edits = {"no_job": lambda: argv[2:], "unknown_job": lambda: ["--job", "translate", *argv[2:]],
              "no_data": lambda: [a for a in argv if a not in ("--train_file", corpus["train"])],
              "max_train_samples": lambda: [*argv, "--max_train_samples", "10"],
              "already_prepared": lambda: [a if a != corpus["train"] else prepared_mlm for a in argv],
              "text_too_short": lambda: [a if a not in corpus.values() else
                                         write_bytes(tmp_path / "short.txt", b"a film .\n" * 3) for a in argv],
-             "mlm_flag_for_clm": lambda: ["--job", "clm", *argv[2:]]}
+             "mlm_flag_for_clm": lambda: ["--job", "clm", *argv[2:]],
+             "classify_label_column": lambda: prepare_args(sentiment, tokenizer_dir, out, "classify", "--label_column",
+                                                           "rating")}
     check_outcome(main, edits.get(case, lambda: argv)(), out, expected, capsys, snapshot(out))
     assert not os.path.exists(f"{out}{TEMPORARY_SUFFIX}")
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import datasets
 import pytest
 
+from classify_helpers import classify_args
 from clm_helpers import bpe_tokenizer_dir, clm_args  # noqa: F401 (fixture)
-from conftest import load_parameters, mlm_args, read_results, relative_difference, run_job
-from prepare_helpers import JOB_ENVIRONMENT, corpus, prepare_args, prepared_mlm, tokenizer_dir  # noqa: F401
+from conftest import TINY_BERT, load_parameters, mlm_args, read_results, relative_difference, run_job
+from prepare_helpers import (JOB_ENVIRONMENT, corpus, prepare_args, prepared_classify, prepared_mlm,  # noqa: F401
+                             sentiment, tokenizer_dir)
 from trainer.data.prepared import SPLITS, PreparedData
 
 STEPS = ("--max_steps", "2", "--per_device_train_batch_size", "8", "--max_eval_samples", "16", "--peak_tflops", "1")
@@ -59,6 +61,31 @@ def test_clm_trains_from_the_prepared_directory_with_its_tokenizer_and_block_siz
     assert_same_training(tmp_path / "raw", tmp_path / "prepared")
 
 
+def test_classify_trains_from_the_prepared_directory_to_the_same_parameters(prepared_classify, sentiment,
+                                                                            tokenizer_dir, tmp_path,
+                                                                            env):  # noqa: F811
+    """One row per example, the labels from the manifest, the directory's tokenizer (none named): bit-identical
+    parameters and the same metrics as from the text."""
+    import torch
+
+    from trainer.classify import main
+
+    steps = ("--max_steps", "2", "--max_eval_samples", "16", "--metrics", "accuracy", "--peak_tflops", "1",
+             *TINY_BERT)
+    main(classify_args(sentiment, tmp_path / "raw", "--tokenizer_name", tokenizer_dir, *steps))
+    main(from_prepared(classify_args(sentiment, tmp_path / "prepared", *steps), prepared_classify))
+    raw, prepared = load_parameters(tmp_path / "raw"), load_parameters(tmp_path / "prepared")
+    assert raw.keys() == prepared.keys() and all(torch.equal(raw[name], prepared[name]) for name in raw)
+    timings = ("train_runtime", "train_tokens_per_second")
+    metrics = [{key: list(value.values()) if key.endswith("_per_source") else value  # keyed by the source's name
+                for key, value in read_results(directory).items() if key not in timings}
+               for directory in (tmp_path / "raw", tmp_path / "prepared")]
+    assert metrics[0] == metrics[1] and "eval_accuracy" in metrics[0]
+    manifest = PreparedData.open(prepared_classify).manifest
+    assert manifest["labels"] == ["negative", "positive"] and manifest["splits"]["train"]["sequences"] == 400
+    assert PreparedData.open(prepared_classify).split("train").column_names == ["input_ids", "length", "labels"]
+
+
 @pytest.mark.slow
 def test_two_processes_prepare_exactly_what_one_does(prepared_mlm, corpus, tokenizer_dir, job_env,
                                                      tmp_path):  # noqa: F811
@@ -72,6 +99,30 @@ def test_two_processes_prepare_exactly_what_one_does(prepared_mlm, corpus, token
     same = ("tokenizer_sha256", "sequence_length", "token_options", "text_column", "source")
     assert {key: one.manifest[key] for key in same} == {key: two.manifest[key] for key in same}
     assert two.manifest["processes"] == 2
+
+
+def test_classify_processes_write_the_rows_of_one_with_the_whole_splits_labels(sentiment, tokenizer_dir, tmp_path,
+                                                                               env):  # noqa: F811
+    """What each process of `torchrun --nproc_per_node 2 -m trainer.prepare --job classify` writes, both played here
+    (classify's rows need no collective: write_shards saves each process's part as it is). The training rows are
+    sorted by label, so the second process holds one class: its class id is still that of the whole split."""
+    from trainer.config.job_config import parse_job_config
+    from trainer.data.arguments import DataFiles
+    from trainer.prepare import JOBS, prepare_sections, write_shards
+
+    config = parse_job_config(prepare_sections("classify"),
+                              prepare_args(sentiment, tokenizer_dir, tmp_path / "out", "classify"))
+    tokenization = JOBS["classify"].tokenization
+    raw, inputs = tokenization.read_text(config, DataFiles(sentiment["train"], sentiment["validation"]))
+    raw["train"] = raw["train"].sort("label")
+    tokenizer = tokenization.text_tokenizer(config, raw, inputs)
+    shards = [write_shards(config, tokenization, raw, inputs, tokenizer, 64, str(tmp_path), rank, 2) for rank in (0, 1)]
+    whole = tokenization.tokenize(config, raw, inputs, tokenizer)
+    for split in SPLITS:
+        parts = [datasets.load_from_disk(str(tmp_path / written[split]["path"])) for written in shards]
+        assert datasets.concatenate_datasets(parts).to_dict() == whole[split].to_dict()
+        if split == "train":
+            assert set(parts[1]["labels"]) == {1}  # "positive", of ["negative", "positive"]
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])

@@ -13,7 +13,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from trainer.data.arguments import DataArguments, DataFiles, check_data_file
 from trainer.data.demo import write_sentiment_dataset
 from trainer.data.loading import (check_text_column, first_samples, load_file, load_other_sources, load_raw_splits,
                                   pad_rows, resolve_text_column)
+from trainer.data.prepared import PreparedData, is_prepared_directory
+from trainer.data.tokenization import Tokenization, open_prepared, prepared_sequences
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
 from trainer.engine.task import EvalOutput, Task
@@ -33,8 +35,7 @@ from trainer.errors import UsageError, exits_cleanly_on_usage_error, require
 from trainer.finetune.adapters import load_base_with_adapters, loading_code
 from trainer.finetune.strategies import FinetuneArguments, apply_strategy
 from trainer.layout import PREDICTIONS_FILE
-from trainer.models.loading import (check_sequence_length, is_adapter_directory, load_model, load_tokenizer,
-                                    weights_dtype)
+from trainer.models.loading import check_sequence_length, is_adapter_directory, load_model, weights_dtype
 from trainer.tracking.console import logger
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "classify_demo.yaml")
@@ -144,6 +145,72 @@ def tokenize(dataset, columns: list[str], tokenizer, max_length: int, labels: Op
                 f"the {desc} data has empty or non-text values in column '{column}'")
     processed = dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {desc}")
     return processed.add_column("labels", labels) if labels is not None else processed
+
+
+@dataclass(frozen=True)
+class ClassifyInputs:
+    """What classification reads of a training row: the text column (and pair column), and the label column, whose
+    values the training data's `LabelMapping` turns into class ids."""
+
+    columns: list[str]
+    label_column: str
+    labels: LabelMapping
+
+
+SPLIT_NAMES = {"train": "training", "validation": "validation"}  # as the error messages name the splits
+
+
+class ClassifyTokenization(Tokenization):
+    """Text rows -> classification rows, one per example: input ids (and token type ids for pairs) truncated to
+    --max_seq_length, never padded (the collator pads each batch), their length and the class id. trainer.prepare
+    writes these rows and records the labels; a run from the directory uses its labels."""
+
+    job = "classify"
+
+    def read_text(self, config, files: DataFiles):
+        raw = load_raw_splits(config.data, files)
+        columns = input_columns(raw["train"], config.data, config.classify, "training")
+        input_columns(raw["validation"], config.data, config.classify, "validation")
+        label_column = config.classify.label_column
+        return raw, ClassifyInputs(columns, label_column, LabelMapping.from_training_data(raw["train"], label_column))
+
+    def training_texts(self, raw, inputs: ClassifyInputs) -> list[str]:
+        return [text for column in inputs.columns for text in raw["train"][column]]
+
+    def tokenize(self, config, raw, inputs: ClassifyInputs, tokenizer):
+        import datasets
+
+        return datasets.DatasetDict({
+            split: tokenize(dataset, inputs.columns, tokenizer, config.data.max_seq_length,
+                            inputs.labels.ids(dataset, inputs.label_column, SPLIT_NAMES[split]), SPLIT_NAMES[split])
+            for split, dataset in raw.items()})
+
+    def concatenates(self, config) -> bool:
+        return False
+
+    def token_options(self, config) -> dict:
+        return {"text_pair_column": config.classify.text_pair_column, "label_column": config.classify.label_column}
+
+    def manifest_inputs(self, inputs: ClassifyInputs) -> dict:
+        return {"text_column": inputs.columns[0], "labels": inputs.labels.values}
+
+    def prepared_inputs(self, config, prepared: PreparedData) -> ClassifyInputs:
+        """The inputs a prepared directory was made with: its text column (a --text_column must name it) and labels;
+        the pair and label columns are checked with the other token options."""
+        text_column, given = prepared.manifest["text_column"], config.data.text_column
+        require(given in (None, text_column), f"--text_column {given} does not match {prepared.where}, prepared "
+                                              f"with --text_column {text_column}; drop --text_column or prepare the "
+                                              f"data again")
+        labels = prepared.manifest.get("labels")
+        require(isinstance(labels, list) and len(labels) >= 2, f"{prepared.where}: its manifest lists no labels "
+                                                               f"(at least two); prepare the data again with "
+                                                               f"python -m trainer.prepare --job classify")
+        pair = config.classify.text_pair_column
+        return ClassifyInputs([text_column, *([pair] if pair else [])], config.classify.label_column,
+                              LabelMapping(labels))
+
+
+CLASSIFY_TOKENIZATION = ClassifyTokenization()
 
 
 def training_lengths(train_set, other_sets: list) -> list[int]:
@@ -272,12 +339,8 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
 
     ft_args.check_model(model_args, "the output of trainer.mlm")
     with main_process_first(accelerator):  # one process per node tokenizes; the others load its cache
-        raw = load_raw_splits(data_args, files)
-        columns = input_columns(raw["train"], data_args, cls_args, "training")
-        input_columns(raw["validation"], data_args, cls_args, "validation")
-        labels = LabelMapping.from_training_data(raw["train"], cls_args.label_column)
-        train_labels = labels.ids(raw["train"], cls_args.label_column, "training")
-        eval_labels = labels.ids(raw["validation"], cls_args.label_column, "validation")
+        inputs, tokenizer, training_rows = classification_data(config, files)
+        columns, labels = inputs.columns, inputs.labels
         # The other sources' (and replay's) labels must be classes of the primary training data: the head is that
         # data's (see docs/continual.md).
         others_raw = load_other_sources(files, [*columns, cls_args.label_column])
@@ -289,7 +352,6 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         teacher, shared_labels = (load_teacher(cls_args.teacher_model_name_or_path, labels.id2label,
                                                accelerator.device, weights_dtype(model_args, from_checkpoint=True))
                                   if cls_args.teacher_model_name_or_path else (None, None))
-        tokenizer = load_tokenizer(model_args, lambda: [t for c in columns for t in raw["train"][c]])
         if is_adapter_directory(model_args.model_name_or_path):  # its base model, with the tasks' adapters inside
             model = load_base_with_adapters(model_args.model_name_or_path, labels.id2label,
                                             weights_dtype(model_args, from_checkpoint=True))
@@ -299,10 +361,8 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         else:
             model = load_model(model_args, AutoModelForSequenceClassification, tokenizer,
                                num_labels=len(labels.values), id2label=labels.id2label, label2id=labels.label2id)
-        check_sequence_length(data_args.max_seq_length, model.config)
-        length = data_args.max_seq_length
-        train_set = tokenize(raw["train"], columns, tokenizer, length, train_labels, "training")
-        eval_set = tokenize(raw["validation"], columns, tokenizer, length, eval_labels, "validation")
+        length, splits = training_rows(model.config)
+        train_set, eval_set = splits["train"], splits["validation"]
         test_set = tokenize(test_raw, columns, tokenizer, length, None, "test") if test_raw is not None else None
         other_sets = [tokenize(raw_other, columns, tokenizer, length, other_labels, source.role)
                       for raw_other, other_labels, source in zip(others_raw, others_labels, files.other_sources())]
@@ -323,6 +383,25 @@ def build_task(config: JobConfig, files: DataFiles, accelerator) -> Task:
         main_metric=f"eval_{os.path.basename(cls_args.metrics[0]).removesuffix('.py')}",  # the first metric asked for
         after_training=functools.partial(predict_test_set, test_set, labels) if test_set is not None else None,
     )
+
+
+def classification_data(config: JobConfig, files: DataFiles) -> tuple[ClassifyInputs, object, Callable]:
+    """(the inputs, the tokenizer, `training_rows(model_config)` -> (the sequence length, checked against the model,
+    {"train", "validation": rows})): the rows and labels of a prepared --train_file directory (trainer.prepare), or
+    the text's, tokenized once the model is known."""
+    if is_prepared_directory(files.train):
+        prepared, tokenizer = open_prepared(config, files, CLASSIFY_TOKENIZATION)
+        return (CLASSIFY_TOKENIZATION.prepared_inputs(config, prepared), tokenizer,
+                functools.partial(prepared_sequences, config, CLASSIFY_TOKENIZATION, prepared))
+    raw, inputs = CLASSIFY_TOKENIZATION.read_text(config, files)
+    tokenizer = CLASSIFY_TOKENIZATION.text_tokenizer(config, raw, inputs)
+
+    def training_rows(model_config) -> tuple[int, dict]:
+        length = CLASSIFY_TOKENIZATION.sequence_length(config, model_config)
+        check_sequence_length(length, model_config)
+        return length, CLASSIFY_TOKENIZATION.tokenize(config, raw, inputs, tokenizer)
+
+    return inputs, tokenizer, training_rows
 
 
 def predict_test_set(test_set, labels: LabelMapping, engine) -> None:
@@ -348,7 +427,7 @@ CLASSIFY_JOB = JobSpec(
     sections={"data": DataArguments, "finetune": FinetuneArguments, "classify": ClassifyArguments},
     build_task=build_task, demo_config=DEMO_CONFIG, write_demo_data=write_sentiment_dataset,
     demo_name="sentiment dataset", model_card_task="text classification", pipeline_tag="text-classification",
-    headline=headline, load_code=adapter_loading_code)
+    headline=headline, load_code=adapter_loading_code, tokenization=CLASSIFY_TOKENIZATION)
 
 
 @exits_cleanly_on_usage_error

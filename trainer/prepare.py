@@ -5,15 +5,18 @@
     torchrun --nproc_per_node=8 -m trainer.prepare --job clm --train_file corpus.jsonl --tokenizer_name gpt2 \\
         --block_size 1024 --output_dir corpus-prepared
     python -m trainer.mlm --train_file corpus-prepared --max_seq_length 128 ...    # no tokenization at start-up
+    python -m trainer.prepare --job classify --train_file train.csv --validation_file dev.csv \\
+        --tokenizer_name bert-base-uncased --max_seq_length 128 --output_dir reviews-prepared
 
 It takes the data, tokenizer and sequence options of the job it prepares for (the same flags), and makes the
 sequences with the job's own code (the job's `Tokenization`, trainer/data/tokenization.py): the directory holds
 exactly the sequences the job would make from the same flags, and trains to the same parameters.
 
-Under torchrun each of N processes tokenizes a contiguous 1/N of the rows of every split, then cuts a contiguous
-run of whole CHUNK_ROWS-row batches of all the token rows into blocks: the blocks are those of one process (and of
-the job), whatever N; process i writes shard i. Process 0 writes the tokenizer and the manifest last, into
-DIR.tmp, which then takes the name DIR: a crash leaves no half-written DIR (trainer/data/prepared.py describes it).
+Under torchrun each of N processes tokenizes a contiguous 1/N of the rows of every split, then (a job that
+concatenates: mlm, clm) cuts a contiguous run of whole CHUNK_ROWS-row batches of all the token rows into blocks: the
+blocks (classify: the rows) are those of one process (and of the job), whatever N; process i writes shard i.
+Process 0 writes the tokenizer and the manifest last, into DIR.tmp, which then takes the name DIR: a crash leaves no
+half-written DIR (trainer/data/prepared.py describes it).
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from trainer.classify import CLASSIFY_JOB
 from trainer.clm import CLM_JOB
 from trainer.config.job_config import parse_job_config
 from trainer.config.parsing import CONFIG_EXTENSIONS, arg, config_file_as_argv, job_parser
 from trainer.data.arguments import DataFiles
-from trainer.data.loading import CHUNK_ROWS, group_into_blocks, load_text_splits
+from trainer.data.loading import CHUNK_ROWS, group_into_blocks
 from trainer.data.prepared import (MANIFEST_FORMAT, SPLITS, is_prepared_directory, shard_entry, tokenizer_sha256,
                                    write_manifest)
 from trainer.distributed.collectives import all_gather_objects, all_ranks_together, end_processes, main_process_first
@@ -38,10 +42,10 @@ from trainer.engine.jobs import check_output_path
 from trainer.errors import exits_cleanly_on_usage_error, require
 from trainer.layout import PREPARED_ROWS_DIR, REPLACED_SUFFIX, TEMPORARY_SUFFIX, prepared_shard_dir
 from trainer.mlm import MLM_JOB
-from trainer.models.loading import check_sequence_length, load_model_config, load_tokenizer
+from trainer.models.loading import check_sequence_length, load_model_config
 from trainer.tracking.console import logger, setup_logging
 
-JOBS = {"mlm": MLM_JOB, "clm": CLM_JOB}
+JOBS = {"mlm": MLM_JOB, "clm": CLM_JOB, "classify": CLASSIFY_JOB}
 # Processes wait in barriers for the slowest one's shard; tokenizing a large corpus takes hours.
 BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 
@@ -50,8 +54,9 @@ BARRIER_TIMEOUT = datetime.timedelta(hours=48)
 class PrepareArguments:
     _argument_group_name = "prepare"
 
-    job: Optional[str] = arg(None, "The job the sequences are for (required, on the command line): mlm or clm. "
-                                   "Its data, tokenizer and sequence options follow; --job mlm --help lists them.",
+    job: Optional[str] = arg(None, "The job the sequences are for (required, on the command line): mlm, clm or "
+                                   "classify. Its data, tokenizer and sequence options follow; --job mlm --help "
+                                   "lists them.",
                              choices=list(JOBS))
     output_dir: Optional[str] = arg(None, "Directory to write the prepared data to (required); give it to the job "
                                           "as --train_file.")
@@ -121,9 +126,8 @@ def prepare(config, tokenization, state) -> dict:
     started = time.perf_counter()
     files = DataFiles(config.data.train_file, config.data.validation_file)
     with main_process_first(state):  # one process per node loads the text into the datasets cache first
-        raw, text_column = load_text_splits(config.data, files, keep_linebreaks=tokenization.keep_linebreaks(config))
-        tokenizer = load_tokenizer(config.model, lambda: raw["train"][text_column], tokenization.new_tokenizer)
-        tokenization.check_tokenizer(config, tokenizer)
+        raw, inputs = tokenization.read_text(config, files)
+        tokenizer = tokenization.text_tokenizer(config, raw, inputs)
         model_config = load_model_config(config.model, tokenization.model_preset)
         length = tokenization.sequence_length(config, model_config)
         check_sequence_length(length, model_config, tokenization.length_flag)
@@ -138,9 +142,9 @@ def prepare(config, tokenization, state) -> dict:
             os.makedirs(scratch)
     try:
         with all_ranks_together(rank):
-            written = write_shards(config, tokenization, raw, text_column, tokenizer, length, scratch, rank, world)
+            written = write_shards(config, tokenization, raw, inputs, tokenizer, length, scratch, rank, world)
         shards = all_gather_objects(written)
-        manifest = make_manifest(config, tokenization, tokenizer, text_column, length, shards)
+        manifest = make_manifest(config, tokenization, tokenizer, inputs, length, shards)
         with all_ranks_together(rank):
             if state.is_main_process:
                 require(manifest["splits"]["train"]["sequences"] > 0,
@@ -158,13 +162,13 @@ def prepare(config, tokenization, state) -> dict:
     return manifest
 
 
-def write_shards(config, tokenization, raw, text_column: str, tokenizer, length: int, scratch: str, rank: int,
+def write_shards(config, tokenization, raw, inputs, tokenizer, length: int, scratch: str, rank: int,
                  world: int) -> dict:
     """This process's shard of every split, written; {split: its manifest entry, or None when empty}."""
     import datasets
 
     part = datasets.DatasetDict({split: raw[split].shard(world, rank, contiguous=True) for split in SPLITS})
-    rows = tokenization.tokenize(config, part, text_column, tokenizer)
+    rows = tokenization.tokenize(config, part, inputs, tokenizer)
     if not tokenization.concatenates(config):
         return {split: save_shard(rows[split], scratch, split, rank) for split in SPLITS}
     with all_ranks_together(rank):  # every process's token rows written before any is cut into blocks
@@ -207,7 +211,7 @@ def save_shard(dataset, scratch: str, split: str, rank: int) -> dict | None:
     return shard_entry(split, rank, datasets.load_from_disk(path))
 
 
-def make_manifest(config, tokenization, tokenizer, text_column: str, length: int, shards: list[dict]) -> dict:
+def make_manifest(config, tokenization, tokenizer, inputs, length: int, shards: list[dict]) -> dict:
     """The manifest (trainer/data/prepared.py), from every process's shard entries in process order."""
     splits = {}
     for split in SPLITS:
@@ -217,7 +221,7 @@ def make_manifest(config, tokenization, tokenizer, text_column: str, length: int
     data = config.data
     return {"format": MANIFEST_FORMAT, "job": tokenization.job, "tokenizer_sha256": tokenizer_sha256(tokenizer),
             "sequence_length": length, "length_flag": tokenization.length_flag,
-            "token_options": tokenization.token_options(config), "text_column": text_column,
+            "token_options": tokenization.token_options(config), **tokenization.manifest_inputs(inputs),
             # Where the text came from; without a validation split of its own, the job's hold-out made one.
             "source": {name: getattr(data, name) for name in ("train_file", "validation_file", "dataset_name",
                                                               "dataset_config_name", "validation_split_percentage")},

@@ -5,11 +5,12 @@ shards, the tokenizer that made them, and a manifest that says how they were mad
     DIR/tokenizer files           save_pretrained of the tokenizer
     DIR/<split>/shard-<i>/        datasets save_to_disk of shard i of the split (train, validation)
 
-The manifest holds the job (mlm, clm), the tokenizer's hash (`tokenizer_sha256`), the sequence length and its flag,
-the job's other options that change the sequences (`token_options`), the text column, where the text came from, and
-per split its shards with their sequence and token counts. A job given the directory as --train_file opens the shards
-memory-mapped (O(1) in the corpus size) and refuses a tokenizer, a length or an option that the sequences were not
-made with, instead of training on tokens that mean something else.
+The manifest holds the job (mlm, clm, classify), the tokenizer's hash (`tokenizer_sha256`), the sequence length and
+its flag, the job's other options that change the sequences (`token_options`), the text column (classify: and the
+labels, in class-id order), where the text came from, and per split its shards with their sequence and token counts.
+A job given the directory as --train_file opens the shards memory-mapped (O(1) in the corpus size) and refuses a
+tokenizer, a length or an option that the sequences were not made with, instead of training on tokens that mean
+something else.
 """
 from __future__ import annotations
 

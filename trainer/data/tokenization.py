@@ -1,10 +1,10 @@
-"""Raw text -> the sequences a language-model job trains on, defined once per job (`Tokenization`, the job's
-`JobSpec.tokenization`) and run by the job itself and by `python -m trainer.prepare` alike.
+"""Raw text -> the sequences a job trains on, defined once per job (`Tokenization`, the job's `JobSpec.tokenization`)
+and run by the job itself and by `python -m trainer.prepare` alike.
 
 Two stages: the job's `tokenize` (text rows -> token rows; any split of the rows gives the same token rows), then,
 when the job concatenates, `group_into_blocks` (token rows -> blocks cut from consecutive CHUNK_ROWS-row batches).
 Because the batches count from the start of the split, prepare can tokenize and cut its processes' parts apart
-and still write exactly the job's blocks.
+and still write exactly the job's blocks. Classification does not concatenate: one row per example.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from trainer.data.arguments import DataFiles
 from trainer.data.loading import (check_text_column, group_into_blocks, load_source, load_text_splits,
                                   other_source_splits, source_split)
-from trainer.data.prepared import PreparedData, is_prepared_directory
+from trainer.data.prepared import SPLITS, PreparedData, is_prepared_directory
 from trainer.data.streaming import open_corpora, streamed_data, streamed_texts_refused
 from trainer.errors import require
 from trainer.models.loading import check_sequence_length, load_tokenizer
@@ -22,7 +22,7 @@ from trainer.models.loading import check_sequence_length, load_tokenizer
 class Tokenization:
     """How a job makes its sequences from text. A job subclasses it and sets the job-specific parts."""
 
-    job = ""  # the job's name: mlm, clm (trainer.<job>)
+    job = ""  # the job's name: mlm, clm, classify (trainer.<job>)
     length_flag = "--max_seq_length"  # the flag that sets the sequence length
     new_tokenizer = None  # trains a tokenizer when none is named (`load_tokenizer`'s train_new; None: WordPiece)
     model_preset = None  # the job's model preset from scratch (`load_model`'s preset; None: tiny BERT)
@@ -31,6 +31,25 @@ class Tokenization:
         """The job's picklable texts -> token columns function (one row per non-empty text), run by `tokenize`
         and, under --streaming, in the loader workers (trainer.data.streaming)."""
         raise NotImplementedError
+
+    def read_text(self, config, files: DataFiles):
+        """(the "train" and "validation" text splits (and the other training sources'), the job's `inputs`: what it
+        reads of a row, which `tokenize` takes; a language-model job's is its text column)."""
+        return load_text_splits(config.data, files, keep_linebreaks=self.keep_linebreaks(config))
+
+    def training_texts(self, raw, inputs) -> list[str]:
+        """The texts a new tokenizer is trained on when none is named."""
+        return raw["train"][inputs]
+
+    def text_tokenizer(self, config, raw, inputs):
+        """The tokenizer named (or the model's), else one trained on the training texts; checked for the job."""
+        tokenizer = load_tokenizer(config.model, lambda: self.training_texts(raw, inputs), self.new_tokenizer)
+        self.check_tokenizer(config, tokenizer)
+        return tokenizer
+
+    def manifest_inputs(self, inputs) -> dict:
+        """What a prepared directory's manifest records of `inputs` (trainer.prepare)."""
+        return {"text_column": inputs}
 
     def tokenize(self, config, raw, text_column: str, tokenizer):
         """A DatasetDict of text rows -> the same splits as token rows (one per non-empty text)."""
@@ -98,9 +117,8 @@ def job_data(config, files: DataFiles, tokenization: Tokenization, build_model) 
         return prepared_job_data(config, files, tokenization, build_model)
     if config.data.streaming:
         return streamed_job_data(config, files, tokenization, build_model)
-    raw, text_column = load_text_splits(config.data, files, keep_linebreaks=tokenization.keep_linebreaks(config))
-    tokenizer = load_tokenizer(config.model, lambda: raw["train"][text_column], tokenization.new_tokenizer)
-    tokenization.check_tokenizer(config, tokenizer)
+    raw, text_column = tokenization.read_text(config, files)
+    tokenizer = tokenization.text_tokenizer(config, raw, text_column)
     model = build_model(tokenizer)
     length = tokenization.sequence_length(config, model.config)
     check_sequence_length(length, model.config, tokenization.length_flag)
@@ -123,20 +141,32 @@ def streamed_job_data(config, files: DataFiles, tokenization: Tokenization, buil
 
 def prepared_job_data(config, files: DataFiles, tokenization: Tokenization, build_model) -> JobData:
     """The splits of a prepared directory, checked against the job: its job, tokenizer, length and options."""
+    prepared, tokenizer = open_prepared(config, files, tokenization)
+    model = build_model(tokenizer)
+    length, splits = prepared_sequences(config, tokenization, prepared, model.config)
+    splits.update(other_source_sequences(config, files, tokenization, prepared, tokenizer, length))
+    return JobData(tokenizer, model, length, splits)
+
+
+def open_prepared(config, files: DataFiles, tokenization: Tokenization) -> tuple[PreparedData, object]:
+    """(the prepared --train_file directory, checked to be for this job, alone, and made with the job's options that
+    change the sequences, its tokenizer (`prepared_tokenizer`), checked for the job)."""
     prepared = PreparedData.open(files.train)
     prepared.check_job(tokenization.job)
     require(not files.validation, f"--train_file {files.train} is prepared and holds its validation split; drop "
                                   f"--validation_file (or prepare the data with it)")
+    prepared.check_token_options(tokenization.token_options(config))
     tokenizer = prepared_tokenizer(config.model, prepared)
     tokenization.check_tokenizer(config, tokenizer)
-    model = build_model(tokenizer)
-    length = tokenization.sequence_length(config, model.config, prepared.manifest["sequence_length"])
+    return prepared, tokenizer
+
+
+def prepared_sequences(config, tokenization: Tokenization, prepared: PreparedData, model_config) -> tuple[int, dict]:
+    """(the sequence length, checked against the directory and the model, {split: its sequences, memory-mapped})."""
+    length = tokenization.sequence_length(config, model_config, prepared.manifest["sequence_length"])
     prepared.check_sequence_length(length)
-    check_sequence_length(length, model.config, tokenization.length_flag)
-    prepared.check_token_options(tokenization.token_options(config))
-    splits = {split: prepared.split(split) for split in ("train", "validation")}
-    splits.update(other_source_sequences(config, files, tokenization, prepared, tokenizer, length))
-    return JobData(tokenizer, model, length, splits)
+    check_sequence_length(length, model_config, tokenization.length_flag)
+    return length, {split: prepared.split(split) for split in SPLITS}
 
 
 def other_source_sequences(config, files: DataFiles, tokenization: Tokenization, prepared: PreparedData, tokenizer,

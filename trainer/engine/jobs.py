@@ -53,7 +53,7 @@ class JobSpec:
     headline: Callable[[dict], str]  # the closing summary's first line, from the final metrics
     load_code: Callable[[JobConfig], Optional[str]] = default_load_code  # how the summary says to load the output
     # How the job makes its sequences from text (trainer.data.tokenization.Tokenization), shared by the job and
-    # `python -m trainer.prepare`; None: a job that trainer.prepare does not prepare for (classify).
+    # `python -m trainer.prepare`; None: a job that trainer.prepare does not prepare for.
     tokenization: Optional[object] = None
     # (config) -> engine.memory_plan.PlannedModel: the model on the meta device, the sequence length and the head,
     # for the memory plan (logged at start-up, --estimate_memory, the GPU fit check).
