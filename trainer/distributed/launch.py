@@ -79,14 +79,14 @@ def unwrapping_without_deepspeed() -> None:
 
     accelerate 1.16's `extract_model_from_parallel` imports DeepSpeed wherever it is installed, to check whether the
     model is a DeepSpeedEngine: 3-4 s of CPU in every process of every run, at its first evaluation or save. A
-    DeepSpeedEngine can only exist once DeepSpeed is imported, so that check asks whether it is."""
+    DeepSpeedEngine can only exist once its module is imported, so that check asks whether it is."""
     from accelerate.utils import other
 
     other.is_deepspeed_available = deepspeed_imported
 
 
 def deepspeed_imported() -> bool:
-    return "deepspeed" in sys.modules
+    return "deepspeed.runtime.engine" in sys.modules  # DeepSpeedEngine's module
 
 
 def quiet_deepspeed_accelerator_warning() -> None:
