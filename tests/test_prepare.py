@@ -7,7 +7,8 @@ import pytest
 
 from classify_helpers import classify_args
 from clm_helpers import bpe_tokenizer_dir, clm_args  # noqa: F401 (fixture)
-from conftest import TINY_BERT, load_parameters, mlm_args, read_results, relative_difference, run_job
+from conftest import (TINY_BERT, accelerate_launch, load_parameters, mlm_args, read_results, relative_difference,
+                      run_job)
 from prepare_helpers import (JOB_ENVIRONMENT, corpus, prepare_args, prepared_classify, prepared_mlm,  # noqa: F401
                              sentiment, tokenizer_dir)
 from trainer.data.prepared import SPLITS, PreparedData
@@ -90,8 +91,10 @@ def test_classify_trains_from_the_prepared_directory_to_the_same_parameters(prep
 def test_two_processes_prepare_exactly_what_one_does(prepared_mlm, corpus, tokenizer_dir, job_env,
                                                      tmp_path):  # noqa: F811
     """Each process tokenizes half the lines and cuts its run of whole 1000-row batches: the same blocks, in two
-    shards (the corpus has about 1500 token rows, so the second process's run starts at row 1000)."""
-    run_job("trainer.prepare", prepare_args(corpus, tokenizer_dir, tmp_path / "two"), job_env, nproc=2)
+    shards (the corpus has about 1500 token rows, so the second process's run starts at row 1000). Launched by
+    `accelerate launch` (which starts its processes through torchrun's launcher)."""
+    run_job("trainer.prepare", prepare_args(corpus, tokenizer_dir, tmp_path / "two"), job_env, nproc=2,
+            launcher=accelerate_launch("cpu_ddp.yaml"))
     one, two = PreparedData.open(prepared_mlm), PreparedData.open(str(tmp_path / "two"))
     assert len(one.shards("train")) == 1 and len(two.shards("train")) == 2
     for split in SPLITS:
