@@ -14,7 +14,15 @@ its peak RSS (RUSAGE_CHILDREN) is its own.
   checkpoint with every lane moved 90% into its part of the 1 GB corpus and the step set to 1,000,000 (what a
   resume deep into a long run has to seek; a real run that long would take days here).
 
-    python bench/streaming.py                       # all of it (about 10 minutes on 2 shared cores)
+Against the transformers `Trainer` (`run_mlm.py --streaming`, written in bench/streaming_trainer.py; same BERT,
+batch, sequence length and shards), each figure beside ours measured in the same invocation:
+- trainer_startup: seconds to optimizer step 1 and peak RSS at each corpus size;
+- trainer_resume: seconds to the first optimizer step after a resume from step N (--resume_steps), ours from
+  checkpoint-10 deepened as above, the Trainer's from its checkpoint-10 with global_step set to N: it replays N
+  batches through the stream before the step, so each resume may take --resume_timeout before it is "> cap".
+
+    python bench/streaming.py                       # startup, steady, resume (about 10 minutes on 2 shared cores)
+    python bench/streaming.py --parts trainer_startup trainer_resume     # the Trainer's side (about 30 minutes)
 """
 from __future__ import annotations
 
