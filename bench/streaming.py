@@ -22,7 +22,7 @@ batch, sequence length and shards), each figure beside ours measured in the same
   batches through the stream before the step, so each resume may take --resume_timeout before it is "> cap".
 
     python bench/streaming.py                       # startup, steady, resume (about 10 minutes on 2 shared cores)
-    python bench/streaming.py --parts trainer_startup trainer_resume     # the Trainer's side (about 30 minutes)
+    python bench/streaming.py --parts trainer_startup trainer_resume     # the Trainer's side (about 15 minutes)
 """
 from __future__ import annotations
 
