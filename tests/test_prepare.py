@@ -2,6 +2,8 @@
 does (the bad-input cases are in test_fuzz_inputs.py)."""
 from __future__ import annotations
 
+import os
+
 import datasets
 import pytest
 
@@ -31,6 +33,10 @@ def from_prepared(argv: list[str], directory: str, *dropped: str) -> list[str]:
     return argv
 
 
+def directory_files(directory: str) -> set[str]:
+    return {os.path.join(root, name) for root, _, names in os.walk(directory) for name in names}
+
+
 def assert_same_training(raw_dir, prepared_dir) -> None:
     assert relative_difference(load_parameters(raw_dir), load_parameters(prepared_dir)) < 1e-5
     assert read_results(prepared_dir)["eval_perplexity"] == pytest.approx(read_results(raw_dir)["eval_perplexity"],
@@ -43,8 +49,10 @@ def test_mlm_trains_from_the_prepared_directory_as_from_the_text(prepared_mlm, c
 
     replay = ("--replay_file", corpus["validation"], "--replay_ratio", "0.25")  # text beside the prepared data
     main(mlm_args(corpus, tokenizer_dir, tmp_path / "raw", *STEPS, *replay))
+    files = directory_files(prepared_mlm)
     main(from_prepared(mlm_args(corpus, tokenizer_dir, tmp_path / "prepared", *STEPS, *replay), prepared_mlm))
     assert_same_training(tmp_path / "raw", tmp_path / "prepared")
+    assert directory_files(prepared_mlm) == files  # the job's input: nothing written into it (e.g. cached masks)
     train = PreparedData.open(prepared_mlm).split("train")
     assert train.cache_files and all(f["filename"].startswith(prepared_mlm) for f in train.cache_files)  # mmapped
 

@@ -23,7 +23,7 @@ from trainer.config.parsing import arg
 from trainer.data.arguments import DataArguments, DataFiles
 from trainer.data.batches import SampleWiseCollator
 from trainer.data.demo import write_mlm_corpus
-from trainer.data.loading import first_samples, pad_rows
+from trainer.data.loading import cache_file_for, first_samples, pad_rows
 from trainer.data.tokenization import Tokenization, job_data
 from trainer.distributed.collectives import main_process_first
 from trainer.engine.jobs import JobSpec, run
@@ -224,6 +224,7 @@ def mask_evaluation_set(dataset, masker: Masker, pad_token_id: int):
                 "labels": [row[:n] for row, n in zip(labels, lengths)]}
 
     return dataset.map(mask, batched=True, with_indices=True, remove_columns=dataset.column_names,
+                       cache_file_name=cache_file_for(dataset, mask, "evaluation-masks"),
                        desc="mask evaluation set once")
 
 

@@ -209,3 +209,18 @@ def load_other_sources(files: DataFiles, columns: list[str], keep_linebreaks: bo
         others.append(raw)
     return others
 
+
+
+def cache_file_for(dataset, transform, kind: str) -> str | None:
+    """Where `dataset.map(transform)` caches its result: in datasets' own cache, named by the rows' fingerprint and
+    the transform (its code and what it closes over, hashed as datasets hashes a map). datasets would write it
+    beside the rows' Arrow files, which for a prepared directory (trainer.prepare) is the job's input: shared by
+    every run that trains on it, and maybe read-only. None for rows in memory (nothing is cached)."""
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    if not dataset.cache_files:
+        return None
+    directory = os.path.join(datasets.config.HF_DATASETS_CACHE, f"trainer-{kind}")
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f"{Hasher.hash([dataset._fingerprint, transform])}.arrow")
