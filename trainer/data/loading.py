@@ -210,7 +210,6 @@ def load_other_sources(files: DataFiles, columns: list[str], keep_linebreaks: bo
     return others
 
 
-
 def cache_file_for(dataset, transform, kind: str) -> str | None:
     """Where `dataset.map(transform)` caches its result: in datasets' own cache, named by the rows' fingerprint and
     the transform (its code and what it closes over, hashed as datasets hashes a map). datasets would write it

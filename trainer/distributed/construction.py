@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import mmap
 import sys
 from typing import Optional
@@ -205,5 +206,9 @@ def in_file_mapping(start: int, end: int) -> bool:
 def give_back_file_pages(pages: Optional[range]) -> None:
     """Hand `pages` (from `file_pages`) back to the kernel; see above."""
     if pages:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(pages.start), ctypes.c_size_t(len(pages)), MADV_PAGEOUT)
+        c_library().madvise(ctypes.c_void_p(pages.start), ctypes.c_size_t(len(pages)), MADV_PAGEOUT)
+
+
+@functools.cache
+def c_library() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)

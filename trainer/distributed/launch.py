@@ -94,8 +94,8 @@ def quiet_deepspeed_accelerator_warning() -> None:
 
     Where DeepSpeed is installed, libraries may import it (accelerate's `unwrap_model` did until
     `unwrapping_without_deepspeed`), and DeepSpeed's first `get_accelerator()` logs that warning on every machine
-    without CUDA. The filter sits on
-    DeepSpeed's own logger, so it also catches the imports that come later; DeepSpeed runs keep the warning.
+    without CUDA. The filter sits on DeepSpeed's own logger, so it also catches the imports that come later;
+    DeepSpeed runs keep the warning.
     """
     deepspeed_logger = logging.getLogger("DeepSpeed")
     if not_the_cpu_accelerator_warning not in deepspeed_logger.filters:  # once, however many jobs a process runs
