@@ -387,10 +387,14 @@ def test_mlm_paths(flag, kind, expected, corpus, tokenizer_dir, tmp_path, env, c
     assert a_file.read_text() == "precious"
 
 
-def test_unwritable_output_dir(corpus, tokenizer_dir, tmp_path, env, capsys, read_only_dir):
+@pytest.mark.parametrize("where", ["read_only", "proc"])
+def test_unwritable_output_dir(where, corpus, tokenizer_dir, tmp_path, env, capsys, read_only_dir):
+    """A read-only file system, and /proc, where even root (whom permission bits let through) can make nothing."""
     from trainer.mlm import main
 
-    out = os.path.join(read_only_dir, "out")
+    if where == "proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc file system here")
+    out = os.path.join(read_only_dir if where == "read_only" else "/proc", "trainer-out")
     check_outcome(main, mlm_args(corpus, tokenizer_dir, out, "--max_steps", "1"), out, "is not writable", capsys)
 
 
@@ -898,8 +902,8 @@ def streaming_case(case: str, corpus, directory) -> tuple[list[str], str]:
 
 STREAMING_CASES = ["directory", "glob_line_by_line", "no_max_steps", "empty_glob", "shard_without_text_column",
                    "max_train_samples", "directory_without_streaming", "mixture", "replay",
-                   "mixture_source_without_text_column", "replay_too_small_for_its_lanes", "hub_dataset_offline", "missing_url", "unknown_protocol",
-                   "url_without_streaming"]
+                   "mixture_source_without_text_column", "replay_too_small_for_its_lanes", "hub_dataset_offline",
+                   "missing_url", "unknown_protocol", "url_without_streaming"]
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -18,7 +19,7 @@ from trainer.distributed.collectives import main_process_first
 from trainer.distributed.construction import model_construction
 from trainer.engine.evaluation import EvalArguments
 from trainer.engine.optim import OptimizationArguments
-from trainer.errors import require
+from trainer.errors import UsageError, require
 from trainer.hub.arguments import HubArguments
 from trainer.layout import LOG_HISTORY_FILE, MERGED_DIR, PREFIX, RESULTS_FILE
 from trainer.models.arguments import ModelArguments
@@ -262,6 +263,10 @@ def check_creatable(path: str) -> None:
                                      f"another --output_dir")
     require(os.access(existing, os.W_OK | os.X_OK), f"{what} {existing} is not writable (permissions or a "
                                                     f"read-only file system); choose another --output_dir")
+    try:  # os.access answers by the permission bits: root passes it where nothing can be made (/proc, /sys)
+        os.rmdir(tempfile.mkdtemp(prefix=".trainer-probe-", dir=existing))
+    except OSError as error:
+        raise UsageError(f"{what} {existing} is not writable ({error.strerror}); choose another --output_dir") from None
 
 
 def data_files(config: JobConfig, accelerator, job: JobSpec) -> DataFiles:
